@@ -1,0 +1,111 @@
+//! Types shared by the agent (user space) and its eBPF programs (`agent-ebpf`).
+//!
+//! Everything here is `#[repr(C)]`, free of padding and uses integer flags instead of `bool`,
+//! because the same bytes are written by the kernel side and read by user space through BPF
+//! maps. The `user` feature implements `aya::Pod` so user space can read the maps directly.
+#![no_std]
+
+/// Map names, shared so neither side can drift from the other.
+pub mod maps {
+    /// `PerCpuHashMap<IoKey, IoCount>`: block requests issued, per device and process.
+    pub const IO_COUNTS: &str = "IO_COUNTS";
+    /// `PerCpuArray<u64>` indexed by [`super::IoDrop`]: events that could not be counted.
+    pub const IO_DROPS: &str = "IO_DROPS";
+}
+
+/// Program names in the eBPF object.
+pub mod programs {
+    /// Tracepoint program attached to `block:block_rq_issue`.
+    pub const BLOCK_RQ_ISSUE: &str = "block_rq_issue";
+}
+
+/// Global variables the loader patches into the object before loading it.
+pub mod globals {
+    /// `u32`: offset of `dev` (a kernel `dev_t`) in the `block_rq_issue` record.
+    pub const RQ_DEV_OFFSET: &str = "RQ_DEV_OFFSET";
+    /// `u32`: offset of `bytes` (`unsigned int`) in the `block_rq_issue` record.
+    pub const RQ_BYTES_OFFSET: &str = "RQ_BYTES_OFFSET";
+}
+
+/// Capacity of [`maps::IO_COUNTS`]. A full map counts drops instead of growing.
+pub const IO_COUNTS_CAPACITY: u32 = 16_384;
+
+/// Key of [`maps::IO_COUNTS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IoKey {
+    /// Kernel-encoded `dev_t` (major << 20 | minor) of the whole disk.
+    pub dev: u32,
+    /// Thread-group id (the user-visible process id) that issued the request.
+    pub tgid: u32,
+}
+
+/// Value of [`maps::IO_COUNTS`], one per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IoCount {
+    /// Requests issued to the device driver.
+    pub requests: u64,
+    /// Bytes those requests carried.
+    pub bytes: u64,
+}
+
+/// Slots of [`maps::IO_DROPS`]: why an event was not counted.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoDrop {
+    /// `IO_COUNTS` was full and the key was new.
+    MapFull = 0,
+    /// The tracepoint record could not be read.
+    ReadFailed = 1,
+}
+
+impl IoDrop {
+    /// Number of slots in [`maps::IO_DROPS`].
+    pub const COUNT: u32 = 2;
+    /// Every slot, in index order.
+    pub const ALL: [IoDrop; 2] = [IoDrop::MapFull, IoDrop::ReadFailed];
+
+    /// Name used in logs and metrics labels.
+    pub const fn name(self) -> &'static str {
+        match self {
+            IoDrop::MapFull => "map_full",
+            IoDrop::ReadFailed => "read_failed",
+        }
+    }
+}
+
+/// Kernel `dev_t` encoding (`MKDEV`): 12-bit major above a 20-bit minor.
+pub const fn kernel_dev(major: u32, minor: u32) -> u32 {
+    (major << 20) | (minor & 0xfffff)
+}
+
+/// Splits a kernel-encoded `dev_t` into (major, minor).
+pub const fn split_kernel_dev(dev: u32) -> (u32, u32) {
+    (dev >> 20, dev & 0xfffff)
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: both types are #[repr(C)], made only of u32/u64 with no padding, so every bit
+    // pattern is a valid value.
+    unsafe impl aya::Pod for super::IoKey {}
+    unsafe impl aya::Pod for super::IoCount {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_have_no_padding() {
+        assert_eq!(core::mem::size_of::<IoKey>(), 8);
+        assert_eq!(core::mem::size_of::<IoCount>(), 16);
+    }
+
+    #[test]
+    fn kernel_dev_round_trips() {
+        assert_eq!(kernel_dev(254, 0), 0x0fe0_0000);
+        assert_eq!(split_kernel_dev(kernel_dev(259, 65_537)), (259, 65_537));
+    }
+}

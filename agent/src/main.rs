@@ -1,0 +1,44 @@
+//! `agent`: the hypervisor-host daemon's command line.
+//!
+//! Subcommands are thin edges over the library: they parse flags, set up logging, call into
+//! `agent::telemetry` (and later the migration hook), and print or serve the results.
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+mod cmd;
+
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    about = "Host agent: eBPF guest telemetry and NAS-deduplicating migration"
+)]
+struct Cli {
+    /// eBPF object to load instead of the one embedded at build time.
+    #[arg(long, global = true, env = "AGENT_EBPF_OBJECT")]
+    ebpf_object: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Attach the block-I/O probe and report requests per disk and process.
+    Telemetry(cmd::telemetry::Args),
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let source = agent::telemetry::ObjectSource::from_option(cli.ebpf_object);
+    match cli.command {
+        Command::Telemetry(args) => cmd::telemetry::run(&source, args).await,
+    }
+}

@@ -1,0 +1,41 @@
+//! Project automation: `cargo xtask <command>`.
+//!
+//! It owns everything that is not the product itself: installing a fresh machine's
+//! prerequisites (`setup`), building the eBPF object (`build-ebpf`), the whole check suite
+//! (`test`: format, two clippy passes, unit, integration and kernel tests), and the end-to-end
+//! `demo`. Each command calls `setup` first, so the README's two commands work on a new machine.
+use clap::{Parser, Subcommand};
+
+mod demo;
+mod ebpf;
+mod setup;
+mod sh;
+mod test;
+
+#[derive(Debug, Parser)]
+#[command(about = "Project automation for the NAS-deduplicating migration agent")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Install what a fresh machine lacks (Debian packages, rust-src, bpf-linker). Idempotent.
+    Setup,
+    /// Build the eBPF object (nightly, bpfel-unknown-none, build-std=core).
+    BuildEbpf,
+    /// Run the whole suite: fmt, clippy (user space and eBPF), unit, integration, kernel tests.
+    Test(test::Args),
+    /// Run the main job end to end on embedded defaults and print what happened.
+    Demo(demo::Args),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Setup => setup::run(),
+        Command::BuildEbpf => ebpf::build(),
+        Command::Test(args) => test::run(args),
+        Command::Demo(args) => demo::run(args),
+    }
+}
