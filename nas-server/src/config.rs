@@ -1,0 +1,279 @@
+//! Server configuration: command-line flags, optionally layered over a TOML file.
+//!
+//! ```toml
+//! listen = ["127.0.0.1:10809", "unix:/run/nas-server.sock"]
+//! metrics = "127.0.0.1:9188"
+//! max_connections = 1024
+//!
+//! [[export]]
+//! name = "vm1"
+//! path = "/srv/vm1.raw"
+//! read_only = false
+//! ```
+//! Flags add to the file: `--listen` replaces the file's listeners, `--export` adds exports.
+use std::{net::SocketAddr, path::PathBuf};
+
+use serde::Deserialize;
+
+use crate::server::Listen;
+
+/// Default NBD listener: the IANA port, loopback only.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
+
+/// Errors in configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--export {0:?}: expected NAME=PATH[,ro]")]
+    ExportSyntax(String),
+    #[error("--export {spec:?}: unknown option {option:?} (known: ro)")]
+    ExportOption { spec: String, option: String },
+    #[error("export name {0:?} is used twice")]
+    DuplicateExport(String),
+    #[error("export name {0:?} is longer than 4096 bytes")]
+    LongName(String),
+    #[error("no exports configured: pass --export NAME=PATH or list them in --config")]
+    NoExports,
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Toml {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("{path}: listen {value:?}: {reason}")]
+    Listen {
+        path: PathBuf,
+        value: String,
+        reason: String,
+    },
+}
+
+/// One export.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportSpec {
+    pub name: String,
+    pub path: PathBuf,
+    #[serde(default)]
+    pub read_only: bool,
+    #[serde(default)]
+    pub description: String,
+}
+
+impl std::str::FromStr for ExportSpec {
+    type Err = ConfigError;
+
+    /// `NAME=PATH[,ro]`.
+    fn from_str(spec: &str) -> Result<Self, Self::Err> {
+        let (name, rest) = spec
+            .split_once('=')
+            .ok_or_else(|| ConfigError::ExportSyntax(spec.into()))?;
+        let mut parts = rest.split(',');
+        let path = parts.next().unwrap_or_default();
+        if name.is_empty() || path.is_empty() {
+            return Err(ConfigError::ExportSyntax(spec.into()));
+        }
+        let mut out = ExportSpec {
+            name: name.into(),
+            path: path.into(),
+            read_only: false,
+            description: String::new(),
+        };
+        for option in parts {
+            match option {
+                "ro" => out.read_only = true,
+                _ => {
+                    return Err(ConfigError::ExportOption {
+                        spec: spec.into(),
+                        option: option.into(),
+                    })
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The TOML file's shape.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default)]
+    listen: Vec<String>,
+    metrics: Option<SocketAddr>,
+    max_connections: Option<usize>,
+    #[serde(default)]
+    export: Vec<ExportSpec>,
+}
+
+/// The effective configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub listen: Vec<Listen>,
+    pub exports: Vec<ExportSpec>,
+    pub metrics: Option<SocketAddr>,
+    pub max_connections: usize,
+}
+
+impl Config {
+    /// Merges flags over an optional TOML file and checks the result.
+    pub fn build(
+        file: Option<&std::path::Path>,
+        listen: Vec<Listen>,
+        exports: Vec<ExportSpec>,
+        metrics: Option<SocketAddr>,
+        max_connections: Option<usize>,
+    ) -> Result<Self, ConfigError> {
+        let from_file = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.into(),
+                    source,
+                })?;
+                Self::parse_file(path, &text)?
+            }
+            None => Config {
+                listen: Vec::new(),
+                exports: Vec::new(),
+                metrics: None,
+                max_connections: 1024,
+            },
+        };
+        let mut config = Config {
+            listen: if listen.is_empty() {
+                from_file.listen
+            } else {
+                listen
+            },
+            exports: from_file.exports.into_iter().chain(exports).collect(),
+            metrics: metrics.or(from_file.metrics),
+            max_connections: max_connections.unwrap_or(from_file.max_connections),
+        };
+        if config.listen.is_empty() {
+            config
+                .listen
+                .push(DEFAULT_LISTEN.parse().expect("default is valid"));
+        }
+        config.check()?;
+        Ok(config)
+    }
+
+    fn parse_file(path: &std::path::Path, text: &str) -> Result<Self, ConfigError> {
+        let file: FileConfig = toml::from_str(text).map_err(|source| ConfigError::Toml {
+            path: path.into(),
+            source,
+        })?;
+        let listen = file
+            .listen
+            .iter()
+            .map(|l| {
+                l.parse().map_err(|reason| ConfigError::Listen {
+                    path: path.into(),
+                    value: l.clone(),
+                    reason,
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Config {
+            listen,
+            exports: file.export,
+            metrics: file.metrics,
+            max_connections: file.max_connections.unwrap_or(1024),
+        })
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        if self.exports.is_empty() {
+            return Err(ConfigError::NoExports);
+        }
+        let mut seen = std::collections::HashSet::new();
+        for e in &self.exports {
+            if e.name.len() > 4096 {
+                return Err(ConfigError::LongName(e.name.clone()));
+            }
+            if !seen.insert(&e.name) {
+                return Err(ConfigError::DuplicateExport(e.name.clone()));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_export_flags() {
+        let e: ExportSpec = "vm1=/srv/vm1.raw,ro".parse().unwrap();
+        assert_eq!(e.name, "vm1");
+        assert_eq!(e.path, PathBuf::from("/srv/vm1.raw"));
+        assert!(e.read_only);
+        assert!(!"vm1=/x".parse::<ExportSpec>().unwrap().read_only);
+        assert!(matches!(
+            "vm1".parse::<ExportSpec>(),
+            Err(ConfigError::ExportSyntax(_))
+        ));
+        assert!(matches!(
+            "=x".parse::<ExportSpec>(),
+            Err(ConfigError::ExportSyntax(_))
+        ));
+        assert!(matches!(
+            "a=/x,rw".parse::<ExportSpec>(),
+            Err(ConfigError::ExportOption { .. })
+        ));
+    }
+
+    #[test]
+    fn merges_file_and_flags() {
+        let dir = std::env::temp_dir().join(format!("nas-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.toml");
+        std::fs::write(
+            &path,
+            "listen = [\"unix:/tmp/x.sock\"]\n[[export]]\nname = \"a\"\npath = \"/a\"\n",
+        )
+        .unwrap();
+        let c = Config::build(
+            Some(&path),
+            vec![],
+            vec!["b=/b,ro".parse().unwrap()],
+            None,
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.listen, vec![Listen::Unix("/tmp/x.sock".into())]);
+        assert_eq!(c.exports.len(), 2);
+        assert_eq!(c.max_connections, 1024);
+        let dup = Config::build(
+            Some(&path),
+            vec![],
+            vec!["a=/c".parse().unwrap()],
+            None,
+            None,
+        );
+        assert!(matches!(dup, Err(ConfigError::DuplicateExport(_))));
+        std::fs::write(&path, "bogus = 1\n").unwrap();
+        assert!(matches!(
+            Config::build(Some(&path), vec![], vec![], None, None),
+            Err(ConfigError::Toml { .. })
+        ));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn defaults_to_loopback() {
+        let c = Config::build(None, vec![], vec!["a=/a".parse().unwrap()], None, None).unwrap();
+        assert_eq!(
+            c.listen,
+            vec![Listen::Tcp("127.0.0.1:10809".parse().unwrap())]
+        );
+        assert!(matches!(
+            Config::build(None, vec![], vec![], None, None),
+            Err(ConfigError::NoExports)
+        ));
+    }
+}

@@ -1,0 +1,151 @@
+//! The nas-server binary: configuration errors, graceful shutdown on SIGTERM, and durability of
+//! acknowledged flushes across kill -9.
+use std::{
+    io::{BufRead, BufReader, Read, Seek, SeekFrom, Write},
+    net::TcpStream,
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+struct Server {
+    child: Child,
+    addr: String,
+    log: mpsc::Receiver<String>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            self.child.kill().ok();
+            self.child.wait().ok();
+        }
+    }
+}
+
+fn scratch(tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("nas-cli-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn start(image: &std::path::Path) -> Server {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nas-server"))
+        .args(["--listen", "127.0.0.1:0", "--export"])
+        .arg(format!("d={}", image.display()))
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start nas-server");
+    let (tx, log) = mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let Ok(line) = log.recv_timeout(deadline.saturating_duration_since(Instant::now())) else {
+            child.kill().ok();
+            child.wait().ok();
+            panic!("nas-server did not report its address");
+        };
+        if let Some(rest) = line.split("listening on ").nth(1) {
+            let addr = rest.trim().to_string();
+            return Server { child, addr, log };
+        }
+    }
+}
+
+fn signal(child: &Child, sig: i32) {
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
+}
+
+fn wait(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nas-server did not exit within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn client(addr: &str) -> nbd::client::NbdClient<TcpStream> {
+    let mut tcp = TcpStream::connect(addr).unwrap();
+    let export = nbd::client::handshake(&mut tcp, b"d").unwrap();
+    nbd::client::NbdClient::new(tcp, &export)
+}
+
+#[test]
+fn sigterm_drains_and_exits_zero() {
+    let dir = scratch("sigterm");
+    let image = dir.join("d.raw");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let mut server = start(&image);
+    let mut c = client(&server.addr);
+    c.write_all(&[0x42; 4096]).unwrap();
+    signal(&server.child, libc::SIGTERM);
+    let status = wait(&mut server.child, Duration::from_secs(20));
+    assert!(status.success(), "exit status {status}");
+    let log: Vec<String> = server.log.try_iter().collect();
+    assert!(
+        log.iter().any(|l| l.contains("stopped cleanly")),
+        "{log:#?}"
+    );
+    // The write completed before shutdown, so it is in the image.
+    assert_eq!(&std::fs::read(&image).unwrap()[..4096], &[0x42; 4096][..]);
+    // The connection was closed by the server.
+    let mut buf = [0u8; 512];
+    c.seek(SeekFrom::Start(0)).unwrap();
+    assert!(c.read_exact(&mut buf).is_err());
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn flushed_data_survives_kill_9() {
+    let dir = scratch("kill9");
+    let image = dir.join("d.raw");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let mut server = start(&image);
+    let mut c = client(&server.addr);
+    c.seek(SeekFrom::Start(65536)).unwrap();
+    c.write_all(&[0x17; 8192]).unwrap();
+    c.flush().unwrap();
+    signal(&server.child, libc::SIGKILL);
+    wait(&mut server.child, Duration::from_secs(20));
+    assert_eq!(
+        &std::fs::read(&image).unwrap()[65536..65536 + 8192],
+        &[0x17; 8192][..]
+    );
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn configuration_errors_are_clear() {
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_nas-server"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?} was accepted");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    assert!(run(&["--export", "nopath"]).contains("expected NAME=PATH"));
+    assert!(run(&[]).contains("no exports configured"));
+    assert!(run(&["--export", "a=/nonexistent/disk.raw"]).contains("/nonexistent/disk.raw"));
+    assert!(run(&["--export", "a=/x", "--listen", "nowhere"]).contains("neither HOST:PORT"));
+}
