@@ -2,10 +2,11 @@
 //! block of every export, so agents can ask which block holds a given page.
 //!
 //! Data flows client -> [`server`] (listeners, connection slots, shutdown) -> [`nbd::handshake`]
-//! -> [`nbd::transmission`] -> an [`export::Export`] (a raw image file, with layers such as the
-//! block-index keeper stacked over it). [`config`] turns flags and a TOML file into what the
+//! -> [`nbd::transmission`] -> an [`export::Export`] (a raw image file, with
+//! [`export::hashing::HashingExport`] stacked over it to keep the [`index`] exact). [`config`] turns flags and a TOML file into what the
 //! server runs.
 pub mod config;
 pub mod export;
+pub mod index;
 pub mod nbd;
 pub mod server;

@@ -1,12 +1,13 @@
-//! `nas-server`: the storage-node daemon. Parses flags and config, opens the exports, serves
-//! NBD until SIGTERM or SIGINT, then drains, flushes and exits 0.
+//! `nas-server`: the storage-node daemon. Parses flags and config, opens and indexes the
+//! exports, serves NBD until SIGTERM or SIGINT, then drains, flushes and exits 0.
 use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use anyhow::Context;
 use clap::Parser;
 use nas_server::{
     config::{Config, ExportSpec},
-    export::{file::FileExport, ExportEntry, Exports},
+    export::{file::FileExport, hashing::HashingExport, Export, ExportEntry, Exports},
+    index::{build::hash_file, BlockIndex},
     server::{Listen, NbdServer},
 };
 use tokio::signal::unix::{signal, SignalKind};
@@ -42,6 +43,7 @@ async fn main() -> anyhow::Result<()> {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let config = Config::build(
@@ -51,23 +53,24 @@ async fn main() -> anyhow::Result<()> {
         cli.metrics,
         cli.max_connections,
     )?;
+    let index = Arc::new(BlockIndex::new());
     let mut entries = Vec::new();
-    for spec in &config.exports {
+    for (id, spec) in (1..).zip(&config.exports) {
         let export = FileExport::open(&spec.path, spec.read_only)
             .with_context(|| format!("cannot open export {:?}", spec.name))?;
-        tracing::info!(
-            export = %spec.name,
-            path = %spec.path.display(),
-            size = export_size(&export),
-            read_only = spec.read_only,
-            "export ready"
-        );
+        let size = export.size();
+        tracing::info!(export = %spec.name, path = %spec.path.display(), size, "hashing blocks");
+        let table = hash_file(export.file(), size)
+            .with_context(|| format!("cannot index export {:?}", spec.name))?;
+        index.install(id, table);
+        tracing::info!(export = %spec.name, read_only = spec.read_only, "export ready");
         entries.push(ExportEntry {
             name: spec.name.clone(),
             description: spec.description.clone(),
-            export: Arc::new(export),
+            export: Arc::new(HashingExport::new(export, index.clone(), id)),
         });
     }
+    metrics::gauge!("nas_index_distinct_blocks").set(index.distinct() as f64);
     if let Some(addr) = config.metrics {
         metrics_exporter_prometheus::PrometheusBuilder::new()
             .with_http_listener(addr)
@@ -97,8 +100,4 @@ async fn main() -> anyhow::Result<()> {
     server.run(stop_rx).await;
     tracing::info!("stopped cleanly");
     Ok(())
-}
-
-fn export_size(export: &FileExport) -> u64 {
-    nas_server::export::Export::size(export)
 }

@@ -3,7 +3,8 @@
 use std::{net::SocketAddr, path::Path, sync::Arc, thread};
 
 use nas_server::{
-    export::{file::FileExport, ExportEntry, Exports},
+    export::{file::FileExport, hashing::HashingExport, Export, ExportEntry, Exports},
+    index::{build::hash_file, BlockIndex},
     server::{Listen, NbdServer},
 };
 use tokio::sync::watch;
@@ -11,22 +12,31 @@ use tokio::sync::watch;
 /// A running server; dropping it shuts it down and waits for the drain.
 pub struct NbdFixture {
     pub addr: SocketAddr,
+    /// The block index; export `i` of `start`'s list has id `i + 1`.
+    pub index: Arc<BlockIndex>,
     stop: watch::Sender<bool>,
     thread: Option<thread::JoinHandle<()>>,
 }
 
 impl NbdFixture {
     /// Serves `exports` as (name, path, read_only).
+    /// Each export is indexed and wrapped in the hashing layer, as the binary does.
     pub fn start(exports: &[(&str, &Path, bool)]) -> Self {
-        let entries = exports
-            .iter()
-            .map(|(name, path, ro)| ExportEntry {
-                name: name.to_string(),
-                description: String::new(),
-                export: Arc::new(
-                    FileExport::open(path, *ro)
-                        .unwrap_or_else(|e| panic!("open {}: {e}", path.display())),
-                ),
+        let index = Arc::new(BlockIndex::new());
+        let entries = (1..)
+            .zip(exports)
+            .map(|(id, (name, path, ro))| {
+                let file = FileExport::open(path, *ro)
+                    .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+                index.install(
+                    id,
+                    hash_file(file.file(), file.size()).expect("index export"),
+                );
+                ExportEntry {
+                    name: name.to_string(),
+                    description: String::new(),
+                    export: Arc::new(HashingExport::new(file, index.clone(), id)),
+                }
             })
             .collect();
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -45,6 +55,7 @@ impl NbdFixture {
         let thread = thread::spawn(move || runtime.block_on(server.run(stop_rx)));
         Self {
             addr,
+            index,
             stop,
             thread: Some(thread),
         }

@@ -2,10 +2,11 @@
 //!
 //! It owns everything that is not the product itself: installing a fresh machine's
 //! prerequisites (`setup`), building the eBPF object (`build-ebpf`), the whole check suite
-//! (`test`: format, two clippy passes, unit, integration and kernel tests), and the end-to-end
-//! `demo`. Each command calls `setup` first, so the README's two commands work on a new machine.
+//! (`test`: format, two clippy passes, unit, integration and kernel tests), the end-to-end
+//! `demo`, and `bench` against the peers the product competes with. Each command calls `setup` first, so the README's two commands work on a new machine.
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod demo;
 mod ebpf;
 mod setup;
@@ -29,6 +30,8 @@ enum Command {
     Test(test::Args),
     /// Run the main job end to end on embedded defaults and print what happened.
     Demo(demo::Args),
+    /// Benchmarks against the peers the product competes with, with ratios.
+    Bench(bench::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -37,5 +40,6 @@ fn main() -> anyhow::Result<()> {
         Command::BuildEbpf => ebpf::build(),
         Command::Test(args) => test::run(args),
         Command::Demo(args) => demo::run(args),
+        Command::Bench(args) => bench::run(args),
     }
 }

@@ -7,6 +7,7 @@
 use std::io;
 
 pub mod file;
+pub mod hashing;
 
 /// One extent of a block-status answer: `length` bytes with `flags`
 /// ([`crate::nbd::proto::STATE_HOLE`] | [`crate::nbd::proto::STATE_ZERO`]).
@@ -25,6 +26,11 @@ pub trait Export: Send + Sync + 'static {
     fn read_only(&self) -> bool;
     /// Fills `buf` from `offset`.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Fills `buf` only if that cannot block (the data is cached); `Ok(false)` means the
+    /// caller must use [`Export::read_at`] from a thread that may block.
+    fn try_read_cached(&self, _buf: &mut [u8], _offset: u64) -> io::Result<bool> {
+        Ok(false)
+    }
     /// Writes `data` at `offset`; with `fua`, it is durable when this returns.
     fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> io::Result<()>;
     /// Makes every completed write, from any connection, durable.

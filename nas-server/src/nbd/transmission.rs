@@ -215,6 +215,69 @@ fn cost(req: &Request) -> u32 {
     }
 }
 
+/// A READ reply built in place: the header is written in front of the data once the read has
+/// filled it, so the data is never copied.
+struct ReadReply {
+    buf: Vec<u8>,
+    header: usize,
+    req: Request,
+    structured: bool,
+}
+
+impl ReadReply {
+    fn new(req: &Request, structured: bool) -> Self {
+        let header = if structured {
+            CHUNK_HEADER + 8
+        } else {
+            SIMPLE_HEADER
+        };
+        Self {
+            buf: vec![0u8; header + req.length as usize],
+            header,
+            req: *req,
+            structured,
+        }
+    }
+
+    fn data(&mut self) -> &mut [u8] {
+        &mut self.buf[self.header..]
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        let req = &self.req;
+        if self.structured {
+            let h = chunk_header(
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_OFFSET_DATA,
+                req.cookie,
+                8 + req.length,
+            );
+            self.buf[..CHUNK_HEADER].copy_from_slice(&h);
+            self.buf[CHUNK_HEADER..self.header].copy_from_slice(&req.offset.to_be_bytes());
+        } else {
+            self.buf[..SIMPLE_HEADER].copy_from_slice(&simple_reply(req.cookie, 0));
+        }
+        self.buf
+    }
+}
+
+/// Reads small enough to try on the connection's own task when the page cache has them.
+const INLINE_READ_MAX: u32 = 256 << 10;
+
+/// Serves a READ without leaving the connection's task when the data is cached (no thread
+/// hand-off, which dominates latency at queue depth 1). `None` means it would block.
+fn try_cached_read(export: &dyn Export, req: &Request, structured: bool) -> Option<Vec<u8>> {
+    if req.kind != CMD_READ || req.length > INLINE_READ_MAX {
+        return None;
+    }
+    let mut reply = ReadReply::new(req, structured);
+    match export.try_read_cached(reply.data(), req.offset) {
+        Ok(true) => Some(reply.finish()),
+        Ok(false) => None,
+        Err(e) => Some(error_reply(req, structured, NbdErrno::from_io(&e))),
+    }
+}
+
 /// Runs a validated request against the export and encodes its reply.
 fn execute(export: &dyn Export, req: &Request, payload: Vec<u8>, structured: bool) -> Vec<u8> {
     let fua = req.flags & CMD_FLAG_FUA != 0;
@@ -225,28 +288,11 @@ fn execute(export: &dyn Export, req: &Request, payload: Vec<u8>, structured: boo
     };
     match req.kind {
         CMD_READ => {
-            let header = if structured {
-                CHUNK_HEADER + 8
-            } else {
-                SIMPLE_HEADER
-            };
-            let mut buf = vec![0u8; header + req.length as usize];
-            if let Err(e) = export.read_at(&mut buf[header..], offset) {
-                return error_reply(req, structured, NbdErrno::from_io(&e));
+            let mut reply = ReadReply::new(req, structured);
+            match export.read_at(reply.data(), offset) {
+                Ok(()) => reply.finish(),
+                Err(e) => error_reply(req, structured, NbdErrno::from_io(&e)),
             }
-            if structured {
-                let h = chunk_header(
-                    REPLY_FLAG_DONE,
-                    REPLY_TYPE_OFFSET_DATA,
-                    req.cookie,
-                    8 + req.length,
-                );
-                buf[..CHUNK_HEADER].copy_from_slice(&h);
-                buf[CHUNK_HEADER..header].copy_from_slice(&offset.to_be_bytes());
-            } else {
-                buf[..SIMPLE_HEADER].copy_from_slice(&simple_reply(req.cookie, 0));
-            }
-            buf
         }
         CMD_WRITE => done(export.write_at(&payload, offset, fua)),
         CMD_FLUSH => done(export.flush()),
@@ -360,16 +406,27 @@ where
             drop(permit);
             continue;
         }
+        if let Some(reply) = try_cached_read(export.as_ref(), &req, limits.structured) {
+            metrics::counter!("nbd_bytes_total", "type" => name).increment(u64::from(req.length));
+            if replies.send(reply).await.is_err() {
+                break;
+            }
+            drop(permit);
+            continue;
+        }
         let export = export.clone();
         let replies = replies.clone();
         let structured = limits.structured;
-        tokio::spawn(async move {
+        // Straight to the blocking pool, which also queues the reply: one hand-off, not two.
+        tokio::task::spawn_blocking(move || {
             let started = Instant::now();
-            let reply = tokio::task::spawn_blocking(move || {
+            let reply = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 execute(export.as_ref(), &req, payload, structured)
-            })
-            .await
-            .unwrap_or_else(|_| error_reply(&req, structured, NbdErrno::Io));
+            }))
+            .unwrap_or_else(|_| {
+                tracing::error!(?req, "request handler panicked; answering EIO");
+                error_reply(&req, structured, NbdErrno::Io)
+            });
             metrics::histogram!("nbd_request_seconds", "type" => name)
                 .record(started.elapsed().as_secs_f64());
             if matches!(req.kind, CMD_READ | CMD_WRITE) {
@@ -377,7 +434,7 @@ where
                     .increment(u64::from(req.length));
             }
             // A closed channel means the writer failed; the connection is ending anyway.
-            let _ = replies.send(reply).await;
+            let _ = replies.blocking_send(reply);
             drop(permit);
         });
     }

@@ -1,0 +1,250 @@
+//! `cargo xtask bench nbd`: nas-server against qemu-nbd and nbdkit's file plugin, in one run,
+//! on the same image, with `qemu-img bench` as the client.
+//!
+//! qemu-img bench has no random mode; "random" rows use a stride of 7919 blocks, which is
+//! coprime with the image's block count, so successive requests land far apart and every block
+//! is visited once before any repeats. Servers run one at a time so they never share the two
+//! cores. The image is filled with data first (no holes), so every row reads real bytes.
+use std::{
+    fs::File,
+    io::Write,
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context};
+
+use crate::sh;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// What to benchmark.
+    #[arg(value_enum)]
+    target: Target,
+    /// Image size in MiB.
+    #[arg(long, default_value_t = 1024)]
+    image_mib: u64,
+    /// Repeat each row this many times and keep the best.
+    #[arg(long, default_value_t = 3)]
+    repeat: u32,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum Target {
+    /// NBD data path: nas-server vs qemu-nbd vs nbdkit.
+    Nbd,
+}
+
+struct Row {
+    name: &'static str,
+    args: &'static [&'static str],
+    /// Bytes moved per request, for MB/s.
+    bytes: u64,
+}
+
+const STRIDE_4K: &str = "32436224"; // 7919 * 4096
+const ROWS: &[Row] = &[
+    Row {
+        name: "4k rand read  qd1",
+        args: &["-c", "20000", "-d", "1", "-s", "4096", "-S", STRIDE_4K],
+        bytes: 4096,
+    },
+    Row {
+        name: "4k rand read  qd32",
+        args: &["-c", "100000", "-d", "32", "-s", "4096", "-S", STRIDE_4K],
+        bytes: 4096,
+    },
+    Row {
+        name: "4k rand write qd1",
+        args: &[
+            "-w", "-c", "20000", "-d", "1", "-s", "4096", "-S", STRIDE_4K,
+        ],
+        bytes: 4096,
+    },
+    Row {
+        name: "4k rand write qd32",
+        args: &[
+            "-w", "-c", "100000", "-d", "32", "-s", "4096", "-S", STRIDE_4K,
+        ],
+        bytes: 4096,
+    },
+    Row {
+        name: "1M seq read   qd4",
+        args: &["-c", "3000", "-d", "4", "-s", "1M", "-S", "1M"],
+        bytes: 1 << 20,
+    },
+];
+
+const PORT: u16 = 10_950;
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let Target::Nbd = args.target;
+    crate::setup::run()?;
+    sh::run(sh::cargo().args(["build", "--release", "-p", "nas-server"]))?;
+    let dir = sh::workspace_root().join("target/xtask/bench");
+    std::fs::create_dir_all(&dir)?;
+    let image = dir.join("bench.raw");
+    fill_image(&image, args.image_mib)?;
+    let servers = ["nas-server", "qemu-nbd", "nbdkit"];
+    // results[row][server] = requests per second
+    let mut results = vec![[0f64; 3]; ROWS.len()];
+    for (s, server) in servers.iter().enumerate() {
+        let mut child = start(server, &image)?;
+        let outcome = (|| -> anyhow::Result<()> {
+            wait_for_port(PORT)?;
+            for (r, row) in ROWS.iter().enumerate() {
+                let mut best = 0f64;
+                for _ in 0..args.repeat {
+                    best = best.max(qemu_img_bench(row)?);
+                }
+                eprintln!("bench: {server:<10} {:<20} {best:>10.0} req/s", row.name);
+                results[r][s] = best;
+            }
+            Ok(())
+        })();
+        child.kill().ok();
+        child.wait().ok();
+        outcome.with_context(|| format!("benchmarking {server}"))?;
+    }
+    println!();
+    println!("| row | nas-server | qemu-nbd | nbdkit file | vs qemu-nbd | vs nbdkit |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+    for (row, r) in ROWS.iter().zip(&results) {
+        let unit = |v: f64| {
+            if row.bytes >= 1 << 20 {
+                format!("{:.0} MB/s", v * row.bytes as f64 / 1e6)
+            } else {
+                format!("{:.0} IOPS", v)
+            }
+        };
+        println!(
+            "| {} | {} | {} | {} | {:.2}x | {:.2}x |",
+            row.name.trim_end(),
+            unit(r[0]),
+            unit(r[1]),
+            unit(r[2]),
+            r[0] / r[1],
+            r[0] / r[2]
+        );
+    }
+    let log = std::fs::read_to_string(server_log(&image))?;
+    let rate = index_rate(&log).context("nas-server did not log its index build rate")?;
+    println!(
+        "| index build ({} MiB, nas-server start-up) | {rate:.0} MB/s | | | | |",
+        args.image_mib
+    );
+    Ok(())
+}
+
+fn server_log(image: &Path) -> std::path::PathBuf {
+    image.with_extension("nas-server.log")
+}
+
+/// The `rate_mb_s=N` field of nas-server's "index built" log line.
+fn index_rate(log: &str) -> Option<f64> {
+    log.lines()
+        .filter(|l| l.contains("index built"))
+        .find_map(|l| l.split("rate_mb_s=").nth(1))
+        .and_then(|r| {
+            r.trim_matches('"')
+                .split(|c: char| !c.is_ascii_digit() && c != '.')
+                .next()
+        })
+        .and_then(|n| n.parse().ok())
+}
+
+fn fill_image(path: &Path, mib: u64) -> anyhow::Result<()> {
+    if std::fs::metadata(path).is_ok_and(|m| m.len() == mib << 20) {
+        return Ok(());
+    }
+    let mut f = File::create(path)?;
+    let mut block = vec![0u8; 1 << 20];
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for _ in 0..mib {
+        for chunk in block.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            chunk.copy_from_slice(&x.to_le_bytes());
+        }
+        f.write_all(&block)?;
+    }
+    f.sync_all()?;
+    Ok(())
+}
+
+fn start(server: &str, image: &Path) -> anyhow::Result<Child> {
+    let mut cmd = match server {
+        "nas-server" => {
+            let mut c = Command::new(sh::workspace_root().join("target/release/nas-server"));
+            c.arg("--listen")
+                .arg(format!("127.0.0.1:{PORT}"))
+                .arg("--export")
+                .arg(format!("bench={}", image.display()))
+                .env("RUST_LOG", "info")
+                .stderr(File::create(server_log(image))?);
+            c
+        }
+        "qemu-nbd" => {
+            let mut c = Command::new("qemu-nbd");
+            c.args([
+                "-f",
+                "raw",
+                "-t",
+                "-e",
+                "8",
+                "-x",
+                "bench",
+                "-b",
+                "127.0.0.1",
+            ])
+            .arg(format!("--port={PORT}"))
+            .arg(image);
+            c
+        }
+        "nbdkit" => {
+            let mut c = Command::new("nbdkit");
+            c.args(["-f", "-i", "127.0.0.1", "-e", "bench", "-p"])
+                .arg(PORT.to_string())
+                .arg("file")
+                .arg(image);
+            c
+        }
+        _ => bail!("unknown server {server}"),
+    };
+    cmd.stdout(Stdio::null())
+        .spawn()
+        .with_context(|| format!("cannot start {server}"))
+}
+
+fn wait_for_port(port: u16) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            // Let the probe connection's teardown finish before measuring.
+            std::thread::sleep(Duration::from_millis(200));
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("server did not listen on port {port} within 10 s")
+}
+
+/// Runs one qemu-img bench and returns requests per second.
+fn qemu_img_bench(row: &Row) -> anyhow::Result<f64> {
+    let count: f64 = row.args[row.args.iter().position(|a| *a == "-c").unwrap() + 1].parse()?;
+    let out = sh::stdout(
+        Command::new("qemu-img")
+            .args(["bench", "-f", "raw"])
+            .args(row.args)
+            .arg(format!("nbd://127.0.0.1:{PORT}/bench")),
+    )?;
+    let secs: f64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("Run completed in "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("unexpected qemu-img bench output: {out}"))?;
+    Ok(count / secs)
+}
