@@ -4,6 +4,7 @@
 //! listen = ["127.0.0.1:10809", "unix:/run/nas-server.sock"]
 //! metrics = "127.0.0.1:9188"
 //! max_connections = 1024
+//! index_dir = "/var/lib/nas-server"
 //!
 //! [[export]]
 //! name = "vm1"
@@ -105,6 +106,7 @@ struct FileConfig {
     listen: Vec<String>,
     metrics: Option<SocketAddr>,
     max_connections: Option<usize>,
+    index_dir: Option<PathBuf>,
     #[serde(default)]
     export: Vec<ExportSpec>,
 }
@@ -116,17 +118,30 @@ pub struct Config {
     pub exports: Vec<ExportSpec>,
     pub metrics: Option<SocketAddr>,
     pub max_connections: usize,
+    /// Where the block index is persisted; `None` keeps it in memory only.
+    pub index_dir: Option<PathBuf>,
+}
+
+/// Settings given on the command line, which win over the file.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    pub listen: Vec<Listen>,
+    pub exports: Vec<ExportSpec>,
+    pub metrics: Option<SocketAddr>,
+    pub max_connections: Option<usize>,
+    pub index_dir: Option<PathBuf>,
 }
 
 impl Config {
     /// Merges flags over an optional TOML file and checks the result.
-    pub fn build(
-        file: Option<&std::path::Path>,
-        listen: Vec<Listen>,
-        exports: Vec<ExportSpec>,
-        metrics: Option<SocketAddr>,
-        max_connections: Option<usize>,
-    ) -> Result<Self, ConfigError> {
+    pub fn build(file: Option<&std::path::Path>, flags: Overrides) -> Result<Self, ConfigError> {
+        let Overrides {
+            listen,
+            exports,
+            metrics,
+            max_connections,
+            index_dir,
+        } = flags;
         let from_file = match file {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -140,6 +155,7 @@ impl Config {
                 exports: Vec::new(),
                 metrics: None,
                 max_connections: 1024,
+                index_dir: None,
             },
         };
         let mut config = Config {
@@ -151,6 +167,7 @@ impl Config {
             exports: from_file.exports.into_iter().chain(exports).collect(),
             metrics: metrics.or(from_file.metrics),
             max_connections: max_connections.unwrap_or(from_file.max_connections),
+            index_dir: index_dir.or(from_file.index_dir),
         };
         if config.listen.is_empty() {
             config
@@ -182,6 +199,7 @@ impl Config {
             exports: file.export,
             metrics: file.metrics,
             max_connections: file.max_connections.unwrap_or(1024),
+            index_dir: file.index_dir,
         })
     }
 
@@ -237,28 +255,19 @@ mod tests {
             "listen = [\"unix:/tmp/x.sock\"]\n[[export]]\nname = \"a\"\npath = \"/a\"\n",
         )
         .unwrap();
-        let c = Config::build(
-            Some(&path),
-            vec![],
-            vec!["b=/b,ro".parse().unwrap()],
-            None,
-            None,
-        )
-        .unwrap();
+        let flags = |exports: &[&str]| Overrides {
+            exports: exports.iter().map(|e| e.parse().unwrap()).collect(),
+            ..Overrides::default()
+        };
+        let c = Config::build(Some(&path), flags(&["b=/b,ro"])).unwrap();
         assert_eq!(c.listen, vec![Listen::Unix("/tmp/x.sock".into())]);
         assert_eq!(c.exports.len(), 2);
         assert_eq!(c.max_connections, 1024);
-        let dup = Config::build(
-            Some(&path),
-            vec![],
-            vec!["a=/c".parse().unwrap()],
-            None,
-            None,
-        );
+        let dup = Config::build(Some(&path), flags(&["a=/c"]));
         assert!(matches!(dup, Err(ConfigError::DuplicateExport(_))));
         std::fs::write(&path, "bogus = 1\n").unwrap();
         assert!(matches!(
-            Config::build(Some(&path), vec![], vec![], None, None),
+            Config::build(Some(&path), flags(&[])),
             Err(ConfigError::Toml { .. })
         ));
         std::fs::remove_dir_all(dir).unwrap();
@@ -266,13 +275,18 @@ mod tests {
 
     #[test]
     fn defaults_to_loopback() {
-        let c = Config::build(None, vec![], vec!["a=/a".parse().unwrap()], None, None).unwrap();
+        let one = Overrides {
+            exports: vec!["a=/a".parse().unwrap()],
+            ..Overrides::default()
+        };
+        let c = Config::build(None, one).unwrap();
         assert_eq!(
             c.listen,
             vec![Listen::Tcp("127.0.0.1:10809".parse().unwrap())]
         );
+        assert_eq!(c.index_dir, None);
         assert!(matches!(
-            Config::build(None, vec![], vec![], None, None),
+            Config::build(None, Overrides::default()),
             Err(ConfigError::NoExports)
         ));
     }

@@ -1,13 +1,14 @@
 //! `nas-server`: the storage-node daemon. Parses flags and config, opens and indexes the
-//! exports, serves NBD until SIGTERM or SIGINT, then drains, flushes and exits 0.
+//! exports (restoring the persisted index when `--index-dir` is set), serves NBD until SIGTERM
+//! or SIGINT, then drains, flushes, persists the index and exits 0.
 use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use anyhow::Context;
 use clap::Parser;
 use nas_server::{
-    config::{Config, ExportSpec},
+    config::{Config, ExportSpec, Overrides},
     export::{file::FileExport, hashing::HashingExport, Export, ExportEntry, Exports},
-    index::{build::hash_file, BlockIndex},
+    index::{build::hash_file, store::IndexStore, BlockIndex},
     server::{Listen, NbdServer},
 };
 use tokio::signal::unix::{signal, SignalKind};
@@ -28,6 +29,9 @@ struct Cli {
     /// TOML configuration file; flags add to it.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Persist the block index here, so a restart over an unchanged image does not rehash.
+    #[arg(long)]
+    index_dir: Option<PathBuf>,
     /// Serve Prometheus metrics on this address.
     #[arg(long)]
     metrics: Option<SocketAddr>,
@@ -35,6 +39,8 @@ struct Cli {
     #[arg(long)]
     max_connections: Option<usize>,
 }
+
+type Layered = HashingExport<FileExport>;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -48,26 +54,58 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = Config::build(
         cli.config.as_deref(),
-        cli.listen,
-        cli.export,
-        cli.metrics,
-        cli.max_connections,
+        Overrides {
+            listen: cli.listen,
+            exports: cli.export,
+            metrics: cli.metrics,
+            max_connections: cli.max_connections,
+            index_dir: cli.index_dir,
+        },
     )?;
+    let store = match &config.index_dir {
+        Some(dir) => Some(
+            IndexStore::open(dir)
+                .with_context(|| format!("cannot open the index store in {}", dir.display()))?,
+        ),
+        None => None,
+    };
     let index = Arc::new(BlockIndex::new());
+    let mut layered: Vec<(String, Arc<Layered>)> = Vec::new();
     let mut entries = Vec::new();
     for (id, spec) in (1..).zip(&config.exports) {
-        let export = FileExport::open(&spec.path, spec.read_only)
+        let file = FileExport::open(&spec.path, spec.read_only)
             .with_context(|| format!("cannot open export {:?}", spec.name))?;
-        let size = export.size();
-        tracing::info!(export = %spec.name, path = %spec.path.display(), size, "hashing blocks");
-        let table = hash_file(export.file(), size)
-            .with_context(|| format!("cannot index export {:?}", spec.name))?;
-        index.install(id, table);
-        tracing::info!(export = %spec.name, read_only = spec.read_only, "export ready");
+        let context = || format!("cannot index export {:?}", spec.name);
+        let export = match &store {
+            Some(store) => {
+                let (table, journal, recovery) = store
+                    .prepare(&spec.name, file.file())
+                    .with_context(context)?;
+                tracing::info!(export = %spec.name, ?recovery, "index restored");
+                index.install(id, table);
+                HashingExport::new(file, index.clone(), id).with_journal(journal)
+            }
+            None => {
+                index.install(
+                    id,
+                    hash_file(file.file(), file.size()).with_context(context)?,
+                );
+                HashingExport::new(file, index.clone(), id)
+            }
+        };
+        let export = Arc::new(export);
+        tracing::info!(
+            export = %spec.name,
+            path = %spec.path.display(),
+            size = export.size(),
+            read_only = spec.read_only,
+            "export ready"
+        );
+        layered.push((spec.name.clone(), export.clone()));
         entries.push(ExportEntry {
             name: spec.name.clone(),
             description: spec.description.clone(),
-            export: Arc::new(HashingExport::new(export, index.clone(), id)),
+            export,
         });
     }
     metrics::gauge!("nas_index_distinct_blocks").set(index.distinct() as f64);
@@ -97,7 +135,19 @@ async fn main() -> anyhow::Result<()> {
         }
         let _ = stop_tx.send(true);
     });
+    // Returns once every connection is drained and every export flushed.
     server.run(stop_rx).await;
+    if let Some(store) = &store {
+        for (name, export) in &layered {
+            let (Some(journal), Some(table)) = (export.journal(), index.table(export.id())) else {
+                continue;
+            };
+            store
+                .finish(name, export.inner().file(), &table, journal)
+                .with_context(|| format!("cannot persist the index of {name:?}"))?;
+            tracing::info!(export = %name, "index persisted");
+        }
+    }
     tracing::info!("stopped cleanly");
     Ok(())
 }

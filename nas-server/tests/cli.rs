@@ -11,6 +11,8 @@ use std::{
 struct Server {
     child: Child,
     addr: String,
+    /// Log lines up to and including "listening on".
+    startup: Vec<String>,
     log: mpsc::Receiver<String>,
 }
 
@@ -29,10 +31,11 @@ fn scratch(tag: &str) -> std::path::PathBuf {
     dir
 }
 
-fn start(image: &std::path::Path) -> Server {
+fn start(image: &std::path::Path, extra: &[&str]) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_nas-server"))
         .args(["--listen", "127.0.0.1:0", "--export"])
         .arg(format!("d={}", image.display()))
+        .args(extra)
         .stderr(Stdio::piped())
         .spawn()
         .expect("start nas-server");
@@ -46,15 +49,22 @@ fn start(image: &std::path::Path) -> Server {
         }
     });
     let deadline = Instant::now() + Duration::from_secs(20);
+    let mut startup = Vec::new();
     loop {
         let Ok(line) = log.recv_timeout(deadline.saturating_duration_since(Instant::now())) else {
             child.kill().ok();
             child.wait().ok();
             panic!("nas-server did not report its address");
         };
+        startup.push(line.clone());
         if let Some(rest) = line.split("listening on ").nth(1) {
             let addr = rest.trim().to_string();
-            return Server { child, addr, log };
+            return Server {
+                child,
+                addr,
+                startup,
+                log,
+            };
         }
     }
 }
@@ -92,7 +102,7 @@ fn sigterm_drains_and_exits_zero() {
         .unwrap()
         .set_len(1 << 20)
         .unwrap();
-    let mut server = start(&image);
+    let mut server = start(&image, &[]);
     let mut c = client(&server.addr);
     c.write_all(&[0x42; 4096]).unwrap();
     signal(&server.child, libc::SIGTERM);
@@ -120,7 +130,7 @@ fn flushed_data_survives_kill_9() {
         .unwrap()
         .set_len(1 << 20)
         .unwrap();
-    let mut server = start(&image);
+    let mut server = start(&image, &[]);
     let mut c = client(&server.addr);
     c.seek(SeekFrom::Start(65536)).unwrap();
     c.write_all(&[0x17; 8192]).unwrap();
@@ -148,4 +158,45 @@ fn configuration_errors_are_clear() {
     assert!(run(&[]).contains("no exports configured"));
     assert!(run(&["--export", "a=/nonexistent/disk.raw"]).contains("/nonexistent/disk.raw"));
     assert!(run(&["--export", "a=/x", "--listen", "nowhere"]).contains("neither HOST:PORT"));
+}
+
+#[test]
+fn persisted_index_survives_restarts_and_crashes() {
+    let dir = scratch("persist");
+    let image = dir.join("d.raw");
+    std::fs::write(&image, vec![0x61u8; 4 << 20]).unwrap();
+    let index_dir = dir.join("index");
+    let args = ["--index-dir", index_dir.to_str().unwrap()];
+    let recovery = |server: &Server| {
+        server
+            .startup
+            .iter()
+            .find(|l| l.contains("index restored"))
+            .cloned()
+            .unwrap_or_else(|| panic!("no recovery line in {:#?}", server.startup))
+    };
+    let mut s = start(&image, &args);
+    assert!(recovery(&s).contains("Fresh"), "{}", recovery(&s));
+    client(&s.addr).write_all(&[0x62; 8192]).unwrap();
+    signal(&s.child, libc::SIGTERM);
+    assert!(wait(&mut s.child, Duration::from_secs(20)).success());
+    // Clean stop: the next start loads the index without hashing.
+    let mut s = start(&image, &args);
+    assert!(recovery(&s).contains("Clean"), "{}", recovery(&s));
+    let mut c = client(&s.addr);
+    c.seek(SeekFrom::Start(3 << 20)).unwrap();
+    c.write_all(&[0x63; 4096]).unwrap();
+    c.flush().unwrap();
+    signal(&s.child, libc::SIGKILL);
+    wait(&mut s.child, Duration::from_secs(20));
+    // Crash: only the journalled region is rehashed.
+    let mut s = start(&image, &args);
+    assert!(
+        recovery(&s).contains("Journal { regions: 1 }"),
+        "{}",
+        recovery(&s)
+    );
+    signal(&s.child, libc::SIGTERM);
+    assert!(wait(&mut s.child, Duration::from_secs(20)).success());
+    std::fs::remove_dir_all(dir).ok();
 }

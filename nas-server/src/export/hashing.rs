@@ -12,7 +12,7 @@ use std::{
 };
 
 use super::{Export, Extent};
-use crate::index::{hash_block, BlockIndex, ExportId, Hash, BLOCK};
+use crate::index::{hash_block, journal::Journal, BlockIndex, ExportId, Hash, BLOCK};
 
 /// Lock stripes per export: blocks map to stripe `block % STRIPES`.
 const STRIPES: u64 = 256;
@@ -23,6 +23,8 @@ pub struct HashingExport<E> {
     index: Arc<BlockIndex>,
     id: ExportId,
     stripes: Vec<Mutex<()>>,
+    /// Where changed regions are recorded before they change, when the index is persisted.
+    journal: Option<Journal>,
 }
 
 impl<E: Export> HashingExport<E> {
@@ -34,11 +36,26 @@ impl<E: Export> HashingExport<E> {
             index,
             id,
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            journal: None,
         }
+    }
+
+    /// Records every change in `journal` before making it (see [`crate::index::store`]).
+    pub fn with_journal(mut self, journal: Journal) -> Self {
+        self.journal = Some(journal);
+        self
     }
 
     pub fn inner(&self) -> &E {
         &self.inner
+    }
+
+    pub fn journal(&self) -> Option<&Journal> {
+        self.journal.as_ref()
+    }
+
+    pub fn id(&self) -> ExportId {
+        self.id
     }
 
     /// Locks every stripe that blocks `[first, last]` map to, in stripe order.
@@ -83,6 +100,9 @@ impl<E: Export> HashingExport<E> {
         op: impl FnOnce() -> io::Result<()>,
         known: impl Fn(u64) -> Option<Option<Hash>>,
     ) -> io::Result<()> {
+        if let Some(journal) = &self.journal {
+            journal.mark(offset, len)?;
+        }
         let Some((first, last)) = self.blocks(offset, len) else {
             return op();
         };

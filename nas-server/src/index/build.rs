@@ -43,7 +43,8 @@ pub fn hash_file(file: &File, size: u64) -> io::Result<Vec<Option<Hash>>> {
     Ok(table)
 }
 
-fn hash_range(file: &File, first: u64, last: u64) -> io::Result<Vec<Option<Hash>>> {
+/// Hashes blocks `[first, last)`.
+pub fn hash_range(file: &File, first: u64, last: u64) -> io::Result<Vec<Option<Hash>>> {
     let mut out = Vec::with_capacity((last - first) as usize);
     let mut buf = vec![0u8; READ_CHUNK as usize];
     let mut block = first;

@@ -11,6 +11,8 @@ use std::{
 };
 
 pub mod build;
+pub mod journal;
+pub mod store;
 
 /// Indexed block size.
 pub const BLOCK: u64 = 4096;
