@@ -5,6 +5,8 @@
 //! metrics = "127.0.0.1:9188"
 //! max_connections = 1024
 //! index_dir = "/var/lib/nas-server"
+//! index_listen = ["127.0.0.1:10810"]
+//! hot_blocks = 262144
 //!
 //! [[export]]
 //! name = "vm1"
@@ -24,9 +26,9 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
 /// Errors in configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("--export {0:?}: expected NAME=PATH[,ro]")]
+    #[error("--export {0:?}: expected NAME=PATH[,ro][,shared]")]
     ExportSyntax(String),
-    #[error("--export {spec:?}: unknown option {option:?} (known: ro)")]
+    #[error("--export {spec:?}: unknown option {option:?} (known: ro, shared)")]
     ExportOption { spec: String, option: String },
     #[error("export name {0:?} is used twice")]
     DuplicateExport(String),
@@ -60,6 +62,9 @@ pub struct ExportSpec {
     pub path: PathBuf,
     #[serde(default)]
     pub read_only: bool,
+    /// Searched by every index session, not just those naming it (e.g. a golden base image).
+    #[serde(default)]
+    pub shared: bool,
     #[serde(default)]
     pub description: String,
 }
@@ -67,7 +72,7 @@ pub struct ExportSpec {
 impl std::str::FromStr for ExportSpec {
     type Err = ConfigError;
 
-    /// `NAME=PATH[,ro]`.
+    /// `NAME=PATH[,ro][,shared]`.
     fn from_str(spec: &str) -> Result<Self, Self::Err> {
         let (name, rest) = spec
             .split_once('=')
@@ -81,11 +86,13 @@ impl std::str::FromStr for ExportSpec {
             name: name.into(),
             path: path.into(),
             read_only: false,
+            shared: false,
             description: String::new(),
         };
         for option in parts {
             match option {
                 "ro" => out.read_only = true,
+                "shared" => out.shared = true,
                 _ => {
                     return Err(ConfigError::ExportOption {
                         spec: spec.into(),
@@ -108,6 +115,9 @@ struct FileConfig {
     max_connections: Option<usize>,
     index_dir: Option<PathBuf>,
     #[serde(default)]
+    index_listen: Vec<String>,
+    hot_blocks: Option<usize>,
+    #[serde(default)]
     export: Vec<ExportSpec>,
 }
 
@@ -120,7 +130,16 @@ pub struct Config {
     pub max_connections: usize,
     /// Where the block index is persisted; `None` keeps it in memory only.
     pub index_dir: Option<PathBuf>,
+    /// Where the index service listens.
+    pub index_listen: Vec<Listen>,
+    /// Capacity of each export's hot set, in 4 KiB blocks.
+    pub hot_blocks: usize,
 }
+
+/// Default index-service listener: loopback only.
+pub const DEFAULT_INDEX_LISTEN: &str = "127.0.0.1:10810";
+/// Default hot-set capacity: 1 GiB of guest RAM in 4 KiB blocks.
+pub const DEFAULT_HOT_BLOCKS: usize = 262_144;
 
 /// Settings given on the command line, which win over the file.
 #[derive(Clone, Debug, Default)]
@@ -130,6 +149,8 @@ pub struct Overrides {
     pub metrics: Option<SocketAddr>,
     pub max_connections: Option<usize>,
     pub index_dir: Option<PathBuf>,
+    pub index_listen: Vec<Listen>,
+    pub hot_blocks: Option<usize>,
 }
 
 impl Config {
@@ -141,6 +162,8 @@ impl Config {
             metrics,
             max_connections,
             index_dir,
+            index_listen,
+            hot_blocks,
         } = flags;
         let from_file = match file {
             Some(path) => {
@@ -156,6 +179,8 @@ impl Config {
                 metrics: None,
                 max_connections: 1024,
                 index_dir: None,
+                index_listen: Vec::new(),
+                hot_blocks: DEFAULT_HOT_BLOCKS,
             },
         };
         let mut config = Config {
@@ -168,11 +193,22 @@ impl Config {
             metrics: metrics.or(from_file.metrics),
             max_connections: max_connections.unwrap_or(from_file.max_connections),
             index_dir: index_dir.or(from_file.index_dir),
+            index_listen: if index_listen.is_empty() {
+                from_file.index_listen
+            } else {
+                index_listen
+            },
+            hot_blocks: hot_blocks.unwrap_or(from_file.hot_blocks),
         };
         if config.listen.is_empty() {
             config
                 .listen
                 .push(DEFAULT_LISTEN.parse().expect("default is valid"));
+        }
+        if config.index_listen.is_empty() {
+            config
+                .index_listen
+                .push(DEFAULT_INDEX_LISTEN.parse().expect("default is valid"));
         }
         config.check()?;
         Ok(config)
@@ -183,23 +219,28 @@ impl Config {
             path: path.into(),
             source,
         })?;
-        let listen = file
-            .listen
-            .iter()
-            .map(|l| {
-                l.parse().map_err(|reason| ConfigError::Listen {
-                    path: path.into(),
-                    value: l.clone(),
-                    reason,
+        let parse = |values: &[String]| -> Result<Vec<Listen>, ConfigError> {
+            values
+                .iter()
+                .map(|l| {
+                    l.parse().map_err(|reason| ConfigError::Listen {
+                        path: path.into(),
+                        value: l.clone(),
+                        reason,
+                    })
                 })
-            })
-            .collect::<Result<_, _>>()?;
+                .collect()
+        };
+        let listen = parse(&file.listen)?;
+        let index_listen = parse(&file.index_listen)?;
         Ok(Config {
             listen,
             exports: file.export,
             metrics: file.metrics,
             max_connections: file.max_connections.unwrap_or(1024),
             index_dir: file.index_dir,
+            index_listen,
+            hot_blocks: file.hot_blocks.unwrap_or(DEFAULT_HOT_BLOCKS),
         })
     }
 
@@ -230,7 +271,9 @@ mod tests {
         assert_eq!(e.name, "vm1");
         assert_eq!(e.path, PathBuf::from("/srv/vm1.raw"));
         assert!(e.read_only);
+        assert!(!e.shared);
         assert!(!"vm1=/x".parse::<ExportSpec>().unwrap().read_only);
+        assert!("base=/b,ro,shared".parse::<ExportSpec>().unwrap().shared);
         assert!(matches!(
             "vm1".parse::<ExportSpec>(),
             Err(ConfigError::ExportSyntax(_))
@@ -285,6 +328,11 @@ mod tests {
             vec![Listen::Tcp("127.0.0.1:10809".parse().unwrap())]
         );
         assert_eq!(c.index_dir, None);
+        assert_eq!(
+            c.index_listen,
+            vec![Listen::Tcp("127.0.0.1:10810".parse().unwrap())]
+        );
+        assert_eq!(c.hot_blocks, DEFAULT_HOT_BLOCKS);
         assert!(matches!(
             Config::build(None, Overrides::default()),
             Err(ConfigError::NoExports)

@@ -5,8 +5,11 @@
 //! -> [`nbd::transmission`] -> an [`export::Export`] (a raw image file, with
 //! [`export::hashing::HashingExport`] stacked over it to keep the [`index`] exact). [`config`] turns flags and a TOML file into what the
 //! server runs.
+pub mod client;
 pub mod config;
 pub mod export;
 pub mod index;
+pub mod listener;
 pub mod nbd;
 pub mod server;
+pub mod service;

@@ -8,8 +8,12 @@ use clap::Parser;
 use nas_server::{
     config::{Config, ExportSpec, Overrides},
     export::{file::FileExport, hashing::HashingExport, Export, ExportEntry, Exports},
-    index::{build::hash_file, store::IndexStore, BlockIndex},
+    index::{build::hash_file, hot::HotSet, store::IndexStore, BlockIndex},
     server::{Listen, NbdServer},
+    service::{
+        frame::ExportInfo,
+        server::{CatalogEntry, IndexService},
+    },
 };
 use tokio::signal::unix::{signal, SignalKind};
 use tracing_subscriber::EnvFilter;
@@ -38,6 +42,12 @@ struct Cli {
     /// Concurrent connections accepted (further clients wait in the listen backlog).
     #[arg(long)]
     max_connections: Option<usize>,
+    /// Index service listener, HOST:PORT or unix:PATH (repeatable). Default 127.0.0.1:10810.
+    #[arg(long)]
+    index_listen: Vec<Listen>,
+    /// Hot-set capacity per export, in 4 KiB blocks (about the VM's RAM). 0 disables it.
+    #[arg(long)]
+    hot_blocks: Option<usize>,
 }
 
 type Layered = HashingExport<FileExport>;
@@ -51,6 +61,10 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    // Installed first: a signal that arrives while exports are being indexed is kept and acted
+    // on once serving starts, instead of killing the process with the default action.
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     let cli = Cli::parse();
     let config = Config::build(
         cli.config.as_deref(),
@@ -60,6 +74,8 @@ async fn main() -> anyhow::Result<()> {
             metrics: cli.metrics,
             max_connections: cli.max_connections,
             index_dir: cli.index_dir,
+            index_listen: cli.index_listen,
+            hot_blocks: cli.hot_blocks,
         },
     )?;
     let store = match &config.index_dir {
@@ -72,6 +88,7 @@ async fn main() -> anyhow::Result<()> {
     let index = Arc::new(BlockIndex::new());
     let mut layered: Vec<(String, Arc<Layered>)> = Vec::new();
     let mut entries = Vec::new();
+    let mut catalog = Vec::new();
     for (id, spec) in (1..).zip(&config.exports) {
         let file = FileExport::open(&spec.path, spec.read_only)
             .with_context(|| format!("cannot open export {:?}", spec.name))?;
@@ -93,7 +110,17 @@ async fn main() -> anyhow::Result<()> {
                 HashingExport::new(file, index.clone(), id)
             }
         };
-        let export = Arc::new(export);
+        let hot = Arc::new(HotSet::new(id, config.hot_blocks));
+        let export = Arc::new(export.with_hot_set(hot.clone()));
+        catalog.push(CatalogEntry {
+            info: ExportInfo {
+                id,
+                size: export.size(),
+                shared: spec.shared,
+                name: spec.name.clone(),
+            },
+            hot: Some(hot),
+        });
         tracing::info!(
             export = %spec.name,
             path = %spec.path.display(),
@@ -125,9 +152,17 @@ async fn main() -> anyhow::Result<()> {
     for addr in server.local_addrs() {
         tracing::info!("listening on {addr}");
     }
+    let service = IndexService::bind(
+        catalog,
+        index.clone(),
+        &config.index_listen,
+        config.max_connections,
+    )
+    .await?;
+    for addr in service.local_addrs() {
+        tracing::info!("index service on {addr}");
+    }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
     tokio::spawn(async move {
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
@@ -136,7 +171,7 @@ async fn main() -> anyhow::Result<()> {
         let _ = stop_tx.send(true);
     });
     // Returns once every connection is drained and every export flushed.
-    server.run(stop_rx).await;
+    tokio::join!(server.run(stop_rx.clone()), service.run(stop_rx));
     if let Some(store) = &store {
         for (name, export) in &layered {
             let (Some(journal), Some(table)) = (export.journal(), index.table(export.id())) else {

@@ -33,7 +33,13 @@ fn scratch(tag: &str) -> std::path::PathBuf {
 
 fn start(image: &std::path::Path, extra: &[&str]) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_nas-server"))
-        .args(["--listen", "127.0.0.1:0", "--export"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--index-listen",
+            "127.0.0.1:0",
+            "--export",
+        ])
         .arg(format!("d={}", image.display()))
         .args(extra)
         .stderr(Stdio::piped())

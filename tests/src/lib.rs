@@ -123,7 +123,7 @@ impl Drop for Scratch {
 
 /// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     let mut out = Vec::with_capacity(len + 8);
     while out.len() < len {
         x ^= x << 13;

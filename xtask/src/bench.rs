@@ -180,6 +180,7 @@ fn start(server: &str, image: &Path) -> anyhow::Result<Child> {
             let mut c = Command::new(sh::workspace_root().join("target/release/nas-server"));
             c.arg("--listen")
                 .arg(format!("127.0.0.1:{PORT}"))
+                .args(["--index-listen", "127.0.0.1:0"])
                 .arg("--export")
                 .arg(format!("bench={}", image.display()))
                 .env("RUST_LOG", "info")

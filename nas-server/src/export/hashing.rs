@@ -12,7 +12,7 @@ use std::{
 };
 
 use super::{Export, Extent};
-use crate::index::{hash_block, journal::Journal, BlockIndex, ExportId, Hash, BLOCK};
+use crate::index::{hash_block, hot::HotSet, journal::Journal, BlockIndex, ExportId, Hash, BLOCK};
 
 /// Lock stripes per export: blocks map to stripe `block % STRIPES`.
 const STRIPES: u64 = 256;
@@ -25,6 +25,8 @@ pub struct HashingExport<E> {
     stripes: Vec<Mutex<()>>,
     /// Where changed regions are recorded before they change, when the index is persisted.
     journal: Option<Journal>,
+    /// Recently read or written blocks, streamed to agents.
+    hot: Option<Arc<HotSet>>,
 }
 
 impl<E: Export> HashingExport<E> {
@@ -37,7 +39,23 @@ impl<E: Export> HashingExport<E> {
             id,
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             journal: None,
+            hot: None,
         }
+    }
+
+    /// Records every read and write in `hot`.
+    pub fn with_hot_set(mut self, hot: Arc<HotSet>) -> Self {
+        self.hot = Some(hot);
+        self
+    }
+
+    /// Marks the full blocks overlapping a read as hot, with their indexed hashes.
+    fn touch_read(&self, offset: u64, len: u64) {
+        let (Some(hot), Some((first, last))) = (&self.hot, self.blocks(offset, len)) else {
+            return;
+        };
+        let hashes = self.index.block_hashes(self.id, first, last - first + 1);
+        hot.touch((first..).zip(hashes));
     }
 
     /// Records every change in `journal` before making it (see [`crate::index::store`]).
@@ -120,6 +138,9 @@ impl<E: Export> HashingExport<E> {
             changes.push((block, hash));
         }
         self.index.update(self.id, &changes);
+        if let Some(hot) = &self.hot {
+            hot.touch(changes.iter().copied());
+        }
         result
     }
 }
@@ -134,11 +155,17 @@ impl<E: Export> Export for HashingExport<E> {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.inner.read_at(buf, offset)
+        self.inner.read_at(buf, offset)?;
+        self.touch_read(offset, buf.len() as u64);
+        Ok(())
     }
 
     fn try_read_cached(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
-        self.inner.try_read_cached(buf, offset)
+        let done = self.inner.try_read_cached(buf, offset)?;
+        if done {
+            self.touch_read(offset, buf.len() as u64);
+        }
+        Ok(done)
     }
 
     fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> io::Result<()> {

@@ -11,6 +11,7 @@ use std::{
 };
 
 pub mod build;
+pub mod hot;
 pub mod journal;
 pub mod store;
 
@@ -143,6 +144,17 @@ impl BlockIndex {
             .get(block as usize)
             .copied()
             .flatten()
+    }
+
+    /// Hashes of blocks `[first, first + count)`, clamped to the export.
+    pub fn block_hashes(&self, export: ExportId, first: u64, count: u64) -> Vec<Option<Hash>> {
+        let inner = self.inner.read().unwrap_or_else(PoisonError::into_inner);
+        let Some(table) = inner.blocks.get(&export) else {
+            return Vec::new();
+        };
+        let start = (first as usize).min(table.len());
+        let end = (first.saturating_add(count) as usize).min(table.len());
+        table[start..end].to_vec()
     }
 
     /// A copy of an export's table, for checks and persistence.

@@ -1,0 +1,272 @@
+//! The index-service client and the hot-set replica a source agent keeps.
+use std::collections::HashMap;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter, ReadHalf, WriteHalf};
+
+use super::{connect, Socket};
+use crate::{
+    index::Hash,
+    listener::Listen,
+    service::frame::{ErrorCode, ExportInfo, Found, Frame, FrameError, MAX_BATCH, VERSION},
+};
+
+/// Errors of the index client.
+#[derive(Debug, thiserror::Error)]
+pub enum IndexClientError {
+    #[error("index service connection failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("index service sent a bad frame: {0}")]
+    Frame(#[from] FrameError),
+    #[error("index service refused ({code:?}): {message}")]
+    Refused { code: ErrorCode, message: String },
+    #[error("index service sent an unexpected frame: {0}")]
+    Unexpected(&'static str),
+    #[error("index service closed the connection")]
+    Closed,
+}
+
+/// A session with the index service, scoped to the exports named at connect.
+pub struct IndexClient {
+    reader: BufReader<ReadHalf<Box<dyn Socket>>>,
+    writer: BufWriter<WriteHalf<Box<dyn Socket>>>,
+    buf: Vec<u8>,
+    next_id: u32,
+    scope: Vec<ExportInfo>,
+}
+
+impl IndexClient {
+    /// Connects and says HELLO with `exports`; the server adds its shared exports.
+    pub async fn connect(addr: &Listen, exports: &[String]) -> Result<Self, IndexClientError> {
+        let (reader, writer) = tokio::io::split(connect(addr).await?);
+        let mut c = Self {
+            reader: BufReader::new(reader),
+            writer: BufWriter::new(writer),
+            buf: Vec::new(),
+            next_id: 1,
+            scope: Vec::new(),
+        };
+        c.send(&Frame::Hello {
+            version: VERSION,
+            exports: exports.to_vec(),
+        })
+        .await?;
+        match c.recv().await? {
+            Frame::Welcome { exports, .. } => c.scope = exports,
+            _ => return Err(IndexClientError::Unexpected("expected WELCOME")),
+        }
+        Ok(c)
+    }
+
+    /// The exports this session may search, shared ones included.
+    pub fn scope(&self) -> &[ExportInfo] {
+        &self.scope
+    }
+
+    async fn send(&mut self, frame: &Frame) -> Result<(), IndexClientError> {
+        self.writer.write_all(&frame.to_bytes()).await?;
+        self.writer.flush().await?;
+        Ok(())
+    }
+
+    /// The next frame from the server; an ERROR frame becomes [`IndexClientError::Refused`].
+    pub async fn recv(&mut self) -> Result<Frame, IndexClientError> {
+        loop {
+            match Frame::parse(&self.buf) {
+                Ok((frame, used)) => {
+                    self.buf.drain(..used);
+                    if let Frame::Error { code, message, .. } = frame {
+                        return Err(IndexClientError::Refused { code, message });
+                    }
+                    return Ok(frame);
+                }
+                Err(FrameError::Incomplete) => {}
+                Err(e) => return Err(e.into()),
+            }
+            let mut chunk = [0u8; 64 << 10];
+            let n = self.reader.read(&mut chunk).await?;
+            if n == 0 {
+                return Err(IndexClientError::Closed);
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    fn id(&mut self) -> u32 {
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1);
+        id
+    }
+
+    /// Sends a LOOKUP without waiting for its reply (for pipelining); returns its id. Replies
+    /// come back in request order through [`IndexClient::recv`].
+    pub async fn send_lookup(&mut self, hashes: Vec<Hash>) -> Result<u32, IndexClientError> {
+        debug_assert!(hashes.len() <= MAX_BATCH as usize);
+        let id = self.id();
+        self.send(&Frame::Lookup { id, hashes }).await?;
+        Ok(id)
+    }
+
+    /// Looks up every hash, in batches, within the session's scope.
+    pub async fn lookup(
+        &mut self,
+        hashes: &[Hash],
+    ) -> Result<Vec<Option<Found>>, IndexClientError> {
+        let mut out = Vec::with_capacity(hashes.len());
+        for batch in hashes.chunks(MAX_BATCH as usize) {
+            let id = self.send_lookup(batch.to_vec()).await?;
+            match self.recv().await? {
+                Frame::LookupReply { id: got, found }
+                    if got == id && found.len() == batch.len() =>
+                {
+                    out.extend(found)
+                }
+                _ => return Err(IndexClientError::Unexpected("expected LOOKUP_REPLY")),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The hashes of blocks `[first, first + count)` of `export`.
+    pub async fn block_hashes(
+        &mut self,
+        export: u32,
+        first: u64,
+        count: u32,
+    ) -> Result<Vec<Option<Hash>>, IndexClientError> {
+        let id = self.id();
+        self.send(&Frame::BlockHashes {
+            id,
+            export,
+            first,
+            count,
+        })
+        .await?;
+        match self.recv().await? {
+            Frame::BlockHashesReply { id: got, hashes } if got == id => Ok(hashes),
+            _ => Err(IndexClientError::Unexpected("expected BLOCK_HASHES_REPLY")),
+        }
+    }
+
+    /// Asks for the hot sets; afterwards [`IndexClient::recv`] yields HOT frames to feed into a
+    /// [`HotReplica`].
+    pub async fn subscribe_hot(&mut self) -> Result<(), IndexClientError> {
+        let id = self.id();
+        self.send(&Frame::HotSubscribe { id }).await
+    }
+}
+
+/// A source agent's copy of the hot sets: content -> where it lives.
+#[derive(Debug, Default)]
+pub struct HotReplica {
+    by_block: HashMap<(u32, u64), Hash>,
+    by_hash: HashMap<Hash, Vec<(u32, u64)>>,
+}
+
+impl HotReplica {
+    /// Applies a HOT frame; other frames are ignored and reported as `false`.
+    pub fn apply(&mut self, frame: &Frame) -> bool {
+        let Frame::Hot {
+            export,
+            reset,
+            entries,
+        } = frame
+        else {
+            return false;
+        };
+        if *reset {
+            let stale: Vec<(u32, u64)> = self
+                .by_block
+                .keys()
+                .filter(|(e, _)| e == export)
+                .copied()
+                .collect();
+            for key in stale {
+                self.remove(key);
+            }
+        }
+        for e in entries {
+            self.remove((*export, e.block));
+            if let Some(h) = e.hash {
+                self.by_block.insert((*export, e.block), h);
+                self.by_hash.entry(h).or_default().push((*export, e.block));
+            }
+        }
+        true
+    }
+
+    fn remove(&mut self, key: (u32, u64)) {
+        let Some(h) = self.by_block.remove(&key) else {
+            return;
+        };
+        if let Some(places) = self.by_hash.get_mut(&h) {
+            places.retain(|p| *p != key);
+            if places.is_empty() {
+                self.by_hash.remove(&h);
+            }
+        }
+    }
+
+    /// Where `hash` lives, as (export, byte offset), if the replica knows it.
+    pub fn get(&self, hash: &Hash) -> Option<Found> {
+        self.by_hash
+            .get(hash)?
+            .first()
+            .map(|&(export, block)| Found {
+                export,
+                offset: block * crate::index::BLOCK,
+            })
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_block.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_block.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::service::frame::HotEntry;
+
+    #[test]
+    fn replica_follows_changes_and_resets() {
+        let mut r = HotReplica::default();
+        let hot = |export, reset, entries: &[(u64, Option<u8>)]| Frame::Hot {
+            export,
+            reset,
+            entries: entries
+                .iter()
+                .map(|&(block, h)| HotEntry {
+                    block,
+                    hash: h.map(|b| [b; 32]),
+                })
+                .collect(),
+        };
+        assert!(r.apply(&hot(1, true, &[(1, Some(7)), (2, Some(8))])));
+        assert!(r.apply(&hot(2, true, &[(5, Some(7))])));
+        assert_eq!(r.len(), 3);
+        r.apply(&hot(1, false, &[(1, None), (2, Some(9))]));
+        assert_eq!(
+            r.get(&[7; 32]),
+            Some(Found {
+                export: 2,
+                offset: 5 * 4096
+            })
+        );
+        assert_eq!(r.get(&[8; 32]), None);
+        assert_eq!(
+            r.get(&[9; 32]),
+            Some(Found {
+                export: 1,
+                offset: 2 * 4096
+            })
+        );
+        r.apply(&hot(2, true, &[]));
+        assert_eq!(r.get(&[7; 32]), None);
+        assert_eq!(r.len(), 1);
+        assert!(!r.apply(&Frame::HotSubscribe { id: 1 }));
+    }
+}

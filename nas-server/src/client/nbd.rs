@@ -1,0 +1,265 @@
+//! An async NBD client for the target agent: fixed-newstyle handshake with NBD_OPT_GO, simple
+//! replies, and [`NbdClient::read_many`], which coalesces adjacent ranges into larger reads and
+//! keeps a bounded number of them in flight.
+use std::collections::HashMap;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter, ReadHalf, WriteHalf};
+
+use super::{connect, Socket};
+use crate::{listener::Listen, nbd::proto::*};
+
+/// Errors that end the client's connection.
+#[derive(Debug, thiserror::Error)]
+pub enum NbdClientError {
+    #[error("NBD connection failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("NBD server broke the protocol: {0}")]
+    Protocol(String),
+    #[error("NBD server refused export {export:?} (reply {reply:#x}): {message}")]
+    Refused {
+        export: String,
+        reply: u32,
+        message: String,
+    },
+}
+
+/// A connected export.
+pub struct NbdClient {
+    reader: BufReader<ReadHalf<Box<dyn Socket>>>,
+    writer: BufWriter<WriteHalf<Box<dyn Socket>>>,
+    size: u64,
+    max_payload: u32,
+    next_cookie: u64,
+}
+
+/// Coalesced reads never exceed this, whatever the server allows.
+const MAX_COALESCED: u32 = 1 << 20;
+
+impl NbdClient {
+    /// Connects and selects `export` with NBD_OPT_GO.
+    pub async fn connect(addr: &Listen, export: &str) -> Result<Self, NbdClientError> {
+        let (reader, writer) = tokio::io::split(connect(addr).await?);
+        let mut c = Self {
+            reader: BufReader::new(reader),
+            writer: BufWriter::new(writer),
+            size: 0,
+            max_payload: MAX_COALESCED,
+            next_cookie: 1,
+        };
+        c.handshake(export).await?;
+        Ok(c)
+    }
+
+    async fn handshake(&mut self, export: &str) -> Result<(), NbdClientError> {
+        let mut greeting = [0u8; 18];
+        self.reader.read_exact(&mut greeting).await?;
+        let magic = u64::from_be_bytes(greeting[..8].try_into().unwrap());
+        let opt = u64::from_be_bytes(greeting[8..16].try_into().unwrap());
+        let flags = u16::from_be_bytes(greeting[16..18].try_into().unwrap());
+        if magic != NBDMAGIC || opt != IHAVEOPT || flags & FLAG_FIXED_NEWSTYLE == 0 {
+            return Err(NbdClientError::Protocol(
+                "not a fixed-newstyle NBD server".into(),
+            ));
+        }
+        let mut client_flags = FLAG_C_FIXED_NEWSTYLE;
+        if flags & FLAG_NO_ZEROES != 0 {
+            client_flags |= FLAG_C_NO_ZEROES;
+        }
+        let mut go = Vec::new();
+        go.extend_from_slice(&client_flags.to_be_bytes());
+        let mut data = (export.len() as u32).to_be_bytes().to_vec();
+        data.extend_from_slice(export.as_bytes());
+        data.extend_from_slice(&1u16.to_be_bytes());
+        data.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
+        go.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        go.extend_from_slice(&OPT_GO.to_be_bytes());
+        go.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        go.extend_from_slice(&data);
+        self.writer.write_all(&go).await?;
+        self.writer.flush().await?;
+        loop {
+            let mut h = [0u8; 20];
+            self.reader.read_exact(&mut h).await?;
+            if u64::from_be_bytes(h[..8].try_into().unwrap()) != OPTION_REPLY_MAGIC {
+                return Err(NbdClientError::Protocol("bad option reply magic".into()));
+            }
+            let reply = u32::from_be_bytes(h[12..16].try_into().unwrap());
+            let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
+            if len > MAX_OPTION_LEN {
+                return Err(NbdClientError::Protocol(format!(
+                    "option reply of {len} bytes"
+                )));
+            }
+            let mut body = vec![0u8; len as usize];
+            self.reader.read_exact(&mut body).await?;
+            match reply {
+                REP_ACK => break,
+                REP_INFO if body.len() >= 2 => {
+                    let info = u16::from_be_bytes(body[..2].try_into().unwrap());
+                    if info == INFO_EXPORT && body.len() >= 12 {
+                        self.size = u64::from_be_bytes(body[2..10].try_into().unwrap());
+                    } else if info == INFO_BLOCK_SIZE && body.len() >= 14 {
+                        let max = u32::from_be_bytes(body[10..14].try_into().unwrap());
+                        self.max_payload = max.clamp(4096, MAX_COALESCED);
+                    }
+                }
+                r if r & (1 << 31) != 0 => {
+                    return Err(NbdClientError::Refused {
+                        export: export.into(),
+                        reply: r,
+                        message: String::from_utf8_lossy(&body).into_owned(),
+                    })
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Export size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    async fn send_read(&mut self, cookie: u64, offset: u64, len: u32) -> std::io::Result<()> {
+        let mut req = [0u8; 28];
+        req[..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        req[6..8].copy_from_slice(&CMD_READ.to_be_bytes());
+        req[8..16].copy_from_slice(&cookie.to_be_bytes());
+        req[16..24].copy_from_slice(&offset.to_be_bytes());
+        req[24..28].copy_from_slice(&len.to_be_bytes());
+        self.writer.write_all(&req).await
+    }
+
+    /// Reads every `(offset, length)` range. Adjacent ranges are merged into reads of at most
+    /// 1 MiB, at most `window` reads are in flight, and each range gets its bytes or the NBD
+    /// error the server answered for the read that covered it.
+    pub async fn read_many(
+        &mut self,
+        ranges: &[(u64, u32)],
+        window: usize,
+    ) -> Result<Vec<Result<Vec<u8>, u32>>, NbdClientError> {
+        let runs = coalesce(ranges, self.max_payload);
+        let mut results: Vec<Option<Result<Vec<u8>, u32>>> = vec![None; ranges.len()];
+        let mut pending: HashMap<u64, usize> = HashMap::new();
+        let mut next_run = 0;
+        while next_run < runs.len() || !pending.is_empty() {
+            while next_run < runs.len() && pending.len() < window.max(1) {
+                let cookie = self.next_cookie;
+                self.next_cookie += 1;
+                let run = &runs[next_run];
+                self.send_read(cookie, run.offset, run.len).await?;
+                pending.insert(cookie, next_run);
+                next_run += 1;
+            }
+            self.writer.flush().await?;
+            let mut h = [0u8; 16];
+            self.reader.read_exact(&mut h).await?;
+            if u32::from_be_bytes(h[..4].try_into().unwrap()) != SIMPLE_REPLY_MAGIC {
+                return Err(NbdClientError::Protocol("expected a simple reply".into()));
+            }
+            let error = u32::from_be_bytes(h[4..8].try_into().unwrap());
+            let cookie = u64::from_be_bytes(h[8..16].try_into().unwrap());
+            let run = pending.remove(&cookie).map(|i| &runs[i]).ok_or_else(|| {
+                NbdClientError::Protocol(format!("reply to unknown cookie {cookie}"))
+            })?;
+            if error != 0 {
+                for &(i, _, _) in &run.parts {
+                    results[i] = Some(Err(error));
+                }
+                continue;
+            }
+            let mut data = vec![0u8; run.len as usize];
+            self.reader.read_exact(&mut data).await?;
+            for &(i, at, len) in &run.parts {
+                results[i] = Some(Ok(data[at..at + len as usize].to_vec()));
+            }
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| r.expect("every range belongs to exactly one run"))
+            .collect())
+    }
+
+    /// Sends NBD_CMD_DISC and closes.
+    pub async fn disconnect(mut self) -> Result<(), NbdClientError> {
+        let mut req = [0u8; 28];
+        req[..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        req[6..8].copy_from_slice(&CMD_DISC.to_be_bytes());
+        self.writer.write_all(&req).await?;
+        self.writer.flush().await?;
+        self.writer.shutdown().await.ok();
+        Ok(())
+    }
+}
+
+/// One read covering several requested ranges: (range index, offset in the run, length).
+#[derive(Debug, PartialEq, Eq)]
+struct Run {
+    offset: u64,
+    len: u32,
+    parts: Vec<(usize, usize, u32)>,
+}
+
+/// Merges ranges that follow each other exactly (in offset order) into runs of at most `max`.
+fn coalesce(ranges: &[(u64, u32)], max: u32) -> Vec<Run> {
+    let mut order: Vec<usize> = (0..ranges.len()).collect();
+    order.sort_by_key(|&i| ranges[i].0);
+    let mut runs: Vec<Run> = Vec::new();
+    for i in order {
+        let (offset, len) = ranges[i];
+        if let Some(run) = runs.last_mut() {
+            if run.offset + u64::from(run.len) == offset && run.len + len <= max {
+                run.parts.push((i, run.len as usize, len));
+                run.len += len;
+                continue;
+            }
+        }
+        runs.push(Run {
+            offset,
+            len,
+            parts: vec![(i, 0, len)],
+        });
+    }
+    runs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn coalesces_adjacent_ranges_only() {
+        let runs = coalesce(
+            &[
+                (8192, 4096),
+                (0, 4096),
+                (4096, 4096),
+                (4096, 4096),
+                (20480, 4096),
+            ],
+            8192,
+        );
+        assert_eq!(
+            runs,
+            vec![
+                Run {
+                    offset: 0,
+                    len: 8192,
+                    parts: vec![(1, 0, 4096), (2, 4096, 4096)]
+                },
+                Run {
+                    offset: 4096,
+                    len: 8192,
+                    parts: vec![(3, 0, 4096), (0, 4096, 4096)]
+                },
+                Run {
+                    offset: 20480,
+                    len: 4096,
+                    parts: vec![(4, 0, 4096)]
+                },
+            ]
+        );
+        assert!(coalesce(&[], 8192).is_empty());
+    }
+}

@@ -1,0 +1,178 @@
+//! The hot set: the blocks an export read or wrote most recently, as a bounded LRU, with a
+//! change stream so a source agent can keep a replica of it.
+//!
+//! Each touch moves blocks to the front with their current hash; the least recently touched
+//! block leaves when the set is full, and leaving is an event too. Changes go out on a bounded
+//! broadcast channel; a subscriber that falls behind is told to reset and gets a fresh
+//! snapshot, so its replica is never silently wrong.
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex, PoisonError},
+};
+
+use tokio::sync::broadcast;
+
+use super::{ExportId, Hash};
+
+/// One change: `block` of `export` holds `hash`, or left the set (`None`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HotChange {
+    pub export: ExportId,
+    pub block: u64,
+    pub hash: Option<Hash>,
+}
+
+/// Batches of changes queued per subscriber before it counts as lagging.
+const EVENT_QUEUE: usize = 4096;
+
+struct Lru {
+    stamp: u64,
+    by_block: HashMap<u64, (u64, Hash)>,
+    by_stamp: BTreeMap<u64, u64>,
+}
+
+/// The hot set of one export.
+pub struct HotSet {
+    export: ExportId,
+    capacity: usize,
+    // A std Mutex: held only for in-memory updates, never across an await.
+    lru: Mutex<Lru>,
+    events: broadcast::Sender<Arc<Vec<HotChange>>>,
+}
+
+impl HotSet {
+    /// A hot set holding at most `capacity` blocks.
+    pub fn new(export: ExportId, capacity: usize) -> Self {
+        Self {
+            export,
+            capacity,
+            lru: Mutex::new(Lru {
+                stamp: 0,
+                by_block: HashMap::new(),
+                by_stamp: BTreeMap::new(),
+            }),
+            events: broadcast::channel(EVENT_QUEUE).0,
+        }
+    }
+
+    /// Records that `blocks` were just read or written, with their current hashes (`None` for
+    /// all-zero blocks, which leave the set).
+    pub fn touch(&self, blocks: impl IntoIterator<Item = (u64, Option<Hash>)>) {
+        if self.capacity == 0 {
+            return;
+        }
+        let mut lru = self.lru.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut changes = Vec::new();
+        for (block, hash) in blocks {
+            let old = lru.by_block.remove(&block);
+            if let Some((stamp, _)) = old {
+                lru.by_stamp.remove(&stamp);
+            }
+            match hash {
+                Some(h) => {
+                    lru.stamp += 1;
+                    let stamp = lru.stamp;
+                    lru.by_block.insert(block, (stamp, h));
+                    lru.by_stamp.insert(stamp, block);
+                    if old.map(|(_, oh)| oh) != Some(h) {
+                        changes.push(HotChange {
+                            export: self.export,
+                            block,
+                            hash: Some(h),
+                        });
+                    }
+                }
+                None if old.is_some() => {
+                    changes.push(HotChange {
+                        export: self.export,
+                        block,
+                        hash: None,
+                    });
+                }
+                None => {}
+            }
+            while lru.by_block.len() > self.capacity {
+                let Some((_, evicted)) = lru.by_stamp.pop_first() else {
+                    break;
+                };
+                lru.by_block.remove(&evicted);
+                changes.push(HotChange {
+                    export: self.export,
+                    block: evicted,
+                    hash: None,
+                });
+            }
+        }
+        if !changes.is_empty() {
+            // Sent under the lock, so a subscriber's snapshot and its stream never overlap or
+            // leave a gap. No receiver is not an error.
+            let _ = self.events.send(Arc::new(changes));
+        }
+    }
+
+    /// The current contents, and a stream of every change after them.
+    pub fn subscribe(&self) -> (Vec<HotChange>, broadcast::Receiver<Arc<Vec<HotChange>>>) {
+        let lru = self.lru.lock().unwrap_or_else(PoisonError::into_inner);
+        let snapshot = lru
+            .by_stamp
+            .values()
+            .map(|block| HotChange {
+                export: self.export,
+                block: *block,
+                hash: Some(lru.by_block[block].1),
+            })
+            .collect();
+        (snapshot, self.events.subscribe())
+    }
+
+    /// Blocks currently in the set.
+    pub fn len(&self) -> usize {
+        self.lru
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .by_block
+            .len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn export(&self) -> ExportId {
+        self.export
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_the_most_recent_blocks_and_reports_changes() {
+        let hot = HotSet::new(1, 2);
+        let (snap, mut rx) = hot.subscribe();
+        assert!(snap.is_empty());
+        hot.touch([(10, Some([1; 32])), (11, Some([2; 32]))]);
+        hot.touch([(10, Some([1; 32]))]); // refresh, no content change
+        hot.touch([(12, Some([3; 32]))]); // evicts 11, the least recent
+        hot.touch([(10, None)]); // zeroed: leaves
+        let mut seen = Vec::new();
+        while let Ok(batch) = rx.try_recv() {
+            seen.extend(batch.iter().map(|c| (c.block, c.hash.is_some())));
+        }
+        assert_eq!(
+            seen,
+            vec![(10, true), (11, true), (12, true), (11, false), (10, false)]
+        );
+        let (snap, _) = hot.subscribe();
+        assert_eq!(
+            snap,
+            vec![HotChange {
+                export: 1,
+                block: 12,
+                hash: Some([3; 32])
+            }]
+        );
+        assert_eq!(hot.len(), 1);
+    }
+}

@@ -1,0 +1,541 @@
+//! Index-service frames: pure encoding and check-then-parse decoding over bytes.
+//!
+//! Every frame is `u32 length | u8 type | payload` (big-endian; `length` counts the type byte
+//! and the payload and is at most [`MAX_FRAME`]). [`Frame::parse`] looks at a buffer and
+//! returns [`FrameError::Incomplete`] until a whole frame is there, so it can be fed any
+//! chunking of a byte stream. See `docs/index-protocol.md` for the conversation.
+use crate::index::Hash;
+
+/// Protocol version spoken by this build.
+pub const VERSION: u16 = 1;
+/// Largest frame (type byte + payload).
+pub const MAX_FRAME: u32 = 4 << 20;
+/// Most hashes in one LOOKUP, and most blocks in one BLOCK_HASHES.
+pub const MAX_BATCH: u32 = 65_536;
+/// Most exports named in one HELLO.
+pub const MAX_EXPORTS: u16 = 256;
+
+const T_HELLO: u8 = 1;
+const T_WELCOME: u8 = 2;
+const T_LOOKUP: u8 = 3;
+const T_LOOKUP_REPLY: u8 = 4;
+const T_BLOCK_HASHES: u8 = 5;
+const T_BLOCK_HASHES_REPLY: u8 = 6;
+const T_HOT_SUBSCRIBE: u8 = 7;
+const T_HOT: u8 = 8;
+const T_ERROR: u8 = 0x7f;
+
+/// Error codes carried by [`Frame::Error`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u16)]
+pub enum ErrorCode {
+    /// The peer speaks another version.
+    Version = 1,
+    /// A frame was malformed or out of place.
+    Protocol = 2,
+    /// HELLO named an export this server does not have.
+    UnknownExport = 3,
+    /// A request named an export outside the session's scope.
+    OutOfScope = 4,
+    /// A request was larger than the limits above.
+    TooLarge = 5,
+    /// The server is shutting down.
+    Shutdown = 6,
+}
+
+impl ErrorCode {
+    fn from_u16(v: u16) -> Option<Self> {
+        Some(match v {
+            1 => Self::Version,
+            2 => Self::Protocol,
+            3 => Self::UnknownExport,
+            4 => Self::OutOfScope,
+            5 => Self::TooLarge,
+            6 => Self::Shutdown,
+            _ => return None,
+        })
+    }
+}
+
+/// An export as the server describes it in WELCOME.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExportInfo {
+    pub id: u32,
+    pub size: u64,
+    /// Configured as shared (e.g. a golden base image): searched by every session.
+    pub shared: bool,
+    pub name: String,
+}
+
+/// One hot-set change: `block` now holds `hash`, or left the set (`None`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HotEntry {
+    pub block: u64,
+    pub hash: Option<Hash>,
+}
+
+/// Where a looked-up hash lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Found {
+    pub export: u32,
+    pub offset: u64,
+}
+
+/// A protocol message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Frame {
+    /// client -> server, first: the version and the exports this session may search.
+    Hello {
+        version: u16,
+        exports: Vec<String>,
+    },
+    /// server -> client: the session's scope, shared exports included.
+    Welcome {
+        version: u16,
+        exports: Vec<ExportInfo>,
+    },
+    Lookup {
+        id: u32,
+        hashes: Vec<Hash>,
+    },
+    LookupReply {
+        id: u32,
+        found: Vec<Option<Found>>,
+    },
+    BlockHashes {
+        id: u32,
+        export: u32,
+        first: u64,
+        count: u32,
+    },
+    BlockHashesReply {
+        id: u32,
+        hashes: Vec<Option<Hash>>,
+    },
+    /// client -> server: stream the hot sets of the session's exports from now on.
+    HotSubscribe {
+        id: u32,
+    },
+    /// server -> client: hot-set changes of one export; `reset` means forget that export's
+    /// replica first (sent at subscription and whenever the client fell behind).
+    Hot {
+        export: u32,
+        reset: bool,
+        entries: Vec<HotEntry>,
+    },
+    Error {
+        id: u32,
+        code: ErrorCode,
+        message: String,
+    },
+}
+
+/// Why bytes are not (yet) a frame.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("incomplete frame")]
+    Incomplete,
+    #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
+    TooLarge(u32),
+    #[error("malformed frame: {0}")]
+    Malformed(&'static str),
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn bytes(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], FrameError> {
+        if self.0.len() < n {
+            return Err(FrameError::Malformed(what));
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Ok(a)
+    }
+    fn u8(&mut self, what: &'static str) -> Result<u8, FrameError> {
+        Ok(self.bytes(1, what)?[0])
+    }
+    fn u16(&mut self, what: &'static str) -> Result<u16, FrameError> {
+        Ok(u16::from_be_bytes(self.bytes(2, what)?.try_into().unwrap()))
+    }
+    fn u32(&mut self, what: &'static str) -> Result<u32, FrameError> {
+        Ok(u32::from_be_bytes(self.bytes(4, what)?.try_into().unwrap()))
+    }
+    fn u64(&mut self, what: &'static str) -> Result<u64, FrameError> {
+        Ok(u64::from_be_bytes(self.bytes(8, what)?.try_into().unwrap()))
+    }
+    fn hash(&mut self, what: &'static str) -> Result<Hash, FrameError> {
+        Ok(self.bytes(32, what)?.try_into().unwrap())
+    }
+    fn string(&mut self, what: &'static str) -> Result<String, FrameError> {
+        let n = self.u16(what)? as usize;
+        String::from_utf8(self.bytes(n, what)?.to_vec()).map_err(|_| FrameError::Malformed(what))
+    }
+    /// A count whose items take `item` bytes each, checked against what is left.
+    fn count(&mut self, max: u32, item: usize, what: &'static str) -> Result<u32, FrameError> {
+        let n = self.u32(what)?;
+        if n > max || (n as usize).saturating_mul(item) > self.0.len() {
+            return Err(FrameError::Malformed(what));
+        }
+        Ok(n)
+    }
+    fn end(&self) -> Result<(), FrameError> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(FrameError::Malformed("trailing bytes"))
+        }
+    }
+}
+
+fn put_string(out: &mut Vec<u8>, s: &str) {
+    let s = &s.as_bytes()[..s.len().min(u16::MAX as usize)];
+    out.extend_from_slice(&(s.len() as u16).to_be_bytes());
+    out.extend_from_slice(s);
+}
+
+impl Frame {
+    /// Parses one frame from the front of `buf`: the frame and the bytes it used.
+    pub fn parse(buf: &[u8]) -> Result<(Frame, usize), FrameError> {
+        if buf.len() < 4 {
+            return Err(FrameError::Incomplete);
+        }
+        let len = u32::from_be_bytes(buf[..4].try_into().unwrap());
+        if len > MAX_FRAME {
+            return Err(FrameError::TooLarge(len));
+        }
+        if len == 0 {
+            return Err(FrameError::Malformed("empty frame"));
+        }
+        let total = 4 + len as usize;
+        if buf.len() < total {
+            return Err(FrameError::Incomplete);
+        }
+        let kind = buf[4];
+        let mut r = Reader(&buf[5..total]);
+        let frame = match kind {
+            T_HELLO => {
+                let version = r.u16("version")?;
+                let n = r.u16("export count")?;
+                if n > MAX_EXPORTS {
+                    return Err(FrameError::Malformed("too many exports"));
+                }
+                let exports = (0..n)
+                    .map(|_| r.string("export name"))
+                    .collect::<Result<_, _>>()?;
+                Frame::Hello { version, exports }
+            }
+            T_WELCOME => {
+                let version = r.u16("version")?;
+                let n = r.u16("export count")?;
+                let mut exports = Vec::new();
+                for _ in 0..n {
+                    let id = r.u32("export id")?;
+                    let size = r.u64("export size")?;
+                    let shared = r.u8("export flags")? & 1 != 0;
+                    let name = r.string("export name")?;
+                    exports.push(ExportInfo {
+                        id,
+                        size,
+                        shared,
+                        name,
+                    });
+                }
+                Frame::Welcome { version, exports }
+            }
+            T_LOOKUP => {
+                let id = r.u32("request id")?;
+                let n = r.count(MAX_BATCH, 32, "hash count")?;
+                let hashes = (0..n).map(|_| r.hash("hash")).collect::<Result<_, _>>()?;
+                Frame::Lookup { id, hashes }
+            }
+            T_LOOKUP_REPLY => {
+                let id = r.u32("request id")?;
+                let n = r.count(MAX_BATCH, 13, "result count")?;
+                let mut found = Vec::with_capacity(n as usize);
+                for _ in 0..n {
+                    let present = r.u8("present")?;
+                    let export = r.u32("export")?;
+                    let offset = r.u64("offset")?;
+                    found.push((present == 1).then_some(Found { export, offset }));
+                }
+                Frame::LookupReply { id, found }
+            }
+            T_BLOCK_HASHES => Frame::BlockHashes {
+                id: r.u32("request id")?,
+                export: r.u32("export")?,
+                first: r.u64("first block")?,
+                count: r.u32("block count")?,
+            },
+            T_BLOCK_HASHES_REPLY => {
+                let id = r.u32("request id")?;
+                let n = r.count(MAX_BATCH, 33, "block count")?;
+                let mut hashes = Vec::with_capacity(n as usize);
+                for _ in 0..n {
+                    let present = r.u8("present")?;
+                    let hash = r.hash("hash")?;
+                    hashes.push((present == 1).then_some(hash));
+                }
+                Frame::BlockHashesReply { id, hashes }
+            }
+            T_HOT_SUBSCRIBE => Frame::HotSubscribe {
+                id: r.u32("request id")?,
+            },
+            T_HOT => {
+                let export = r.u32("export")?;
+                let reset = r.u8("reset")? != 0;
+                let n = r.count(MAX_BATCH, 41, "entry count")?;
+                let mut entries = Vec::with_capacity(n as usize);
+                for _ in 0..n {
+                    let block = r.u64("block")?;
+                    let present = r.u8("present")?;
+                    let hash = r.hash("hash")?;
+                    entries.push(HotEntry {
+                        block,
+                        hash: (present == 1).then_some(hash),
+                    });
+                }
+                Frame::Hot {
+                    export,
+                    reset,
+                    entries,
+                }
+            }
+            T_ERROR => {
+                let id = r.u32("request id")?;
+                let code = ErrorCode::from_u16(r.u16("error code")?)
+                    .ok_or(FrameError::Malformed("unknown error code"))?;
+                let message = r.string("message")?;
+                Frame::Error { id, code, message }
+            }
+            _ => return Err(FrameError::Malformed("unknown frame type")),
+        };
+        r.end()?;
+        Ok((frame, total))
+    }
+
+    /// Appends the frame's bytes to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        out.extend_from_slice(&[0; 4]);
+        match self {
+            Frame::Hello { version, exports } => {
+                out.push(T_HELLO);
+                out.extend_from_slice(&version.to_be_bytes());
+                out.extend_from_slice(&(exports.len() as u16).to_be_bytes());
+                for e in exports {
+                    put_string(out, e);
+                }
+            }
+            Frame::Welcome { version, exports } => {
+                out.push(T_WELCOME);
+                out.extend_from_slice(&version.to_be_bytes());
+                out.extend_from_slice(&(exports.len() as u16).to_be_bytes());
+                for e in exports {
+                    out.extend_from_slice(&e.id.to_be_bytes());
+                    out.extend_from_slice(&e.size.to_be_bytes());
+                    out.push(u8::from(e.shared));
+                    put_string(out, &e.name);
+                }
+            }
+            Frame::Lookup { id, hashes } => {
+                out.push(T_LOOKUP);
+                out.extend_from_slice(&id.to_be_bytes());
+                out.extend_from_slice(&(hashes.len() as u32).to_be_bytes());
+                for h in hashes {
+                    out.extend_from_slice(h);
+                }
+            }
+            Frame::LookupReply { id, found } => {
+                out.push(T_LOOKUP_REPLY);
+                out.extend_from_slice(&id.to_be_bytes());
+                out.extend_from_slice(&(found.len() as u32).to_be_bytes());
+                for f in found {
+                    let (p, e, o) = f.map_or((0, 0, 0), |f| (1, f.export, f.offset));
+                    out.push(p);
+                    out.extend_from_slice(&e.to_be_bytes());
+                    out.extend_from_slice(&o.to_be_bytes());
+                }
+            }
+            Frame::BlockHashes {
+                id,
+                export,
+                first,
+                count,
+            } => {
+                out.push(T_BLOCK_HASHES);
+                out.extend_from_slice(&id.to_be_bytes());
+                out.extend_from_slice(&export.to_be_bytes());
+                out.extend_from_slice(&first.to_be_bytes());
+                out.extend_from_slice(&count.to_be_bytes());
+            }
+            Frame::BlockHashesReply { id, hashes } => {
+                out.push(T_BLOCK_HASHES_REPLY);
+                out.extend_from_slice(&id.to_be_bytes());
+                out.extend_from_slice(&(hashes.len() as u32).to_be_bytes());
+                for h in hashes {
+                    out.push(u8::from(h.is_some()));
+                    out.extend_from_slice(&h.unwrap_or([0; 32]));
+                }
+            }
+            Frame::HotSubscribe { id } => {
+                out.push(T_HOT_SUBSCRIBE);
+                out.extend_from_slice(&id.to_be_bytes());
+            }
+            Frame::Hot {
+                export,
+                reset,
+                entries,
+            } => {
+                out.push(T_HOT);
+                out.extend_from_slice(&export.to_be_bytes());
+                out.push(u8::from(*reset));
+                out.extend_from_slice(&(entries.len() as u32).to_be_bytes());
+                for e in entries {
+                    out.extend_from_slice(&e.block.to_be_bytes());
+                    out.push(u8::from(e.hash.is_some()));
+                    out.extend_from_slice(&e.hash.unwrap_or([0; 32]));
+                }
+            }
+            Frame::Error { id, code, message } => {
+                out.push(T_ERROR);
+                out.extend_from_slice(&id.to_be_bytes());
+                out.extend_from_slice(&(*code as u16).to_be_bytes());
+                put_string(out, message);
+            }
+        }
+        let len = (out.len() - start - 4) as u32;
+        out[start..start + 4].copy_from_slice(&len.to_be_bytes());
+    }
+
+    /// The frame's bytes.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.encode(&mut out);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn samples() -> Vec<Frame> {
+        vec![
+            Frame::Hello {
+                version: 1,
+                exports: vec!["vm1".into(), "base".into()],
+            },
+            Frame::Welcome {
+                version: 1,
+                exports: vec![ExportInfo {
+                    id: 2,
+                    size: 1 << 30,
+                    shared: true,
+                    name: "base".into(),
+                }],
+            },
+            Frame::Lookup {
+                id: 7,
+                hashes: vec![[1; 32], [2; 32]],
+            },
+            Frame::LookupReply {
+                id: 7,
+                found: vec![
+                    Some(Found {
+                        export: 2,
+                        offset: 8192,
+                    }),
+                    None,
+                ],
+            },
+            Frame::BlockHashes {
+                id: 8,
+                export: 2,
+                first: 10,
+                count: 3,
+            },
+            Frame::BlockHashesReply {
+                id: 8,
+                hashes: vec![Some([3; 32]), None],
+            },
+            Frame::HotSubscribe { id: 9 },
+            Frame::Hot {
+                export: 1,
+                reset: true,
+                entries: vec![
+                    HotEntry {
+                        block: 5,
+                        hash: Some([4; 32]),
+                    },
+                    HotEntry {
+                        block: 6,
+                        hash: None,
+                    },
+                ],
+            },
+            Frame::Error {
+                id: 7,
+                code: ErrorCode::OutOfScope,
+                message: "no".into(),
+            },
+        ]
+    }
+
+    #[test]
+    fn round_trips_at_every_split() {
+        let mut stream = Vec::new();
+        for f in samples() {
+            f.encode(&mut stream);
+        }
+        for split in 0..stream.len() {
+            // Feed the first `split` bytes, then everything: each prefix is either complete
+            // frames or Incomplete, never an error.
+            let mut buf = stream[..split].to_vec();
+            let mut got = Vec::new();
+            loop {
+                match Frame::parse(&buf) {
+                    Ok((f, used)) => {
+                        got.push(f);
+                        buf.drain(..used);
+                    }
+                    Err(FrameError::Incomplete) => break,
+                    Err(e) => panic!("split {split}: {e}"),
+                }
+            }
+            buf.extend_from_slice(&stream[split..]);
+            while let Ok((f, used)) = Frame::parse(&buf) {
+                got.push(f);
+                buf.drain(..used);
+            }
+            assert_eq!(got, samples(), "split {split}");
+        }
+    }
+
+    #[test]
+    fn rejects_malformed_frames() {
+        assert_eq!(Frame::parse(&[0, 0, 0]), Err(FrameError::Incomplete));
+        assert_eq!(
+            Frame::parse(&[0xff, 0, 0, 0, 1]),
+            Err(FrameError::TooLarge(0xff00_0000))
+        );
+        assert_eq!(
+            Frame::parse(&[0, 0, 0, 0]),
+            Err(FrameError::Malformed("empty frame"))
+        );
+        assert_eq!(
+            Frame::parse(&[0, 0, 0, 1, 99]),
+            Err(FrameError::Malformed("unknown frame type"))
+        );
+        // LOOKUP claiming more hashes than it carries.
+        let mut b = vec![0, 0, 0, 9, T_LOOKUP, 0, 0, 0, 1, 0, 0, 0, 2];
+        b.extend_from_slice(&[0; 32]);
+        b[3] = (b.len() - 4) as u8;
+        assert_eq!(Frame::parse(&b), Err(FrameError::Malformed("hash count")));
+        // Trailing bytes after a complete HotSubscribe.
+        assert_eq!(
+            Frame::parse(&[0, 0, 0, 6, T_HOT_SUBSCRIBE, 0, 0, 0, 1, 9]),
+            Err(FrameError::Malformed("trailing bytes"))
+        );
+    }
+}

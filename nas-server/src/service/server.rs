@@ -1,0 +1,390 @@
+//! The index service's listener and sessions.
+//!
+//! A session starts with HELLO naming the exports it may search; the server answers WELCOME
+//! with that scope plus every shared export, or an ERROR and closes. Requests are then answered
+//! in order. Lookups and block-hash reads never leave the scope: an export outside it is
+//! answered with `OutOfScope` and is never searched. A HOT_SUBSCRIBE starts one forwarder per
+//! export in scope that sends a snapshot and then every change. Replies and hot-set frames
+//! share one bounded queue to the socket, so a slow client slows its own session only.
+use std::{sync::Arc, time::Duration};
+
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufWriter},
+    sync::{broadcast::error::RecvError, mpsc, watch, Semaphore},
+    task::JoinSet,
+};
+
+use super::frame::{
+    ErrorCode, ExportInfo, Found, Frame, FrameError, HotEntry, MAX_BATCH, MAX_FRAME, VERSION,
+};
+use crate::{
+    index::{hot::HotSet, BlockIndex, ExportId, BLOCK},
+    listener::{Bound, Listen},
+};
+
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Frames queued towards one client.
+const SEND_QUEUE: usize = 64;
+
+/// An export as the service knows it.
+pub struct CatalogEntry {
+    pub info: ExportInfo,
+    pub hot: Option<Arc<HotSet>>,
+}
+
+/// Errors starting the service.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {listen}: {source}")]
+pub struct BindError {
+    listen: Listen,
+    source: std::io::Error,
+}
+
+/// Why a session ended early.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("connection failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Frame(#[from] FrameError),
+    #[error("refused: {0}")]
+    Refused(String),
+}
+
+/// A bound index service.
+pub struct IndexService {
+    catalog: Arc<Vec<CatalogEntry>>,
+    index: Arc<BlockIndex>,
+    bound: Vec<Bound>,
+    max_connections: usize,
+}
+
+impl IndexService {
+    pub async fn bind(
+        catalog: Vec<CatalogEntry>,
+        index: Arc<BlockIndex>,
+        listen: &[Listen],
+        max_connections: usize,
+    ) -> Result<Self, BindError> {
+        let mut bound = Vec::new();
+        for l in listen {
+            bound.push(Bound::bind(l).await.map_err(|source| BindError {
+                listen: l.clone(),
+                source,
+            })?);
+        }
+        Ok(Self {
+            catalog: Arc::new(catalog),
+            index,
+            bound,
+            max_connections,
+        })
+    }
+
+    pub fn local_addrs(&self) -> Vec<Listen> {
+        self.bound.iter().map(Bound::local_addr).collect()
+    }
+
+    /// Serves until `shutdown` turns true; open sessions are told and closed.
+    pub async fn run(self, shutdown: watch::Receiver<bool>) {
+        let slots = Arc::new(Semaphore::new(self.max_connections));
+        let mut tasks = JoinSet::new();
+        for bound in self.bound {
+            let (slots, catalog, index) = (slots.clone(), self.catalog.clone(), self.index.clone());
+            let mut stop = shutdown.clone();
+            let shutdown = shutdown.clone();
+            tasks.spawn(async move {
+                let mut sessions = JoinSet::new();
+                loop {
+                    let permit = tokio::select! {
+                        _ = stop.wait_for(|s| *s) => break,
+                        p = slots.clone().acquire_owned() => p.expect("slots never close"),
+                    };
+                    let accepted = tokio::select! {
+                        _ = stop.wait_for(|s| *s) => break,
+                        a = bound.accept() => a,
+                    };
+                    let (stream, peer) = match accepted {
+                        Ok(a) => a,
+                        Err(e) => {
+                            // EMFILE and friends: back off instead of spinning.
+                            tracing::warn!("index service accept failed: {e}");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
+                    };
+                    let (catalog, index, shutdown) =
+                        (catalog.clone(), index.clone(), shutdown.clone());
+                    sessions.spawn(async move {
+                        metrics::gauge!("nas_index_sessions").increment(1.0);
+                        if let Err(e) = session(stream, &catalog, &index, shutdown).await {
+                            tracing::info!(%peer, "index session ended: {e}");
+                        }
+                        metrics::gauge!("nas_index_sessions").decrement(1.0);
+                        drop(permit);
+                    });
+                    while sessions.try_join_next().is_some() {}
+                }
+                while sessions.join_next().await.is_some() {}
+            });
+        }
+        while tasks.join_next().await.is_some() {}
+    }
+}
+
+/// Reads one frame, keeping leftover bytes in `buf` for the next call.
+async fn read_frame<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut Vec<u8>,
+) -> Result<Option<Frame>, SessionError> {
+    loop {
+        match Frame::parse(buf) {
+            Ok((frame, used)) => {
+                buf.drain(..used);
+                return Ok(Some(frame));
+            }
+            Err(FrameError::Incomplete) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let mut chunk = [0u8; 64 << 10];
+        let n = reader.read(&mut chunk).await?;
+        if n == 0 {
+            return if buf.is_empty() {
+                Ok(None)
+            } else {
+                Err(SessionError::Frame(FrameError::Malformed(
+                    "connection closed inside a frame",
+                )))
+            };
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        debug_assert!(buf.len() <= MAX_FRAME as usize + 4 + chunk.len());
+    }
+}
+
+fn error(id: u32, code: ErrorCode, message: impl Into<String>) -> Vec<u8> {
+    Frame::Error {
+        id,
+        code,
+        message: message.into(),
+    }
+    .to_bytes()
+}
+
+async fn session(
+    stream: Box<dyn crate::listener::Stream>,
+    catalog: &[CatalogEntry],
+    index: &Arc<BlockIndex>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), SessionError> {
+    let (mut reader, writer) = tokio::io::split(stream);
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(SEND_QUEUE);
+    let writer = tokio::spawn(async move {
+        let mut out = BufWriter::new(writer);
+        while let Some(frame) = rx.recv().await {
+            out.write_all(&frame).await?;
+            if rx.is_empty() {
+                out.flush().await?;
+            }
+        }
+        out.shutdown().await.ok();
+        Ok::<_, std::io::Error>(())
+    });
+    let result = converse(&mut reader, &tx, catalog, index, &mut shutdown).await;
+    if let Err(SessionError::Frame(e)) = &result {
+        let _ = tx.send(error(0, ErrorCode::Protocol, e.to_string())).await;
+    }
+    let stopping = *shutdown.borrow();
+    if stopping {
+        let _ = tx
+            .send(error(0, ErrorCode::Shutdown, "server shutting down"))
+            .await;
+    }
+    drop(tx);
+    writer.await.ok();
+    result
+}
+
+async fn converse<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    tx: &mpsc::Sender<Vec<u8>>,
+    catalog: &[CatalogEntry],
+    index: &Arc<BlockIndex>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), SessionError> {
+    let mut buf = Vec::new();
+    let hello = tokio::time::timeout(HELLO_TIMEOUT, read_frame(reader, &mut buf))
+        .await
+        .map_err(|_| SessionError::Refused("no HELLO in time".into()))??;
+    let Some(Frame::Hello { version, exports }) = hello else {
+        let _ = tx
+            .send(error(0, ErrorCode::Protocol, "expected HELLO"))
+            .await;
+        return Err(SessionError::Refused("first frame was not HELLO".into()));
+    };
+    if version != VERSION {
+        let msg = format!("server speaks version {VERSION}, client {version}");
+        let _ = tx.send(error(0, ErrorCode::Version, msg.clone())).await;
+        return Err(SessionError::Refused(msg));
+    }
+    let mut scope: Vec<&CatalogEntry> = Vec::new();
+    for name in &exports {
+        let Some(entry) = catalog.iter().find(|e| &e.info.name == name) else {
+            let msg = format!("no export named {name:?}");
+            let _ = tx
+                .send(error(0, ErrorCode::UnknownExport, msg.clone()))
+                .await;
+            return Err(SessionError::Refused(msg));
+        };
+        scope.push(entry);
+    }
+    for entry in catalog.iter().filter(|e| e.info.shared) {
+        if !scope.iter().any(|s| s.info.id == entry.info.id) {
+            scope.push(entry);
+        }
+    }
+    let ids: Arc<Vec<ExportId>> = Arc::new(scope.iter().map(|e| e.info.id).collect());
+    let welcome = Frame::Welcome {
+        version: VERSION,
+        exports: scope.iter().map(|e| e.info.clone()).collect(),
+    };
+    send(tx, welcome.to_bytes()).await?;
+    let mut forwarders = JoinSet::new();
+    loop {
+        let frame = tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => break,
+            f = read_frame(reader, &mut buf) => f?,
+        };
+        let Some(frame) = frame else { break };
+        match frame {
+            Frame::Lookup { id, hashes } => {
+                let (index, ids) = (index.clone(), ids.clone());
+                let found = tokio::task::spawn_blocking(move || {
+                    hashes
+                        .iter()
+                        .map(|h| {
+                            index.lookup(h, &ids).map(|l| Found {
+                                export: l.export,
+                                offset: l.block * BLOCK,
+                            })
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .await
+                .map_err(|e| SessionError::Refused(format!("lookup task failed: {e}")))?;
+                metrics::counter!("nas_index_lookups_total").increment(found.len() as u64);
+                metrics::counter!("nas_index_hits_total")
+                    .increment(found.iter().filter(|f| f.is_some()).count() as u64);
+                send(tx, Frame::LookupReply { id, found }.to_bytes()).await?;
+            }
+            Frame::BlockHashes {
+                id,
+                export,
+                first,
+                count,
+            } => {
+                let reply = if !ids.contains(&export) {
+                    error(
+                        id,
+                        ErrorCode::OutOfScope,
+                        format!("export {export} is not in scope"),
+                    )
+                } else if count > MAX_BATCH {
+                    error(
+                        id,
+                        ErrorCode::TooLarge,
+                        format!("at most {MAX_BATCH} blocks"),
+                    )
+                } else {
+                    let hashes = index.block_hashes(export, first, u64::from(count));
+                    Frame::BlockHashesReply { id, hashes }.to_bytes()
+                };
+                send(tx, reply).await?;
+            }
+            Frame::HotSubscribe { id } => {
+                if !forwarders.is_empty() {
+                    send(tx, error(id, ErrorCode::Protocol, "already subscribed")).await?;
+                    continue;
+                }
+                for entry in &scope {
+                    if let Some(hot) = &entry.hot {
+                        forwarders.spawn(forward_hot(hot.clone(), tx.clone()));
+                    }
+                }
+            }
+            _ => {
+                return Err(SessionError::Frame(FrameError::Malformed(
+                    "frame not valid from a client",
+                )))
+            }
+        }
+    }
+    forwarders.shutdown().await;
+    Ok(())
+}
+
+async fn send(tx: &mpsc::Sender<Vec<u8>>, frame: Vec<u8>) -> Result<(), SessionError> {
+    tx.send(frame)
+        .await
+        .map_err(|_| SessionError::Refused("client writer stopped".into()))
+}
+
+/// Streams one export's hot set: a reset snapshot, then changes; a fresh snapshot whenever
+/// this client fell too far behind.
+async fn forward_hot(hot: Arc<HotSet>, tx: mpsc::Sender<Vec<u8>>) {
+    let export = hot.export();
+    loop {
+        let (snapshot, mut rx) = hot.subscribe();
+        let entries: Vec<HotEntry> = snapshot
+            .iter()
+            .map(|c| HotEntry {
+                block: c.block,
+                hash: c.hash,
+            })
+            .collect();
+        let mut chunks = entries.chunks(MAX_BATCH as usize);
+        let first = chunks.next().unwrap_or(&[]).to_vec();
+        let mut frames = vec![Frame::Hot {
+            export,
+            reset: true,
+            entries: first,
+        }];
+        frames.extend(chunks.map(|c| Frame::Hot {
+            export,
+            reset: false,
+            entries: c.to_vec(),
+        }));
+        for f in frames {
+            if tx.send(f.to_bytes()).await.is_err() {
+                return;
+            }
+        }
+        loop {
+            match rx.recv().await {
+                Ok(batch) => {
+                    let entries = batch
+                        .iter()
+                        .map(|c| HotEntry {
+                            block: c.block,
+                            hash: c.hash,
+                        })
+                        .collect();
+                    let frame = Frame::Hot {
+                        export,
+                        reset: false,
+                        entries,
+                    };
+                    if tx.send(frame.to_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+                Err(RecvError::Lagged(n)) => {
+                    tracing::info!(export, skipped = n, "hot-set subscriber lagged; resending");
+                    metrics::counter!("nas_hot_resyncs_total").increment(1);
+                    break;
+                }
+                Err(RecvError::Closed) => return,
+            }
+        }
+    }
+}
