@@ -26,9 +26,9 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
 /// Errors in configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("--export {0:?}: expected NAME=PATH[,ro][,shared]")]
+    #[error("--export {0:?}: expected NAME=PATH[,ro][,shared][,noindex]")]
     ExportSyntax(String),
-    #[error("--export {spec:?}: unknown option {option:?} (known: ro, shared)")]
+    #[error("--export {spec:?}: unknown option {option:?} (known: ro, shared, noindex)")]
     ExportOption { spec: String, option: String },
     #[error("export name {0:?} is used twice")]
     DuplicateExport(String),
@@ -65,6 +65,9 @@ pub struct ExportSpec {
     /// Searched by every index session, not just those naming it (e.g. a golden base image).
     #[serde(default)]
     pub shared: bool,
+    /// Served without the block index (scratch or swap disks that agents never look up).
+    #[serde(default)]
+    pub noindex: bool,
     #[serde(default)]
     pub description: String,
 }
@@ -72,7 +75,7 @@ pub struct ExportSpec {
 impl std::str::FromStr for ExportSpec {
     type Err = ConfigError;
 
-    /// `NAME=PATH[,ro][,shared]`.
+    /// `NAME=PATH[,ro][,shared][,noindex]`.
     fn from_str(spec: &str) -> Result<Self, Self::Err> {
         let (name, rest) = spec
             .split_once('=')
@@ -87,12 +90,14 @@ impl std::str::FromStr for ExportSpec {
             path: path.into(),
             read_only: false,
             shared: false,
+            noindex: false,
             description: String::new(),
         };
         for option in parts {
             match option {
                 "ro" => out.read_only = true,
                 "shared" => out.shared = true,
+                "noindex" => out.noindex = true,
                 _ => {
                     return Err(ConfigError::ExportOption {
                         spec: spec.into(),
@@ -274,6 +279,7 @@ mod tests {
         assert!(!e.shared);
         assert!(!"vm1=/x".parse::<ExportSpec>().unwrap().read_only);
         assert!("base=/b,ro,shared".parse::<ExportSpec>().unwrap().shared);
+        assert!("swap=/s,noindex".parse::<ExportSpec>().unwrap().noindex);
         assert!(matches!(
             "vm1".parse::<ExportSpec>(),
             Err(ConfigError::ExportSyntax(_))

@@ -78,6 +78,14 @@ async fn main() -> anyhow::Result<()> {
             hot_blocks: cli.hot_blocks,
         },
     )?;
+    // First, so start-up figures (index size) are recorded too.
+    if let Some(addr) = config.metrics {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install()
+            .with_context(|| format!("cannot serve metrics on {addr}"))?;
+        tracing::info!("metrics on http://{addr}/metrics");
+    }
     let store = match &config.index_dir {
         Some(dir) => Some(
             IndexStore::open(dir)
@@ -92,6 +100,16 @@ async fn main() -> anyhow::Result<()> {
     for (id, spec) in (1..).zip(&config.exports) {
         let file = FileExport::open(&spec.path, spec.read_only)
             .with_context(|| format!("cannot open export {:?}", spec.name))?;
+        if spec.noindex {
+            // No hashing layer, no hot set, not in the index service's catalog.
+            tracing::info!(export = %spec.name, "served without the block index");
+            entries.push(ExportEntry {
+                name: spec.name.clone(),
+                description: spec.description.clone(),
+                export: Arc::new(file),
+            });
+            continue;
+        }
         let context = || format!("cannot index export {:?}", spec.name);
         let export = match &store {
             Some(store) => {
@@ -136,13 +154,6 @@ async fn main() -> anyhow::Result<()> {
         });
     }
     metrics::gauge!("nas_index_distinct_blocks").set(index.distinct() as f64);
-    if let Some(addr) = config.metrics {
-        metrics_exporter_prometheus::PrometheusBuilder::new()
-            .with_http_listener(addr)
-            .install()
-            .with_context(|| format!("cannot serve metrics on {addr}"))?;
-        tracing::info!("metrics on http://{addr}/metrics");
-    }
     let server = NbdServer::bind(
         Exports::new(entries),
         &config.listen,

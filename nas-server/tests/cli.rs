@@ -206,3 +206,36 @@ fn persisted_index_survives_restarts_and_crashes() {
     assert!(wait(&mut s.child, Duration::from_secs(20)).success());
     std::fs::remove_dir_all(dir).ok();
 }
+
+#[test]
+fn prometheus_metrics_are_served() {
+    let dir = scratch("metrics");
+    let image = dir.join("d.raw");
+    std::fs::write(&image, vec![0x33u8; 1 << 20]).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics = format!("127.0.0.1:{port}");
+    let mut s = start(&image, &["--metrics", &metrics]);
+    let mut c = client(&s.addr);
+    let mut buf = vec![0u8; 8192];
+    c.read_exact(&mut buf).unwrap();
+    let mut http = TcpStream::connect(&metrics).unwrap();
+    http.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut page = String::new();
+    http.read_to_string(&mut page).unwrap();
+    for name in [
+        "nbd_requests_total{type=\"read\"}",
+        "nbd_bytes_total{type=\"read\"}",
+        "nbd_connections_total",
+        "nas_index_distinct_blocks 1",
+    ] {
+        assert!(page.contains(name), "{name} missing from:\n{page}");
+    }
+    signal(&s.child, libc::SIGTERM);
+    assert!(wait(&mut s.child, Duration::from_secs(20)).success());
+    std::fs::remove_dir_all(dir).ok();
+}

@@ -89,6 +89,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let servers = ["nas-server", "qemu-nbd", "nbdkit"];
     // results[row][server] = requests per second
     let mut results = vec![[0f64; 3]; ROWS.len()];
+    // Write rows on nas-server without the index: (row, req/s).
+    let mut unindexed: Vec<(usize, f64)> = Vec::new();
     for (s, server) in servers.iter().enumerate() {
         let mut child = start(server, &image)?;
         let outcome = (|| -> anyhow::Result<()> {
@@ -96,10 +98,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             for (r, row) in ROWS.iter().enumerate() {
                 let mut best = 0f64;
                 for _ in 0..args.repeat {
-                    best = best.max(qemu_img_bench(row)?);
+                    best = best.max(qemu_img_bench(row, "bench")?);
                 }
                 eprintln!("bench: {server:<10} {:<20} {best:>10.0} req/s", row.name);
                 results[r][s] = best;
+            }
+            if *server == "nas-server" {
+                for (r, row) in ROWS.iter().enumerate() {
+                    if !row.args.contains(&"-w") {
+                        continue;
+                    }
+                    let mut best = 0f64;
+                    for _ in 0..args.repeat {
+                        best = best.max(qemu_img_bench(row, "bench-noindex")?);
+                    }
+                    unindexed.push((r, best));
+                }
             }
             Ok(())
         })();
@@ -126,6 +140,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             unit(r[2]),
             r[0] / r[1],
             r[0] / r[2]
+        );
+    }
+    for &(r, plain) in &unindexed {
+        println!(
+            "| {} without index | {:.0} IOPS | | | index-update cost {:.1}% | |",
+            ROWS[r].name.trim_end(),
+            plain,
+            (1.0 - results[r][0] / plain) * 100.0
         );
     }
     let log = std::fs::read_to_string(server_log(&image))?;
@@ -183,6 +205,9 @@ fn start(server: &str, image: &Path) -> anyhow::Result<Child> {
                 .args(["--index-listen", "127.0.0.1:0"])
                 .arg("--export")
                 .arg(format!("bench={}", image.display()))
+                // The same image without the block index, to measure the index's cost.
+                .arg("--export")
+                .arg(format!("bench-noindex={},noindex", image.display()))
                 .env("RUST_LOG", "info")
                 .stderr(File::create(server_log(image))?);
             c
@@ -232,14 +257,14 @@ fn wait_for_port(port: u16) -> anyhow::Result<()> {
     bail!("server did not listen on port {port} within 10 s")
 }
 
-/// Runs one qemu-img bench and returns requests per second.
-fn qemu_img_bench(row: &Row) -> anyhow::Result<f64> {
+/// Runs one qemu-img bench against `export` and returns requests per second.
+fn qemu_img_bench(row: &Row, export: &str) -> anyhow::Result<f64> {
     let count: f64 = row.args[row.args.iter().position(|a| *a == "-c").unwrap() + 1].parse()?;
     let out = sh::stdout(
         Command::new("qemu-img")
             .args(["bench", "-f", "raw"])
             .args(row.args)
-            .arg(format!("nbd://127.0.0.1:{PORT}/bench")),
+            .arg(format!("nbd://127.0.0.1:{PORT}/{export}")),
     )?;
     let secs: f64 = out
         .lines()

@@ -9,6 +9,8 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod demo;
 mod ebpf;
+mod fuzz;
+mod guest;
 mod setup;
 mod sh;
 mod test;
@@ -32,6 +34,10 @@ enum Command {
     Demo(demo::Args),
     /// Benchmarks against the peers the product competes with, with ratios.
     Bench(bench::Args),
+    /// Record real sessions as seeds and run every fuzz target.
+    Fuzz(fuzz::Args),
+    /// Build the test guest (Debian kernel + busybox initramfs) into target/guest.
+    GuestImage,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -41,5 +47,7 @@ fn main() -> anyhow::Result<()> {
         Command::Test(args) => test::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Fuzz(args) => fuzz::run(args),
+        Command::GuestImage => guest::build(),
     }
 }

@@ -35,6 +35,7 @@ pub fn run() -> anyhow::Result<()> {
     debian_packages()?;
     nightly_rust_src()?;
     bpf_linker()?;
+    cargo_fuzz()?;
     eprintln!("setup: everything is in place");
     Ok(())
 }
@@ -253,6 +254,17 @@ fn bpf_linker() -> anyhow::Result<()> {
         bail!("bpf-linker was built but does not run under the nightly toolchain");
     }
     Ok(())
+}
+
+/// cargo-fuzz, for the fuzz targets under nas-server/fuzz.
+fn cargo_fuzz() -> anyhow::Result<()> {
+    if sh::succeeds(sh::cargo().args(["fuzz", "--version"])) {
+        eprintln!("setup: cargo-fuzz present");
+        return Ok(());
+    }
+    eprintln!("setup: installing cargo-fuzz");
+    sh::run(sh::cargo().args(["install", "--locked", "cargo-fuzz"]))
+        .context("cannot build cargo-fuzz")
 }
 
 fn set_executable(path: &Path) -> anyhow::Result<()> {

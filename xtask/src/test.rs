@@ -1,9 +1,9 @@
 //! `cargo xtask test`: the whole suite, as CI runs it.
 //!
-//! Order: setup, the eBPF object, rustfmt, clippy over user space, clippy over the eBPF crate
+//! Order: setup, the guest image, the eBPF object, rustfmt, clippy over user space, clippy over the eBPF crate
 //! for its own target (two passes, so the no_std crate is never unified with std deps), then
-//! every unit, integration and kernel test. Kernel and QEMU tests need root; run without it,
-//! they fail and say why.
+//! every unit, integration and kernel test, then a short run of every fuzz target. Kernel and
+//! QEMU tests need root; run without it, they fail and say why.
 use std::{
     io::{BufRead, BufReader},
     process::Stdio,
@@ -11,10 +11,13 @@ use std::{
 
 use anyhow::{bail, Context};
 
-use crate::{ebpf, setup, sh};
+use crate::{ebpf, fuzz, guest, setup, sh};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
+    /// Seconds each fuzz target runs at the end of the suite.
+    #[arg(long, default_value_t = 20)]
+    fuzz_seconds: u64,
     /// Extra arguments for `cargo test` (e.g. a test name filter).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     cargo_test_args: Vec<String>,
@@ -22,8 +25,15 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     setup::run()?;
+    guest::build()?;
     sh::run(&mut ebpf::nightly_cargo("build"))?;
     sh::run(sh::cargo().args(["fmt", "--all", "--check"]))?;
+    sh::run(sh::cargo().args([
+        "fmt",
+        "--check",
+        "--manifest-path",
+        "nas-server/fuzz/Cargo.toml",
+    ]))?;
     sh::run(sh::cargo().args([
         "clippy",
         "--workspace",
@@ -36,6 +46,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     ]))?;
     sh::run(ebpf::nightly_cargo("clippy").args(["--", "-D", "warnings"]))?;
     let totals = cargo_test(&args.cargo_test_args)?;
+    // A short fuzz run on freshly recorded sessions; longer runs: `cargo xtask fuzz`.
+    fuzz::run(fuzz::Args {
+        seconds: args.fuzz_seconds,
+    })?;
     // One plain closing line for the whole suite, after cargo's per-binary lines.
     println!("tests: {} passed, {} failed", totals.passed, totals.failed);
     if totals.passed == 0 {

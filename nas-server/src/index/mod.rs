@@ -121,6 +121,7 @@ impl BlockIndex {
                 inner.by_hash.entry(h).or_default().push(loc);
             }
         }
+        metrics::gauge!("nas_index_distinct_blocks").set(inner.by_hash.len() as f64);
     }
 
     /// The first block holding `hash` within `scope`, lowest export id and block first.

@@ -1,0 +1,447 @@
+//! The agent link: the wire protocol between the source and the target agent.
+//!
+//! ```text
+//!  source agent                                                  target agent
+//!    |-- HELLO v1 {vm, exports(id,name), nas, incoming, caps} ------->|
+//!    |<----------------------------------- HELLO_ACK {v1, caps} ------|
+//!    |-- RAW bytes | PAGE 4 KiB | MAPPED {seq, export, off, hash} --->|  in stream order;
+//!    |-- DUP {hash} | ZSTD {inner frames}  ...  ---------------------->|  the target rebuilds
+//!    |<-------------- ACK {mapped, credit} | FALLBACK_REQ {seq} ------|  QEMU's bytes from
+//!    |-- FALLBACK_DATA {seq, 4 KiB} --------------------------------->|  them, in order
+//!    |-- END {source stats} ----------------------------------------->|
+//!    |<------------------------------------- DONE {target stats} -----|
+//! ```
+//!
+//! Every frame is `u32 length | u8 type | payload` (big-endian; length counts the type byte and
+//! payload, at most [`MAX_FRAME`]). A MAPPED page's content stays with the source until the
+//! target acknowledges its sequence number, so the target can always ask for it instead of
+//! trusting the NAS. DUP names content the target still holds: both sides keep the same
+//! bounded cache of recent page contents, updated by the same frames in the same order (see
+//! [`super::dedup`]). Decoding is pure and check-then-parse, like the index protocol.
+use crate::migration::stream::PAGE_SIZE;
+
+pub const VERSION: u16 = 1;
+pub const MAX_FRAME: u32 = 8 << 20;
+/// Capability bit: ZSTD frames may be sent.
+pub const CAP_ZSTD: u32 = 1;
+
+const T_HELLO: u8 = 1;
+const T_RAW: u8 = 2;
+const T_PAGE: u8 = 3;
+const T_MAPPED: u8 = 4;
+const T_DUP: u8 = 5;
+const T_ZSTD: u8 = 6;
+const T_FALLBACK_DATA: u8 = 7;
+const T_END: u8 = 8;
+const T_HELLO_ACK: u8 = 0x41;
+const T_ACK: u8 = 0x42;
+const T_FALLBACK_REQ: u8 = 0x43;
+const T_DONE: u8 = 0x44;
+const T_ERROR: u8 = 0x7f;
+
+pub type Hash = [u8; 32];
+
+/// One frame of the link, either direction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LinkFrame {
+    Hello(Hello),
+    Raw(Vec<u8>),
+    Page(Box<[u8; PAGE_SIZE]>),
+    Mapped {
+        seq: u64,
+        export: u32,
+        offset: u64,
+        hash: Hash,
+    },
+    Dup {
+        hash: Hash,
+    },
+    /// zstd-compressed concatenation of other frames; `raw_len` is the decompressed size.
+    Zstd {
+        raw_len: u32,
+        data: Vec<u8>,
+    },
+    FallbackData {
+        seq: u64,
+        page: Box<[u8; PAGE_SIZE]>,
+    },
+    /// The source has nothing more; JSON statistics.
+    End {
+        stats: String,
+    },
+    HelloAck {
+        version: u16,
+        caps: u32,
+    },
+    /// The target delivered the first `mapped` MAPPED pages and `credit` bytes of data frames
+    /// (counted as encoded, before compression): the source may drop those pages' copies and
+    /// send further. Flow control lives here, so fallback data is never stuck behind data.
+    Ack {
+        mapped: u64,
+        credit: u64,
+    },
+    FallbackReq {
+        seq: u64,
+    },
+    /// The target delivered everything (or failed); JSON statistics.
+    Done {
+        ok: bool,
+        stats: String,
+    },
+    Error {
+        message: String,
+    },
+}
+
+/// Session parameters the source announces.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hello {
+    pub version: u16,
+    pub vm: String,
+    /// NAS exports MAPPED frames refer to: (index-service id, NBD export name).
+    pub exports: Vec<(u32, String)>,
+    /// Where the target agent reads MAPPED blocks (`HOST:PORT` or `unix:PATH`).
+    pub nas: String,
+    /// Where the target agent delivers the stream to the target QEMU.
+    pub incoming: String,
+    pub caps: u32,
+}
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LinkError {
+    #[error("incomplete frame")]
+    Incomplete,
+    #[error("frame of {0} bytes exceeds the limit")]
+    TooLarge(u32),
+    #[error("malformed agent-link frame: {0}")]
+    Malformed(&'static str),
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn bytes(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], LinkError> {
+        if self.0.len() < n {
+            return Err(LinkError::Malformed(what));
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Ok(a)
+    }
+    fn u16(&mut self, w: &'static str) -> Result<u16, LinkError> {
+        Ok(u16::from_be_bytes(self.bytes(2, w)?.try_into().unwrap()))
+    }
+    fn u32(&mut self, w: &'static str) -> Result<u32, LinkError> {
+        Ok(u32::from_be_bytes(self.bytes(4, w)?.try_into().unwrap()))
+    }
+    fn u64(&mut self, w: &'static str) -> Result<u64, LinkError> {
+        Ok(u64::from_be_bytes(self.bytes(8, w)?.try_into().unwrap()))
+    }
+    fn string(&mut self, w: &'static str) -> Result<String, LinkError> {
+        let n = self.u32(w)? as usize;
+        String::from_utf8(self.bytes(n, w)?.to_vec()).map_err(|_| LinkError::Malformed(w))
+    }
+    fn page(&mut self) -> Result<Box<[u8; PAGE_SIZE]>, LinkError> {
+        let mut p = Box::new([0u8; PAGE_SIZE]);
+        p.copy_from_slice(self.bytes(PAGE_SIZE, "page")?);
+        Ok(p)
+    }
+    fn hash(&mut self) -> Result<Hash, LinkError> {
+        Ok(self.bytes(32, "hash")?.try_into().unwrap())
+    }
+    fn rest(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.0).to_vec()
+    }
+}
+
+fn put_string(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u32).to_be_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+impl LinkFrame {
+    /// Parses one frame from the front of `buf`: the frame and the bytes it used.
+    pub fn parse(buf: &[u8]) -> Result<(LinkFrame, usize), LinkError> {
+        if buf.len() < 4 {
+            return Err(LinkError::Incomplete);
+        }
+        let len = u32::from_be_bytes(buf[..4].try_into().unwrap());
+        if len > MAX_FRAME {
+            return Err(LinkError::TooLarge(len));
+        }
+        if len == 0 {
+            return Err(LinkError::Malformed("empty frame"));
+        }
+        let total = 4 + len as usize;
+        if buf.len() < total {
+            return Err(LinkError::Incomplete);
+        }
+        let mut r = Reader(&buf[5..total]);
+        let frame = match buf[4] {
+            T_HELLO => {
+                let version = r.u16("version")?;
+                let vm = r.string("vm")?;
+                let n = r.u16("export count")?;
+                let mut exports = Vec::new();
+                for _ in 0..n {
+                    exports.push((r.u32("export id")?, r.string("export name")?));
+                }
+                let nas = r.string("nas")?;
+                let incoming = r.string("incoming")?;
+                let caps = r.u32("caps")?;
+                LinkFrame::Hello(Hello {
+                    version,
+                    vm,
+                    exports,
+                    nas,
+                    incoming,
+                    caps,
+                })
+            }
+            T_RAW => LinkFrame::Raw(r.rest()),
+            T_PAGE => LinkFrame::Page(r.page()?),
+            T_MAPPED => LinkFrame::Mapped {
+                seq: r.u64("seq")?,
+                export: r.u32("export")?,
+                offset: r.u64("offset")?,
+                hash: r.hash()?,
+            },
+            T_DUP => LinkFrame::Dup { hash: r.hash()? },
+            T_ZSTD => {
+                let raw_len = r.u32("raw length")?;
+                if raw_len > MAX_FRAME * 2 {
+                    return Err(LinkError::Malformed("zstd frame inflates too far"));
+                }
+                LinkFrame::Zstd {
+                    raw_len,
+                    data: r.rest(),
+                }
+            }
+            T_FALLBACK_DATA => LinkFrame::FallbackData {
+                seq: r.u64("seq")?,
+                page: r.page()?,
+            },
+            T_END => LinkFrame::End {
+                stats: r.string("stats")?,
+            },
+            T_HELLO_ACK => LinkFrame::HelloAck {
+                version: r.u16("version")?,
+                caps: r.u32("caps")?,
+            },
+            T_ACK => LinkFrame::Ack {
+                mapped: r.u64("mapped")?,
+                credit: r.u64("credit")?,
+            },
+            T_FALLBACK_REQ => LinkFrame::FallbackReq { seq: r.u64("seq")? },
+            T_DONE => {
+                let ok = r.bytes(1, "ok")?[0] != 0;
+                LinkFrame::Done {
+                    ok,
+                    stats: r.string("stats")?,
+                }
+            }
+            T_ERROR => LinkFrame::Error {
+                message: r.string("message")?,
+            },
+            _ => return Err(LinkError::Malformed("unknown frame type")),
+        };
+        if !r.0.is_empty() {
+            return Err(LinkError::Malformed("trailing bytes"));
+        }
+        Ok((frame, total))
+    }
+
+    /// Appends the frame's bytes to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        out.extend_from_slice(&[0; 4]);
+        match self {
+            LinkFrame::Hello(h) => {
+                out.push(T_HELLO);
+                out.extend_from_slice(&h.version.to_be_bytes());
+                put_string(out, &h.vm);
+                out.extend_from_slice(&(h.exports.len() as u16).to_be_bytes());
+                for (id, name) in &h.exports {
+                    out.extend_from_slice(&id.to_be_bytes());
+                    put_string(out, name);
+                }
+                put_string(out, &h.nas);
+                put_string(out, &h.incoming);
+                out.extend_from_slice(&h.caps.to_be_bytes());
+            }
+            LinkFrame::Raw(data) => {
+                out.push(T_RAW);
+                out.extend_from_slice(data);
+            }
+            LinkFrame::Page(p) => {
+                out.push(T_PAGE);
+                out.extend_from_slice(&p[..]);
+            }
+            LinkFrame::Mapped {
+                seq,
+                export,
+                offset,
+                hash,
+            } => {
+                out.push(T_MAPPED);
+                out.extend_from_slice(&seq.to_be_bytes());
+                out.extend_from_slice(&export.to_be_bytes());
+                out.extend_from_slice(&offset.to_be_bytes());
+                out.extend_from_slice(hash);
+            }
+            LinkFrame::Dup { hash } => {
+                out.push(T_DUP);
+                out.extend_from_slice(hash);
+            }
+            LinkFrame::Zstd { raw_len, data } => {
+                out.push(T_ZSTD);
+                out.extend_from_slice(&raw_len.to_be_bytes());
+                out.extend_from_slice(data);
+            }
+            LinkFrame::FallbackData { seq, page } => {
+                out.push(T_FALLBACK_DATA);
+                out.extend_from_slice(&seq.to_be_bytes());
+                out.extend_from_slice(&page[..]);
+            }
+            LinkFrame::End { stats } => {
+                out.push(T_END);
+                put_string(out, stats);
+            }
+            LinkFrame::HelloAck { version, caps } => {
+                out.push(T_HELLO_ACK);
+                out.extend_from_slice(&version.to_be_bytes());
+                out.extend_from_slice(&caps.to_be_bytes());
+            }
+            LinkFrame::Ack { mapped, credit } => {
+                out.push(T_ACK);
+                out.extend_from_slice(&mapped.to_be_bytes());
+                out.extend_from_slice(&credit.to_be_bytes());
+            }
+            LinkFrame::FallbackReq { seq } => {
+                out.push(T_FALLBACK_REQ);
+                out.extend_from_slice(&seq.to_be_bytes());
+            }
+            LinkFrame::Done { ok, stats } => {
+                out.push(T_DONE);
+                out.push(u8::from(*ok));
+                put_string(out, stats);
+            }
+            LinkFrame::Error { message } => {
+                out.push(T_ERROR);
+                put_string(out, message);
+            }
+        }
+        let len = (out.len() - start - 4) as u32;
+        out[start..start + 4].copy_from_slice(&len.to_be_bytes());
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut v = Vec::new();
+        self.encode(&mut v);
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn samples() -> Vec<LinkFrame> {
+        vec![
+            LinkFrame::Hello(Hello {
+                version: 1,
+                vm: "vm1".into(),
+                exports: vec![(1, "vm1-disk".into())],
+                nas: "127.0.0.1:10809".into(),
+                incoming: "tcp:127.0.0.1:4444".into(),
+                caps: CAP_ZSTD,
+            }),
+            LinkFrame::Raw(b"QEVM\0\0\0\x03".to_vec()),
+            LinkFrame::Page(Box::new([9; PAGE_SIZE])),
+            LinkFrame::Mapped {
+                seq: 5,
+                export: 1,
+                offset: 8192,
+                hash: [3; 32],
+            },
+            LinkFrame::Dup { hash: [4; 32] },
+            LinkFrame::Zstd {
+                raw_len: 10,
+                data: vec![1, 2, 3],
+            },
+            LinkFrame::FallbackData {
+                seq: 5,
+                page: Box::new([1; PAGE_SIZE]),
+            },
+            LinkFrame::End { stats: "{}".into() },
+            LinkFrame::HelloAck {
+                version: 1,
+                caps: 0,
+            },
+            LinkFrame::Ack {
+                mapped: 9,
+                credit: 1 << 20,
+            },
+            LinkFrame::FallbackReq { seq: 5 },
+            LinkFrame::Done {
+                ok: true,
+                stats: "{\"a\":1}".into(),
+            },
+            LinkFrame::Error {
+                message: "no".into(),
+            },
+        ]
+    }
+
+    #[test]
+    fn round_trips_at_every_split() {
+        let mut stream = Vec::new();
+        for f in samples() {
+            f.encode(&mut stream);
+        }
+        for split in (0..stream.len()).step_by(7) {
+            let mut buf = stream[..split].to_vec();
+            let mut got = Vec::new();
+            loop {
+                match LinkFrame::parse(&buf) {
+                    Ok((f, used)) => {
+                        got.push(f);
+                        buf.drain(..used);
+                    }
+                    Err(LinkError::Incomplete) => break,
+                    Err(e) => panic!("split {split}: {e}"),
+                }
+            }
+            buf.extend_from_slice(&stream[split..]);
+            while let Ok((f, used)) = LinkFrame::parse(&buf) {
+                got.push(f);
+                buf.drain(..used);
+            }
+            assert_eq!(got, samples(), "split {split}");
+        }
+    }
+
+    #[test]
+    fn rejects_malformed_frames() {
+        assert_eq!(
+            LinkFrame::parse(&[0, 0, 0, 0]),
+            Err(LinkError::Malformed("empty frame"))
+        );
+        assert_eq!(
+            LinkFrame::parse(&[0xff, 0, 0, 0]),
+            Err(LinkError::TooLarge(0xff00_0000))
+        );
+        assert_eq!(
+            LinkFrame::parse(&[0, 0, 0, 2, T_PAGE, 1]),
+            Err(LinkError::Malformed("page"))
+        );
+        assert_eq!(
+            LinkFrame::parse(&[0, 0, 0, 10, T_FALLBACK_REQ, 0, 0, 0, 0, 0, 0, 0, 1, 9]),
+            Err(LinkError::Malformed("trailing bytes"))
+        );
+        assert_eq!(
+            LinkFrame::parse(&[0, 0, 0, 1, 0x55]),
+            Err(LinkError::Malformed("unknown frame type"))
+        );
+    }
+}

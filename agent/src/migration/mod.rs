@@ -1,0 +1,12 @@
+//! The migration hook: QEMU's pre-copy stream rewritten into NAS mappings on the source host
+//! and rebuilt byte for byte on the target host.
+//!
+//! [`stream`] finds page payloads in QEMU's stream; [`link`] is the agent-to-agent protocol;
+//! [`dedup`] is the content cache both ends keep in step for DUP frames.
+pub mod dedup;
+pub mod link;
+pub mod report;
+pub mod source;
+pub mod stream;
+pub mod target;
+pub mod wire;

@@ -1,0 +1,604 @@
+//! The source side of the hook: QEMU's outgoing stream in, agent-link frames out.
+//!
+//! ```text
+//! QEMU --bytes--> parser --pages--> blake3 --> hot-set replica hit?  -> MAPPED
+//!                   |                          miss: batched LOOKUP  -> MAPPED / PAGE
+//!                   +--verbatim--------------------------------------> RAW
+//!                 (in stream order; DUP when the target's cache holds the content)
+//! ```
+//! Lookups for misses go out in batches, several batches in flight, so the stream never waits
+//! a round trip per page. Pages in the final `ram` END section (sent while the guest is
+//! paused) are never looked up remotely: a round trip there would add to downtime. Every
+//! mapped page's content is kept until the target acknowledges it, at most
+//! `unacked_pages` of them; past that the source stops reading QEMU (backpressure) until acks
+//! arrive. A FALLBACK_REQ is answered from that store, ahead of normal traffic.
+use std::{
+    collections::{BTreeMap, VecDeque},
+    sync::{Arc, Mutex, PoisonError},
+    time::{Duration, Instant},
+};
+
+use nas_server::{
+    client::index::{HotReplica, IndexClient, IndexClientError},
+    listener::Listen,
+    service::frame::{Found, Frame},
+};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    sync::{mpsc, Notify},
+};
+
+use super::{
+    dedup::ContentCache,
+    link::{Hash, Hello, LinkFrame, CAP_ZSTD, VERSION},
+    report::{Counters, Figures},
+    stream::{Sink, StreamParser, PAGE_SIZE},
+    wire::FrameReader,
+};
+
+/// Source settings.
+#[derive(Clone, Debug)]
+pub struct SourceConfig {
+    pub vm: String,
+    /// The VM's NAS exports (NBD export names); lookups never leave them (plus shared ones).
+    pub exports: Vec<String>,
+    /// The NAS NBD address the target should read from.
+    pub nas_nbd: String,
+    /// The index service; `None` sends every page in full.
+    pub nas_index: Option<Listen>,
+    /// Where the target agent delivers the stream (`tcp:HOST:PORT` or `unix:PATH`).
+    pub incoming: String,
+    pub zstd: bool,
+    pub hot_replica: bool,
+    /// Lookups in flight at once (each covers one read of up to 1 MiB from QEMU).
+    pub lookup_window: usize,
+    pub unacked_pages: usize,
+    /// Bytes of data frames allowed ahead of the target's acknowledgement.
+    pub link_window: u64,
+    pub dedup_capacity: usize,
+}
+
+impl SourceConfig {
+    pub fn new(vm: &str, exports: Vec<String>, nas_nbd: &str, nas_index: Option<Listen>) -> Self {
+        Self {
+            vm: vm.to_string(),
+            exports,
+            nas_nbd: nas_nbd.to_string(),
+            nas_index,
+            incoming: String::new(),
+            zstd: false,
+            hot_replica: true,
+            lookup_window: 8,
+            unacked_pages: 16_384,
+            link_window: 64 << 20,
+            dedup_capacity: super::dedup::DEFAULT_CAPACITY,
+        }
+    }
+}
+
+/// Why the source side failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("reading QEMU's migration stream failed: {0}")]
+    Qemu(std::io::Error),
+    #[error("agent link failed: {0}")]
+    Link(String),
+    #[error("the target agent refused: {0}")]
+    Refused(String),
+    #[error("the target agent reported failure: {0}")]
+    TargetFailed(String),
+    #[error("index service: {0}")]
+    Index(#[from] IndexClientError),
+}
+
+/// Outcome of the source side.
+#[derive(Clone, Debug, Default)]
+pub struct SourceReport {
+    pub source: Figures,
+    pub target: Figures,
+    pub passthrough_reason: Option<String>,
+}
+
+/// Mapped pages awaiting the target's acknowledgement, bounded.
+struct Unacked {
+    pages: Mutex<BTreeMap<u64, Box<[u8; PAGE_SIZE]>>>,
+    freed: Notify,
+    capacity: usize,
+}
+
+impl Unacked {
+    async fn insert(&self, seq: u64, page: Box<[u8; PAGE_SIZE]>) {
+        loop {
+            let freed = self.freed.notified();
+            {
+                let mut pages = self.pages.lock().unwrap_or_else(PoisonError::into_inner);
+                if pages.len() < self.capacity {
+                    pages.insert(seq, page);
+                    return;
+                }
+            }
+            freed.await;
+        }
+    }
+
+    fn is_full(&self) -> bool {
+        self.pages
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+            >= self.capacity
+    }
+
+    /// The target holds the first `mapped` pages: drop their copies.
+    fn ack(&self, mapped: u64) {
+        let mut pages = self.pages.lock().unwrap_or_else(PoisonError::into_inner);
+        let keep = pages.split_off(&mapped);
+        *pages = keep;
+        drop(pages);
+        self.freed.notify_waiters();
+    }
+
+    fn get(&self, seq: u64) -> Option<Box<[u8; PAGE_SIZE]>> {
+        self.pages
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&seq)
+            .cloned()
+    }
+}
+
+/// Link flow control: data frames may run at most `window` bytes ahead of what the target
+/// acknowledged.
+struct Flow {
+    acked: std::sync::atomic::AtomicU64,
+    moved: Notify,
+    window: u64,
+}
+
+enum Item {
+    Raw(Vec<u8>),
+    Page {
+        hash: Hash,
+        data: Box<[u8; PAGE_SIZE]>,
+        found: Option<Found>,
+        needs_lookup: bool,
+    },
+}
+
+/// Collects parser output into items and hashes pages.
+struct Collector<'a> {
+    items: Vec<Item>,
+    counters: &'a Counters,
+    replica: Option<&'a Mutex<HotReplica>>,
+    remote: bool,
+}
+
+impl Sink for Collector<'_> {
+    fn verbatim(&mut self, bytes: &[u8]) {
+        match self.items.last_mut() {
+            Some(Item::Raw(buf)) => buf.extend_from_slice(bytes),
+            _ => self.items.push(Item::Raw(bytes.to_vec())),
+        }
+    }
+
+    fn page(&mut self, payload: &[u8; PAGE_SIZE]) {
+        let started = Instant::now();
+        let hash = *blake3::hash(payload).as_bytes();
+        Counters::add(&self.counters.hash_ns, started.elapsed().as_nanos() as u64);
+        Counters::add(&self.counters.pages_full, 1);
+        let found = self
+            .replica
+            .and_then(|r| r.lock().unwrap_or_else(PoisonError::into_inner).get(&hash));
+        self.items.push(Item::Page {
+            hash,
+            data: Box::new(*payload),
+            needs_lookup: found.is_none() && self.remote,
+            found,
+        });
+    }
+}
+
+struct Batch {
+    items: Vec<Item>,
+    /// Lookup in flight: (request id, indexes of the items it answers).
+    lookup: Option<(u32, Vec<usize>)>,
+    sent_at: Instant,
+}
+
+/// Turns resolved items into link frames, in order.
+struct Emitter {
+    cache: ContentCache<()>,
+    next_seq: u64,
+    zstd: bool,
+    pending: Vec<u8>,
+    out: mpsc::Sender<Vec<u8>>,
+    unacked: Arc<Unacked>,
+    flow: Arc<Flow>,
+    sent: u64,
+    counters: Arc<Counters>,
+    export_ids: Vec<u32>,
+}
+
+const ZSTD_BATCH: usize = 256 << 10;
+
+impl Emitter {
+    async fn item(&mut self, item: Item) -> Result<(), SourceError> {
+        match item {
+            Item::Raw(bytes) => self.frame(&LinkFrame::Raw(bytes)).await,
+            Item::Page {
+                hash, data, found, ..
+            } => {
+                if self.cache.touch(&hash).is_some() {
+                    Counters::add(&self.counters.pages_dup, 1);
+                    return self.frame(&LinkFrame::Dup { hash }).await;
+                }
+                self.cache.insert(hash, ());
+                match found.filter(|f| self.export_ids.contains(&f.export)) {
+                    Some(f) => {
+                        let seq = self.next_seq;
+                        self.next_seq += 1;
+                        if self.unacked.is_full() {
+                            // The target can only ack what it has received.
+                            self.flush().await?;
+                        }
+                        self.unacked.insert(seq, data).await;
+                        Counters::add(&self.counters.pages_mapped, 1);
+                        self.frame(&LinkFrame::Mapped {
+                            seq,
+                            export: f.export,
+                            offset: f.offset,
+                            hash,
+                        })
+                        .await
+                    }
+                    None => {
+                        Counters::add(&self.counters.pages_sent, 1);
+                        self.frame(&LinkFrame::Page(data)).await
+                    }
+                }
+            }
+        }
+    }
+
+    async fn frame(&mut self, frame: &LinkFrame) -> Result<(), SourceError> {
+        use std::sync::atomic::Ordering::Acquire;
+        let flow = self.flow.clone();
+        loop {
+            let moved = flow.moved.notified();
+            if self.sent - flow.acked.load(Acquire) <= flow.window {
+                break;
+            }
+            // Whatever is batched must go out first, or the target can never ack it.
+            self.flush().await?;
+            moved.await;
+        }
+        let before = self.pending.len();
+        frame.encode(&mut self.pending);
+        self.sent += (self.pending.len() - before) as u64;
+        if self.pending.len() >= ZSTD_BATCH || !self.zstd {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), SourceError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let bytes = std::mem::take(&mut self.pending);
+        let bytes = if self.zstd {
+            let data = zstd::bulk::compress(&bytes, 1)
+                .map_err(|e| SourceError::Link(format!("zstd: {e}")))?;
+            LinkFrame::Zstd {
+                raw_len: bytes.len() as u32,
+                data,
+            }
+            .to_bytes()
+        } else {
+            bytes
+        };
+        self.out
+            .send(bytes)
+            .await
+            .map_err(|_| SourceError::Link("the link writer stopped".into()))
+    }
+}
+
+/// Runs the source side: reads `qemu` to its end, drives `link`, and returns once the target
+/// reports that it delivered everything.
+pub async fn run_source<Q, L>(
+    mut qemu: Q,
+    link: L,
+    config: SourceConfig,
+    counters: Arc<Counters>,
+) -> Result<SourceReport, SourceError>
+where
+    Q: AsyncRead + Unpin,
+    L: AsyncRead + AsyncWrite + Send + 'static,
+{
+    // Index service: the lookup session, and a second one streaming the hot set.
+    let mut index = match &config.nas_index {
+        Some(addr) => Some(IndexClient::connect(addr, &config.exports).await?),
+        None => None,
+    };
+    let scope: Vec<(u32, String)> = index
+        .as_ref()
+        .map(|c| c.scope().iter().map(|e| (e.id, e.name.clone())).collect())
+        .unwrap_or_default();
+    let replica = Arc::new(Mutex::new(HotReplica::default()));
+    let hot_task = match (&config.nas_index, config.hot_replica) {
+        (Some(addr), true) => Some(tokio::spawn(follow_hot_set(
+            addr.clone(),
+            config.exports.clone(),
+            replica.clone(),
+        ))),
+        _ => None,
+    };
+
+    let (mut link_rd, mut link_wr) = tokio::io::split(link);
+    let hello = LinkFrame::Hello(Hello {
+        version: VERSION,
+        vm: config.vm.clone(),
+        exports: scope.clone(),
+        nas: config.nas_nbd.clone(),
+        incoming: config.incoming.clone(),
+        caps: if config.zstd { CAP_ZSTD } else { 0 },
+    });
+    link_wr
+        .write_all(&hello.to_bytes())
+        .await
+        .map_err(|e| SourceError::Link(e.to_string()))?;
+    let mut frames = FrameReader::new();
+    let ack = tokio::time::timeout(Duration::from_secs(30), frames.next(&mut link_rd))
+        .await
+        .map_err(|_| SourceError::Link("no HELLO_ACK within 30 s".into()))?
+        .map_err(SourceError::Link)?;
+    let caps = match ack {
+        Some(LinkFrame::HelloAck { caps, .. }) => caps,
+        Some(LinkFrame::Error { message }) => return Err(SourceError::Refused(message)),
+        other => {
+            return Err(SourceError::Link(format!(
+                "expected HELLO_ACK, got {other:?}"
+            )))
+        }
+    };
+
+    // Writer: urgent fallback data first, then the stream.
+    let (data_tx, mut data_rx) = mpsc::channel::<Vec<u8>>(32);
+    let (urgent_tx, mut urgent_rx) = mpsc::channel::<Vec<u8>>(64);
+    let writer_counters = counters.clone();
+    let writer = tokio::spawn(async move {
+        loop {
+            let bytes = tokio::select! {
+                biased;
+                Some(b) = urgent_rx.recv() => b,
+                b = data_rx.recv() => match b { Some(b) => b, None => break },
+            };
+            Counters::add(&writer_counters.link_bytes, bytes.len() as u64);
+            link_wr.write_all(&bytes).await?;
+        }
+        // Fallback answers may still be needed after the stream ended.
+        while let Some(b) = urgent_rx.recv().await {
+            Counters::add(&writer_counters.link_bytes, b.len() as u64);
+            link_wr.write_all(&b).await?;
+        }
+        link_wr.flush().await?;
+        Ok::<_, std::io::Error>(link_wr)
+    });
+
+    let unacked = Arc::new(Unacked {
+        pages: Mutex::new(BTreeMap::new()),
+        freed: Notify::new(),
+        capacity: config.unacked_pages.max(1),
+    });
+    let flow = Arc::new(Flow {
+        acked: std::sync::atomic::AtomicU64::new(0),
+        moved: Notify::new(),
+        window: config.link_window,
+    });
+    // Back channel: acks, fallback requests, the final DONE.
+    let back_unacked = unacked.clone();
+    let back_flow = flow.clone();
+    let back_counters = counters.clone();
+    let back = tokio::spawn(async move {
+        loop {
+            match frames.next(&mut link_rd).await {
+                Ok(Some(LinkFrame::Ack { mapped, credit })) => {
+                    back_unacked.ack(mapped);
+                    back_flow
+                        .acked
+                        .fetch_max(credit, std::sync::atomic::Ordering::AcqRel);
+                    back_flow.moved.notify_waiters();
+                }
+                Ok(Some(LinkFrame::FallbackReq { seq })) => {
+                    Counters::add(&back_counters.fallbacks, 1);
+                    let Some(page) = back_unacked.get(seq) else {
+                        return Err(format!("target asked for unknown page {seq}"));
+                    };
+                    let frame = LinkFrame::FallbackData { seq, page }.to_bytes();
+                    if urgent_tx.send(frame).await.is_err() {
+                        return Err("link writer stopped".into());
+                    }
+                }
+                Ok(Some(LinkFrame::Done { ok, stats })) => return Ok((ok, stats)),
+                Ok(Some(LinkFrame::Error { message })) => return Err(message),
+                Ok(Some(other)) => return Err(format!("unexpected frame from target: {other:?}")),
+                Ok(None) => return Err("target closed the link".into()),
+                Err(e) => return Err(e),
+            }
+        }
+    });
+
+    let mut emitter = Emitter {
+        cache: ContentCache::new(config.dedup_capacity),
+        next_seq: 0,
+        zstd: config.zstd && caps & CAP_ZSTD != 0,
+        pending: Vec::new(),
+        out: data_tx,
+        unacked,
+        flow,
+        sent: 0,
+        counters: counters.clone(),
+        export_ids: scope.iter().map(|(id, _)| *id).collect(),
+    };
+    let mut parser = StreamParser::new();
+    let mut batches: VecDeque<Batch> = VecDeque::new();
+    let mut in_flight = 0usize;
+    let mut eof = false;
+    let mut buf = vec![0u8; 1 << 20];
+    let result: Result<(), SourceError> = async {
+        loop {
+            // Emit every resolved batch at the front, in order.
+            while batches.front().is_some_and(|b| b.lookup.is_none()) {
+                let batch = batches.pop_front().expect("front exists");
+                for item in batch.items {
+                    emitter.item(item).await?;
+                }
+                if !emitter.zstd || batches.is_empty() {
+                    emitter.flush().await?;
+                }
+            }
+            if eof && batches.is_empty() {
+                return Ok(());
+            }
+            let can_read = !eof && in_flight < config.lookup_window && batches.len() < 64;
+            tokio::select! {
+                reply = async { index.as_mut().expect("in flight implies a client").recv().await },
+                    if in_flight > 0 => {
+                    resolve(&mut batches, reply?, &counters)?;
+                    in_flight -= 1;
+                }
+                n = qemu.read(&mut buf), if can_read => {
+                    let n = n.map_err(SourceError::Qemu)?;
+                    if n == 0 {
+                        eof = true;
+                        continue;
+                    }
+                    Counters::add(&counters.qemu_bytes, n as u64);
+                    let remote = index.is_some() && !parser.in_final_ram_section();
+                    let mut sink = Collector {
+                        items: Vec::new(),
+                        counters: &counters,
+                        replica: config.hot_replica.then_some(&*replica),
+                        remote,
+                    };
+                    parser.feed(&buf[..n], &mut sink);
+                    let mut batch = Batch { items: sink.items, lookup: None, sent_at: Instant::now() };
+                    if let Some(client) = index.as_mut() {
+                        // One lookup per read: at most ~256 pages, well inside a LOOKUP.
+                        let wanted: Vec<usize> = batch.items.iter().enumerate()
+                            .filter(|(_, i)| matches!(i, Item::Page { needs_lookup: true, .. }))
+                            .map(|(n, _)| n)
+                            .collect();
+                        if !wanted.is_empty() {
+                            let hashes = wanted.iter().map(|&n| match &batch.items[n] {
+                                Item::Page { hash, .. } => *hash,
+                                Item::Raw(_) => unreachable!("only pages are looked up"),
+                            }).collect();
+                            let id = client.send_lookup(hashes).await?;
+                            batch.lookup = Some((id, wanted));
+                            in_flight += 1;
+                        }
+                    }
+                    batches.push_back(batch);
+                }
+            }
+        }
+    }
+    .await;
+    if let Some(t) = hot_task {
+        t.abort();
+    }
+    result?;
+    let mut source = counters.snapshot();
+    source.pages_zero = parser.stats().zero_pages;
+    if let Some(reason) = parser.passthrough_reason() {
+        tracing::info!("stream tail forwarded verbatim: {reason}");
+    }
+    emitter
+        .frame(&LinkFrame::End {
+            stats: serde_json::to_string(&source).expect("figures serialise"),
+        })
+        .await?;
+    emitter.flush().await?;
+    drop(emitter);
+    let (ok, stats) = back
+        .await
+        .map_err(|e| SourceError::Link(e.to_string()))?
+        .map_err(SourceError::Link)?;
+    let _ = writer.await;
+    let target: Figures = serde_json::from_str(&stats).unwrap_or_default();
+    if !ok {
+        return Err(SourceError::TargetFailed(stats));
+    }
+    let mut source = counters.snapshot();
+    source.pages_zero = parser.stats().zero_pages;
+    Ok(SourceReport {
+        source,
+        target,
+        passthrough_reason: parser.passthrough_reason().map(str::to_string),
+    })
+}
+
+/// Fills the front-most pending batch with a lookup reply (replies come in request order).
+fn resolve(
+    batches: &mut VecDeque<Batch>,
+    reply: Frame,
+    counters: &Counters,
+) -> Result<(), SourceError> {
+    let Frame::LookupReply { id, found } = reply else {
+        return Err(SourceError::Link(format!(
+            "unexpected index frame {reply:?}"
+        )));
+    };
+    let batch = batches
+        .iter_mut()
+        .find(|b| b.lookup.is_some())
+        .ok_or_else(|| SourceError::Link("lookup reply without a request".into()))?;
+    let (want, indexes) = batch.lookup.take().expect("found above");
+    if want != id || indexes.len() != found.len() {
+        return Err(SourceError::Link(format!(
+            "lookup reply {id} does not match request {want}"
+        )));
+    }
+    Counters::add(
+        &counters.lookup_ns,
+        batch.sent_at.elapsed().as_nanos() as u64,
+    );
+    for (n, f) in indexes.into_iter().zip(found) {
+        if let Item::Page { found, .. } = &mut batch.items[n] {
+            *found = f;
+        }
+    }
+    Ok(())
+}
+
+/// Keeps `replica` in step with the hot sets of `exports` until aborted. Failures only cost
+/// savings (misses go to batched lookups), so they are logged, not fatal.
+async fn follow_hot_set(addr: Listen, exports: Vec<String>, replica: Arc<Mutex<HotReplica>>) {
+    let mut client = match IndexClient::connect(&addr, &exports).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!("hot-set replica unavailable: {e}");
+            return;
+        }
+    };
+    if let Err(e) = client.subscribe_hot().await {
+        tracing::warn!("hot-set subscription failed: {e}");
+        return;
+    }
+    loop {
+        match client.recv().await {
+            Ok(frame) => {
+                replica
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .apply(&frame);
+            }
+            Err(e) => {
+                tracing::warn!("hot-set stream ended: {e}");
+                return;
+            }
+        }
+    }
+}

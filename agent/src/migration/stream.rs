@@ -1,0 +1,734 @@
+//! An incremental parser for QEMU's savevm stream (version 3, single-channel precopy).
+//!
+//! It finds the 4 KiB payload of every RAM `PAGE` record and hands everything else on
+//! verbatim, so a consumer can replace page payloads and still reproduce the exact stream. It
+//! accepts input in chunks of any size. What it understands (observed with QEMU 7.2 and 10.0):
+//!
+//! ```text
+//! be32 'QEVM' | be32 3 | [0x07 config: be32 len, name, (0x05 subsection)*]
+//! sections:  0x01 START / 0x04 FULL: be32 id, u8 len, idstr, be32 instance, be32 version
+//!            0x02 PART  / 0x03 END : be32 id            ... payload ... 0x7e be32 id (footer)
+//!            0x08 COMMAND: be16 cmd, be16 len, data     0x00 EOF (then VMDESCRIPTION)
+//! ram records: be64 addr|flags, [u8 len, block idstr unless CONTINUE], then by flag:
+//!            ZERO 0x02: u8 fill | PAGE 0x08: 4096 bytes | MEM_SIZE 0x04: (u8 len, idstr, be64
+//!            size)* | XBZRLE 0x40: u8, be16 len, data | MULTIFD_FLUSH 0x200 | EOS 0x10: end
+//! ```
+//! The RAM block named by a record persists across records *and sections* until the next
+//! record without CONTINUE. Anything else (a device section, an unknown record or flag, the
+//! end of the stream) switches the parser to pass-through: every later byte goes out
+//! verbatim. That is always correct; it only stops finding pages. The reason is kept in
+//! [`StreamParser::passthrough_reason`].
+
+/// Guest page size handled (x86 TARGET_PAGE_BITS = 12).
+pub const PAGE_SIZE: usize = 4096;
+
+const QEVM: u32 = 0x5145_564d;
+const SEC_EOF: u8 = 0x00;
+const SEC_START: u8 = 0x01;
+const SEC_PART: u8 = 0x02;
+const SEC_END: u8 = 0x03;
+const SEC_FULL: u8 = 0x04;
+const SEC_SUBSECTION: u8 = 0x05;
+const SEC_CONFIGURATION: u8 = 0x07;
+const SEC_COMMAND: u8 = 0x08;
+const SEC_FOOTER: u8 = 0x7e;
+
+const F_ZERO: u64 = 0x02;
+const F_MEM_SIZE: u64 = 0x04;
+const F_PAGE: u64 = 0x08;
+const F_EOS: u64 = 0x10;
+const F_CONTINUE: u64 = 0x20;
+const F_XBZRLE: u64 = 0x40;
+const F_MULTIFD_FLUSH: u64 = 0x200;
+const FLAG_MASK: u64 = PAGE_SIZE as u64 - 1;
+
+/// Receives the parsed stream, in order.
+pub trait Sink {
+    /// Bytes to reproduce unchanged.
+    fn verbatim(&mut self, bytes: &[u8]);
+    /// The payload of one PAGE record; its header went out through `verbatim` just before.
+    fn page(&mut self, payload: &[u8; PAGE_SIZE]);
+}
+
+/// Counts of what the parser saw.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StreamStats {
+    pub bytes: u64,
+    pub pages: u64,
+    pub zero_pages: u64,
+    pub xbzrle_pages: u64,
+    pub ram_sections: u64,
+    pub commands: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step {
+    Header,
+    SectionType,
+    ConfigLen,
+    ConfigName,
+    ConfigNext,
+    SubLen,
+    SubName,
+    SubVersion,
+    CapCount,
+    CapLen,
+    CapName,
+    PageBits,
+    Uuid,
+    SectionId { full_header: bool },
+    IdStrLen,
+    IdStr,
+    InstanceVersion,
+    Record,
+    RecordBlockLen,
+    RecordBlockName,
+    ZeroFill,
+    MemBlockLen,
+    MemBlockName,
+    MemBlockSize,
+    XbzrleHeader,
+    Footer,
+    CommandHeader,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    /// Collect `n` bytes into `field`, then act on them.
+    Field(Step, usize),
+    /// Pass `n` bytes through untouched.
+    Skip(usize, Step),
+    /// Collect a page payload.
+    Page,
+    Passthrough,
+}
+
+/// The parser. Feed it with [`StreamParser::feed`].
+pub struct StreamParser {
+    state: State,
+    field: Vec<u8>,
+    page: Box<[u8; PAGE_SIZE]>,
+    page_fill: usize,
+    /// Section being parsed and the id of the `ram` section.
+    section: u32,
+    ram_section: Option<u32>,
+    section_kind: u8,
+    idstr: String,
+    /// Current RAM block (carries across sections) and the pending record's flags.
+    block: Option<String>,
+    record_flags: u64,
+    mem_remaining: u64,
+    caps_left: u32,
+    subsection: String,
+    stats: StreamStats,
+    passthrough_reason: Option<String>,
+}
+
+impl Default for StreamParser {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl StreamParser {
+    pub fn new() -> Self {
+        Self {
+            state: State::Field(Step::Header, 8),
+            field: Vec::with_capacity(256),
+            page: Box::new([0; PAGE_SIZE]),
+            page_fill: 0,
+            section: 0,
+            ram_section: None,
+            section_kind: 0,
+            idstr: String::new(),
+            block: None,
+            record_flags: 0,
+            mem_remaining: 0,
+            caps_left: 0,
+            subsection: String::new(),
+            stats: StreamStats::default(),
+            passthrough_reason: None,
+        }
+    }
+
+    /// What was seen so far.
+    pub fn stats(&self) -> StreamStats {
+        self.stats
+    }
+
+    /// Why the parser stopped looking for pages, if it did.
+    pub fn passthrough_reason(&self) -> Option<&str> {
+        self.passthrough_reason.as_deref()
+    }
+
+    /// Whether the stream is in the final `ram` END section, which QEMU sends while the guest
+    /// is paused: work done per page there adds to downtime.
+    pub fn in_final_ram_section(&self) -> bool {
+        self.section_kind == SEC_END && self.state != State::Passthrough
+    }
+
+    /// Consumes `input`, calling `sink` for every verbatim run and page payload, in order.
+    pub fn feed(&mut self, mut input: &[u8], sink: &mut impl Sink) {
+        self.stats.bytes += input.len() as u64;
+        while !input.is_empty() {
+            match self.state {
+                State::Passthrough => {
+                    sink.verbatim(input);
+                    return;
+                }
+                State::Skip(n, next) => {
+                    let take = n.min(input.len());
+                    sink.verbatim(&input[..take]);
+                    input = &input[take..];
+                    self.state = if take == n {
+                        self.next_field(next)
+                    } else {
+                        State::Skip(n - take, next)
+                    };
+                }
+                State::Page => {
+                    let take = (PAGE_SIZE - self.page_fill).min(input.len());
+                    self.page[self.page_fill..self.page_fill + take]
+                        .copy_from_slice(&input[..take]);
+                    self.page_fill += take;
+                    input = &input[take..];
+                    if self.page_fill == PAGE_SIZE {
+                        self.page_fill = 0;
+                        self.stats.pages += 1;
+                        sink.page(&self.page);
+                        self.state = self.next_field(Step::Record);
+                    }
+                }
+                State::Field(step, n) => {
+                    let take = (n - self.field.len()).min(input.len());
+                    self.field.extend_from_slice(&input[..take]);
+                    input = &input[take..];
+                    if self.field.len() == n {
+                        sink.verbatim(&self.field);
+                        self.state = self.on_field(step);
+                        self.field.clear();
+                    }
+                }
+            }
+        }
+    }
+
+    /// The state that reads the field for `step`.
+    fn next_field(&self, step: Step) -> State {
+        let n = match step {
+            Step::Header => 8,
+            Step::SectionType | Step::ConfigNext | Step::SubLen | Step::IdStrLen | Step::CapLen => {
+                1
+            }
+            Step::RecordBlockLen | Step::ZeroFill | Step::MemBlockLen => 1,
+            Step::ConfigLen | Step::SubVersion | Step::CapCount | Step::PageBits => 4,
+            Step::SectionId { .. } => 4,
+            Step::InstanceVersion => 8,
+            Step::Record | Step::MemBlockSize => 8,
+            Step::Uuid => 16,
+            Step::XbzrleHeader => 3,
+            Step::Footer => 5,
+            Step::CommandHeader => 4,
+            // Variable-length names are set up by the step that read their length.
+            Step::ConfigName
+            | Step::SubName
+            | Step::CapName
+            | Step::IdStr
+            | Step::RecordBlockName
+            | Step::MemBlockName => unreachable!("length-prefixed steps are entered directly"),
+        };
+        State::Field(step, n)
+    }
+
+    fn passthrough(&mut self, reason: String) -> State {
+        tracing::debug!(
+            "migration stream pass-through from byte {}: {reason}",
+            self.stats.bytes
+        );
+        self.passthrough_reason = Some(reason);
+        State::Passthrough
+    }
+
+    fn be32(&self) -> u32 {
+        u32::from_be_bytes(self.field[..4].try_into().expect("4-byte field"))
+    }
+
+    fn be64(&self) -> u64 {
+        u64::from_be_bytes(self.field[..8].try_into().expect("8-byte field"))
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.field).into_owned()
+    }
+
+    /// A length-prefixed string's body. A zero-length body is acted on as soon as the next
+    /// byte arrives, which is harmless: nothing is consumed for it.
+    fn string(&self, step: Step, len: usize) -> State {
+        State::Field(step, len)
+    }
+
+    fn on_field(&mut self, step: Step) -> State {
+        match step {
+            Step::Header => {
+                let magic = self.be32();
+                let version = u32::from_be_bytes(self.field[4..8].try_into().unwrap());
+                if magic != QEVM || version != 3 {
+                    return self.passthrough(format!(
+                        "not a savevm v3 stream (magic {magic:#x}, version {version})"
+                    ));
+                }
+                self.next_field(Step::SectionType)
+            }
+            Step::SectionType => self.on_section_type(self.field[0]),
+            Step::ConfigLen => {
+                let n = self.be32() as usize;
+                if n > 256 {
+                    return self.passthrough(format!("configuration name of {n} bytes"));
+                }
+                self.string(Step::ConfigName, n)
+            }
+            Step::ConfigName => self.next_field(Step::ConfigNext),
+            Step::ConfigNext => {
+                if self.field[0] == SEC_SUBSECTION {
+                    self.next_field(Step::SubLen)
+                } else {
+                    self.on_section_type(self.field[0])
+                }
+            }
+            Step::SubLen => {
+                let n = self.field[0] as usize;
+                self.string(Step::SubName, n)
+            }
+            Step::SubName => {
+                self.subsection = self.text();
+                self.next_field(Step::SubVersion)
+            }
+            Step::SubVersion => {
+                let name = std::mem::take(&mut self.subsection);
+                match name.as_str() {
+                    "configuration/capabilities" => self.next_field(Step::CapCount),
+                    "configuration/target-page-bits" => self.next_field(Step::PageBits),
+                    "configuration/uuid" => self.next_field(Step::Uuid),
+                    other => {
+                        self.passthrough(format!("unknown configuration subsection {other:?}"))
+                    }
+                }
+            }
+            Step::CapCount => {
+                self.caps_left = self.be32();
+                if self.caps_left > 64 {
+                    return self.passthrough(format!("{} capabilities", self.caps_left));
+                }
+                if self.caps_left == 0 {
+                    self.next_field(Step::ConfigNext)
+                } else {
+                    self.next_field(Step::CapLen)
+                }
+            }
+            Step::CapLen => {
+                let n = self.field[0] as usize;
+                self.string(Step::CapName, n)
+            }
+            Step::CapName => {
+                self.caps_left -= 1;
+                if self.caps_left == 0 {
+                    self.next_field(Step::ConfigNext)
+                } else {
+                    self.next_field(Step::CapLen)
+                }
+            }
+            Step::PageBits => {
+                let bits = self.be32();
+                if bits != 12 {
+                    return self.passthrough(format!("target page bits {bits}, not 12"));
+                }
+                self.next_field(Step::ConfigNext)
+            }
+            Step::Uuid => self.next_field(Step::ConfigNext),
+            Step::SectionId { full_header } => {
+                self.section = self.be32();
+                if full_header {
+                    self.next_field(Step::IdStrLen)
+                } else if Some(self.section) == self.ram_section {
+                    self.stats.ram_sections += 1;
+                    self.next_field(Step::Record)
+                } else {
+                    self.passthrough(format!(
+                        "section {} is not ram (kind {:#x})",
+                        self.section, self.section_kind
+                    ))
+                }
+            }
+            Step::IdStrLen => {
+                let n = self.field[0] as usize;
+                self.string(Step::IdStr, n)
+            }
+            Step::IdStr => {
+                self.idstr = self.text();
+                self.next_field(Step::InstanceVersion)
+            }
+            Step::InstanceVersion => {
+                if self.section_kind == SEC_START && self.idstr == "ram" {
+                    self.ram_section = Some(self.section);
+                    self.stats.ram_sections += 1;
+                    self.next_field(Step::Record)
+                } else {
+                    let (kind, id) = (self.section_kind, self.idstr.clone());
+                    self.passthrough(format!("section {id:?} (kind {kind:#x}) is not parsed"))
+                }
+            }
+            Step::Record => self.on_record(),
+            Step::RecordBlockLen => {
+                let n = self.field[0] as usize;
+                self.string(Step::RecordBlockName, n)
+            }
+            Step::RecordBlockName => {
+                self.block = Some(self.text());
+                self.record_body()
+            }
+            Step::ZeroFill => {
+                self.stats.zero_pages += 1;
+                self.next_field(Step::Record)
+            }
+            Step::MemBlockLen => {
+                let n = self.field[0] as usize;
+                self.string(Step::MemBlockName, n)
+            }
+            Step::MemBlockName => self.next_field(Step::MemBlockSize),
+            Step::MemBlockSize => {
+                let used = self.be64();
+                if used > self.mem_remaining {
+                    return self.passthrough("RAM block sizes exceed the announced total".into());
+                }
+                self.mem_remaining -= used;
+                if self.mem_remaining == 0 {
+                    self.next_field(Step::Record)
+                } else {
+                    self.next_field(Step::MemBlockLen)
+                }
+            }
+            Step::XbzrleHeader => {
+                self.stats.xbzrle_pages += 1;
+                let len = u16::from_be_bytes(self.field[1..3].try_into().unwrap()) as usize;
+                State::Skip(len, Step::Record)
+            }
+            Step::Footer => {
+                let id = u32::from_be_bytes(self.field[1..5].try_into().unwrap());
+                if self.field[0] != SEC_FOOTER || id != self.section {
+                    return self.passthrough(format!(
+                        "bad section footer {:#x}/{id} for section {}",
+                        self.field[0], self.section
+                    ));
+                }
+                self.next_field(Step::SectionType)
+            }
+            Step::CommandHeader => {
+                self.stats.commands += 1;
+                let len = u16::from_be_bytes(self.field[2..4].try_into().unwrap()) as usize;
+                State::Skip(len, Step::SectionType)
+            }
+        }
+    }
+
+    fn on_section_type(&mut self, kind: u8) -> State {
+        self.section_kind = kind;
+        match kind {
+            SEC_START | SEC_FULL => self.next_field(Step::SectionId { full_header: true }),
+            SEC_PART | SEC_END => self.next_field(Step::SectionId { full_header: false }),
+            SEC_CONFIGURATION => self.next_field(Step::ConfigLen),
+            SEC_COMMAND => self.next_field(Step::CommandHeader),
+            SEC_EOF => self.passthrough("end of the device state (EOF)".into()),
+            other => self.passthrough(format!("unknown section type {other:#x}")),
+        }
+    }
+
+    fn on_record(&mut self) -> State {
+        let v = self.be64();
+        let flags = v & FLAG_MASK;
+        self.record_flags = flags;
+        let carries_block = flags & (F_ZERO | F_PAGE | F_XBZRLE) != 0;
+        if carries_block && flags & F_CONTINUE == 0 {
+            return self.next_field(Step::RecordBlockLen);
+        }
+        if carries_block && self.block.is_none() {
+            return self.passthrough("CONTINUE record before any RAM block was named".into());
+        }
+        self.record_body()
+    }
+
+    /// After the record header (and block name): its body by flag.
+    fn record_body(&mut self) -> State {
+        match self.record_flags & !F_CONTINUE {
+            F_ZERO => self.next_field(Step::ZeroFill),
+            F_PAGE => State::Page,
+            F_XBZRLE => self.next_field(Step::XbzrleHeader),
+            F_MEM_SIZE => {
+                self.mem_remaining = u64::from_be_bytes(self.field_addr());
+                if self.mem_remaining == 0 {
+                    self.next_field(Step::Record)
+                } else {
+                    self.next_field(Step::MemBlockLen)
+                }
+            }
+            F_MULTIFD_FLUSH => self.next_field(Step::Record),
+            F_EOS => self.next_field(Step::Footer),
+            other => self.passthrough(format!("unknown RAM record flags {other:#x}")),
+        }
+    }
+
+    /// The address part of the last record header (MEM_SIZE carries the total there).
+    fn field_addr(&self) -> [u8; 8] {
+        // The header is the field just read for Step::Record (MEM_SIZE has no block name).
+        (self.be64() & !FLAG_MASK).to_be_bytes()
+    }
+}
+
+/// Builds synthetic savevm streams for tests and benchmarks, in the layout QEMU 10 produces.
+pub mod synthetic {
+    use super::PAGE_SIZE;
+
+    /// A stream builder.
+    #[derive(Default)]
+    pub struct Builder {
+        pub bytes: Vec<u8>,
+    }
+
+    impl Builder {
+        /// Header plus a configuration section with the usual subsections.
+        pub fn new() -> Self {
+            let mut b = Self::default();
+            b.bytes.extend_from_slice(b"QEVM\0\0\0\x03");
+            b.bytes.push(0x07);
+            b.u32(14);
+            b.bytes.extend_from_slice(b"pc-i440fx-10.0");
+            b.subsection("configuration/target-page-bits", |b| b.u32(12));
+            b.subsection("configuration/capabilities", |b| {
+                b.u32(1);
+                b.str8("x-ignore-shared");
+            });
+            b.subsection("configuration/uuid", |b| {
+                b.bytes.extend_from_slice(&[7; 16])
+            });
+            b
+        }
+
+        fn subsection(&mut self, name: &str, body: impl FnOnce(&mut Self)) {
+            self.bytes.push(0x05);
+            self.str8(name);
+            self.u32(1);
+            body(self);
+        }
+
+        pub fn u32(&mut self, v: u32) {
+            self.bytes.extend_from_slice(&v.to_be_bytes());
+        }
+
+        pub fn u64(&mut self, v: u64) {
+            self.bytes.extend_from_slice(&v.to_be_bytes());
+        }
+
+        pub fn str8(&mut self, s: &str) {
+            self.bytes.push(s.len() as u8);
+            self.bytes.extend_from_slice(s.as_bytes());
+        }
+
+        /// `ram` START (section id 2) with MEM_SIZE for `blocks`, then EOS and footer.
+        pub fn ram_start(&mut self, blocks: &[(&str, u64)]) {
+            self.bytes.push(0x01);
+            self.u32(2);
+            self.str8("ram");
+            self.u32(0);
+            self.u32(4);
+            self.u64(blocks.iter().map(|b| b.1).sum::<u64>() | 0x04);
+            for (name, size) in blocks {
+                self.str8(name);
+                self.u64(*size);
+            }
+            self.eos_footer();
+        }
+
+        /// Opens a ram PART (or END) section.
+        pub fn ram_part(&mut self, end: bool) {
+            self.bytes.push(if end { 0x03 } else { 0x02 });
+            self.u32(2);
+        }
+
+        /// A PAGE record; `block` is `None` for CONTINUE.
+        pub fn page(&mut self, block: Option<&str>, addr: u64, payload: &[u8; PAGE_SIZE]) {
+            self.record(block, addr, 0x08);
+            self.bytes.extend_from_slice(payload);
+        }
+
+        /// A ZERO record.
+        pub fn zero(&mut self, block: Option<&str>, addr: u64) {
+            self.record(block, addr, 0x02);
+            self.bytes.push(0);
+        }
+
+        fn record(&mut self, block: Option<&str>, addr: u64, flag: u64) {
+            match block {
+                Some(name) => {
+                    self.u64(addr | flag);
+                    self.str8(name);
+                }
+                None => self.u64(addr | flag | 0x20),
+            }
+        }
+
+        pub fn eos_footer(&mut self) {
+            self.u64(0x10);
+            self.bytes.push(0x7e);
+            self.u32(2);
+        }
+
+        /// A COMMAND record.
+        pub fn command(&mut self, cmd: u16, data: &[u8]) {
+            self.bytes.push(0x08);
+            self.bytes.extend_from_slice(&cmd.to_be_bytes());
+            self.bytes
+                .extend_from_slice(&(data.len() as u16).to_be_bytes());
+            self.bytes.extend_from_slice(data);
+        }
+
+        /// A device section, EOF and a VMDESCRIPTION, as after ram END.
+        pub fn devices_and_eof(&mut self) {
+            self.bytes.push(0x04);
+            self.u32(3);
+            self.str8("timer");
+            self.u32(0);
+            self.u32(2);
+            self.bytes.extend_from_slice(&[1, 2, 3, 4, 5, 6, 7, 8]);
+            self.bytes.push(0x7e);
+            self.u32(3);
+            self.bytes.push(0x00);
+            self.bytes.push(0x06);
+            let json = br#"{"page_size":4096,"devices":[]}"#;
+            self.u32(json.len() as u32);
+            self.bytes.extend_from_slice(json);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{synthetic::Builder, *};
+
+    /// Rebuilds the stream from the sink calls and records the pages.
+    #[derive(Default)]
+    struct Collect {
+        out: Vec<u8>,
+        pages: Vec<[u8; PAGE_SIZE]>,
+    }
+
+    impl Sink for Collect {
+        fn verbatim(&mut self, bytes: &[u8]) {
+            self.out.extend_from_slice(bytes);
+        }
+        fn page(&mut self, payload: &[u8; PAGE_SIZE]) {
+            self.out.extend_from_slice(payload);
+            self.pages.push(*payload);
+        }
+    }
+
+    fn page(n: u8) -> [u8; PAGE_SIZE] {
+        let mut p = [n; PAGE_SIZE];
+        p[0] = 0xee;
+        p
+    }
+
+    fn sample() -> Vec<u8> {
+        let mut b = Builder::new();
+        b.ram_start(&[("pc.ram", 1 << 20), ("pc.bios", 1 << 16)]);
+        b.ram_part(false);
+        b.page(Some("pc.ram"), 0x1000, &page(1));
+        b.page(None, 0x2000, &page(2));
+        b.zero(None, 0x3000);
+        b.u64(0x200); // MULTIFD_FLUSH
+        b.eos_footer();
+        b.command(11, &[]);
+        b.ram_part(true);
+        // CONTINUE across the section boundary: still pc.ram.
+        b.page(None, 0x4000, &page(3));
+        b.page(Some("pc.bios"), 0x0, &page(4));
+        b.eos_footer();
+        b.devices_and_eof();
+        b.bytes
+    }
+
+    #[test]
+    fn finds_every_page_at_every_chunk_size() {
+        let stream = sample();
+        for chunk in (1..=70).chain([4095, 4096, 4097, stream.len()]) {
+            let mut p = StreamParser::new();
+            let mut c = Collect::default();
+            for part in stream.chunks(chunk) {
+                p.feed(part, &mut c);
+            }
+            assert_eq!(c.out, stream, "chunk {chunk}: stream not reproduced");
+            assert_eq!(
+                c.pages,
+                vec![page(1), page(2), page(3), page(4)],
+                "chunk {chunk}"
+            );
+            let s = p.stats();
+            assert_eq!(
+                (s.pages, s.zero_pages, s.commands, s.ram_sections),
+                (4, 1, 1, 3)
+            );
+            assert!(
+                p.passthrough_reason().unwrap().contains("timer"),
+                "{:?}",
+                p.passthrough_reason()
+            );
+        }
+    }
+
+    #[test]
+    fn garbage_passes_through_untouched() {
+        for input in [
+            &b"not a migration stream at all"[..],
+            b"QEVM\0\0\0\x02rest",
+            b"",
+        ] {
+            let mut p = StreamParser::new();
+            let mut c = Collect::default();
+            p.feed(input, &mut c);
+            assert_eq!(c.out, input);
+            assert!(c.pages.is_empty());
+        }
+    }
+
+    #[test]
+    fn unknown_record_switches_to_passthrough() {
+        let mut b = Builder::new();
+        b.ram_start(&[("pc.ram", 1 << 20)]);
+        b.ram_part(false);
+        b.page(Some("pc.ram"), 0x1000, &page(1));
+        b.u64(0x5000 | 0x80); // HOOK: not handled
+        b.page(None, 0x2000, &page(2));
+        let mut p = StreamParser::new();
+        let mut c = Collect::default();
+        p.feed(&b.bytes, &mut c);
+        assert_eq!(c.out, b.bytes);
+        assert_eq!(
+            c.pages,
+            vec![page(1)],
+            "nothing after the unknown record is a page"
+        );
+        assert!(p.passthrough_reason().unwrap().contains("0x80"));
+    }
+
+    #[test]
+    fn unknown_configuration_subsection_is_passthrough() {
+        let mut b = Builder::new();
+        b.bytes.push(0x05);
+        b.str8("configuration/something-new");
+        b.u32(1);
+        b.ram_start(&[("pc.ram", 4096)]);
+        let mut p = StreamParser::new();
+        let mut c = Collect::default();
+        p.feed(&b.bytes, &mut c);
+        assert_eq!(c.out, b.bytes);
+        assert!(p.passthrough_reason().unwrap().contains("something-new"));
+    }
+}

@@ -1,0 +1,474 @@
+//! The target side of the hook: agent-link frames in, QEMU's exact stream out.
+//!
+//! ```text
+//! link --> reader --slots, in order--> writer --> QEMU -incoming
+//!             |  MAPPED                   ^ waits for each page's content
+//!             +--> fetcher --NBD READ (coalesced, pipelined)--> blake3 == hash? --> content
+//!                     | mismatch / NAS error / NAS unreachable
+//!                     +--> FALLBACK_REQ to the source --> FALLBACK_DATA --> content
+//! ```
+//! Nothing reaches QEMU out of order or unverified: a mapped page is written only once its
+//! content is known to hash to what the source hashed. Read-ahead is bounded by the slot queue;
+//! the writer acknowledges mapped pages as it delivers them, which frees the source's copies.
+use std::{
+    collections::HashMap,
+    sync::{Arc, OnceLock},
+    time::{Duration, Instant},
+};
+
+use nas_server::{client::nbd::NbdClient, listener::Listen};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter},
+    sync::{mpsc, Notify},
+};
+
+use super::{
+    dedup::ContentCache,
+    link::{Hash, Hello, LinkFrame, CAP_ZSTD, VERSION},
+    report::{Counters, Figures},
+    stream::PAGE_SIZE,
+    wire::FrameReader,
+};
+
+/// Target settings.
+#[derive(Clone, Debug)]
+pub struct TargetConfig {
+    /// Read the NAS here instead of the address the source announced.
+    pub nas_override: Option<Listen>,
+    /// Mapped pages queued for fetching ahead of what QEMU has received.
+    pub read_ahead: usize,
+    /// NBD reads in flight per fetch round.
+    pub fetch_window: usize,
+    /// Time allowed for one fetch round before its pages fall back to the source.
+    pub fetch_timeout: Duration,
+    pub dedup_capacity: usize,
+}
+
+impl Default for TargetConfig {
+    fn default() -> Self {
+        Self {
+            nas_override: None,
+            read_ahead: 8192,
+            fetch_window: 16,
+            fetch_timeout: Duration::from_secs(10),
+            dedup_capacity: super::dedup::DEFAULT_CAPACITY,
+        }
+    }
+}
+
+/// Why the target side failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error("agent link failed: {0}")]
+    Link(String),
+    #[error("the source agent broke the protocol: {0}")]
+    Protocol(String),
+    #[error("writing to the target QEMU failed: {0}")]
+    Qemu(std::io::Error),
+}
+
+/// A page's content, filled once by the fetcher or by a fallback.
+#[derive(Default)]
+struct Cell {
+    value: OnceLock<Box<[u8; PAGE_SIZE]>>,
+    ready: Notify,
+}
+
+impl Cell {
+    fn ready(page: Box<[u8; PAGE_SIZE]>) -> Arc<Self> {
+        let c = Arc::new(Self::default());
+        c.set(page);
+        c
+    }
+
+    fn set(&self, page: Box<[u8; PAGE_SIZE]>) {
+        if self.value.set(page).is_ok() {
+            self.ready.notify_waiters();
+        }
+    }
+
+    async fn get(&self) -> &[u8; PAGE_SIZE] {
+        loop {
+            let notified = self.ready.notified();
+            if let Some(v) = self.value.get() {
+                return v;
+            }
+            notified.await;
+        }
+    }
+}
+
+enum Slot {
+    Bytes(Vec<u8>),
+    Content { cell: Arc<Cell>, seq: Option<u64> },
+}
+
+/// A slot and the encoded size of the frame it came from (the flow-control credit it returns
+/// once delivered).
+type Credited = (Slot, u64);
+
+struct Fetch {
+    seq: u64,
+    export: u32,
+    offset: u64,
+    hash: Hash,
+    cell: Arc<Cell>,
+}
+
+/// Reads the source's HELLO: the session parameters, before anything is connected.
+pub async fn read_hello<R: AsyncRead + Unpin>(
+    link: &mut R,
+    frames: &mut FrameReader,
+) -> Result<Hello, TargetError> {
+    match tokio::time::timeout(Duration::from_secs(30), frames.next(link)).await {
+        Err(_) => Err(TargetError::Link("no HELLO within 30 s".into())),
+        Ok(Err(e)) => Err(TargetError::Link(e)),
+        Ok(Ok(Some(LinkFrame::Hello(h)))) if h.version == VERSION => Ok(h),
+        Ok(Ok(Some(LinkFrame::Hello(h)))) => Err(TargetError::Protocol(format!(
+            "source speaks version {}, this agent {VERSION}",
+            h.version
+        ))),
+        Ok(Ok(other)) => Err(TargetError::Protocol(format!(
+            "expected HELLO, got {other:?}"
+        ))),
+    }
+}
+
+/// Runs the target side after [`read_hello`]: rebuilds the stream into `qemu` and reports.
+pub async fn run_target<L, Q>(
+    link: L,
+    mut frames: FrameReader,
+    hello: Hello,
+    qemu: Q,
+    config: TargetConfig,
+    counters: Arc<Counters>,
+) -> Result<Figures, TargetError>
+where
+    L: AsyncRead + AsyncWrite + Send + 'static,
+    Q: AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut link_rd, mut link_wr) = tokio::io::split(link);
+    let ack = LinkFrame::HelloAck {
+        version: VERSION,
+        caps: hello.caps & CAP_ZSTD,
+    };
+    link_wr
+        .write_all(&ack.to_bytes())
+        .await
+        .map_err(|e| TargetError::Link(e.to_string()))?;
+    let (back_tx, mut back_rx) = mpsc::channel::<LinkFrame>(256);
+    let back_writer = tokio::spawn(async move {
+        while let Some(frame) = back_rx.recv().await {
+            link_wr.write_all(&frame.to_bytes()).await?;
+        }
+        link_wr.flush().await?;
+        Ok::<_, std::io::Error>(link_wr)
+    });
+
+    let nas = match &config.nas_override {
+        Some(l) => Some(l.clone()),
+        None => hello.nas.parse::<Listen>().ok(),
+    };
+    let names: HashMap<u32, String> = hello.exports.iter().cloned().collect();
+    let (fetch_tx, fetch_rx) = mpsc::channel::<Fetch>(config.read_ahead.max(1));
+    let fetcher = tokio::spawn(fetch_loop(
+        fetch_rx,
+        nas,
+        names,
+        back_tx.clone(),
+        counters.clone(),
+        config.clone(),
+    ));
+
+    // Unbounded here, bounded in fact: the source never runs more than its window ahead of
+    // the credit this side returns. The reader must never block, or a fallback answer could
+    // wait behind data that waits for it.
+    let (slot_tx, slot_rx) = mpsc::unbounded_channel::<Credited>();
+    let writer = tokio::spawn(write_loop(slot_rx, qemu, back_tx.clone(), counters.clone()));
+
+    // The reader runs here: frames in order become slots; fallbacks fill cells.
+    let mut cache: ContentCache<Arc<Cell>> = ContentCache::new(config.dedup_capacity);
+    // Mapped pages not yet filled, by sequence number, for fallback answers.
+    let mut waiting: HashMap<u64, (Hash, Arc<Cell>)> = HashMap::new();
+    let mut slot_tx = Some(slot_tx);
+    let mut fetch_tx = Some(fetch_tx);
+    let mut source_stats = None;
+    let mut writer = Some(writer);
+    let outcome: Result<(), TargetError> = loop {
+        let frame = tokio::select! {
+            f = frames.next_sized(&mut link_rd) => f,
+            done = async { writer.as_mut().expect("writer present").await }, if writer.is_some() => {
+                writer = None;
+                match done {
+                    Ok(Ok(())) => break Ok(()),
+                    Ok(Err(e)) => break Err(e),
+                    Err(e) => break Err(TargetError::Link(format!("writer task: {e}"))),
+                }
+            }
+        };
+        let (frame, credit) = match frame {
+            Ok(Some(f)) => f,
+            Ok(None) => break Err(TargetError::Link("source closed the link early".into())),
+            Err(e) => break Err(TargetError::Link(e)),
+        };
+        let slot = match frame {
+            LinkFrame::Raw(bytes) => Slot::Bytes(bytes),
+            LinkFrame::Page(page) => {
+                let hash = *blake3::hash(&page[..]).as_bytes();
+                let cell = Cell::ready(page);
+                cache.insert(hash, cell.clone());
+                Slot::Content { cell, seq: None }
+            }
+            LinkFrame::Mapped {
+                seq,
+                export,
+                offset,
+                hash,
+            } => {
+                let cell = Arc::new(Cell::default());
+                cache.insert(hash, cell.clone());
+                waiting.insert(seq, (hash, cell.clone()));
+                if waiting.len() > 4 * config.read_ahead.max(1024) {
+                    // Filled pages need no fallback any more; keep the map bounded.
+                    waiting.retain(|_, (_, c)| c.value.get().is_none());
+                }
+                let fetch = Fetch {
+                    seq,
+                    export,
+                    offset,
+                    hash,
+                    cell: cell.clone(),
+                };
+                let Some(tx) = &fetch_tx else {
+                    break Err(TargetError::Protocol("MAPPED after END".into()));
+                };
+                if tx.send(fetch).await.is_err() {
+                    break Err(TargetError::Link("fetcher stopped".into()));
+                }
+                Slot::Content {
+                    cell,
+                    seq: Some(seq),
+                }
+            }
+            LinkFrame::Dup { hash } => match cache.touch(&hash) {
+                Some(cell) => Slot::Content {
+                    cell: cell.clone(),
+                    seq: None,
+                },
+                None => {
+                    break Err(TargetError::Protocol(
+                        "DUP of content not in the cache".into(),
+                    ))
+                }
+            },
+            LinkFrame::FallbackData { seq, page } => {
+                let entry = waiting.remove(&seq);
+                match entry {
+                    Some((hash, cell)) => {
+                        if blake3::hash(&page[..]).as_bytes() != &hash {
+                            tracing::warn!(seq, "fallback content does not match its hash");
+                        }
+                        cell.set(page);
+                    }
+                    None => tracing::debug!(seq, "fallback for a page already filled"),
+                }
+                continue;
+            }
+            LinkFrame::End { stats } => {
+                source_stats = Some(stats);
+                slot_tx = None;
+                fetch_tx = None;
+                continue;
+            }
+            LinkFrame::Error { message } => break Err(TargetError::Link(message)),
+            other => break Err(TargetError::Protocol(format!("unexpected frame {other:?}"))),
+        };
+        let Some(tx) = &slot_tx else {
+            break Err(TargetError::Protocol("data after END".into()));
+        };
+        if tx.send((slot, credit as u64)).is_err() {
+            // The writer failed; its error is collected below.
+            slot_tx = None;
+        }
+    };
+    drop(slot_tx);
+    drop(fetch_tx);
+    if let Some(w) = writer {
+        w.abort();
+    }
+    fetcher.abort();
+    let mut figures = counters.snapshot();
+    if let Some(s) = &source_stats {
+        if let Ok(src) = serde_json::from_str::<Figures>(s) {
+            figures.pages_zero = src.pages_zero;
+        }
+    }
+    let done = LinkFrame::Done {
+        ok: outcome.is_ok(),
+        stats: match &outcome {
+            Ok(()) => serde_json::to_string(&figures).expect("figures serialise"),
+            Err(e) => e.to_string(),
+        },
+    };
+    let _ = back_tx.send(done).await;
+    drop(back_tx);
+    let _ = back_writer.await;
+    outcome.map(|()| figures)
+}
+
+/// Delivers slots to QEMU in order and acknowledges delivered mapped pages.
+async fn write_loop<Q: AsyncWrite + Unpin>(
+    mut slots: mpsc::UnboundedReceiver<Credited>,
+    qemu: Q,
+    back: mpsc::Sender<LinkFrame>,
+    counters: Arc<Counters>,
+) -> Result<(), TargetError> {
+    let mut out = BufWriter::with_capacity(1 << 20, qemu);
+    // Delivered so far: MAPPED pages and credit; and what was last acknowledged.
+    let (mut mapped, mut credit) = (0u64, 0u64);
+    let (mut acked_mapped, mut acked_credit) = (0u64, 0u64);
+    while let Some((slot, frame_credit)) = slots.recv().await {
+        let n = match slot {
+            Slot::Bytes(b) => {
+                out.write_all(&b).await.map_err(TargetError::Qemu)?;
+                b.len()
+            }
+            Slot::Content { cell, seq } => {
+                out.write_all(cell.get().await)
+                    .await
+                    .map_err(TargetError::Qemu)?;
+                if let Some(seq) = seq {
+                    mapped = seq + 1;
+                }
+                PAGE_SIZE
+            }
+        };
+        credit += frame_credit;
+        Counters::add(&counters.qemu_bytes, n as u64);
+        let idle = slots.is_empty();
+        if idle {
+            out.flush().await.map_err(TargetError::Qemu)?;
+        }
+        // Ack often enough that neither the source's window nor its page store runs dry.
+        if (idle && (mapped, credit) != (acked_mapped, acked_credit))
+            || credit - acked_credit >= 1 << 20
+            || mapped - acked_mapped >= 1024
+        {
+            let _ = back.send(LinkFrame::Ack { mapped, credit }).await;
+            (acked_mapped, acked_credit) = (mapped, credit);
+        }
+    }
+    out.flush().await.map_err(TargetError::Qemu)?;
+    out.shutdown().await.map_err(TargetError::Qemu)?;
+    Ok(())
+}
+
+/// Fetches mapped pages from the NAS, verifies them, and asks the source for any it cannot
+/// get or verify.
+async fn fetch_loop(
+    mut requests: mpsc::Receiver<Fetch>,
+    nas: Option<Listen>,
+    names: HashMap<u32, String>,
+    back: mpsc::Sender<LinkFrame>,
+    counters: Arc<Counters>,
+    config: TargetConfig,
+) {
+    let mut clients: HashMap<u32, Option<NbdClient>> = HashMap::new();
+    while let Some(first) = requests.recv().await {
+        let mut round = vec![first];
+        while round.len() < 1024 {
+            match requests.try_recv() {
+                Ok(f) => round.push(f),
+                Err(_) => break,
+            }
+        }
+        let mut by_export: HashMap<u32, Vec<Fetch>> = HashMap::new();
+        for f in round {
+            by_export.entry(f.export).or_default().push(f);
+        }
+        for (export, fetches) in by_export {
+            let started = Instant::now();
+            let client = match clients.get_mut(&export) {
+                Some(c) => c,
+                None => {
+                    let c = match (&nas, names.get(&export)) {
+                        (Some(addr), Some(name)) => {
+                            match tokio::time::timeout(
+                                config.fetch_timeout,
+                                NbdClient::connect(addr, name),
+                            )
+                            .await
+                            {
+                                Ok(Ok(c)) => Some(c),
+                                Ok(Err(e)) => {
+                                    tracing::warn!("NAS export {name}: {e}; using fallbacks");
+                                    None
+                                }
+                                Err(_) => {
+                                    tracing::warn!("NAS export {name}: connect timed out");
+                                    None
+                                }
+                            }
+                        }
+                        _ => None,
+                    };
+                    clients.entry(export).or_insert(c)
+                }
+            };
+            let results = match client.as_mut() {
+                Some(c) => {
+                    let ranges: Vec<(u64, u32)> = fetches
+                        .iter()
+                        .map(|f| (f.offset, PAGE_SIZE as u32))
+                        .collect();
+                    match tokio::time::timeout(
+                        config.fetch_timeout,
+                        c.read_many(&ranges, config.fetch_window),
+                    )
+                    .await
+                    {
+                        Ok(Ok(r)) => Some(r),
+                        Ok(Err(e)) => {
+                            tracing::warn!(export, "NAS read failed: {e}; using fallbacks");
+                            None
+                        }
+                        Err(_) => {
+                            tracing::warn!(export, "NAS read timed out; using fallbacks");
+                            None
+                        }
+                    }
+                }
+                None => None,
+            };
+            if results.is_none() {
+                // A broken connection is not reused.
+                clients.insert(export, None);
+            }
+            for (i, f) in fetches.into_iter().enumerate() {
+                let verified = results
+                    .as_ref()
+                    .and_then(|r| r[i].as_ref().ok())
+                    .filter(|data| blake3::hash(data).as_bytes() == &f.hash);
+                match verified {
+                    Some(data) => {
+                        Counters::add(&counters.nas_bytes, PAGE_SIZE as u64);
+                        let mut page = Box::new([0u8; PAGE_SIZE]);
+                        page.copy_from_slice(data);
+                        f.cell.set(page);
+                    }
+                    None => {
+                        Counters::add(&counters.fallbacks, 1);
+                        if back
+                            .send(LinkFrame::FallbackReq { seq: f.seq })
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                }
+            }
+            Counters::add(&counters.fetch_ns, started.elapsed().as_nanos() as u64);
+        }
+    }
+}

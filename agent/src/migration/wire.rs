@@ -1,0 +1,90 @@
+//! Reading agent-link frames from a byte stream, with ZSTD frames inflated in place.
+use std::collections::VecDeque;
+
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+use super::link::{LinkError, LinkFrame, MAX_FRAME};
+
+/// Buffers a link's bytes and yields whole frames.
+#[derive(Default)]
+pub struct FrameReader {
+    buf: Vec<u8>,
+    inflated: VecDeque<(LinkFrame, usize)>,
+}
+
+impl FrameReader {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The next frame; `Ok(None)` at a clean end of stream. ZSTD frames are opened and their
+    /// inner frames returned one by one (nested ZSTD is refused).
+    pub async fn next<R: AsyncRead + Unpin>(
+        &mut self,
+        reader: &mut R,
+    ) -> Result<Option<LinkFrame>, String> {
+        Ok(self.next_sized(reader).await?.map(|(f, _)| f))
+    }
+
+    /// Like [`FrameReader::next`], with the frame's encoded size (for a frame that arrived
+    /// inside ZSTD, its size before compression): the unit of the link's flow control.
+    pub async fn next_sized<R: AsyncRead + Unpin>(
+        &mut self,
+        reader: &mut R,
+    ) -> Result<Option<(LinkFrame, usize)>, String> {
+        if let Some(f) = self.inflated.pop_front() {
+            return Ok(Some(f));
+        }
+        loop {
+            match LinkFrame::parse(&self.buf) {
+                Ok((frame, used)) => {
+                    self.buf.drain(..used);
+                    if let LinkFrame::Zstd { raw_len, data } = frame {
+                        self.inflate(raw_len, &data)?;
+                        match self.inflated.pop_front() {
+                            Some(f) => return Ok(Some(f)),
+                            None => continue,
+                        }
+                    }
+                    return Ok(Some((frame, used)));
+                }
+                Err(LinkError::Incomplete) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+            let mut chunk = [0u8; 64 << 10];
+            let n = reader
+                .read(&mut chunk)
+                .await
+                .map_err(|e| format!("link read failed: {e}"))?;
+            if n == 0 {
+                return if self.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err("link closed inside a frame".into())
+                };
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    fn inflate(&mut self, raw_len: u32, data: &[u8]) -> Result<(), String> {
+        if raw_len > 2 * MAX_FRAME {
+            return Err(format!("ZSTD frame claims {raw_len} bytes"));
+        }
+        let raw = zstd::bulk::decompress(data, raw_len as usize)
+            .map_err(|e| format!("ZSTD frame does not inflate: {e}"))?;
+        if raw.len() != raw_len as usize {
+            return Err("ZSTD frame inflates to the wrong size".into());
+        }
+        let mut rest = &raw[..];
+        while !rest.is_empty() {
+            let (frame, used) = LinkFrame::parse(rest).map_err(|e| format!("inside ZSTD: {e}"))?;
+            if matches!(frame, LinkFrame::Zstd { .. }) {
+                return Err("nested ZSTD frame".into());
+            }
+            self.inflated.push_back((frame, used));
+            rest = &rest[used..];
+        }
+        Ok(())
+    }
+}

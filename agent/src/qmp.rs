@@ -1,0 +1,216 @@
+//! A small QMP client: connect to a QEMU monitor socket, negotiate capabilities, run commands.
+//!
+//! QMP is line-delimited JSON. After the greeting the client sends `qmp_capabilities`; each
+//! command then gets one `return` or `error` reply, while asynchronous `event` messages may
+//! arrive at any time. Events are kept (bounded) for callers that wait for one.
+use std::{collections::VecDeque, path::Path, time::Duration};
+
+use serde_json::{json, Value};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::{
+        unix::{OwnedReadHalf, OwnedWriteHalf},
+        UnixStream,
+    },
+};
+
+/// Events kept for [`Qmp::events`]; older ones are dropped.
+const MAX_EVENTS: usize = 256;
+/// Longest QMP line accepted.
+const MAX_LINE: usize = 16 << 20;
+
+/// QMP failures.
+#[derive(Debug, thiserror::Error)]
+pub enum QmpError {
+    #[error("QMP socket {path}: {source}")]
+    Connect {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("QMP connection failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("QMP sent invalid JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("QMP closed the connection")]
+    Closed,
+    #[error("QMP line longer than {MAX_LINE} bytes")]
+    TooLong,
+    #[error("QEMU refused {command}: {class}: {desc}")]
+    Command {
+        command: String,
+        class: String,
+        desc: String,
+    },
+    #[error("QMP did not answer {0} in time")]
+    Timeout(String),
+}
+
+/// A QMP session.
+pub struct Qmp {
+    reader: BufReader<OwnedReadHalf>,
+    writer: OwnedWriteHalf,
+    events: VecDeque<Value>,
+    /// QEMU version from the greeting, e.g. (10, 0, 2).
+    pub version: (u64, u64, u64),
+}
+
+impl Qmp {
+    /// Connects to a QMP unix socket and enters command mode.
+    pub async fn connect(path: &Path) -> Result<Self, QmpError> {
+        let stream = UnixStream::connect(path)
+            .await
+            .map_err(|source| QmpError::Connect {
+                path: path.display().to_string(),
+                source,
+            })?;
+        let (r, w) = stream.into_split();
+        let mut qmp = Self {
+            reader: BufReader::new(r),
+            writer: w,
+            events: VecDeque::new(),
+            version: (0, 0, 0),
+        };
+        let greeting = qmp.read_message().await?;
+        let v = &greeting["QMP"]["version"]["qemu"];
+        qmp.version = (
+            v["major"].as_u64().unwrap_or(0),
+            v["minor"].as_u64().unwrap_or(0),
+            v["micro"].as_u64().unwrap_or(0),
+        );
+        qmp.execute("qmp_capabilities", None).await?;
+        Ok(qmp)
+    }
+
+    async fn read_message(&mut self) -> Result<Value, QmpError> {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let n = (&mut self.reader)
+                .take(MAX_LINE as u64 + 1)
+                .read_line(&mut line)
+                .await?;
+            if n == 0 {
+                return Err(QmpError::Closed);
+            }
+            if n > MAX_LINE {
+                return Err(QmpError::TooLong);
+            }
+            if !line.trim().is_empty() {
+                return Ok(serde_json::from_str(&line)?);
+            }
+        }
+    }
+
+    /// Runs `command` with optional arguments and returns its `return` value.
+    pub async fn execute(&mut self, command: &str, args: Option<Value>) -> Result<Value, QmpError> {
+        let mut msg = json!({ "execute": command });
+        if let Some(a) = args {
+            msg["arguments"] = a;
+        }
+        let mut line = serde_json::to_vec(&msg)?;
+        line.push(b'\n');
+        self.writer.write_all(&line).await?;
+        loop {
+            let reply = self.read_message().await?;
+            if reply.get("event").is_some() {
+                if self.events.len() == MAX_EVENTS {
+                    self.events.pop_front();
+                }
+                self.events.push_back(reply);
+                continue;
+            }
+            if let Some(err) = reply.get("error") {
+                return Err(QmpError::Command {
+                    command: command.to_string(),
+                    class: err["class"].as_str().unwrap_or("?").to_string(),
+                    desc: err["desc"].as_str().unwrap_or("?").to_string(),
+                });
+            }
+            return Ok(reply.get("return").cloned().unwrap_or(Value::Null));
+        }
+    }
+
+    /// [`Qmp::execute`] with a time limit.
+    pub async fn execute_timeout(
+        &mut self,
+        command: &str,
+        args: Option<Value>,
+        limit: Duration,
+    ) -> Result<Value, QmpError> {
+        tokio::time::timeout(limit, self.execute(command, args))
+            .await
+            .map_err(|_| QmpError::Timeout(command.to_string()))?
+    }
+
+    /// Events received so far (oldest first), drained.
+    pub fn events(&mut self) -> Vec<Value> {
+        self.events.drain(..).collect()
+    }
+
+    /// `query-status`'s `status` (e.g. "running", "postmigrate", "inmigrate").
+    pub async fn status(&mut self) -> Result<String, QmpError> {
+        let r = self.execute("query-status", None).await?;
+        Ok(r["status"].as_str().unwrap_or("unknown").to_string())
+    }
+
+    /// Migration capabilities that are on.
+    pub async fn enabled_capabilities(&mut self) -> Result<Vec<String>, QmpError> {
+        let caps = self.execute("query-migrate-capabilities", None).await?;
+        Ok(caps
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter(|c| c["state"].as_bool() == Some(true))
+                    .filter_map(|c| c["capability"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::UnixListener;
+
+    /// A scripted fake monitor: enough to test framing, events and errors. The real QEMU is
+    /// exercised by the end-to-end tests.
+    #[tokio::test]
+    async fn handles_greeting_events_and_errors() {
+        let dir = std::env::temp_dir().join(format!("qmp-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("qmp.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let server = tokio::spawn(async move {
+            let (s, _) = listener.accept().await.unwrap();
+            let (r, mut w) = s.into_split();
+            let mut r = BufReader::new(r);
+            w.write_all(b"{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 2, \"minor\": 0, \"major\": 10}}, \"capabilities\": []}}\n").await.unwrap();
+            let mut line = String::new();
+            r.read_line(&mut line).await.unwrap();
+            assert!(line.contains("qmp_capabilities"));
+            w.write_all(b"{\"return\": {}}\n").await.unwrap();
+            line.clear();
+            r.read_line(&mut line).await.unwrap();
+            assert!(line.contains("query-status"));
+            w.write_all(b"{\"event\": \"STOP\", \"data\": {}}\n\n{\"return\": {\"status\": \"running\", \"running\": true}}\n").await.unwrap();
+            line.clear();
+            r.read_line(&mut line).await.unwrap();
+            w.write_all(b"{\"error\": {\"class\": \"GenericError\", \"desc\": \"nope\"}}\n")
+                .await
+                .unwrap();
+        });
+        let mut q = Qmp::connect(&path).await.unwrap();
+        assert_eq!(q.version, (10, 0, 2));
+        assert_eq!(q.status().await.unwrap(), "running");
+        assert_eq!(q.events().len(), 1);
+        match q.execute("migrate", Some(json!({"uri": "x"}))).await {
+            Err(QmpError::Command { class, desc, .. }) => {
+                assert_eq!((class.as_str(), desc.as_str()), ("GenericError", "nope"))
+            }
+            other => panic!("{other:?}"),
+        }
+        server.await.unwrap();
+        std::fs::remove_dir_all(dir).ok();
+    }
+}

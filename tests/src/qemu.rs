@@ -1,0 +1,203 @@
+//! Real QEMU guests for the end-to-end tests: the project's own guest image (built by
+//! `cargo xtask guest-image`: Debian's kernel and a busybox initramfs) booted under TCG on an
+//! NBD disk, with a QMP socket and a serial log to read heartbeats from.
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use agent::qmp::Qmp;
+
+/// `target/guest`, where `cargo xtask guest-image` puts the kernel and initramfs.
+pub fn image_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/guest")
+}
+
+/// A running guest; killed on drop.
+pub struct Guest {
+    pub name: String,
+    pub qmp_path: PathBuf,
+    pub serial_path: PathBuf,
+    child: Child,
+}
+
+/// How to start a guest.
+pub struct GuestSpec<'a> {
+    pub name: &'a str,
+    pub mem_mb: u32,
+    pub read_mb: u32,
+    pub disk_uri: &'a str,
+    pub disk_writes: bool,
+    /// Start with `-incoming defer` (a migration target).
+    pub incoming: bool,
+}
+
+impl Guest {
+    pub fn start(dir: &Path, spec: &GuestSpec) -> Guest {
+        crate::require_tool("qemu-system-x86_64");
+        let images = image_dir();
+        let (kernel, initrd) = (images.join("vmlinuz"), images.join("initramfs.cpio.gz"));
+        assert!(
+            kernel.is_file() && initrd.is_file(),
+            "the guest image is missing in {}: run `cargo xtask guest-image` (cargo xtask test \
+             builds it)",
+            images.display()
+        );
+        let qmp_path = dir.join(format!("{}.qmp", spec.name));
+        let serial_path = dir.join(format!("{}.serial", spec.name));
+        std::fs::remove_file(&qmp_path).ok();
+        std::fs::write(&serial_path, b"").unwrap();
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args([
+            "-name", spec.name, "-accel", "tcg", "-machine", "pc", "-smp", "1",
+        ])
+        .args(["-m", &spec.mem_mb.to_string()])
+        .args(["-nodefaults", "-display", "none", "-no-reboot"])
+        .arg("-kernel")
+        .arg(&kernel)
+        .arg("-initrd")
+        .arg(&initrd)
+        .arg("-append")
+        .arg(format!(
+            "console=ttyS0 quiet panic=-1 readmb={} diskwrite={}",
+            spec.read_mb,
+            u8::from(spec.disk_writes)
+        ))
+        .arg("-drive")
+        .arg(format!("file={},format=raw,if=virtio", spec.disk_uri))
+        .arg("-serial")
+        .arg(format!("file:{}", serial_path.display()))
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp_path.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+        if spec.incoming {
+            cmd.args(["-incoming", "defer"]);
+        }
+        let child = cmd.spawn().expect("start qemu-system-x86_64");
+        let guest = Guest {
+            name: spec.name.to_string(),
+            qmp_path,
+            serial_path,
+            child,
+        };
+        guest.wait_for_file(&guest.qmp_path, Duration::from_secs(30));
+        guest
+    }
+
+    fn wait_for_file(&self, path: &Path, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while !path.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "{}: {} never appeared",
+                self.name,
+                path.display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The serial log so far.
+    pub fn serial(&self) -> String {
+        std::fs::read_to_string(&self.serial_path).unwrap_or_default()
+    }
+
+    /// Waits until a serial line starts with `prefix` and has appeared more than `after`
+    /// times; returns that line.
+    pub fn wait_line(&self, prefix: &str, after: usize, limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            let log = self.serial();
+            if let Some(line) = log.lines().filter(|l| l.starts_with(prefix)).nth(after) {
+                return line.to_string();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: no {prefix:?} line #{after} within {limit:?}; serial log:\n{log}",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The last heartbeat number printed.
+    pub fn heartbeat(&self) -> Option<u64> {
+        self.serial()
+            .lines()
+            .rev()
+            .filter_map(|l| l.strip_prefix("QEVAL-HEARTBEAT "))
+            .find_map(|n| n.trim().parse().ok())
+    }
+
+    /// Every blob checksum the guest printed, in order.
+    pub fn blob_sums(&self) -> Vec<String> {
+        self.serial()
+            .lines()
+            .filter_map(|l| l.strip_prefix("QEVAL-BLOB "))
+            .map(|s| s.trim().to_string())
+            .collect()
+    }
+
+    pub async fn qmp(&self) -> Qmp {
+        Qmp::connect(&self.qmp_path).await.expect("QMP connect")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().ok().flatten().is_none()
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        self.child.kill().ok();
+        self.child.wait().ok();
+    }
+}
+
+/// Boots a guest on `disk_uri`, lets it read `read_mb`, and records its migration stream into
+/// `path` with `migrate exec:cat`.
+pub async fn record_stream(dir: &Path, disk_uri: &str, mem_mb: u32, read_mb: u32, path: &Path) {
+    let guest = Guest::start(
+        dir,
+        &GuestSpec {
+            name: "recorder",
+            mem_mb,
+            read_mb,
+            disk_uri,
+            disk_writes: false,
+            incoming: false,
+        },
+    );
+    guest.wait_line("QEVAL-READY", 0, Duration::from_secs(120));
+    let mut qmp = guest.qmp().await;
+    qmp.execute(
+        "migrate",
+        Some(serde_json::json!({ "uri": format!("exec:cat > {}", path.display()) })),
+    )
+    .await
+    .expect("migrate to a file");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let info = qmp
+            .execute("query-migrate", None)
+            .await
+            .expect("query-migrate");
+        match info["status"].as_str() {
+            Some("completed") => break,
+            Some("failed") => panic!("recording migration failed: {info}"),
+            _ => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "recording did not finish: {info}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -1,0 +1,200 @@
+//! `cargo xtask fuzz`: record real sessions as seeds, then run every cargo-fuzz target.
+//!
+//! Seeds are the bytes real clients send: nbdinfo and qemu-io talking to a live nas-server, and
+//! the library's index client talking to its index service, each through a recording proxy.
+//! They are written under `target/fuzz-corpus/` (never committed) and each target then runs for
+//! `--seconds`. A crash fails the command and leaves its input in `nas-server/fuzz/artifacts/`.
+use std::{
+    io::{Read, Write},
+    net::{TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context};
+
+use crate::sh;
+
+const TARGETS: [&str; 2] = ["nbd_session", "index_frame"];
+const NBD_PORT: u16 = 10_970;
+const INDEX_PORT: u16 = 10_971;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Seconds each target runs.
+    #[arg(long, default_value_t = 60)]
+    pub seconds: u64,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    crate::setup::run()?;
+    sh::run(sh::cargo().args(["build", "--release", "-p", "nas-server"]))?;
+    let corpus = sh::workspace_root().join("target/fuzz-corpus");
+    record_seeds(&corpus)?;
+    for target in TARGETS {
+        let dir = corpus.join(target);
+        std::fs::create_dir_all(&dir)?;
+        sh::run(
+            sh::cargo()
+                .current_dir(sh::workspace_root().join("nas-server"))
+                .args(["+nightly", "fuzz", "run", target])
+                .arg(&dir)
+                .arg("--")
+                .arg(format!("-max_total_time={}", args.seconds))
+                .arg("-rss_limit_mb=2048"),
+        )
+        .with_context(|| format!("fuzz target {target} failed; see nas-server/fuzz/artifacts"))?;
+    }
+    Ok(())
+}
+
+fn record_seeds(corpus: &Path) -> anyhow::Result<()> {
+    let work = sh::workspace_root().join("target/xtask/fuzz");
+    std::fs::create_dir_all(&work)?;
+    let image = work.join("seed.raw");
+    std::fs::write(&image, vec![0x5a; 1 << 20])?;
+    let mut server = Server::start(&image)?;
+    let nbd_dir = corpus.join("nbd_session");
+    let index_dir = corpus.join("index_frame");
+    std::fs::create_dir_all(&nbd_dir)?;
+    std::fs::create_dir_all(&index_dir)?;
+
+    let sessions: Vec<Vec<&str>> = vec![
+        vec!["nbdinfo", "--list", "nbd://127.0.0.1:PORT"],
+        vec!["nbdinfo", "--map", "nbd://127.0.0.1:PORT/seed"],
+        vec![
+            "qemu-io",
+            "-f",
+            "raw",
+            "-c",
+            "read 0 4k",
+            "-c",
+            "write -P 7 4096 8k",
+            "-c",
+            "discard 65536 64k",
+            "-c",
+            "write -z 131072 4k",
+            "-c",
+            "flush",
+            "nbd://127.0.0.1:PORT/seed",
+        ],
+    ];
+    for (i, argv) in sessions.iter().enumerate() {
+        let proxy = Recorder::start(NBD_PORT, nbd_dir.join(format!("recorded-{i}")))?;
+        let argv: Vec<String> = argv
+            .iter()
+            .map(|a| a.replace("PORT", &proxy.port.to_string()))
+            .collect();
+        sh::stdout(Command::new(&argv[0]).args(&argv[1..]))?;
+        proxy.finish()?;
+    }
+    let proxy = Recorder::start(INDEX_PORT, index_dir.join("recorded-0"))?;
+    index_session(proxy.port)?;
+    proxy.finish()?;
+    server.stop();
+    eprintln!("fuzz: seeds recorded under {}", corpus.display());
+    Ok(())
+}
+
+/// A real index-service session through the library's client.
+fn index_session(port: u16) -> anyhow::Result<()> {
+    use nas_server::{client::index::IndexClient, listener::Listen};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let addr = Listen::Tcp(([127, 0, 0, 1], port).into());
+        let mut c = IndexClient::connect(&addr, &["seed".into()]).await?;
+        c.lookup(&[[0x11; 32], *blake3::hash(&[0x5a; 4096]).as_bytes()])
+            .await?;
+        c.block_hashes(1, 0, 4).await?;
+        c.subscribe_hot().await?;
+        c.recv().await?;
+        anyhow::Ok(())
+    })
+}
+
+struct Server(Child);
+
+impl Server {
+    fn start(image: &Path) -> anyhow::Result<Self> {
+        let child = Command::new(sh::workspace_root().join("target/release/nas-server"))
+            .args(["--listen", &format!("127.0.0.1:{NBD_PORT}")])
+            .args(["--index-listen", &format!("127.0.0.1:{INDEX_PORT}")])
+            .arg("--export")
+            .arg(format!("seed={}", image.display()))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .context("cannot start nas-server")?;
+        let server = Self(child);
+        for port in [NBD_PORT, INDEX_PORT] {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while TcpStream::connect(("127.0.0.1", port)).is_err() {
+                if Instant::now() > deadline {
+                    bail!("nas-server did not listen on {port}");
+                }
+                thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(server)
+    }
+
+    fn stop(&mut self) {
+        self.0.kill().ok();
+        self.0.wait().ok();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A one-connection TCP proxy that saves what the client sent.
+struct Recorder {
+    port: u16,
+    thread: thread::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Recorder {
+    fn start(upstream: u16, out: PathBuf) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        let thread = thread::spawn(move || -> anyhow::Result<()> {
+            let (mut client, _) = listener.accept()?;
+            let mut server = TcpStream::connect(("127.0.0.1", upstream))?;
+            let (mut client_rd, mut server_wr) = (client.try_clone()?, server.try_clone()?);
+            let up = thread::spawn(move || -> std::io::Result<Vec<u8>> {
+                let mut recorded = Vec::new();
+                let mut buf = [0u8; 64 << 10];
+                loop {
+                    let n = client_rd.read(&mut buf)?;
+                    if n == 0 {
+                        server_wr.shutdown(std::net::Shutdown::Write).ok();
+                        return Ok(recorded);
+                    }
+                    recorded.extend_from_slice(&buf[..n]);
+                    server_wr.write_all(&buf[..n])?;
+                }
+            });
+            std::io::copy(&mut server, &mut client).ok();
+            client.shutdown(std::net::Shutdown::Both).ok();
+            let recorded = up
+                .join()
+                .map_err(|_| anyhow::anyhow!("recorder thread panicked"))??;
+            std::fs::write(out, recorded)?;
+            Ok(())
+        });
+        Ok(Self { port, thread })
+    }
+
+    fn finish(self) -> anyhow::Result<()> {
+        self.thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("recorder panicked"))?
+    }
+}

@@ -1,0 +1,156 @@
+//! `cargo xtask guest-image`: the test guest, built from Debian packages only.
+//!
+//! The kernel is Debian's `linux-image-amd64` target package, unpacked privately with
+//! `apt-get download` + `dpkg -x`; the userland is busybox-static in a gzip'd cpio initramfs
+//! with the virtio modules the kernel needs for its NBD-backed disk. The guest's /init:
+//! - loads virtio_ring, virtio, virtio_pci_modern_dev, virtio_pci_legacy_dev, virtio_pci,
+//!   virtio_blk (that order; there is no modprobe);
+//! - reads `readmb=` MiB of /dev/vda and keeps it open, so the page cache stays;
+//! - fills a 16 MiB RAM blob and prints its md5 (`QEVAL-BLOB`) with every 5th heartbeat;
+//! - with `diskwrite=1`, rewrites disk blocks every second (for migration fault tests);
+//! - prints `QEVAL-HEARTBEAT n` every second.
+//!
+//! Output: `target/guest/{vmlinuz,initramfs.cpio.gz}`. Rebuilt only when the init script or
+//! the kernel version changes.
+use std::{fs, path::PathBuf, process::Command};
+
+use anyhow::{bail, Context};
+
+use crate::sh;
+
+const MODULES: [&str; 6] = [
+    "virtio/virtio_ring",
+    "virtio/virtio",
+    "virtio/virtio_pci_modern_dev",
+    "virtio/virtio_pci_legacy_dev",
+    "virtio/virtio_pci",
+    "block/virtio_blk",
+];
+
+const INIT: &str = r#"#!/bin/sh
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk; do
+  insmod /mods/$m.ko || echo "QEVAL-ERROR insmod $m"
+done
+READMB=0; DISKWRITE=0
+for a in $(cat /proc/cmdline); do
+  case "$a" in readmb=*) READMB="${a#readmb=}";; diskwrite=*) DISKWRITE="${a#diskwrite=}";; esac
+done
+i=0; while [ ! -b /dev/vda ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
+if [ -b /dev/vda ]; then
+  # Held open for ever: the kernel drops a block device's page cache on last close.
+  exec 3< /dev/vda
+  if [ "$READMB" -gt 0 ]; then
+    dd if=/dev/vda of=/dev/null bs=1M count=$READMB 2>/dev/null
+  fi
+  echo "QEVAL-READ-DONE $READMB"
+else
+  echo "QEVAL-ERROR no /dev/vda"
+fi
+dd if=/dev/urandom of=/tmp/blob bs=1M count=16 2>/dev/null
+echo "QEVAL-BLOB $(md5sum /tmp/blob | cut -d' ' -f1)"
+echo "QEVAL-READY"
+n=0
+while true; do
+  echo "QEVAL-HEARTBEAT $n"
+  if [ $((n % 5)) -eq 0 ]; then echo "QEVAL-BLOB $(md5sum /tmp/blob | cut -d' ' -f1)"; fi
+  if [ "$DISKWRITE" = 1 ]; then
+    dd if=/dev/urandom of=/dev/vda bs=4k count=64 seek=$(( (n * 64) % 8192 )) conv=fsync 2>/dev/null
+  fi
+  n=$((n+1))
+  sleep 1
+done
+"#;
+
+/// Where the guest's files land.
+pub fn dir() -> PathBuf {
+    sh::workspace_root().join("target/guest")
+}
+
+pub fn build() -> anyhow::Result<()> {
+    let out = dir();
+    fs::create_dir_all(&out)?;
+    let package = kernel_package()?;
+    let stamp = format!("{package}\n{}", blake3::hash(INIT.as_bytes()).to_hex());
+    let stamp_file = out.join("stamp");
+    if fs::read_to_string(&stamp_file).is_ok_and(|s| s == stamp)
+        && out.join("vmlinuz").is_file()
+        && out.join("initramfs.cpio.gz").is_file()
+    {
+        eprintln!("guest-image: up to date ({package})");
+        return Ok(());
+    }
+    let work = out.join("work");
+    let _ = fs::remove_dir_all(&work);
+    fs::create_dir_all(&work)?;
+    sh::run(
+        Command::new("apt-get")
+            .current_dir(&work)
+            .args(["download", &package]),
+    )
+    .with_context(|| format!("cannot download {package}"))?;
+    let deb = fs::read_dir(&work)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .context("apt-get download produced no .deb")?;
+    let kroot = work.join("kroot");
+    sh::run(Command::new("dpkg").arg("-x").arg(&deb).arg(&kroot))?;
+    let version = package
+        .strip_prefix("linux-image-")
+        .context("unexpected kernel package name")?;
+    let modules = kroot
+        .join("lib/modules")
+        .join(version)
+        .join("kernel/drivers");
+    let root = work.join("initramfs");
+    for d in ["bin", "proc", "sys", "dev", "tmp", "mods"] {
+        fs::create_dir_all(root.join(d))?;
+    }
+    fs::copy("/bin/busybox", root.join("bin/busybox"))
+        .context("busybox-static is missing: run `cargo xtask setup`")?;
+    for applet in [
+        "sh", "mount", "echo", "cat", "dd", "sleep", "insmod", "ls", "grep", "sed", "test", "cut",
+        "tr", "md5sum", "uname", "head",
+    ] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet))?;
+    }
+    for m in MODULES {
+        let name = m.rsplit('/').next().expect("module path has a name");
+        let src = modules.join(format!("{m}.ko"));
+        if !src.is_file() {
+            bail!("{} not found in {package}", src.display());
+        }
+        fs::copy(&src, root.join("mods").join(format!("{name}.ko")))?;
+    }
+    let init = root.join("init");
+    fs::write(&init, INIT)?;
+    fs::set_permissions(&init, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let cpio = out.join("initramfs.cpio.gz");
+    sh::run(Command::new("sh").current_dir(&root).arg("-c").arg(format!(
+        "find . -print0 | cpio --null -o -H newc --quiet | gzip -6 > {}",
+        cpio.display()
+    )))?;
+    fs::copy(
+        kroot.join("boot").join(format!("vmlinuz-{version}")),
+        out.join("vmlinuz"),
+    )?;
+    fs::write(&stamp_file, stamp)?;
+    fs::remove_dir_all(&work).ok();
+    eprintln!("guest-image: built {} from {package}", out.display());
+    Ok(())
+}
+
+/// The kernel package Debian's `linux-image-amd64` points at (e.g. linux-image-6.1.0-56-amd64).
+fn kernel_package() -> anyhow::Result<String> {
+    let deps = sh::stdout(Command::new("apt-cache").args(["depends", "linux-image-amd64"]))
+        .context("apt-cache cannot resolve linux-image-amd64 (run apt-get update)")?;
+    deps.lines()
+        .filter_map(|l| l.trim().strip_prefix("Depends: "))
+        .find(|p| p.starts_with("linux-image-") && p.ends_with("-amd64"))
+        .map(str::to_string)
+        .context("linux-image-amd64 depends on no linux-image-*-amd64 package")
+}
