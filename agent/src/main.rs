@@ -26,6 +26,10 @@ struct Cli {
 enum Command {
     /// Attach the block-I/O probe and report requests per disk and process.
     Telemetry(cmd::telemetry::Args),
+    /// Migrate a VM live through the agents (run on the source host).
+    Migrate(cmd::migrate::Args),
+    /// Accept migrations from source agents (run on every target host).
+    Serve(cmd::serve::Args),
 }
 
 #[tokio::main]
@@ -41,5 +45,7 @@ async fn main() -> anyhow::Result<()> {
     let source = agent::telemetry::ObjectSource::from_option(cli.ebpf_object);
     match cli.command {
         Command::Telemetry(args) => cmd::telemetry::run(&source, args).await,
+        Command::Migrate(args) => cmd::migrate::run(args).await,
+        Command::Serve(args) => cmd::serve::run(args).await,
     }
 }

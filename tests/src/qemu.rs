@@ -201,3 +201,10 @@ pub async fn record_stream(dir: &Path, disk_uri: &str, mem_mb: u32, read_mb: u32
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// Serialises tests that boot guests: TCG guests are CPU-bound and the machine has two cores.
+pub fn exclusive() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}

@@ -112,6 +112,7 @@ fn real_streams_rebuild_byte_for_byte() {
     if !require_root("real_streams_rebuild_byte_for_byte") {
         return;
     }
+    let _qemu = tests::qemu::exclusive();
     let dir = Scratch::new("roundtrip");
     let disk = dir.path("disk.raw");
     std::fs::write(&disk, pattern(11, DISK)).unwrap();

@@ -1,2 +1,4 @@
 //! One module per subcommand.
+pub mod migrate;
+pub mod serve;
 pub mod telemetry;

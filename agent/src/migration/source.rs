@@ -55,6 +55,10 @@ pub struct SourceConfig {
     pub unacked_pages: usize,
     /// Bytes of data frames allowed ahead of the target's acknowledgement.
     pub link_window: u64,
+    /// Rewrite pages (the product); `false` forwards QEMU's bytes verbatim (`--passthrough`).
+    pub rewrite: bool,
+    /// Also write QEMU's exact stream to this file (for verification).
+    pub record: Option<std::path::PathBuf>,
     pub dedup_capacity: usize,
 }
 
@@ -71,6 +75,8 @@ impl SourceConfig {
             lookup_window: 8,
             unacked_pages: 16_384,
             link_window: 64 << 20,
+            rewrite: true,
+            record: None,
             dedup_capacity: super::dedup::DEFAULT_CAPACITY,
         }
     }
@@ -446,6 +452,14 @@ where
     let mut in_flight = 0usize;
     let mut eof = false;
     let mut buf = vec![0u8; 1 << 20];
+    let mut record = match &config.record {
+        Some(path) => Some(
+            tokio::fs::File::create(path)
+                .await
+                .map_err(SourceError::Qemu)?,
+        ),
+        None => None,
+    };
     let result: Result<(), SourceError> = async {
         loop {
             // Emit every resolved batch at the front, in order.
@@ -465,8 +479,16 @@ where
             tokio::select! {
                 reply = async { index.as_mut().expect("in flight implies a client").recv().await },
                     if in_flight > 0 => {
-                    resolve(&mut batches, reply?, &counters)?;
-                    in_flight -= 1;
+                    match reply {
+                        Ok(frame) => {
+                            resolve(&mut batches, frame, &counters)?;
+                            in_flight -= 1;
+                        }
+                        Err(e) => {
+                            lose_index(&mut index, &mut batches, &e);
+                            in_flight = 0;
+                        }
+                    }
                 }
                 n = qemu.read(&mut buf), if can_read => {
                     let n = n.map_err(SourceError::Qemu)?;
@@ -475,6 +497,17 @@ where
                         continue;
                     }
                     Counters::add(&counters.qemu_bytes, n as u64);
+                    if let Some(file) = record.as_mut() {
+                        file.write_all(&buf[..n]).await.map_err(SourceError::Qemu)?;
+                    }
+                    if !config.rewrite {
+                        batches.push_back(Batch {
+                            items: vec![Item::Raw(buf[..n].to_vec())],
+                            lookup: None,
+                            sent_at: Instant::now(),
+                        });
+                        continue;
+                    }
                     let remote = index.is_some() && !parser.in_final_ram_section();
                     let mut sink = Collector {
                         items: Vec::new(),
@@ -495,9 +528,16 @@ where
                                 Item::Page { hash, .. } => *hash,
                                 Item::Raw(_) => unreachable!("only pages are looked up"),
                             }).collect();
-                            let id = client.send_lookup(hashes).await?;
-                            batch.lookup = Some((id, wanted));
-                            in_flight += 1;
+                            match client.send_lookup(hashes).await {
+                                Ok(id) => {
+                                    batch.lookup = Some((id, wanted));
+                                    in_flight += 1;
+                                }
+                                Err(e) => {
+                                    lose_index(&mut index, &mut batches, &e);
+                                    in_flight = 0;
+                                }
+                            }
                         }
                     }
                     batches.push_back(batch);
@@ -510,6 +550,9 @@ where
         t.abort();
     }
     result?;
+    if let Some(mut file) = record {
+        file.flush().await.map_err(SourceError::Qemu)?;
+    }
     let mut source = counters.snapshot();
     source.pages_zero = parser.stats().zero_pages;
     if let Some(reason) = parser.passthrough_reason() {
@@ -538,6 +581,20 @@ where
         target,
         passthrough_reason: parser.passthrough_reason().map(str::to_string),
     })
+}
+
+/// The index service went away: pages still waiting for an answer go in full, and no more
+/// lookups are made. Only savings are lost; the stream stays exact.
+fn lose_index(
+    index: &mut Option<IndexClient>,
+    batches: &mut VecDeque<Batch>,
+    e: &IndexClientError,
+) {
+    tracing::warn!("index service lost ({e}); sending the remaining pages in full");
+    *index = None;
+    for b in batches.iter_mut() {
+        b.lookup = None;
+    }
 }
 
 /// Fills the front-most pending batch with a lookup reply (replies come in request order).

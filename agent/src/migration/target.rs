@@ -42,6 +42,8 @@ pub struct TargetConfig {
     /// Time allowed for one fetch round before its pages fall back to the source.
     pub fetch_timeout: Duration,
     pub dedup_capacity: usize,
+    /// Also write the rebuilt stream to this file (for verification).
+    pub record: Option<std::path::PathBuf>,
 }
 
 impl Default for TargetConfig {
@@ -52,6 +54,7 @@ impl Default for TargetConfig {
             fetch_window: 16,
             fetch_timeout: Duration::from_secs(10),
             dedup_capacity: super::dedup::DEFAULT_CAPACITY,
+            record: None,
         }
     }
 }
@@ -184,7 +187,21 @@ where
     // the credit this side returns. The reader must never block, or a fallback answer could
     // wait behind data that waits for it.
     let (slot_tx, slot_rx) = mpsc::unbounded_channel::<Credited>();
-    let writer = tokio::spawn(write_loop(slot_rx, qemu, back_tx.clone(), counters.clone()));
+    let record = match &config.record {
+        Some(path) => Some(
+            tokio::fs::File::create(path)
+                .await
+                .map_err(TargetError::Qemu)?,
+        ),
+        None => None,
+    };
+    let writer = tokio::spawn(write_loop(
+        slot_rx,
+        qemu,
+        record,
+        back_tx.clone(),
+        counters.clone(),
+    ));
 
     // The reader runs here: frames in order become slots; fallbacks fill cells.
     let mut cache: ContentCache<Arc<Cell>> = ContentCache::new(config.dedup_capacity);
@@ -320,6 +337,7 @@ where
 async fn write_loop<Q: AsyncWrite + Unpin>(
     mut slots: mpsc::UnboundedReceiver<Credited>,
     qemu: Q,
+    mut record: Option<tokio::fs::File>,
     back: mpsc::Sender<LinkFrame>,
     counters: Arc<Counters>,
 ) -> Result<(), TargetError> {
@@ -331,12 +349,17 @@ async fn write_loop<Q: AsyncWrite + Unpin>(
         let n = match slot {
             Slot::Bytes(b) => {
                 out.write_all(&b).await.map_err(TargetError::Qemu)?;
+                if let Some(f) = record.as_mut() {
+                    f.write_all(&b).await.map_err(TargetError::Qemu)?;
+                }
                 b.len()
             }
             Slot::Content { cell, seq } => {
-                out.write_all(cell.get().await)
-                    .await
-                    .map_err(TargetError::Qemu)?;
+                let page = cell.get().await;
+                out.write_all(page).await.map_err(TargetError::Qemu)?;
+                if let Some(f) = record.as_mut() {
+                    f.write_all(page).await.map_err(TargetError::Qemu)?;
+                }
                 if let Some(seq) = seq {
                     mapped = seq + 1;
                 }
@@ -360,6 +383,9 @@ async fn write_loop<Q: AsyncWrite + Unpin>(
     }
     out.flush().await.map_err(TargetError::Qemu)?;
     out.shutdown().await.map_err(TargetError::Qemu)?;
+    if let Some(mut f) = record {
+        f.flush().await.map_err(TargetError::Qemu)?;
+    }
     Ok(())
 }
 

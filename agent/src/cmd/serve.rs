@@ -1,0 +1,49 @@
+//! `agent serve`: the target-side daemon. Accepts agent links and rebuilds each migration into
+//! the target QEMU the source agent names.
+use std::net::SocketAddr;
+
+use agent::{control::serve, migration::target::TargetConfig};
+use anyhow::Context;
+use nas_server::listener::Listen;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Where source agents connect.
+    #[arg(long, default_value = "127.0.0.1:7800")]
+    link_listen: SocketAddr,
+    /// Read the NAS here instead of the address the source announces.
+    #[arg(long)]
+    nas: Option<Listen>,
+    /// Serve Prometheus metrics on this address.
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    if let Some(addr) = args.metrics {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install()
+            .with_context(|| format!("cannot serve metrics on {addr}"))?;
+    }
+    let listener = tokio::net::TcpListener::bind(args.link_listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.link_listen))?;
+    tracing::info!("agent link listening on {}", listener.local_addr()?);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
+        let _ = stop_tx.send(true);
+    });
+    let config = TargetConfig {
+        nas_override: args.nas,
+        ..TargetConfig::default()
+    };
+    serve(listener, config, stop_rx).await?;
+    Ok(())
+}

@@ -1,0 +1,500 @@
+//! Orchestration: `agent migrate` (drive both QEMUs over QMP through the agents) and
+//! `agent serve` (the target-side daemon that accepts agent links).
+//!
+//! ```text
+//! agent migrate (source host)                         agent serve (target host)
+//!   QMP target: migrate-incoming tcp:127.0.0.1:Q        accepts the link, reads HELLO,
+//!   link -> target agent ---------------------------->  connects to QEMU at Q, rebuilds
+//!   listens on 127.0.0.1:P; QMP source: migrate P       the stream, reports DONE
+//!   proxies QEMU's stream, shows progress, waits for completion, prints the report
+//! ```
+//! Failure is always clean: if anything breaks before the target confirms delivery, the
+//! source QEMU's connection is dropped (its migration fails and the guest keeps running) and
+//! a source paused by a completed-but-undelivered migration is resumed.
+use std::{
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use nas_server::listener::Listen;
+use serde::Serialize;
+use serde_json::json;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::{TcpListener, TcpStream},
+    sync::watch,
+};
+
+use crate::{
+    migration::{
+        report::Counters,
+        source::{run_source, SourceConfig},
+        target::{read_hello, run_target, TargetConfig},
+        wire::FrameReader,
+    },
+    qmp::{Qmp, QmpError},
+};
+
+/// Capabilities whose streams cannot go through a one-way, single-connection proxy.
+const UNPROXYABLE: &[&str] = &[
+    "multifd",
+    "postcopy-ram",
+    "postcopy-preempt",
+    "return-path",
+    "switchover-ack",
+    "x-colo",
+    "rdma-pin-all",
+];
+/// Capabilities that change the stream in ways the rewriter does not parse.
+const NOT_REWRITABLE: &[&str] = &["mapped-ram", "background-snapshot", "x-ignore-shared"];
+
+/// Errors of `agent migrate`.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("{which} QEMU: {source}")]
+    Qmp {
+        which: &'static str,
+        source: QmpError,
+    },
+    #[error("{0}")]
+    Refused(String),
+    #[error("cannot reach the target agent at {addr}: {source}")]
+    Link {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+fn src_err(source: QmpError) -> ControlError {
+    ControlError::Qmp {
+        which: "source",
+        source,
+    }
+}
+
+fn dst_err(source: QmpError) -> ControlError {
+    ControlError::Qmp {
+        which: "target",
+        source,
+    }
+}
+
+/// What `agent migrate` needs.
+#[derive(Clone, Debug)]
+pub struct MigrateOptions {
+    pub source_qmp: PathBuf,
+    pub target_qmp: PathBuf,
+    pub target_agent: String,
+    pub vm: String,
+    pub exports: Vec<String>,
+    pub nas_nbd: String,
+    pub nas_index: Option<Listen>,
+    /// Where the target QEMU listens (`tcp:HOST:PORT`); default a free loopback port.
+    pub incoming: Option<String>,
+    pub zstd: bool,
+    pub passthrough: bool,
+    /// Source `max-bandwidth` in bytes per second.
+    pub max_bandwidth: Option<u64>,
+    pub record: Option<PathBuf>,
+    pub progress: bool,
+    pub timeout: Duration,
+}
+
+/// The per-migration report.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct MigrationReport {
+    pub ok: bool,
+    pub error: Option<String>,
+    pub qemu_bytes: u64,
+    pub link_bytes: u64,
+    pub nas_bytes: u64,
+    pub pages_full: u64,
+    pub pages_zero: u64,
+    pub pages_mapped: u64,
+    pub pages_dup: u64,
+    pub pages_sent: u64,
+    pub pages_fallback: u64,
+    pub savings_pct: f64,
+    pub total_time_ms: u64,
+    pub downtime_ms: u64,
+    pub hash_ms: f64,
+    pub lookup_ms: f64,
+    pub fetch_ms: f64,
+    pub passthrough_reason: Option<String>,
+    pub source_status: String,
+    pub target_status: String,
+}
+
+impl MigrationReport {
+    /// A human summary.
+    pub fn text(&self) -> String {
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        let mut s = format!(
+            "migration {}\n  QEMU bytes   {:>10.1} MiB\n  link bytes   {:>10.1} MiB  \
+             (saved {:.1}%)\n  NAS fetched  {:>10.1} MiB\n  pages        full {} zero {} \
+             mapped {} dup {} sent {} fallback {}\n  total time   {} ms, downtime {} ms\n  \
+             hashing {:.0} ms, lookups {:.0} ms, fetching {:.0} ms\n  source {}, target {}",
+            if self.ok { "completed" } else { "FAILED" },
+            mib(self.qemu_bytes),
+            mib(self.link_bytes),
+            self.savings_pct,
+            mib(self.nas_bytes),
+            self.pages_full,
+            self.pages_zero,
+            self.pages_mapped,
+            self.pages_dup,
+            self.pages_sent,
+            self.pages_fallback,
+            self.total_time_ms,
+            self.downtime_ms,
+            self.hash_ms,
+            self.lookup_ms,
+            self.fetch_ms,
+            self.source_status,
+            self.target_status,
+        );
+        if let Some(e) = &self.error {
+            s.push_str(&format!("\n  error: {e}"));
+        }
+        s
+    }
+
+    /// Adds this migration to the Prometheus counters.
+    pub fn export_metrics(&self) {
+        let result = if self.ok { "ok" } else { "failed" };
+        metrics::counter!("agent_migrations_total", "result" => result).increment(1);
+        metrics::counter!("agent_migration_qemu_bytes_total").increment(self.qemu_bytes);
+        metrics::counter!("agent_migration_link_bytes_total").increment(self.link_bytes);
+        metrics::counter!("agent_migration_nas_bytes_total").increment(self.nas_bytes);
+        for (kind, n) in [
+            ("full", self.pages_full),
+            ("zero", self.pages_zero),
+            ("mapped", self.pages_mapped),
+            ("dup", self.pages_dup),
+            ("sent", self.pages_sent),
+            ("fallback", self.pages_fallback),
+        ] {
+            metrics::counter!("agent_migration_pages_total", "kind" => kind).increment(n);
+        }
+    }
+}
+
+/// Runs one migration from the source QEMU to the target QEMU through the agents.
+pub async fn migrate(opts: MigrateOptions) -> Result<MigrationReport, ControlError> {
+    let mut src = Qmp::connect(&opts.source_qmp).await.map_err(src_err)?;
+    let mut dst = Qmp::connect(&opts.target_qmp).await.map_err(dst_err)?;
+    let dst_status = dst.status().await.map_err(dst_err)?;
+    if dst_status != "inmigrate" {
+        return Err(ControlError::Refused(format!(
+            "the target QEMU is {dst_status:?}, not waiting for a migration (start it with \
+             -incoming defer)"
+        )));
+    }
+    for (which, caps) in [
+        ("source", src.enabled_capabilities().await.map_err(src_err)?),
+        ("target", dst.enabled_capabilities().await.map_err(dst_err)?),
+    ] {
+        if let Some(c) = caps.iter().find(|c| UNPROXYABLE.contains(&c.as_str())) {
+            return Err(ControlError::Refused(format!(
+                "capability {c:?} is on in the {which} QEMU: its streams cannot go through the \
+                 agents; turn it off"
+            )));
+        }
+        if !opts.passthrough {
+            if let Some(c) = caps.iter().find(|c| NOT_REWRITABLE.contains(&c.as_str())) {
+                return Err(ControlError::Refused(format!(
+                    "capability {c:?} is on in the {which} QEMU: the agents cannot rewrite \
+                     that stream; turn it off or pass --passthrough"
+                )));
+            }
+        }
+    }
+    if let Some(bw) = opts.max_bandwidth {
+        src.execute(
+            "migrate-set-parameters",
+            Some(json!({ "max-bandwidth": bw })),
+        )
+        .await
+        .map_err(src_err)?;
+    }
+    let incoming = match &opts.incoming {
+        Some(i) => i.clone(),
+        None => format!("tcp:127.0.0.1:{}", free_port().await?),
+    };
+    dst.execute("migrate-incoming", Some(json!({ "uri": incoming })))
+        .await
+        .map_err(dst_err)?;
+    let link = TcpStream::connect(&opts.target_agent)
+        .await
+        .map_err(|source| ControlError::Link {
+            addr: opts.target_agent.clone(),
+            source,
+        })?;
+    link.set_nodelay(true)?;
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let started = Instant::now();
+    src.execute(
+        "migrate",
+        Some(json!({ "uri": format!("tcp:127.0.0.1:{port}") })),
+    )
+    .await
+    .map_err(src_err)?;
+    let (qemu, _) = tokio::time::timeout(Duration::from_secs(30), listener.accept())
+        .await
+        .map_err(|_| ControlError::Refused("the source QEMU never connected".into()))??;
+    let mut config = SourceConfig::new(
+        &opts.vm,
+        opts.exports.clone(),
+        &opts.nas_nbd,
+        opts.nas_index.clone(),
+    );
+    config.incoming = incoming;
+    config.zstd = opts.zstd;
+    config.rewrite = !opts.passthrough;
+    config.record = opts.record.clone();
+    let counters = Arc::new(Counters::default());
+    let mut source = tokio::spawn(run_source(qemu, link, config, counters.clone()));
+    let bar = progress_bar(opts.progress);
+    let outcome = loop {
+        tokio::select! {
+            r = &mut source => break r.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())),
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {
+                update_bar(&bar, &counters);
+                if started.elapsed() > opts.timeout {
+                    source.abort();
+                    break Err(format!("no completion within {:?}", opts.timeout));
+                }
+            }
+        }
+    };
+    bar.finish_and_clear();
+    let mut report = MigrationReport::default();
+    match outcome {
+        Ok(r) => {
+            let info = wait_source_done(&mut src).await.map_err(src_err)?;
+            report.total_time_ms = info["total-time"].as_u64().unwrap_or(0);
+            report.downtime_ms = info["downtime"].as_u64().unwrap_or(0);
+            report.target_status = target_status(&mut dst, &opts.target_qmp).await;
+            report.ok = info["status"] == "completed" && report.target_status == "running";
+            if !report.ok {
+                report.error = Some(format!(
+                    "source migration {}, target {}",
+                    info["status"], report.target_status
+                ));
+                // Only a target that is certainly not running may be replaced by the source.
+                if report.target_status.starts_with("gone") {
+                    recover_source(&mut src).await.map_err(src_err)?;
+                }
+            }
+            let (s, t) = (r.source, r.target);
+            report.qemu_bytes = s.qemu_bytes;
+            report.link_bytes = s.link_bytes;
+            report.nas_bytes = t.nas_bytes;
+            report.pages_full = s.pages_full;
+            report.pages_zero = s.pages_zero;
+            report.pages_mapped = s.pages_mapped;
+            report.pages_dup = s.pages_dup;
+            report.pages_sent = s.pages_sent;
+            report.pages_fallback = t.fallbacks;
+            report.savings_pct = s.savings_pct();
+            report.hash_ms = s.hash_ms;
+            report.lookup_ms = s.lookup_ms;
+            report.fetch_ms = t.fetch_ms;
+            report.passthrough_reason = r.passthrough_reason;
+        }
+        Err(e) => {
+            report.error = Some(e);
+            recover_source(&mut src).await.map_err(src_err)?;
+            let f = counters.snapshot();
+            report.qemu_bytes = f.qemu_bytes;
+            report.link_bytes = f.link_bytes;
+            report.target_status = match dst.status().await {
+                Ok(s) => s,
+                Err(e) => format!("gone: {e}"),
+            };
+        }
+    }
+    report.source_status = src.status().await.map_err(src_err)?;
+    report.export_metrics();
+    Ok(report)
+}
+
+/// Waits until the source's migration leaves the active states; returns `query-migrate`.
+async fn wait_source_done(src: &mut Qmp) -> Result<serde_json::Value, QmpError> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let info = src.execute("query-migrate", None).await?;
+        let status = info["status"].as_str().unwrap_or("");
+        if matches!(status, "completed" | "failed" | "cancelled") || Instant::now() > deadline {
+            return Ok(info);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The target's state once the stream is delivered: "running" when it took over, "gone: ..."
+/// when its QEMU is certainly not running (its monitor is closed and cannot be reopened), or
+/// another QEMU status.
+async fn target_status(dst: &mut Qmp, path: &std::path::Path) -> String {
+    match wait_running(dst).await {
+        Ok(status) => status,
+        Err(first) => match Qmp::connect(path).await {
+            Ok(mut again) => match wait_running(&mut again).await {
+                Ok(status) => status,
+                Err(e) => format!("unknown: {e}"),
+            },
+            Err(e) => format!("gone: {first}; {e}"),
+        },
+    }
+}
+
+/// Waits for the target to run (it starts by itself after an incoming migration).
+async fn wait_running(dst: &mut Qmp) -> Result<String, QmpError> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = dst.status().await?;
+        if status == "running" || Instant::now() > deadline {
+            return Ok(status);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// After a failed migration: cancel it if QEMU still thinks it is going, and resume a guest
+/// that QEMU paused for a switchover that never reached the target.
+async fn recover_source(src: &mut Qmp) -> Result<(), QmpError> {
+    let info = src.execute("query-migrate", None).await?;
+    if matches!(
+        info["status"].as_str(),
+        Some("active" | "device" | "pre-switchover" | "setup")
+    ) {
+        src.execute("migrate_cancel", None).await?;
+        wait_source_done(src).await?;
+    }
+    let status = src.status().await?;
+    if status != "running" {
+        tracing::warn!("source QEMU is {status} after a failed migration: resuming it");
+        src.execute("cont", None).await?;
+    }
+    Ok(())
+}
+
+async fn free_port() -> std::io::Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    Ok(l.local_addr()?.port())
+}
+
+fn progress_bar(enabled: bool) -> indicatif::ProgressBar {
+    if !enabled {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}")
+            .expect("valid template"),
+    );
+    bar
+}
+
+fn update_bar(bar: &indicatif::ProgressBar, counters: &Counters) {
+    let f = counters.snapshot();
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    bar.set_message(format!(
+        "QEMU {:.1} MiB -> link {:.1} MiB | mapped {} dup {} sent {} | saved {:.1}%",
+        mib(f.qemu_bytes),
+        mib(f.link_bytes),
+        f.pages_mapped,
+        f.pages_dup,
+        f.pages_sent,
+        f.savings_pct()
+    ));
+    bar.tick();
+}
+
+/// `agent serve`: accepts agent links until `shutdown`, one target-side migration each.
+pub async fn serve(
+    listener: TcpListener,
+    config: TargetConfig,
+    mut shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        let (link, peer) = tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => break,
+            a = listener.accept() => a?,
+        };
+        link.set_nodelay(true)?;
+        let config = config.clone();
+        tasks.spawn(async move {
+            match serve_one(link, config).await {
+                Ok(report) => tracing::info!(%peer, "migration delivered: {report}"),
+                Err(e) => tracing::warn!(%peer, "migration failed: {e}"),
+            }
+        });
+        while tasks.try_join_next().is_some() {}
+    }
+    tasks.shutdown().await;
+    Ok(())
+}
+
+async fn serve_one(mut link: TcpStream, config: TargetConfig) -> Result<String, String> {
+    let mut frames = FrameReader::new();
+    let hello = read_hello(&mut link, &mut frames)
+        .await
+        .map_err(|e| e.to_string())?;
+    tracing::info!(vm = %hello.vm, incoming = %hello.incoming, "incoming migration");
+    let counters = Arc::new(Counters::default());
+    let qemu = match connect_incoming(&hello.incoming).await {
+        Ok(q) => q,
+        Err(e) => {
+            let msg = format!("cannot reach the target QEMU at {}: {e}", hello.incoming);
+            use tokio::io::AsyncWriteExt;
+            let _ = link
+                .write_all(
+                    &crate::migration::link::LinkFrame::Error {
+                        message: msg.clone(),
+                    }
+                    .to_bytes(),
+                )
+                .await;
+            return Err(msg);
+        }
+    };
+    let figures = run_target(link, frames, hello, qemu, config, counters)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(serde_json::to_string(&figures).unwrap_or_default())
+}
+
+trait Conn: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn for T {}
+
+/// Connects to QEMU's incoming address, retrying briefly while it starts listening.
+async fn connect_incoming(uri: &str) -> std::io::Result<Box<dyn Conn>> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let attempt: std::io::Result<Box<dyn Conn>> = if let Some(addr) = uri.strip_prefix("tcp:") {
+            TcpStream::connect(addr)
+                .await
+                .map(|s| Box::new(s) as Box<dyn Conn>)
+        } else if let Some(path) = uri.strip_prefix("unix:") {
+            tokio::net::UnixStream::connect(path)
+                .await
+                .map(|s| Box::new(s) as Box<dyn Conn>)
+        } else {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("unsupported incoming address {uri:?} (use tcp:HOST:PORT or unix:PATH)"),
+            ));
+        };
+        match attempt {
+            Ok(c) => return Ok(c),
+            Err(e) if Instant::now() > deadline => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}

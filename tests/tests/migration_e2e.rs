@@ -1,0 +1,252 @@
+//! End to end with real QEMU (TCG): a guest on a nas-server export migrates live through two
+//! agents (`agent::control::migrate` and `agent::control::serve`, the code behind `agent
+//! migrate` and `agent serve`). The target guest must carry on where the source stopped, the
+//! target QEMU must receive exactly the source QEMU's bytes, and faults must never corrupt the
+//! target or kill the source.
+use std::{path::Path, time::Duration};
+
+use agent::{
+    control::{migrate, serve, MigrateOptions, MigrationReport},
+    migration::target::TargetConfig,
+    qmp::Qmp,
+};
+use tests::{
+    nbd_fixture::{ExportConf, NbdFixture},
+    pattern,
+    qemu::{exclusive, Guest, GuestSpec},
+    require_root, Scratch,
+};
+use tokio::{net::TcpListener, sync::watch};
+
+const MIB: usize = 1 << 20;
+
+struct Setup {
+    dir: Scratch,
+    server: Option<NbdFixture>,
+    source: Guest,
+    target: Guest,
+    blob: String,
+}
+
+fn setup(tag: &str, mem_mb: u32, read_mb: u32, disk_writes: bool) -> Setup {
+    let dir = Scratch::new(tag);
+    let disk = dir.path("disk.raw");
+    std::fs::write(&disk, pattern(21, 256 * MIB)).unwrap();
+    let server = NbdFixture::start_with(
+        &[ExportConf {
+            name: "disk",
+            path: &disk,
+            read_only: false,
+            shared: false,
+        }],
+        262_144,
+    );
+    let uri = server.uri("disk");
+    let source = Guest::start(
+        &dir.0,
+        &GuestSpec {
+            name: "source",
+            mem_mb,
+            read_mb,
+            disk_uri: &uri,
+            disk_writes,
+            incoming: false,
+        },
+    );
+    source.wait_line("QEVAL-READY", 0, Duration::from_secs(180));
+    let blob = source.blob_sums()[0].clone();
+    let target = Guest::start(
+        &dir.0,
+        &GuestSpec {
+            name: "target",
+            mem_mb,
+            read_mb,
+            disk_uri: &uri,
+            disk_writes,
+            incoming: true,
+        },
+    );
+    Setup {
+        dir,
+        server: Some(server),
+        source,
+        target,
+        blob,
+    }
+}
+
+fn options(s: &Setup, agent: &str, max_bandwidth: Option<u64>) -> MigrateOptions {
+    let server = s.server.as_ref().expect("server running");
+    MigrateOptions {
+        source_qmp: s.source.qmp_path.clone(),
+        target_qmp: s.target.qmp_path.clone(),
+        target_agent: agent.to_string(),
+        vm: "e2e".into(),
+        exports: vec!["disk".into()],
+        nas_nbd: server.addr.to_string(),
+        nas_index: Some(server.index_addr.clone()),
+        incoming: None,
+        zstd: false,
+        passthrough: false,
+        max_bandwidth,
+        record: Some(s.dir.path("source-stream.bin")),
+        progress: false,
+        timeout: Duration::from_secs(600),
+    }
+}
+
+/// Starts an in-process target agent; returns its address and a stop switch.
+async fn target_agent(record: &Path) -> (String, watch::Sender<bool>, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let (stop, stop_rx) = watch::channel(false);
+    let config = TargetConfig {
+        record: Some(record.to_path_buf()),
+        ..TargetConfig::default()
+    };
+    let task = tokio::spawn(async move {
+        serve(listener, config, stop_rx).await.unwrap();
+    });
+    (addr, stop, task)
+}
+
+/// The target guest runs on: heartbeats past the source's last one, and the RAM blob intact.
+fn assert_guest_continues(s: &Setup) {
+    let last_source = s.source.heartbeat().expect("source heartbeats");
+    let line = s
+        .target
+        .wait_line("QEVAL-HEARTBEAT", 1, Duration::from_secs(120));
+    let n: u64 = line
+        .trim_start_matches("QEVAL-HEARTBEAT ")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        n > last_source,
+        "target heartbeat {n} does not continue source's {last_source}"
+    );
+    s.target.wait_line("QEVAL-BLOB", 0, Duration::from_secs(60));
+    let sums = s.target.blob_sums();
+    assert!(
+        sums.iter().all(|b| *b == s.blob),
+        "RAM blob changed: {sums:?} vs {}",
+        s.blob
+    );
+}
+
+fn assert_same_stream(s: &Setup) {
+    let a = std::fs::read(s.dir.path("source-stream.bin")).unwrap();
+    let b = std::fs::read(s.dir.path("target-stream.bin")).unwrap();
+    assert_eq!(a.len(), b.len(), "target QEMU received a different length");
+    assert!(
+        a == b,
+        "target QEMU received different bytes than the source QEMU sent"
+    );
+}
+
+async fn status(path: &Path) -> String {
+    Qmp::connect(path).await.unwrap().status().await.unwrap()
+}
+
+#[test]
+fn live_migration_through_the_agents() {
+    if !require_root("live_migration_through_the_agents") {
+        return;
+    }
+    let _qemu = exclusive();
+    let s = setup("e2e", 512, 200, false);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let report: MigrationReport = rt.block_on(async {
+        let (agent, _stop, _task) = target_agent(&s.dir.path("target-stream.bin")).await;
+        migrate(options(&s, &agent, None)).await.expect("migrate")
+    });
+    eprintln!("{}", report.text());
+    assert!(report.ok, "{report:?}");
+    assert_eq!(report.source_status, "postmigrate");
+    assert_eq!(report.target_status, "running");
+    assert_same_stream(&s);
+    assert_guest_continues(&s);
+    let pct = 100.0 * report.link_bytes as f64 / report.qemu_bytes as f64;
+    assert!(
+        pct <= 35.0,
+        "agent link carried {pct:.1}% of QEMU's bytes (limit 35%)"
+    );
+}
+
+#[test]
+fn guest_writing_its_disk_during_migration_stays_correct() {
+    if !require_root("guest_writing_its_disk_during_migration_stays_correct") {
+        return;
+    }
+    let _qemu = exclusive();
+    let s = setup("e2e-writes", 256, 64, true);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let report = rt.block_on(async {
+        let (agent, _stop, _task) = target_agent(&s.dir.path("target-stream.bin")).await;
+        migrate(options(&s, &agent, Some(32 * MIB as u64)))
+            .await
+            .expect("migrate")
+    });
+    eprintln!("{}", report.text());
+    assert!(report.ok, "{report:?}");
+    assert_same_stream(&s);
+    assert_guest_continues(&s);
+}
+
+#[test]
+fn nas_killed_mid_migration_never_corrupts_the_target() {
+    if !require_root("nas_killed_mid_migration_never_corrupts_the_target") {
+        return;
+    }
+    let _qemu = exclusive();
+    let mut s = setup("e2e-nas-killed", 256, 64, false);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let report = rt.block_on(async {
+        let (agent, _stop, _task) = target_agent(&s.dir.path("target-stream.bin")).await;
+        let opts = options(&s, &agent, Some(16 * MIB as u64));
+        let running = tokio::spawn(migrate(opts));
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        // The storage node goes away while pages are still being mapped and fetched.
+        let server = s.server.take().unwrap();
+        tokio::task::spawn_blocking(move || drop(server))
+            .await
+            .unwrap();
+        running.await.unwrap().expect("migrate returns a report")
+    });
+    eprintln!("{}", report.text());
+    if report.ok {
+        assert_same_stream(&s);
+        assert_guest_continues(&s);
+    } else {
+        assert_eq!(rt.block_on(status(&s.source.qmp_path)), "running");
+    }
+}
+
+#[test]
+fn target_agent_dying_leaves_the_source_running() {
+    if !require_root("target_agent_dying_leaves_the_source_running") {
+        return;
+    }
+    let _qemu = exclusive();
+    let s = setup("e2e-agent-dies", 256, 64, false);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let report = rt.block_on(async {
+        let (agent, _stop, task) = target_agent(&s.dir.path("target-stream.bin")).await;
+        let running = tokio::spawn(migrate(options(&s, &agent, Some(16 * MIB as u64))));
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        task.abort();
+        running.await.unwrap().expect("migrate returns a report")
+    });
+    eprintln!("{}", report.text());
+    assert!(
+        !report.ok,
+        "migration cannot succeed without its target agent"
+    );
+    assert_eq!(report.source_status, "running");
+    let before = s.source.heartbeat().unwrap();
+    s.source.wait_line(
+        "QEVAL-HEARTBEAT",
+        before as usize + 2,
+        Duration::from_secs(60),
+    );
+}
