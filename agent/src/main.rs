@@ -30,6 +30,8 @@ enum Command {
     Migrate(cmd::migrate::Args),
     /// Accept migrations from source agents (run on every target host).
     Serve(cmd::serve::Args),
+    /// Proxy one migration from the local QEMU when libvirt or a script drives QEMU.
+    Source(cmd::source::Args),
 }
 
 #[tokio::main]
@@ -47,5 +49,6 @@ async fn main() -> anyhow::Result<()> {
         Command::Telemetry(args) => cmd::telemetry::run(&source, args).await,
         Command::Migrate(args) => cmd::migrate::run(args).await,
         Command::Serve(args) => cmd::serve::run(args).await,
+        Command::Source(args) => cmd::source::run(args).await,
     }
 }

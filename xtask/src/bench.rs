@@ -34,6 +34,8 @@ pub struct Args {
 enum Target {
     /// NBD data path: nas-server vs qemu-nbd vs nbdkit.
     Nbd,
+    /// Live migration over a 1 Gbit/s link: plain QEMU vs multifd+zstd vs the agents.
+    Migration,
 }
 
 struct Row {
@@ -79,7 +81,9 @@ const ROWS: &[Row] = &[
 const PORT: u16 = 10_950;
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let Target::Nbd = args.target;
+    if let Target::Migration = args.target {
+        return crate::bench_migration::run(512, 200);
+    }
     crate::setup::run()?;
     sh::run(sh::cargo().args(["build", "--release", "-p", "nas-server"]))?;
     let dir = sh::workspace_root().join("target/xtask/bench");

@@ -7,10 +7,13 @@
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_migration;
 mod demo;
 mod ebpf;
 mod fuzz;
 mod guest;
+mod lab;
+mod relay;
 mod setup;
 mod sh;
 mod test;

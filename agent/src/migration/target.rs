@@ -41,6 +41,8 @@ pub struct TargetConfig {
     pub fetch_window: usize,
     /// Time allowed for one fetch round before its pages fall back to the source.
     pub fetch_timeout: Duration,
+    /// Fetch rounds in parallel, each on its own NBD connections.
+    pub fetchers: usize,
     pub dedup_capacity: usize,
     /// Also write the rebuilt stream to this file (for verification).
     pub record: Option<std::path::PathBuf>,
@@ -51,8 +53,9 @@ impl Default for TargetConfig {
         Self {
             nas_override: None,
             read_ahead: 8192,
-            fetch_window: 16,
+            fetch_window: 64,
             fetch_timeout: Duration::from_secs(10),
+            fetchers: 4,
             dedup_capacity: super::dedup::DEFAULT_CAPACITY,
             record: None,
         }
@@ -174,14 +177,20 @@ where
     };
     let names: HashMap<u32, String> = hello.exports.iter().cloned().collect();
     let (fetch_tx, fetch_rx) = mpsc::channel::<Fetch>(config.read_ahead.max(1));
-    let fetcher = tokio::spawn(fetch_loop(
-        fetch_rx,
-        nas,
-        names,
-        back_tx.clone(),
-        counters.clone(),
-        config.clone(),
-    ));
+    // Several fetchers, each with its own NBD connections, take rounds from one queue: the
+    // NAS is read in parallel while the writer still delivers in order.
+    let fetch_rx = Arc::new(tokio::sync::Mutex::new(fetch_rx));
+    let mut fetchers = tokio::task::JoinSet::new();
+    for _ in 0..config.fetchers.max(1) {
+        fetchers.spawn(fetch_loop(
+            fetch_rx.clone(),
+            nas.clone(),
+            names.clone(),
+            back_tx.clone(),
+            counters.clone(),
+            config.clone(),
+        ));
+    }
 
     // Unbounded here, bounded in fact: the source never runs more than its window ahead of
     // the credit this side returns. The reader must never block, or a fallback answer could
@@ -313,7 +322,7 @@ where
     if let Some(w) = writer {
         w.abort();
     }
-    fetcher.abort();
+    fetchers.abort_all();
     let mut figures = counters.snapshot();
     if let Some(s) = &source_stats {
         if let Ok(src) = serde_json::from_str::<Figures>(s) {
@@ -392,7 +401,7 @@ async fn write_loop<Q: AsyncWrite + Unpin>(
 /// Fetches mapped pages from the NAS, verifies them, and asks the source for any it cannot
 /// get or verify.
 async fn fetch_loop(
-    mut requests: mpsc::Receiver<Fetch>,
+    requests: Arc<tokio::sync::Mutex<mpsc::Receiver<Fetch>>>,
     nas: Option<Listen>,
     names: HashMap<u32, String>,
     back: mpsc::Sender<LinkFrame>,
@@ -400,14 +409,21 @@ async fn fetch_loop(
     config: TargetConfig,
 ) {
     let mut clients: HashMap<u32, Option<NbdClient>> = HashMap::new();
-    while let Some(first) = requests.recv().await {
-        let mut round = vec![first];
-        while round.len() < 1024 {
-            match requests.try_recv() {
-                Ok(f) => round.push(f),
-                Err(_) => break,
+    loop {
+        let round = {
+            let mut queue = requests.lock().await;
+            let Some(first) = queue.recv().await else {
+                return;
+            };
+            let mut round = vec![first];
+            while round.len() < 256 {
+                match queue.try_recv() {
+                    Ok(f) => round.push(f),
+                    Err(_) => break,
+                }
             }
-        }
+            round
+        };
         let mut by_export: HashMap<u32, Vec<Fetch>> = HashMap::new();
         for f in round {
             by_export.entry(f.export).or_default().push(f);

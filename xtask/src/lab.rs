@@ -1,0 +1,182 @@
+//! The pieces the demo and the migration benchmark share: a running nas-server and target
+//! agent on loopback, pairs of TCG guests, and a plain QEMU-to-QEMU migration.
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context};
+use serde_json::{json, Value};
+use tests::qemu::{Guest, GuestSpec};
+
+use crate::sh;
+
+pub const NBD_PORT: u16 = 10_909;
+pub const INDEX_PORT: u16 = 10_910;
+pub const AGENT_PORT: u16 = 17_800;
+
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.0.kill().ok();
+        self.0.wait().ok();
+    }
+}
+
+/// A release binary of the workspace.
+pub fn release_bin(name: &str) -> PathBuf {
+    sh::workspace_root().join("target/release").join(name)
+}
+
+/// nas-server serving a 256 MiB disk of pseudo-random data, and `agent serve`.
+pub struct Lab {
+    _nas: Daemon,
+    _agent: Daemon,
+    pub disk: PathBuf,
+}
+
+impl Lab {
+    pub fn start(dir: &Path) -> anyhow::Result<Self> {
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir)?;
+        let disk = dir.join("disk.raw");
+        std::fs::write(&disk, tests::pattern(2026, 256 << 20))?;
+        let nas = Daemon(
+            Command::new(release_bin("nas-server"))
+                .args(["--listen", &format!("127.0.0.1:{NBD_PORT}")])
+                .args(["--index-listen", &format!("127.0.0.1:{INDEX_PORT}")])
+                .arg("--export")
+                .arg(format!("disk={}", disk.display()))
+                .env("RUST_LOG", "warn")
+                .stderr(std::fs::File::create(dir.join("nas-server.log"))?)
+                .spawn()
+                .context("cannot start nas-server")?,
+        );
+        let agent = Daemon(
+            Command::new(release_bin("agent"))
+                .args(["serve", "--link-listen", &format!("127.0.0.1:{AGENT_PORT}")])
+                .stderr(std::fs::File::create(dir.join("agent-serve.log"))?)
+                .spawn()
+                .context("cannot start agent serve")?,
+        );
+        for port in [NBD_PORT, INDEX_PORT, AGENT_PORT] {
+            wait_port(port)?;
+        }
+        Ok(Self {
+            _nas: nas,
+            _agent: agent,
+            disk,
+        })
+    }
+
+    pub fn disk_uri(&self) -> String {
+        format!("nbd://127.0.0.1:{NBD_PORT}/disk")
+    }
+}
+
+/// A source guest that has read its disk, and a target waiting for it.
+pub struct Pair {
+    pub source: Guest,
+    pub target: Guest,
+    blob: String,
+}
+
+impl Pair {
+    pub fn boot(
+        dir: &Path,
+        tag: &str,
+        uri: &str,
+        mem_mb: u32,
+        read_mb: u32,
+    ) -> anyhow::Result<Self> {
+        let spec = |name, incoming| GuestSpec {
+            name,
+            mem_mb,
+            read_mb,
+            disk_uri: uri,
+            disk_writes: false,
+            incoming,
+        };
+        let (source_name, target_name) = (format!("{tag}-source"), format!("{tag}-target"));
+        let source = Guest::start(dir, &spec(&source_name, false));
+        source.wait_line("QEVAL-READY", 0, Duration::from_secs(300));
+        let blob = source
+            .blob_sums()
+            .first()
+            .cloned()
+            .context("no RAM checksum")?;
+        let target = Guest::start(dir, &spec(&target_name, true));
+        Ok(Self {
+            source,
+            target,
+            blob,
+        })
+    }
+
+    /// The target's heartbeat continues past the source's and its RAM checksum is unchanged.
+    pub fn verify(&self) -> bool {
+        let last = self.source.heartbeat().unwrap_or(0);
+        let line = self
+            .target
+            .wait_line("QEVAL-HEARTBEAT", 1, Duration::from_secs(120));
+        let n: u64 = line
+            .trim_start_matches("QEVAL-HEARTBEAT ")
+            .trim()
+            .parse()
+            .unwrap_or(0);
+        self.target
+            .wait_line("QEVAL-BLOB", 0, Duration::from_secs(60));
+        n > last && self.target.blob_sums().iter().all(|b| *b == self.blob)
+    }
+}
+
+/// QEMU to QEMU without the agents; `via` maps the target's port to the one the source uses
+/// (a relay), if any. Returns the source's final `query-migrate`.
+pub async fn plain_migration(
+    pair: &Pair,
+    via: Option<&dyn Fn(u16) -> anyhow::Result<u16>>,
+) -> anyhow::Result<Value> {
+    let mut src = pair.source.qmp().await;
+    let mut dst = pair.target.qmp().await;
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        l.local_addr()?.port()
+    };
+    dst.execute(
+        "migrate-incoming",
+        Some(json!({ "uri": format!("tcp:127.0.0.1:{port}") })),
+    )
+    .await?;
+    let port = match via {
+        Some(relay) => relay(port)?,
+        None => port,
+    };
+    src.execute(
+        "migrate",
+        Some(json!({ "uri": format!("tcp:127.0.0.1:{port}") })),
+    )
+    .await?;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let info = src.execute("query-migrate", None).await?;
+        match info["status"].as_str() {
+            Some("completed") => return Ok(info),
+            Some("failed") | Some("cancelled") => bail!("plain migration failed: {info}"),
+            _ if Instant::now() > deadline => bail!("plain migration did not finish"),
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+pub fn wait_port(port: u16) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            bail!("nothing listens on port {port} after 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
