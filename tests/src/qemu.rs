@@ -106,21 +106,30 @@ impl Guest {
     }
 
     /// Waits until a serial line starts with `prefix` and has appeared more than `after`
-    /// times; returns that line.
-    pub fn wait_line(&self, prefix: &str, after: usize, limit: Duration) -> String {
+    /// times; returns that line, or `None` after `limit`.
+    pub fn try_wait_line(&self, prefix: &str, after: usize, limit: Duration) -> Option<String> {
         let deadline = Instant::now() + limit;
         loop {
             let log = self.serial();
             if let Some(line) = log.lines().filter(|l| l.starts_with(prefix)).nth(after) {
-                return line.to_string();
+                return Some(line.to_string());
             }
-            assert!(
-                Instant::now() < deadline,
-                "{}: no {prefix:?} line #{after} within {limit:?}; serial log:\n{log}",
-                self.name
-            );
+            if Instant::now() >= deadline {
+                return None;
+            }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// [`Guest::try_wait_line`], failing the test with the serial log on time-out.
+    pub fn wait_line(&self, prefix: &str, after: usize, limit: Duration) -> String {
+        self.try_wait_line(prefix, after, limit).unwrap_or_else(|| {
+            panic!(
+                "{}: no {prefix:?} line #{after} within {limit:?}; serial log:\n{}",
+                self.name,
+                self.serial()
+            )
+        })
     }
 
     /// The last heartbeat number printed.
@@ -200,6 +209,33 @@ pub async fn record_stream(dir: &Path, disk_uri: &str, mem_mb: u32, read_mb: u32
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Whether `target` carried on from `source` after a migration: it prints heartbeats past the
+/// source's last one, and every RAM checksum it prints equals `blob`, the source's.
+pub fn carried_on(source: &Guest, target: &Guest, blob: &str) -> Result<(), String> {
+    let last = source.heartbeat().unwrap_or(0);
+    let line = target
+        .try_wait_line("QEVAL-HEARTBEAT", 1, Duration::from_secs(120))
+        .ok_or("the target guest prints no heartbeat")?;
+    let n: u64 = line
+        .trim_start_matches("QEVAL-HEARTBEAT ")
+        .trim()
+        .parse()
+        .map_err(|_| format!("unreadable heartbeat line {line:?}"))?;
+    if n <= last {
+        return Err(format!(
+            "target heartbeat {n} does not continue the source's {last}"
+        ));
+    }
+    target
+        .try_wait_line("QEVAL-BLOB", 0, Duration::from_secs(60))
+        .ok_or("the target guest prints no RAM checksum")?;
+    let sums = target.blob_sums();
+    if sums.iter().any(|b| b != blob) {
+        return Err(format!("RAM checksum changed: {sums:?}, expected {blob}"));
+    }
+    Ok(())
 }
 
 /// Serialises tests that boot guests: TCG guests are CPU-bound and the machine has two cores.

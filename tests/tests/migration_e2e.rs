@@ -13,7 +13,7 @@ use agent::{
 use tests::{
     nbd_fixture::{ExportConf, NbdFixture},
     pattern,
-    qemu::{exclusive, Guest, GuestSpec},
+    qemu::{carried_on, exclusive, Guest, GuestSpec},
     require_root, Scratch,
 };
 use tokio::{net::TcpListener, sync::watch};
@@ -112,26 +112,9 @@ async fn target_agent(record: &Path) -> (String, watch::Sender<bool>, tokio::tas
 
 /// The target guest runs on: heartbeats past the source's last one, and the RAM blob intact.
 fn assert_guest_continues(s: &Setup) {
-    let last_source = s.source.heartbeat().expect("source heartbeats");
-    let line = s
-        .target
-        .wait_line("QEVAL-HEARTBEAT", 1, Duration::from_secs(120));
-    let n: u64 = line
-        .trim_start_matches("QEVAL-HEARTBEAT ")
-        .trim()
-        .parse()
-        .unwrap();
-    assert!(
-        n > last_source,
-        "target heartbeat {n} does not continue source's {last_source}"
-    );
-    s.target.wait_line("QEVAL-BLOB", 0, Duration::from_secs(60));
-    let sums = s.target.blob_sums();
-    assert!(
-        sums.iter().all(|b| *b == s.blob),
-        "RAM blob changed: {sums:?} vs {}",
-        s.blob
-    );
+    if let Err(e) = carried_on(&s.source, &s.target, &s.blob) {
+        panic!("{e}");
+    }
 }
 
 fn assert_same_stream(s: &Setup) {

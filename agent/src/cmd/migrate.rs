@@ -55,12 +55,7 @@ pub struct Args {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    if let Some(addr) = args.metrics {
-        metrics_exporter_prometheus::PrometheusBuilder::new()
-            .with_http_listener(addr)
-            .install()
-            .with_context(|| format!("cannot serve metrics on {addr}"))?;
-    }
+    super::serve_metrics(args.metrics)?;
     let report = migrate(MigrateOptions {
         source_qmp: args.source_qmp,
         target_qmp: args.target_qmp,

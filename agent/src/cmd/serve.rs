@@ -20,12 +20,7 @@ pub struct Args {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    if let Some(addr) = args.metrics {
-        metrics_exporter_prometheus::PrometheusBuilder::new()
-            .with_http_listener(addr)
-            .install()
-            .with_context(|| format!("cannot serve metrics on {addr}"))?;
-    }
+    super::serve_metrics(args.metrics)?;
     let listener = tokio::net::TcpListener::bind(args.link_listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.link_listen))?;

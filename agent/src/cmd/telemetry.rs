@@ -59,13 +59,7 @@ pub async fn run(source: &ObjectSource, args: Args) -> anyhow::Result<()> {
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
         .map_err(|e| tracing::warn!("per-event cost will not be measured: {e}"))
         .ok();
-    if let Some(addr) = args.metrics {
-        metrics_exporter_prometheus::PrometheusBuilder::new()
-            .with_http_listener(addr)
-            .install()
-            .with_context(|| format!("cannot serve metrics on {addr}"))?;
-        tracing::info!("serving Prometheus metrics on http://{addr}/metrics");
-    }
+    super::serve_metrics(args.metrics)?;
     let mut ticker = tokio::time::interval(Duration::from_secs(args.interval));
     ticker.tick().await;
     let deadline = (args.duration > 0).then(|| Duration::from_secs(args.duration));
