@@ -2,7 +2,6 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use agent::control::{migrate, MigrateOptions};
-use anyhow::Context;
 use nas_server::listener::Listen;
 
 #[derive(Debug, clap::Args)]
