@@ -31,11 +31,25 @@ pub struct GuestSpec<'a> {
     pub disk_writes: bool,
     /// Start with `-incoming defer` (a migration target).
     pub incoming: bool,
+    /// Another QEMU binary (e.g. [`qemu72_binary`]) instead of the installed one.
+    pub qemu: Option<&'a Path>,
+}
+
+/// Debian bookworm's QEMU 7.2, unpacked by `cargo xtask test` (or `xtask::guest::qemu72`).
+pub fn qemu72_binary() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/qemu-7.2/usr/bin/qemu-system-x86_64")
 }
 
 impl Guest {
     pub fn start(dir: &Path, spec: &GuestSpec) -> Guest {
-        crate::require_tool("qemu-system-x86_64");
+        match spec.qemu {
+            Some(binary) => assert!(
+                binary.is_file(),
+                "{} is missing: `cargo xtask test` unpacks it",
+                binary.display()
+            ),
+            None => crate::require_tool("qemu-system-x86_64"),
+        }
         let images = image_dir();
         let (kernel, initrd) = (images.join("vmlinuz"), images.join("initramfs.cpio.gz"));
         assert!(
@@ -48,7 +62,7 @@ impl Guest {
         let serial_path = dir.join(format!("{}.serial", spec.name));
         std::fs::remove_file(&qmp_path).ok();
         std::fs::write(&serial_path, b"").unwrap();
-        let mut cmd = Command::new("qemu-system-x86_64");
+        let mut cmd = Command::new(spec.qemu.unwrap_or(Path::new("qemu-system-x86_64")));
         cmd.args([
             "-name", spec.name, "-accel", "tcg", "-machine", "pc", "-smp", "1",
         ])
@@ -75,6 +89,14 @@ impl Guest {
         .stderr(Stdio::piped());
         if spec.incoming {
             cmd.args(["-incoming", "defer"]);
+        }
+        if let Some(binary) = spec.qemu {
+            // An unpacked QEMU loads its accelerator modules from beside it, not from /usr.
+            if let Some(prefix) = binary.parent().and_then(Path::parent) {
+                cmd.env("QEMU_MODULE_DIR", prefix.join("lib/x86_64-linux-gnu/qemu"));
+            }
+            // ... and finds its firmware where the installed QEMU's packages put it.
+            cmd.args(["-L", "/usr/share/seabios", "-L", "/usr/share/qemu"]);
         }
         let child = cmd.spawn().expect("start qemu-system-x86_64");
         let guest = Guest {
@@ -170,9 +192,16 @@ impl Drop for Guest {
     }
 }
 
-/// Boots a guest on `disk_uri`, lets it read `read_mb`, and records its migration stream into
-/// `path` with `migrate exec:cat`.
-pub async fn record_stream(dir: &Path, disk_uri: &str, mem_mb: u32, read_mb: u32, path: &Path) {
+/// Boots a guest on `disk_uri` (with `qemu`, or the installed QEMU), lets it read `read_mb`,
+/// and records its migration stream into `path` with `migrate exec:cat`.
+pub async fn record_stream(
+    dir: &Path,
+    disk_uri: &str,
+    mem_mb: u32,
+    read_mb: u32,
+    path: &Path,
+    qemu: Option<&Path>,
+) {
     let guest = Guest::start(
         dir,
         &GuestSpec {
@@ -182,6 +211,7 @@ pub async fn record_stream(dir: &Path, disk_uri: &str, mem_mb: u32, read_mb: u32
             disk_uri,
             disk_writes: false,
             incoming: false,
+            qemu,
         },
     );
     guest.wait_line("QEVAL-READY", 0, Duration::from_secs(120));

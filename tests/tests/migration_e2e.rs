@@ -51,6 +51,7 @@ fn setup(tag: &str, mem_mb: u32, read_mb: u32, disk_writes: bool) -> Setup {
             disk_uri: &uri,
             disk_writes,
             incoming: false,
+            qemu: None,
         },
     );
     source.wait_line("QEVAL-READY", 0, Duration::from_secs(180));
@@ -64,6 +65,7 @@ fn setup(tag: &str, mem_mb: u32, read_mb: u32, disk_writes: bool) -> Setup {
             disk_uri: &uri,
             disk_writes,
             incoming: true,
+            qemu: None,
         },
     );
     Setup {

@@ -144,6 +144,54 @@ pub fn build() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Where `qemu72` unpacks Debian bookworm's QEMU 7.2.
+pub fn qemu72_root() -> PathBuf {
+    sh::workspace_root().join("target/qemu-7.2")
+}
+
+/// Unpacks bookworm's own qemu-system-x86 (7.2) privately, so tests can check that streams
+/// from it are parsed too. It shares the installed QEMU 10's firmware and libraries.
+pub fn qemu72() -> anyhow::Result<()> {
+    let root = qemu72_root();
+    let binary = root.join("usr/bin/qemu-system-x86_64");
+    if binary.is_file() {
+        eprintln!("qemu-7.2: present");
+        return Ok(());
+    }
+    let work = root.join("download");
+    let _ = fs::remove_dir_all(&root);
+    fs::create_dir_all(&work)?;
+    // The binary, and the package with its accelerator modules (loaded at run time).
+    let mut version = String::new();
+    for package in ["qemu-system-x86", "qemu-system-common"] {
+        let policy = sh::stdout(Command::new("apt-cache").args(["policy", package]))?;
+        version = policy
+            .split_whitespace()
+            .find(|w| w.starts_with("1:7.2"))
+            .with_context(|| format!("Debian offers no {package} 7.2 (bookworm) version"))?
+            .to_string();
+        sh::run(
+            Command::new("apt-get")
+                .current_dir(&work)
+                .args(["download", &format!("{package}={version}")]),
+        )?;
+    }
+    for deb in fs::read_dir(&work)?.flatten().map(|e| e.path()) {
+        if deb.extension().is_some_and(|e| e == "deb") {
+            sh::run(Command::new("dpkg").arg("-x").arg(&deb).arg(&root))?;
+        }
+    }
+    fs::remove_dir_all(&work).ok();
+    if !sh::succeeds(Command::new(&binary).arg("--version")) {
+        bail!(
+            "QEMU 7.2 does not run here (its libraries do not resolve); run `ldd {}`",
+            binary.display()
+        );
+    }
+    eprintln!("qemu-7.2: unpacked {version} into {}", root.display());
+    Ok(())
+}
+
 /// The kernel package Debian's `linux-image-amd64` points at (e.g. linux-image-6.1.0-56-amd64).
 fn kernel_package() -> anyhow::Result<String> {
     let deps = sh::stdout(Command::new("apt-cache").args(["depends", "linux-image-amd64"]))

@@ -98,6 +98,7 @@ impl Pair {
             disk_uri: uri,
             disk_writes: false,
             incoming,
+            qemu: None,
         };
         let (source_name, target_name) = (format!("{tag}-source"), format!("{tag}-target"));
         let source = Guest::start(dir, &spec(&source_name, false));

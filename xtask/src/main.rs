@@ -39,7 +39,7 @@ enum Command {
     Bench(bench::Args),
     /// Record real sessions as seeds and run every fuzz target.
     Fuzz(fuzz::Args),
-    /// Build the test guest (Debian kernel + busybox initramfs) into target/guest.
+    /// Build the test guest (Debian kernel + busybox initramfs) and unpack QEMU 7.2 for tests.
     GuestImage,
 }
 
@@ -51,6 +51,6 @@ fn main() -> anyhow::Result<()> {
         Command::Demo(args) => demo::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Fuzz(args) => fuzz::run(args),
-        Command::GuestImage => guest::build(),
+        Command::GuestImage => guest::build().and_then(|()| guest::qemu72()),
     }
 }

@@ -26,6 +26,7 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     setup::run()?;
     guest::build()?;
+    guest::qemu72()?;
     sh::run(&mut ebpf::nightly_cargo("build"))?;
     sh::run(sh::cargo().args(["fmt", "--all", "--check"]))?;
     sh::run(sh::cargo().args([
