@@ -122,9 +122,11 @@ impl Guest {
         }
     }
 
-    /// The serial log so far.
+    /// The serial log so far, complete lines only (the guest may be mid-line).
     pub fn serial(&self) -> String {
-        std::fs::read_to_string(&self.serial_path).unwrap_or_default()
+        let mut log = std::fs::read_to_string(&self.serial_path).unwrap_or_default();
+        log.truncate(log.rfind('\n').map_or(0, |i| i + 1));
+        log
     }
 
     /// Waits until a serial line starts with `prefix` and has appeared more than `after`

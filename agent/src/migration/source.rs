@@ -281,7 +281,9 @@ impl Emitter {
         let before = self.pending.len();
         frame.encode(&mut self.pending);
         self.sent += (self.pending.len() - before) as u64;
-        if self.pending.len() >= ZSTD_BATCH || !self.zstd {
+        // Frames go out in batches (one channel hand-off and one write per batch, not per
+        // page); the main loop also flushes whenever it has emitted what it can.
+        if self.pending.len() >= ZSTD_BATCH {
             self.flush().await?;
         }
         Ok(())
@@ -468,7 +470,7 @@ where
                 for item in batch.items {
                     emitter.item(item).await?;
                 }
-                if !emitter.zstd || batches.is_empty() {
+                if batches.front().is_none_or(|b| b.lookup.is_some()) {
                     emitter.flush().await?;
                 }
             }

@@ -9,6 +9,9 @@ use super::link::{LinkError, LinkFrame, MAX_FRAME};
 #[derive(Default)]
 pub struct FrameReader {
     buf: Vec<u8>,
+    /// Bytes of `buf` already consumed; compacted only when a read needs room, so parsing a
+    /// run of small frames does not move the rest of the buffer each time.
+    start: usize,
     inflated: VecDeque<(LinkFrame, usize)>,
 }
 
@@ -36,9 +39,9 @@ impl FrameReader {
             return Ok(Some(f));
         }
         loop {
-            match LinkFrame::parse(&self.buf) {
+            match LinkFrame::parse(&self.buf[self.start..]) {
                 Ok((frame, used)) => {
-                    self.buf.drain(..used);
+                    self.start += used;
                     if let LinkFrame::Zstd { raw_len, data } = frame {
                         self.inflate(raw_len, &data)?;
                         match self.inflated.pop_front() {
@@ -57,11 +60,15 @@ impl FrameReader {
                 .await
                 .map_err(|e| format!("link read failed: {e}"))?;
             if n == 0 {
-                return if self.buf.is_empty() {
+                return if self.start == self.buf.len() {
                     Ok(None)
                 } else {
                     Err("link closed inside a frame".into())
                 };
+            }
+            if self.start > 0 {
+                self.buf.drain(..self.start);
+                self.start = 0;
             }
             self.buf.extend_from_slice(&chunk[..n]);
         }
