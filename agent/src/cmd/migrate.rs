@@ -2,7 +2,6 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use agent::control::{migrate, MigrateOptions};
-use nas_server::listener::Listen;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -15,33 +14,14 @@ pub struct Args {
     /// The target host's agent (`agent serve`), HOST:PORT.
     #[arg(long, default_value = "127.0.0.1:7800")]
     target_agent: String,
-    /// NAS export holding this VM's disk (repeatable); lookups never leave these.
-    #[arg(long = "export", required = true)]
-    exports: Vec<String>,
-    /// The NAS's NBD address, as the target agent reaches it.
-    #[arg(long, default_value = "127.0.0.1:10809")]
-    nas_nbd: String,
-    /// The NAS's index service; without it every page is sent in full.
-    #[arg(long, default_value = "127.0.0.1:10810")]
-    nas_index: Listen,
-    /// Name of the VM, for logs.
-    #[arg(long, default_value = "vm")]
-    vm: String,
+    #[command(flatten)]
+    stream: super::StreamArgs,
     /// Address the target QEMU listens on (default: a free loopback port).
     #[arg(long)]
     incoming: Option<String>,
-    /// Compress non-mapped data on the link with zstd.
-    #[arg(long)]
-    zstd: bool,
-    /// Forward the stream verbatim (for capabilities the rewriter cannot parse).
-    #[arg(long)]
-    passthrough: bool,
     /// Source QEMU max-bandwidth, bytes per second.
     #[arg(long)]
     max_bandwidth: Option<u64>,
-    /// Also write QEMU's exact stream here.
-    #[arg(long)]
-    record: Option<PathBuf>,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -59,15 +39,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         source_qmp: args.source_qmp,
         target_qmp: args.target_qmp,
         target_agent: args.target_agent,
-        vm: args.vm,
-        exports: args.exports,
-        nas_nbd: args.nas_nbd,
-        nas_index: Some(args.nas_index),
+        vm: args.stream.vm,
+        exports: args.stream.exports,
+        nas_nbd: args.stream.nas_nbd,
+        nas_index: Some(args.stream.nas_index),
         incoming: args.incoming,
-        zstd: args.zstd,
-        passthrough: args.passthrough,
+        zstd: args.stream.zstd,
+        passthrough: args.stream.passthrough,
         max_bandwidth: args.max_bandwidth,
-        record: args.record,
+        record: args.stream.record,
         progress: !args.json,
         timeout: Duration::from_secs(args.timeout),
     })

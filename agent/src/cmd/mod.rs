@@ -4,9 +4,36 @@ pub mod serve;
 pub mod source;
 pub mod telemetry;
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, path::PathBuf};
 
 use anyhow::Context;
+use nas_server::listener::Listen;
+
+/// What the source side needs to know about a VM's stream, shared by `migrate` and `source`.
+#[derive(Debug, clap::Args)]
+pub struct StreamArgs {
+    /// NAS export holding this VM's disk (repeatable); lookups never leave these.
+    #[arg(long = "export", required = true)]
+    pub exports: Vec<String>,
+    /// The NAS's NBD address, as the target agent reaches it.
+    #[arg(long, default_value = "127.0.0.1:10809")]
+    pub nas_nbd: String,
+    /// The NAS's index service; without it every page is sent in full.
+    #[arg(long, default_value = "127.0.0.1:10810")]
+    pub nas_index: Listen,
+    /// Name of the VM, for logs.
+    #[arg(long, default_value = "vm")]
+    pub vm: String,
+    /// Compress non-mapped data on the link with zstd.
+    #[arg(long)]
+    pub zstd: bool,
+    /// Forward the stream verbatim (for capabilities the rewriter cannot parse).
+    #[arg(long)]
+    pub passthrough: bool,
+    /// Also write QEMU's exact stream here.
+    #[arg(long)]
+    pub record: Option<PathBuf>,
+}
 
 /// Serves the process's Prometheus metrics on `addr`, when given.
 pub fn serve_metrics(addr: Option<SocketAddr>) -> anyhow::Result<()> {

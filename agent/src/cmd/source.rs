@@ -1,14 +1,13 @@
 //! `agent source`: the source side alone, for when something else drives QEMU (libvirt's
 //! `virsh migrate --migrateuri`, or a QMP script). It accepts one migration connection from
 //! the local QEMU, proxies it to the target agent, and prints the report.
-use std::{path::PathBuf, sync::Arc};
+use std::sync::Arc;
 
 use agent::migration::{
     report::Counters,
     source::{run_source, SourceConfig},
 };
 use anyhow::Context;
-use nas_server::listener::Listen;
 use tokio::net::{TcpListener, TcpStream};
 
 #[derive(Debug, clap::Args)]
@@ -23,23 +22,8 @@ pub struct Args {
     /// host (with libvirt and `--migrateuri tcp:127.0.0.1:P`, that is `tcp:127.0.0.1:P`).
     #[arg(long)]
     incoming: String,
-    /// NAS export holding this VM's disk (repeatable).
-    #[arg(long = "export", required = true)]
-    exports: Vec<String>,
-    #[arg(long, default_value = "127.0.0.1:10809")]
-    nas_nbd: String,
-    #[arg(long, default_value = "127.0.0.1:10810")]
-    nas_index: Listen,
-    #[arg(long, default_value = "vm")]
-    vm: String,
-    #[arg(long)]
-    zstd: bool,
-    /// Forward the stream verbatim.
-    #[arg(long)]
-    passthrough: bool,
-    /// Also write QEMU's exact stream here.
-    #[arg(long)]
-    record: Option<PathBuf>,
+    #[command(flatten)]
+    stream: super::StreamArgs,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
@@ -52,11 +36,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot reach the target agent at {}", args.target_agent))?;
     link.set_nodelay(true)?;
-    let mut config = SourceConfig::new(&args.vm, args.exports, &args.nas_nbd, Some(args.nas_index));
+    let s = args.stream;
+    let mut config = SourceConfig::new(&s.vm, s.exports, &s.nas_nbd, Some(s.nas_index));
     config.incoming = args.incoming;
-    config.zstd = args.zstd;
-    config.rewrite = !args.passthrough;
-    config.record = args.record;
+    config.zstd = s.zstd;
+    config.rewrite = !s.passthrough;
+    config.record = s.record;
     let report = run_source(qemu, link, config, Arc::new(Counters::default())).await?;
     println!("{}", serde_json::to_string_pretty(&report.source)?);
     Ok(())
