@@ -28,6 +28,9 @@ pub struct Args {
     /// Repeat each row this many times and keep the best.
     #[arg(long, default_value_t = 3)]
     repeat: u32,
+    /// Synthetic stream size in MiB (`pipeline`).
+    #[arg(long, default_value_t = 2048)]
+    stream_mib: u64,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -36,6 +39,8 @@ enum Target {
     Nbd,
     /// Live migration over a 1 Gbit/s link: plain QEMU vs multifd+zstd vs the agents.
     Migration,
+    /// Each side of the migration hook alone, on a synthetic multi-GiB stream.
+    Pipeline,
 }
 
 struct Row {
@@ -83,6 +88,9 @@ const PORT: u16 = 10_950;
 pub fn run(args: Args) -> anyhow::Result<()> {
     if let Target::Migration = args.target {
         return crate::bench_migration::run(512, 200);
+    }
+    if let Target::Pipeline = args.target {
+        return crate::bench_pipeline::run(args.stream_mib);
     }
     crate::setup::run()?;
     sh::run(sh::cargo().args(["build", "--release", "-p", "nas-server"]))?;

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod bench_migration;
+mod bench_pipeline;
 mod demo;
 mod ebpf;
 mod fuzz;

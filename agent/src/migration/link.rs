@@ -2,10 +2,10 @@
 //!
 //! ```text
 //!  source agent                                                  target agent
-//!    |-- HELLO v1 {vm, exports(id,name), nas, incoming, caps} ------->|
-//!    |<----------------------------------- HELLO_ACK {v1, caps} ------|
+//!    |-- HELLO v2 {vm, exports(id,name), nas, incoming, caps} ------->|
+//!    |<----------------------------------- HELLO_ACK {v2, caps} ------|
 //!    |-- RAW bytes | PAGE 4 KiB | MAPPED {seq, export, off, hash} --->|  in stream order;
-//!    |-- DUP {hash} | ZSTD {inner frames}  ...  ---------------------->|  the target rebuilds
+//!    |-- DUP {ordinal} | ZSTD {inner frames}  ...  ------------------->|  the target rebuilds
 //!    |<-------------- ACK {mapped, credit} | FALLBACK_REQ {seq} ------|  QEMU's bytes from
 //!    |-- FALLBACK_DATA {seq, 4 KiB} --------------------------------->|  them, in order
 //!    |-- END {source stats} ----------------------------------------->|
@@ -15,12 +15,13 @@
 //! Every frame is `u32 length | u8 type | payload` (big-endian; length counts the type byte and
 //! payload, at most [`MAX_FRAME`]). A MAPPED page's content stays with the source until the
 //! target acknowledges its sequence number, so the target can always ask for it instead of
-//! trusting the NAS. DUP names content the target still holds: both sides keep the same
-//! bounded cache of recent page contents, updated by the same frames in the same order (see
-//! [`super::dedup`]). Decoding is pure and check-then-parse, like the index protocol.
+//! trusting the NAS. DUP names content the target still holds by the ordinal of the PAGE or
+//! MAPPED frame that carried it (content frames are numbered from 0 in link order): both sides
+//! keep the same bounded cache of recent page contents, updated by the same frames in the same
+//! order (see [`super::dedup`]). Decoding is pure and check-then-parse, like the index protocol.
 use crate::migration::stream::PAGE_SIZE;
 
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 pub const MAX_FRAME: u32 = 8 << 20;
 /// Capability bit: ZSTD frames may be sent.
 pub const CAP_ZSTD: u32 = 1;
@@ -53,8 +54,9 @@ pub enum LinkFrame {
         offset: u64,
         hash: Hash,
     },
+    /// The content of content frame number `ordinal` (PAGE and MAPPED frames count).
     Dup {
-        hash: Hash,
+        ordinal: u64,
     },
     /// zstd-compressed concatenation of other frames; `raw_len` is the decompressed size.
     Zstd {
@@ -154,6 +156,20 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// Appends a RAW frame carrying `data` (the same bytes as encoding [`LinkFrame::Raw`]).
+pub fn encode_raw(out: &mut Vec<u8>, data: &[u8]) {
+    out.extend_from_slice(&(data.len() as u32 + 1).to_be_bytes());
+    out.push(T_RAW);
+    out.extend_from_slice(data);
+}
+
+/// Appends a PAGE frame carrying `page` (the same bytes as encoding [`LinkFrame::Page`]).
+pub fn encode_page(out: &mut Vec<u8>, page: &[u8; PAGE_SIZE]) {
+    out.extend_from_slice(&(PAGE_SIZE as u32 + 1).to_be_bytes());
+    out.push(T_PAGE);
+    out.extend_from_slice(page);
+}
+
 fn put_string(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(&(s.len() as u32).to_be_bytes());
     out.extend_from_slice(s.as_bytes());
@@ -206,7 +222,9 @@ impl LinkFrame {
                 offset: r.u64("offset")?,
                 hash: r.hash()?,
             },
-            T_DUP => LinkFrame::Dup { hash: r.hash()? },
+            T_DUP => LinkFrame::Dup {
+                ordinal: r.u64("ordinal")?,
+            },
             T_ZSTD => {
                 let raw_len = r.u32("raw length")?;
                 if raw_len > MAX_FRAME * 2 {
@@ -289,9 +307,9 @@ impl LinkFrame {
                 out.extend_from_slice(&offset.to_be_bytes());
                 out.extend_from_slice(hash);
             }
-            LinkFrame::Dup { hash } => {
+            LinkFrame::Dup { ordinal } => {
                 out.push(T_DUP);
-                out.extend_from_slice(hash);
+                out.extend_from_slice(&ordinal.to_be_bytes());
             }
             LinkFrame::Zstd { raw_len, data } => {
                 out.push(T_ZSTD);
@@ -364,7 +382,7 @@ mod tests {
                 offset: 8192,
                 hash: [3; 32],
             },
-            LinkFrame::Dup { hash: [4; 32] },
+            LinkFrame::Dup { ordinal: 4 },
             LinkFrame::Zstd {
                 raw_len: 10,
                 data: vec![1, 2, 3],
@@ -391,6 +409,17 @@ mod tests {
                 message: "no".into(),
             },
         ]
+    }
+
+    #[test]
+    fn direct_encoders_match_the_frames() {
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        encode_raw(&mut a, b"abc");
+        LinkFrame::Raw(b"abc".to_vec()).encode(&mut b);
+        let page = [7u8; PAGE_SIZE];
+        encode_page(&mut a, &page);
+        LinkFrame::Page(Box::new(page)).encode(&mut b);
+        assert_eq!(a, b);
     }
 
     #[test]

@@ -13,7 +13,7 @@
 //! `unacked_pages` of them; past that the source stops reading QEMU (backpressure) until acks
 //! arrive. A FALLBACK_REQ is answered from that store, ahead of normal traffic.
 use std::{
-    collections::{BTreeMap, VecDeque},
+    collections::VecDeque,
     sync::{Arc, Mutex, PoisonError},
     time::{Duration, Instant},
 };
@@ -30,7 +30,7 @@ use tokio::{
 
 use super::{
     dedup::ContentCache,
-    link::{Hash, Hello, LinkFrame, CAP_ZSTD, VERSION},
+    link::{self, Hash, Hello, LinkFrame, CAP_ZSTD, VERSION},
     report::{Counters, Figures},
     stream::{Sink, StreamParser, PAGE_SIZE},
     wire::FrameReader,
@@ -105,21 +105,26 @@ pub struct SourceReport {
     pub passthrough_reason: Option<String>,
 }
 
-/// Mapped pages awaiting the target's acknowledgement, bounded.
+/// Mapped pages awaiting the target's acknowledgement, bounded. Sequence numbers are given
+/// out in order and acknowledged as a prefix, so a queue ordered by them is enough.
 struct Unacked {
-    pages: Mutex<BTreeMap<u64, Box<[u8; PAGE_SIZE]>>>,
+    pages: Mutex<VecDeque<(u64, Box<[u8; PAGE_SIZE]>)>>,
     freed: Notify,
     capacity: usize,
 }
 
 impl Unacked {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<(u64, Box<[u8; PAGE_SIZE]>)>> {
+        self.pages.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     async fn insert(&self, seq: u64, page: Box<[u8; PAGE_SIZE]>) {
         loop {
             let freed = self.freed.notified();
             {
-                let mut pages = self.pages.lock().unwrap_or_else(PoisonError::into_inner);
+                let mut pages = self.lock();
                 if pages.len() < self.capacity {
-                    pages.insert(seq, page);
+                    pages.push_back((seq, page));
                     return;
                 }
             }
@@ -128,28 +133,27 @@ impl Unacked {
     }
 
     fn is_full(&self) -> bool {
-        self.pages
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
-            >= self.capacity
+        self.lock().len() >= self.capacity
     }
 
     /// The target holds the first `mapped` pages: drop their copies.
     fn ack(&self, mapped: u64) {
-        let mut pages = self.pages.lock().unwrap_or_else(PoisonError::into_inner);
-        let keep = pages.split_off(&mapped);
-        *pages = keep;
+        let mut pages = self.lock();
+        let before = pages.len();
+        while pages.front().is_some_and(|(seq, _)| *seq < mapped) {
+            pages.pop_front();
+        }
+        let freed = pages.len() != before;
         drop(pages);
-        self.freed.notify_waiters();
+        if freed {
+            self.freed.notify_waiters();
+        }
     }
 
     fn get(&self, seq: u64) -> Option<Box<[u8; PAGE_SIZE]>> {
-        self.pages
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&seq)
-            .cloned()
+        let pages = self.lock();
+        let i = pages.binary_search_by_key(&seq, |(s, _)| *s).ok()?;
+        Some(pages[i].1.clone())
     }
 }
 
@@ -161,33 +165,37 @@ struct Flow {
     window: u64,
 }
 
+/// Where a page's payload is: in the batch's read buffer, or (for a page that straddled two
+/// reads) in its side buffer.
+#[derive(Clone, Copy)]
+enum At {
+    Input(usize),
+    Side(usize),
+}
+
 enum Item {
-    Raw(Vec<u8>),
+    /// Verbatim bytes, a range of the batch's side buffer.
+    Raw(std::ops::Range<usize>),
     Page {
         hash: Hash,
-        data: Box<[u8; PAGE_SIZE]>,
+        at: At,
         found: Option<Found>,
         needs_lookup: bool,
     },
 }
 
-/// Collects parser output into items and hashes pages.
+/// Collects parser output into items and hashes pages. Payloads are referred to, not copied,
+/// wherever they lie whole in the read.
 struct Collector<'a> {
     items: Vec<Item>,
+    side: Vec<u8>,
     counters: &'a Counters,
     replica: Option<&'a Mutex<HotReplica>>,
     remote: bool,
 }
 
-impl Sink for Collector<'_> {
-    fn verbatim(&mut self, bytes: &[u8]) {
-        match self.items.last_mut() {
-            Some(Item::Raw(buf)) => buf.extend_from_slice(bytes),
-            _ => self.items.push(Item::Raw(bytes.to_vec())),
-        }
-    }
-
-    fn page(&mut self, payload: &[u8; PAGE_SIZE]) {
+impl Collector<'_> {
+    fn add_page(&mut self, at: At, payload: &[u8; PAGE_SIZE]) {
         let started = Instant::now();
         let hash = *blake3::hash(payload).as_bytes();
         Counters::add(&self.counters.hash_ns, started.elapsed().as_nanos() as u64);
@@ -197,26 +205,64 @@ impl Sink for Collector<'_> {
             .and_then(|r| r.lock().unwrap_or_else(PoisonError::into_inner).get(&hash));
         self.items.push(Item::Page {
             hash,
-            data: Box::new(*payload),
+            at,
             needs_lookup: found.is_none() && self.remote,
             found,
         });
     }
 }
 
+impl Sink for Collector<'_> {
+    fn verbatim(&mut self, bytes: &[u8]) {
+        let start = self.side.len();
+        self.side.extend_from_slice(bytes);
+        match self.items.last_mut() {
+            Some(Item::Raw(range)) if range.end == start => range.end = self.side.len(),
+            _ => self.items.push(Item::Raw(start..self.side.len())),
+        }
+    }
+
+    fn page(&mut self, payload: &[u8; PAGE_SIZE]) {
+        let at = At::Side(self.side.len());
+        self.side.extend_from_slice(payload);
+        self.add_page(at, payload);
+    }
+
+    fn page_in_input(&mut self, offset: usize, payload: &[u8; PAGE_SIZE]) {
+        self.add_page(At::Input(offset), payload);
+    }
+}
+
+/// One read from QEMU and what the parser found in it.
 struct Batch {
+    input: Vec<u8>,
+    side: Vec<u8>,
     items: Vec<Item>,
     /// Lookup in flight: (request id, indexes of the items it answers).
     lookup: Option<(u32, Vec<usize>)>,
     sent_at: Instant,
 }
 
+impl Batch {
+    fn page(&self, at: At) -> &[u8; PAGE_SIZE] {
+        let bytes = match at {
+            At::Input(o) => &self.input[o..o + PAGE_SIZE],
+            At::Side(o) => &self.side[o..o + PAGE_SIZE],
+        };
+        bytes.try_into().expect("a page is PAGE_SIZE bytes")
+    }
+}
+
 /// Turns resolved items into link frames, in order.
 struct Emitter {
-    cache: ContentCache<()>,
+    /// Content already sent, by hash: the ordinal of the frame that carried it.
+    cache: ContentCache<Hash, u64>,
+    next_ordinal: u64,
     next_seq: u64,
     zstd: bool,
     pending: Vec<u8>,
+    /// Buffers the writer has sent, back for reuse.
+    spent: mpsc::Receiver<Vec<u8>>,
     out: mpsc::Sender<Vec<u8>>,
     unacked: Arc<Unacked>,
     flow: Arc<Flow>,
@@ -226,60 +272,84 @@ struct Emitter {
 }
 
 const ZSTD_BATCH: usize = 256 << 10;
+/// Bytes asked of QEMU per read.
+const READ_SIZE: usize = 1 << 20;
 
 impl Emitter {
-    async fn item(&mut self, item: Item) -> Result<(), SourceError> {
-        match item {
-            Item::Raw(bytes) => self.frame(&LinkFrame::Raw(bytes)).await,
-            Item::Page {
-                hash, data, found, ..
-            } => {
-                if self.cache.touch(&hash).is_some() {
-                    Counters::add(&self.counters.pages_dup, 1);
-                    return self.frame(&LinkFrame::Dup { hash }).await;
+    /// Emits every item of `batch`, in order.
+    async fn batch(&mut self, batch: &Batch) -> Result<(), SourceError> {
+        for item in &batch.items {
+            match item {
+                Item::Raw(range) => {
+                    self.wait_window().await?;
+                    self.encoded(|out| link::encode_raw(out, &batch.side[range.clone()]))
+                        .await?;
                 }
-                self.cache.insert(hash, ());
-                match found.filter(|f| self.export_ids.contains(&f.export)) {
-                    Some(f) => {
-                        let seq = self.next_seq;
-                        self.next_seq += 1;
-                        if self.unacked.is_full() {
-                            // The target can only ack what it has received.
-                            self.flush().await?;
-                        }
-                        self.unacked.insert(seq, data).await;
-                        Counters::add(&self.counters.pages_mapped, 1);
-                        self.frame(&LinkFrame::Mapped {
-                            seq,
-                            export: f.export,
-                            offset: f.offset,
-                            hash,
-                        })
-                        .await
-                    }
-                    None => {
-                        Counters::add(&self.counters.pages_sent, 1);
-                        self.frame(&LinkFrame::Page(data)).await
-                    }
+                Item::Page {
+                    hash, at, found, ..
+                } => self.page(hash, batch.page(*at), *found).await?,
+            }
+        }
+        Ok(())
+    }
+
+    async fn page(
+        &mut self,
+        hash: &Hash,
+        data: &[u8; PAGE_SIZE],
+        found: Option<Found>,
+    ) -> Result<(), SourceError> {
+        if let Some(&ordinal) = self.cache.touch(hash) {
+            Counters::add(&self.counters.pages_dup, 1);
+            return self.frame(&LinkFrame::Dup { ordinal }).await;
+        }
+        self.cache.insert(*hash, self.next_ordinal);
+        self.next_ordinal += 1;
+        match found.filter(|f| self.export_ids.contains(&f.export)) {
+            Some(f) => {
+                let seq = self.next_seq;
+                self.next_seq += 1;
+                if self.unacked.is_full() {
+                    // The target can only ack what it has received.
+                    self.flush().await?;
                 }
+                self.unacked.insert(seq, Box::new(*data)).await;
+                Counters::add(&self.counters.pages_mapped, 1);
+                self.frame(&LinkFrame::Mapped {
+                    seq,
+                    export: f.export,
+                    offset: f.offset,
+                    hash: *hash,
+                })
+                .await
+            }
+            None => {
+                Counters::add(&self.counters.pages_sent, 1);
+                self.wait_window().await?;
+                self.encoded(|out| link::encode_page(out, data)).await
             }
         }
     }
 
-    async fn frame(&mut self, frame: &LinkFrame) -> Result<(), SourceError> {
+    /// Waits until the link window has room for another frame.
+    async fn wait_window(&mut self) -> Result<(), SourceError> {
         use std::sync::atomic::Ordering::Acquire;
         let flow = self.flow.clone();
         loop {
             let moved = flow.moved.notified();
             if self.sent - flow.acked.load(Acquire) <= flow.window {
-                break;
+                return Ok(());
             }
             // Whatever is batched must go out first, or the target can never ack it.
             self.flush().await?;
             moved.await;
         }
+    }
+
+    /// Appends one frame written by `encode` and counts it against the window.
+    async fn encoded(&mut self, encode: impl FnOnce(&mut Vec<u8>)) -> Result<(), SourceError> {
         let before = self.pending.len();
-        frame.encode(&mut self.pending);
+        encode(&mut self.pending);
         self.sent += (self.pending.len() - before) as u64;
         // Frames go out in batches (one channel hand-off and one write per batch, not per
         // page); the main loop also flushes whenever it has emitted what it can.
@@ -289,22 +359,31 @@ impl Emitter {
         Ok(())
     }
 
+    async fn frame(&mut self, frame: &LinkFrame) -> Result<(), SourceError> {
+        self.wait_window().await?;
+        self.encoded(|out| frame.encode(out)).await
+    }
+
     async fn flush(&mut self) -> Result<(), SourceError> {
         if self.pending.is_empty() {
             return Ok(());
         }
-        let bytes = std::mem::take(&mut self.pending);
-        let bytes = if self.zstd {
+        // The next batch goes into a buffer the writer has finished with, if there is one.
+        let next = self
+            .spent
+            .try_recv()
+            .unwrap_or_else(|_| Vec::with_capacity(ZSTD_BATCH + 2 * PAGE_SIZE));
+        let mut bytes = std::mem::replace(&mut self.pending, next);
+        if self.zstd {
             let data = zstd::bulk::compress(&bytes, 1)
                 .map_err(|e| SourceError::Link(format!("zstd: {e}")))?;
-            LinkFrame::Zstd {
+            let frame = LinkFrame::Zstd {
                 raw_len: bytes.len() as u32,
                 data,
-            }
-            .to_bytes()
-        } else {
-            bytes
-        };
+            };
+            bytes.clear();
+            frame.encode(&mut bytes);
+        }
         self.out
             .send(bytes)
             .await
@@ -373,6 +452,7 @@ where
 
     // Writer: urgent fallback data first, then the stream.
     let (data_tx, mut data_rx) = mpsc::channel::<Vec<u8>>(32);
+    let (spent_tx, spent_rx) = mpsc::channel::<Vec<u8>>(32);
     let (urgent_tx, mut urgent_rx) = mpsc::channel::<Vec<u8>>(64);
     let writer_counters = counters.clone();
     let writer = tokio::spawn(async move {
@@ -384,6 +464,9 @@ where
             };
             Counters::add(&writer_counters.link_bytes, bytes.len() as u64);
             link_wr.write_all(&bytes).await?;
+            let mut bytes = bytes;
+            bytes.clear();
+            let _ = spent_tx.try_send(bytes);
         }
         // Fallback answers may still be needed after the stream ended.
         while let Some(b) = urgent_rx.recv().await {
@@ -395,7 +478,7 @@ where
     });
 
     let unacked = Arc::new(Unacked {
-        pages: Mutex::new(BTreeMap::new()),
+        pages: Mutex::new(VecDeque::new()),
         freed: Notify::new(),
         capacity: config.unacked_pages.max(1),
     });
@@ -439,9 +522,11 @@ where
 
     let mut emitter = Emitter {
         cache: ContentCache::new(config.dedup_capacity),
+        next_ordinal: 0,
         next_seq: 0,
         zstd: config.zstd && caps & CAP_ZSTD != 0,
-        pending: Vec::new(),
+        pending: Vec::with_capacity(ZSTD_BATCH + 2 * PAGE_SIZE),
+        spent: spent_rx,
         out: data_tx,
         unacked,
         flow,
@@ -453,7 +538,8 @@ where
     let mut batches: VecDeque<Batch> = VecDeque::new();
     let mut in_flight = 0usize;
     let mut eof = false;
-    let mut buf = vec![0u8; 1 << 20];
+    // Read buffers travel with their batch until it is emitted, then come back here.
+    let mut spare: Vec<Vec<u8>> = Vec::new();
     let mut record = match &config.record {
         Some(path) => Some(
             tokio::fs::File::create(path)
@@ -467,9 +553,8 @@ where
             // Emit every resolved batch at the front, in order.
             while batches.front().is_some_and(|b| b.lookup.is_none()) {
                 let batch = batches.pop_front().expect("front exists");
-                for item in batch.items {
-                    emitter.item(item).await?;
-                }
+                emitter.batch(&batch).await?;
+                spare.push(batch.input);
                 if batches.front().is_none_or(|b| b.lookup.is_some()) {
                     emitter.flush().await?;
                 }
@@ -492,7 +577,13 @@ where
                         }
                     }
                 }
-                n = qemu.read(&mut buf), if can_read => {
+                n = async {
+                    let mut input = spare.pop().unwrap_or_default();
+                    input.clear();
+                    input.reserve(READ_SIZE);
+                    (qemu.read_buf(&mut input).await, input)
+                }, if can_read => {
+                    let (n, input) = n;
                     let n = n.map_err(SourceError::Qemu)?;
                     if n == 0 {
                         eof = true;
@@ -500,25 +591,27 @@ where
                     }
                     Counters::add(&counters.qemu_bytes, n as u64);
                     if let Some(file) = record.as_mut() {
-                        file.write_all(&buf[..n]).await.map_err(SourceError::Qemu)?;
+                        file.write_all(&input).await.map_err(SourceError::Qemu)?;
                     }
-                    if !config.rewrite {
-                        batches.push_back(Batch {
-                            items: vec![Item::Raw(buf[..n].to_vec())],
-                            lookup: None,
-                            sent_at: Instant::now(),
-                        });
-                        continue;
-                    }
-                    let remote = index.is_some() && !parser.in_final_ram_section();
                     let mut sink = Collector {
                         items: Vec::new(),
+                        side: Vec::new(),
                         counters: &counters,
                         replica: config.hot_replica.then_some(&*replica),
-                        remote,
+                        remote: index.is_some() && !parser.in_final_ram_section(),
                     };
-                    parser.feed(&buf[..n], &mut sink);
-                    let mut batch = Batch { items: sink.items, lookup: None, sent_at: Instant::now() };
+                    if config.rewrite {
+                        parser.feed(&input, &mut sink);
+                    } else {
+                        sink.verbatim(&input);
+                    }
+                    let mut batch = Batch {
+                        input,
+                        side: sink.side,
+                        items: sink.items,
+                        lookup: None,
+                        sent_at: Instant::now(),
+                    };
                     if let Some(client) = index.as_mut() {
                         // One lookup per read: at most ~256 pages, well inside a LOOKUP.
                         let wanted: Vec<usize> = batch.items.iter().enumerate()

@@ -48,6 +48,13 @@ pub trait Sink {
     fn verbatim(&mut self, bytes: &[u8]);
     /// The payload of one PAGE record; its header went out through `verbatim` just before.
     fn page(&mut self, payload: &[u8; PAGE_SIZE]);
+    /// Like [`Sink::page`], for a payload that lies whole in the input of the current
+    /// [`StreamParser::feed`] call, starting `offset` bytes in: a sink that keeps the input can
+    /// refer to it instead of copying.
+    fn page_in_input(&mut self, offset: usize, payload: &[u8; PAGE_SIZE]) {
+        let _ = offset;
+        self.page(payload);
+    }
 }
 
 /// Counts of what the parser saw.
@@ -169,7 +176,8 @@ impl StreamParser {
 
     /// Consumes `input`, calling `sink` for every verbatim run and page payload, in order.
     pub fn feed(&mut self, mut input: &[u8], sink: &mut impl Sink) {
-        self.stats.bytes += input.len() as u64;
+        let total = input.len();
+        self.stats.bytes += total as u64;
         while !input.is_empty() {
             match self.state {
                 State::Passthrough => {
@@ -185,6 +193,16 @@ impl StreamParser {
                     } else {
                         State::Skip(n - take, next)
                     };
+                }
+                State::Page if self.page_fill == 0 && input.len() >= PAGE_SIZE => {
+                    let (payload, rest) = input.split_at(PAGE_SIZE);
+                    self.stats.pages += 1;
+                    sink.page_in_input(
+                        total - input.len(),
+                        payload.try_into().expect("split at PAGE_SIZE"),
+                    );
+                    input = rest;
+                    self.state = self.next_field(Step::Record);
                 }
                 State::Page => {
                     let take = (PAGE_SIZE - self.page_fill).min(input.len());
@@ -680,6 +698,44 @@ mod tests {
                 "{:?}",
                 p.passthrough_reason()
             );
+        }
+    }
+
+    #[test]
+    fn whole_pages_are_reported_where_they_lie_in_the_input() {
+        struct Offsets<'a> {
+            chunk: &'a [u8],
+            in_input: usize,
+            copied: usize,
+        }
+        impl Sink for Offsets<'_> {
+            fn verbatim(&mut self, _: &[u8]) {}
+            fn page(&mut self, _: &[u8; PAGE_SIZE]) {
+                self.copied += 1;
+            }
+            fn page_in_input(&mut self, offset: usize, payload: &[u8; PAGE_SIZE]) {
+                assert_eq!(&self.chunk[offset..offset + PAGE_SIZE], payload);
+                self.in_input += 1;
+            }
+        }
+        let stream = sample();
+        for chunk in [stream.len(), 5000, 4096] {
+            let mut p = StreamParser::new();
+            let (mut in_input, mut copied) = (0, 0);
+            for part in stream.chunks(chunk) {
+                let mut sink = Offsets {
+                    chunk: part,
+                    in_input: 0,
+                    copied: 0,
+                };
+                p.feed(part, &mut sink);
+                in_input += sink.in_input;
+                copied += sink.copied;
+            }
+            assert_eq!(in_input + copied, 4, "chunk {chunk}");
+            if chunk == stream.len() {
+                assert_eq!(copied, 0, "nothing straddles a single chunk");
+            }
         }
     }
 

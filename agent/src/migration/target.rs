@@ -11,7 +11,7 @@
 //! content is known to hash to what the source hashed. Read-ahead is bounded by the slot queue;
 //! the writer acknowledges mapped pages as it delivers them, which frees the source's copies.
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     sync::{Arc, OnceLock},
     time::{Duration, Instant},
 };
@@ -195,7 +195,7 @@ where
     // Unbounded here, bounded in fact: the source never runs more than its window ahead of
     // the credit this side returns. The reader must never block, or a fallback answer could
     // wait behind data that waits for it.
-    let (slot_tx, slot_rx) = mpsc::unbounded_channel::<Credited>();
+    let (slot_tx, slot_rx) = mpsc::unbounded_channel::<Vec<Credited>>();
     let record = match &config.record {
         Some(path) => Some(
             tokio::fs::File::create(path)
@@ -213,14 +213,28 @@ where
     ));
 
     // The reader runs here: frames in order become slots; fallbacks fill cells.
-    let mut cache: ContentCache<Arc<Cell>> = ContentCache::new(config.dedup_capacity);
-    // Mapped pages not yet filled, by sequence number, for fallback answers.
-    let mut waiting: HashMap<u64, (Hash, Arc<Cell>)> = HashMap::new();
+    // Content by the ordinal of the frame that carried it, for DUP.
+    let mut cache: ContentCache<u64, Arc<Cell>> = ContentCache::new(config.dedup_capacity);
+    let mut next_ordinal = 0u64;
+    // Mapped pages in sequence order, for fallback answers; filled ones are dropped from the
+    // front, so it holds about the read-ahead.
+    let mut waiting: VecDeque<(u64, Hash, Arc<Cell>)> = VecDeque::new();
     let mut slot_tx = Some(slot_tx);
     let mut fetch_tx = Some(fetch_tx);
     let mut source_stats = None;
     let mut writer = Some(writer);
+    // Slots go to the writer in batches: one hand-off per run of frames already buffered.
+    let mut slots: Vec<Credited> = Vec::new();
     let outcome: Result<(), TargetError> = loop {
+        if !slots.is_empty() && (!frames.has_buffered() || slots.len() >= 1024) {
+            let Some(tx) = &slot_tx else {
+                break Err(TargetError::Protocol("data after END".into()));
+            };
+            if tx.send(std::mem::take(&mut slots)).is_err() {
+                // The writer failed; its error is collected below.
+                slot_tx = None;
+            }
+        }
         let frame = tokio::select! {
             f = frames.next_sized(&mut link_rd) => f,
             done = async { writer.as_mut().expect("writer present").await }, if writer.is_some() => {
@@ -240,9 +254,9 @@ where
         let slot = match frame {
             LinkFrame::Raw(bytes) => Slot::Bytes(bytes),
             LinkFrame::Page(page) => {
-                let hash = *blake3::hash(&page[..]).as_bytes();
                 let cell = Cell::ready(page);
-                cache.insert(hash, cell.clone());
+                cache.insert(next_ordinal, cell.clone());
+                next_ordinal += 1;
                 Slot::Content { cell, seq: None }
             }
             LinkFrame::Mapped {
@@ -252,12 +266,20 @@ where
                 hash,
             } => {
                 let cell = Arc::new(Cell::default());
-                cache.insert(hash, cell.clone());
-                waiting.insert(seq, (hash, cell.clone()));
-                if waiting.len() > 4 * config.read_ahead.max(1024) {
-                    // Filled pages need no fallback any more; keep the map bounded.
-                    waiting.retain(|_, (_, c)| c.value.get().is_none());
+                cache.insert(next_ordinal, cell.clone());
+                next_ordinal += 1;
+                while waiting
+                    .front()
+                    .is_some_and(|(_, _, c)| c.value.get().is_some())
+                {
+                    waiting.pop_front();
                 }
+                if waiting.back().is_some_and(|(last, _, _)| *last >= seq) {
+                    break Err(TargetError::Protocol(format!(
+                        "MAPPED sequence {seq} out of order"
+                    )));
+                }
+                waiting.push_back((seq, hash, cell.clone()));
                 let fetch = Fetch {
                     seq,
                     export,
@@ -276,46 +298,45 @@ where
                     seq: Some(seq),
                 }
             }
-            LinkFrame::Dup { hash } => match cache.touch(&hash) {
+            LinkFrame::Dup { ordinal } => match cache.touch(&ordinal) {
                 Some(cell) => Slot::Content {
                     cell: cell.clone(),
                     seq: None,
                 },
                 None => {
-                    break Err(TargetError::Protocol(
-                        "DUP of content not in the cache".into(),
-                    ))
+                    break Err(TargetError::Protocol(format!(
+                        "DUP of content frame {ordinal}, which is not in the cache"
+                    )))
                 }
             },
             LinkFrame::FallbackData { seq, page } => {
-                let entry = waiting.remove(&seq);
-                match entry {
-                    Some((hash, cell)) => {
-                        if blake3::hash(&page[..]).as_bytes() != &hash {
+                match waiting.binary_search_by_key(&seq, |(s, _, _)| *s) {
+                    Ok(i) => {
+                        let (_, hash, cell) = &waiting[i];
+                        if blake3::hash(&page[..]).as_bytes() != hash {
                             tracing::warn!(seq, "fallback content does not match its hash");
                         }
                         cell.set(page);
                     }
-                    None => tracing::debug!(seq, "fallback for a page already filled"),
+                    Err(_) => tracing::debug!(seq, "fallback for a page already filled"),
                 }
                 continue;
             }
             LinkFrame::End { stats } => {
                 source_stats = Some(stats);
-                slot_tx = None;
+                if let Some(tx) = slot_tx.take() {
+                    let _ = tx.send(std::mem::take(&mut slots));
+                }
                 fetch_tx = None;
                 continue;
             }
             LinkFrame::Error { message } => break Err(TargetError::Link(message)),
             other => break Err(TargetError::Protocol(format!("unexpected frame {other:?}"))),
         };
-        let Some(tx) = &slot_tx else {
+        if slot_tx.is_none() {
             break Err(TargetError::Protocol("data after END".into()));
-        };
-        if tx.send((slot, credit as u64)).is_err() {
-            // The writer failed; its error is collected below.
-            slot_tx = None;
         }
+        slots.push((slot, credit as u64));
     };
     drop(slot_tx);
     drop(fetch_tx);
@@ -344,7 +365,7 @@ where
 
 /// Delivers slots to QEMU in order and acknowledges delivered mapped pages.
 async fn write_loop<Q: AsyncWrite + Unpin>(
-    mut slots: mpsc::UnboundedReceiver<Credited>,
+    mut slots: mpsc::UnboundedReceiver<Vec<Credited>>,
     qemu: Q,
     mut record: Option<tokio::fs::File>,
     back: mpsc::Sender<LinkFrame>,
@@ -354,38 +375,46 @@ async fn write_loop<Q: AsyncWrite + Unpin>(
     // Delivered so far: MAPPED pages and credit; and what was last acknowledged.
     let (mut mapped, mut credit) = (0u64, 0u64);
     let (mut acked_mapped, mut acked_credit) = (0u64, 0u64);
-    while let Some((slot, frame_credit)) = slots.recv().await {
-        let n = match slot {
-            Slot::Bytes(b) => {
-                out.write_all(&b).await.map_err(TargetError::Qemu)?;
-                if let Some(f) = record.as_mut() {
-                    f.write_all(&b).await.map_err(TargetError::Qemu)?;
+    while let Some(batch) = slots.recv().await {
+        let mut delivered = 0u64;
+        for (slot, frame_credit) in batch {
+            let n = match slot {
+                Slot::Bytes(b) => {
+                    out.write_all(&b).await.map_err(TargetError::Qemu)?;
+                    if let Some(f) = record.as_mut() {
+                        f.write_all(&b).await.map_err(TargetError::Qemu)?;
+                    }
+                    b.len()
                 }
-                b.len()
+                Slot::Content { cell, seq } => {
+                    if cell.value.get().is_none() {
+                        // Waiting for the NAS: let QEMU have what is ready meanwhile.
+                        out.flush().await.map_err(TargetError::Qemu)?;
+                    }
+                    let page = cell.get().await;
+                    out.write_all(page).await.map_err(TargetError::Qemu)?;
+                    if let Some(f) = record.as_mut() {
+                        f.write_all(page).await.map_err(TargetError::Qemu)?;
+                    }
+                    if let Some(seq) = seq {
+                        mapped = seq + 1;
+                    }
+                    PAGE_SIZE
+                }
+            };
+            credit += frame_credit;
+            delivered += n as u64;
+            // Ack in steps: far below the source's window (64 MiB) and page store (16384
+            // pages), so it never waits for an ack, and far above one frame, so acks stay
+            // rare.
+            if credit - acked_credit >= 1 << 20 || mapped - acked_mapped >= 1024 {
+                let _ = back.send(LinkFrame::Ack { mapped, credit }).await;
+                (acked_mapped, acked_credit) = (mapped, credit);
             }
-            Slot::Content { cell, seq } => {
-                let page = cell.get().await;
-                out.write_all(page).await.map_err(TargetError::Qemu)?;
-                if let Some(f) = record.as_mut() {
-                    f.write_all(page).await.map_err(TargetError::Qemu)?;
-                }
-                if let Some(seq) = seq {
-                    mapped = seq + 1;
-                }
-                PAGE_SIZE
-            }
-        };
-        credit += frame_credit;
-        Counters::add(&counters.qemu_bytes, n as u64);
-        let idle = slots.is_empty();
-        if idle {
-            out.flush().await.map_err(TargetError::Qemu)?;
         }
-        // Ack in steps: far below the source's window (64 MiB) and page store (16384 pages),
-        // so it never waits for an ack, and far above one frame, so acks stay rare.
-        if credit - acked_credit >= 1 << 20 || mapped - acked_mapped >= 1024 {
-            let _ = back.send(LinkFrame::Ack { mapped, credit }).await;
-            (acked_mapped, acked_credit) = (mapped, credit);
+        Counters::add(&counters.qemu_bytes, delivered);
+        if slots.is_empty() {
+            out.flush().await.map_err(TargetError::Qemu)?;
         }
     }
     out.flush().await.map_err(TargetError::Qemu)?;
@@ -484,16 +513,17 @@ async fn fetch_loop(
                 // A broken connection is not reused.
                 clients.insert(export, None);
             }
-            for (i, f) in fetches.into_iter().enumerate() {
+            let mut results = results.map(Vec::into_iter);
+            for f in fetches {
                 let verified = results
-                    .as_ref()
-                    .and_then(|r| r[i].as_ref().ok())
-                    .filter(|data| blake3::hash(data).as_bytes() == &f.hash);
+                    .as_mut()
+                    .and_then(Iterator::next)
+                    .and_then(Result::ok)
+                    .filter(|data| blake3::hash(data).as_bytes() == &f.hash)
+                    .and_then(|data| Box::<[u8; PAGE_SIZE]>::try_from(data).ok());
                 match verified {
-                    Some(data) => {
+                    Some(page) => {
                         Counters::add(&counters.nas_bytes, PAGE_SIZE as u64);
-                        let mut page = Box::new([0u8; PAGE_SIZE]);
-                        page.copy_from_slice(data);
                         f.cell.set(page);
                     }
                     None => {

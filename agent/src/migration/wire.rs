@@ -5,6 +5,9 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 
 use super::link::{LinkError, LinkFrame, MAX_FRAME};
 
+/// Bytes asked of the link per read.
+const READ_CHUNK: usize = 256 << 10;
+
 /// Buffers a link's bytes and yields whole frames.
 #[derive(Default)]
 pub struct FrameReader {
@@ -18,6 +21,15 @@ pub struct FrameReader {
 impl FrameReader {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Whether the next frame is already buffered whole, so [`FrameReader::next`] will not
+    /// wait for the link.
+    pub fn has_buffered(&self) -> bool {
+        let rest = &self.buf[self.start..];
+        !self.inflated.is_empty()
+            || rest.len() >= 4
+                && rest.len() - 4 >= u32::from_be_bytes(rest[..4].try_into().unwrap()) as usize
     }
 
     /// The next frame; `Ok(None)` at a clean end of stream. ZSTD frames are opened and their
@@ -54,23 +66,23 @@ impl FrameReader {
                 Err(LinkError::Incomplete) => {}
                 Err(e) => return Err(e.to_string()),
             }
-            let mut chunk = [0u8; 64 << 10];
+            if self.start > 0 {
+                self.buf.drain(..self.start);
+                self.start = 0;
+            }
+            // Read straight into the buffer's spare room (at least READ_CHUNK of it).
+            self.buf.reserve(READ_CHUNK);
             let n = reader
-                .read(&mut chunk)
+                .read_buf(&mut self.buf)
                 .await
                 .map_err(|e| format!("link read failed: {e}"))?;
             if n == 0 {
-                return if self.start == self.buf.len() {
+                return if self.buf.is_empty() {
                     Ok(None)
                 } else {
                     Err("link closed inside a frame".into())
                 };
             }
-            if self.start > 0 {
-                self.buf.drain(..self.start);
-                self.start = 0;
-            }
-            self.buf.extend_from_slice(&chunk[..n]);
         }
     }
 

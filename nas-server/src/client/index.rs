@@ -156,10 +156,15 @@ impl IndexClient {
 }
 
 /// A source agent's copy of the hot sets: content -> where it lives.
+///
+/// It keeps one place per content, the latest one announced. When that block changes, the
+/// content is forgotten even if another hot block holds it too: the agent then asks the index
+/// service, which knows every place, so only a round trip is lost. BLAKE3 keys are already
+/// uniform, so the maps use a fast seeded hasher rather than SipHash.
 #[derive(Debug, Default)]
 pub struct HotReplica {
-    by_block: HashMap<(u32, u64), Hash>,
-    by_hash: HashMap<Hash, Vec<(u32, u64)>>,
+    by_block: HashMap<(u32, u64), Hash, foldhash::fast::RandomState>,
+    by_hash: HashMap<Hash, (u32, u64), foldhash::fast::RandomState>,
 }
 
 impl HotReplica {
@@ -184,37 +189,44 @@ impl HotReplica {
                 self.remove(key);
             }
         }
+        self.by_block.reserve(entries.len());
+        self.by_hash.reserve(entries.len());
         for e in entries {
-            self.remove((*export, e.block));
-            if let Some(h) = e.hash {
-                self.by_block.insert((*export, e.block), h);
-                self.by_hash.entry(h).or_default().push((*export, e.block));
+            let key = (*export, e.block);
+            match e.hash {
+                Some(h) => {
+                    if let Some(old) = self.by_block.insert(key, h) {
+                        if old != h {
+                            self.forget(&old, key);
+                        }
+                    }
+                    self.by_hash.insert(h, key);
+                }
+                None => self.remove(key),
             }
         }
         true
     }
 
     fn remove(&mut self, key: (u32, u64)) {
-        let Some(h) = self.by_block.remove(&key) else {
-            return;
-        };
-        if let Some(places) = self.by_hash.get_mut(&h) {
-            places.retain(|p| *p != key);
-            if places.is_empty() {
-                self.by_hash.remove(&h);
-            }
+        if let Some(h) = self.by_block.remove(&key) {
+            self.forget(&h, key);
+        }
+    }
+
+    /// `key` no longer holds `hash`.
+    fn forget(&mut self, hash: &Hash, key: (u32, u64)) {
+        if self.by_hash.get(hash) == Some(&key) {
+            self.by_hash.remove(hash);
         }
     }
 
     /// Where `hash` lives, as (export, byte offset), if the replica knows it.
     pub fn get(&self, hash: &Hash) -> Option<Found> {
-        self.by_hash
-            .get(hash)?
-            .first()
-            .map(|&(export, block)| Found {
-                export,
-                offset: block * crate::index::BLOCK,
-            })
+        self.by_hash.get(hash).map(|&(export, block)| Found {
+            export,
+            offset: block * crate::index::BLOCK,
+        })
     }
 
     pub fn len(&self) -> usize {

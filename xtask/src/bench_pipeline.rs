@@ -1,0 +1,499 @@
+//! `cargo xtask bench pipeline`: throughput of each side of the migration hook on a synthetic
+//! multi-GiB stream, with a real nas-server on loopback and no QEMU (QEMU under TCG produces far
+//! less than either side can take, so it would measure itself).
+//!
+//! The stream is built in memory in the layout QEMU 10 sends: per 8 pages, 4 hold blocks of the
+//! NAS disk (MAPPED), 3 are unique (sent in full) and 1 repeats an earlier page (DUP). The disk
+//! is read once through NBD first, as a guest would have, so the NAS hot set knows its blocks.
+//!
+//! 1. Both sides, each on its own single-threaded runtime (one core at most), linked over TCP
+//!    loopback: each side's thread CPU time gives its rate per core.
+//! 2. The target alone, replaying the link bytes recorded in 1 into `run_target` with the NAS
+//!    on loopback: its wall-clock rate.
+//!
+//! The peer is QEMU's own per-core rate, which is not measurable here without KVM; the ratio
+//! printed is against the targets (1.5 GB/s per core source, 1 GB/s target).
+use std::{
+    net::SocketAddr,
+    pin::Pin,
+    process::{Child, Command},
+    sync::{Arc, Mutex},
+    task::{Context as TaskContext, Poll},
+    time::{Duration, Instant},
+};
+
+use agent::migration::{
+    report::Counters,
+    source::{run_source, SourceConfig},
+    stream::{synthetic::Builder, PAGE_SIZE},
+    target::{read_hello, run_target, TargetConfig},
+    wire::FrameReader,
+};
+use anyhow::{bail, Context};
+use nas_server::{client::nbd::NbdClient, listener::Listen};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::sh;
+
+const NBD_PORT: u16 = 10_960;
+const INDEX_PORT: u16 = 10_961;
+const DISK_MIB: u64 = 1024;
+
+struct Nas(Child);
+
+impl Drop for Nas {
+    fn drop(&mut self) {
+        self.0.kill().ok();
+        self.0.wait().ok();
+    }
+}
+
+pub fn run(stream_mib: u64) -> anyhow::Result<()> {
+    if cfg!(debug_assertions) {
+        // The pipeline runs in this process: measure optimised code, not a debug build.
+        return sh::run(
+            sh::cargo()
+                .args(["run", "--quiet", "--release", "-p", "xtask", "--"])
+                .args(["bench", "pipeline", "--stream-mib", &stream_mib.to_string()]),
+        );
+    }
+    crate::setup::run()?;
+    sh::run(sh::cargo().args(["build", "--release", "-p", "nas-server"]))?;
+    let dir = sh::workspace_root().join("target/xtask/bench-pipeline");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let disk_path = dir.join("disk.raw");
+    let disk = tests::pattern(4242, (DISK_MIB << 20) as usize);
+    std::fs::write(&disk_path, &disk)?;
+    let nas = Nas(Command::new(crate::lab::release_bin("nas-server"))
+        .args(["--listen", &format!("127.0.0.1:{NBD_PORT}")])
+        .args(["--index-listen", &format!("127.0.0.1:{INDEX_PORT}")])
+        .arg("--export")
+        .arg(format!("disk={}", disk_path.display()))
+        .env("RUST_LOG", "warn")
+        .stderr(std::fs::File::create(dir.join("nas-server.log"))?)
+        .spawn()
+        .context("cannot start nas-server")?);
+    for port in [NBD_PORT, INDEX_PORT] {
+        crate::lab::wait_port(port)?;
+    }
+    let nbd: Listen = format!("127.0.0.1:{NBD_PORT}").parse().expect("valid");
+    let index: Listen = format!("127.0.0.1:{INDEX_PORT}").parse().expect("valid");
+    warm_hot_set(&nbd)?;
+    // Let the hot set's updates settle before the source subscribes.
+    std::thread::sleep(Duration::from_millis(500));
+
+    eprintln!("bench: building a {stream_mib} MiB synthetic stream");
+    let stream = Arc::new(synthetic_stream(&disk, stream_mib << 20));
+    drop(disk);
+    let gb = stream.len() as f64 / 1e9;
+
+    let nas_cpu_before = process_cpu(nas.0.id())?;
+    let both = both_sides(stream.clone(), &nbd, &index)?;
+    let nas_cpu = process_cpu(nas.0.id())? - nas_cpu_before;
+    let replay = target_alone(both.link_bytes.clone(), &nbd, stream.len() as u64)?;
+
+    let src_rate = gb / both.source_cpu.total().as_secs_f64();
+    let tgt_rate_cpu = gb / both.target_cpu.total().as_secs_f64();
+    let tgt_rate = gb / replay.as_secs_f64();
+    println!();
+    println!(
+        "Synthetic stream: {:.2} GB ({} pages: {:.0}% mapped, {:.0}% full, {:.0}% dup); link {:.2} GB",
+        gb,
+        both.pages,
+        100.0 * both.mapped as f64 / both.pages as f64,
+        100.0 * both.sent as f64 / both.pages as f64,
+        100.0 * both.dup as f64 / both.pages as f64,
+        both.link_bytes.len() as f64 / 1e9,
+    );
+    println!("| measurement | time | rate | target | ratio |\n|---|---:|---:|---:|---:|");
+    println!(
+        "| source, CPU time (one core) | {:.2} s ({:.2} s kernel) | {:.2} GB/s per core | 1.5 | {:.2}x |",
+        both.source_cpu.total().as_secs_f64(),
+        both.source_cpu.system.as_secs_f64(),
+        src_rate,
+        src_rate / 1.5
+    );
+    println!(
+        "| target, CPU time (one core) | {:.2} s ({:.2} s kernel) | {:.2} GB/s per core | - | - |",
+        both.target_cpu.total().as_secs_f64(),
+        both.target_cpu.system.as_secs_f64(),
+        tgt_rate_cpu
+    );
+    println!(
+        "| target alone, wall (NAS on loopback) | {:.2} s | {:.2} GB/s | 1.0 | {:.2}x |",
+        replay.as_secs_f64(),
+        tgt_rate,
+        tgt_rate
+    );
+    println!(
+        "| both sides + NAS, wall (2 cores) | {:.2} s | {:.2} GB/s | - | - |",
+        both.wall.as_secs_f64(),
+        gb / both.wall.as_secs_f64()
+    );
+    println!(
+        "nas-server CPU during the run: {:.2} s",
+        nas_cpu.as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Reads the whole disk once, as the guest would have: the NAS hot set then holds its blocks.
+fn warm_hot_set(nbd: &Listen) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let mut client = NbdClient::connect(nbd, "disk").await?;
+        let blocks = (DISK_MIB << 20) / PAGE_SIZE as u64;
+        let step = 4096u64;
+        for first in (0..blocks).step_by(step as usize) {
+            let ranges: Vec<(u64, u32)> = (first..(first + step).min(blocks))
+                .map(|b| (b * PAGE_SIZE as u64, PAGE_SIZE as u32))
+                .collect();
+            for r in client.read_many(&ranges, 16).await? {
+                if r.is_err() {
+                    bail!("NBD read failed while warming the hot set");
+                }
+            }
+        }
+        client.disconnect().await?;
+        Ok(())
+    })
+}
+
+/// `len` bytes of pages: per 8, 4 disk blocks, 3 unique, 1 repeat.
+fn synthetic_stream(disk: &[u8], len: u64) -> Vec<u8> {
+    let disk_blocks = disk.len() / PAGE_SIZE;
+    let pool = tests::pattern(77, 16 << 20);
+    let pages = len / PAGE_SIZE as u64;
+    let mut b = Builder::new();
+    b.bytes.reserve(len as usize + len as usize / 64);
+    b.ram_start(&[("pc.ram", pages * PAGE_SIZE as u64)]);
+    let mut page = [0u8; PAGE_SIZE];
+    let mut last_unique = 0u64;
+    for i in 0..pages {
+        if i % 256 == 0 {
+            if i > 0 {
+                b.eos_footer();
+            }
+            b.ram_part(false);
+        }
+        match i % 8 {
+            0 | 2 | 4 | 6 => {
+                let k = (i as usize * 7919) % disk_blocks;
+                page.copy_from_slice(&disk[k * PAGE_SIZE..][..PAGE_SIZE]);
+            }
+            7 => {
+                page = unique(&pool, last_unique);
+            }
+            _ => {
+                page = unique(&pool, i);
+                last_unique = i;
+            }
+        }
+        let block = (i % 256 == 0).then_some("pc.ram");
+        b.page(block, i * PAGE_SIZE as u64, &page);
+    }
+    b.eos_footer();
+    b.ram_part(true);
+    b.eos_footer();
+    b.devices_and_eof();
+    b.bytes
+}
+
+fn unique(pool: &[u8], i: u64) -> [u8; PAGE_SIZE] {
+    let at = (i as usize * 4099) % (pool.len() - PAGE_SIZE);
+    let mut page: [u8; PAGE_SIZE] = pool[at..at + PAGE_SIZE].try_into().expect("page");
+    page[..8].copy_from_slice(&i.to_le_bytes());
+    page[8..16].copy_from_slice(b"uniquepg");
+    page
+}
+
+struct Both {
+    wall: Duration,
+    source_cpu: Cpu,
+    target_cpu: Cpu,
+    link_bytes: Arc<Vec<u8>>,
+    pages: u64,
+    mapped: u64,
+    sent: u64,
+    dup: u64,
+}
+
+fn both_sides(stream: Arc<Vec<u8>>, nbd: &Listen, index: &Listen) -> anyhow::Result<Both> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr: SocketAddr = listener.local_addr()?;
+    listener.set_nonblocking(true)?;
+    let recorded = Arc::new(Mutex::new(Vec::with_capacity(stream.len() / 2)));
+    let nas = nbd.clone();
+    let rec = recorded.clone();
+    let started = Instant::now();
+    let target = std::thread::Builder::new()
+        .name("bench-target".into())
+        .spawn(move || -> anyhow::Result<Cpu> {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let cpu = ThreadCpu::start();
+            rt.block_on(async {
+                let listener = tokio::net::TcpListener::from_std(listener)?;
+                let (sock, _) = listener.accept().await?;
+                sock.set_nodelay(true)?;
+                let mut link = Recording {
+                    inner: sock,
+                    seen: rec,
+                };
+                let mut frames = FrameReader::new();
+                let hello = read_hello(&mut link, &mut frames).await?;
+                let config = TargetConfig {
+                    nas_override: Some(nas),
+                    ..TargetConfig::default()
+                };
+                run_target(
+                    link,
+                    frames,
+                    hello,
+                    tokio::io::sink(),
+                    config,
+                    Arc::new(Counters::default()),
+                )
+                .await?;
+                anyhow::Ok(())
+            })?;
+            Ok(cpu.elapsed())
+        })?;
+    let nbd = nbd.to_string();
+    let index = index.clone();
+    let source = std::thread::Builder::new()
+        .name("bench-source".into())
+        .spawn(move || -> anyhow::Result<(Cpu, _)> {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let cpu = ThreadCpu::start();
+            let report = rt.block_on(async {
+                let sock = tokio::net::TcpStream::connect(addr).await?;
+                sock.set_nodelay(true)?;
+                let config = SourceConfig::new("bench", vec!["disk".into()], &nbd, Some(index));
+                let report =
+                    run_source(&stream[..], sock, config, Arc::new(Counters::default())).await?;
+                anyhow::Ok(report)
+            })?;
+            Ok((cpu.elapsed(), report))
+        })?;
+    let (source_cpu, report) = source
+        .join()
+        .map_err(|_| anyhow::anyhow!("source thread panicked"))??;
+    let target_cpu = target
+        .join()
+        .map_err(|_| anyhow::anyhow!("target thread panicked"))??;
+    let wall = started.elapsed();
+    let link_bytes = std::mem::take(&mut *recorded.lock().expect("not poisoned"));
+    let s = report.source;
+    eprintln!("bench: source hashing took {:.0} ms", s.hash_ms);
+    if s.fallbacks > 0 || report.target.fallbacks > 0 {
+        bail!("the run needed fallbacks; the NAS path was not measured cleanly");
+    }
+    Ok(Both {
+        wall,
+        source_cpu,
+        target_cpu,
+        link_bytes: Arc::new(link_bytes),
+        pages: s.pages_full,
+        mapped: s.pages_mapped,
+        sent: s.pages_sent,
+        dup: s.pages_dup,
+    })
+}
+
+/// Replays recorded link bytes into the target; returns its wall time.
+fn target_alone(link: Arc<Vec<u8>>, nbd: &Listen, expect: u64) -> anyhow::Result<Duration> {
+    let nbd = nbd.clone();
+    std::thread::Builder::new()
+        .name("bench-replay".into())
+        .spawn(move || replay_target(link, &nbd, expect))?
+        .join()
+        .map_err(|_| anyhow::anyhow!("replay thread panicked"))?
+}
+
+fn replay_target(link: Arc<Vec<u8>>, nbd: &Listen, expect: u64) -> anyhow::Result<Duration> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let nas = nbd.clone();
+    rt.block_on(async move {
+        let started = Instant::now();
+        let mut link = Replay { data: link, at: 0 };
+        let mut frames = FrameReader::new();
+        let hello = read_hello(&mut link, &mut frames).await?;
+        let counters = Arc::new(Counters::default());
+        let config = TargetConfig {
+            nas_override: Some(nas),
+            ..TargetConfig::default()
+        };
+        let figures = run_target(
+            link,
+            frames,
+            hello,
+            tokio::io::sink(),
+            config,
+            counters.clone(),
+        )
+        .await?;
+        let took = started.elapsed();
+        if figures.qemu_bytes != expect || figures.fallbacks > 0 {
+            bail!(
+                "replay delivered {} bytes with {} fallbacks, expected {expect} and none",
+                figures.qemu_bytes,
+                figures.fallbacks
+            );
+        }
+        Ok(took)
+    })
+}
+
+/// CPU time of the calling thread: user and system (kernel) parts.
+#[derive(Clone, Copy, Debug, Default)]
+struct Cpu {
+    user: Duration,
+    system: Duration,
+}
+
+impl Cpu {
+    fn total(&self) -> Duration {
+        self.user + self.system
+    }
+}
+
+struct ThreadCpu(Cpu);
+
+impl ThreadCpu {
+    fn now() -> Cpu {
+        // SAFETY: getrusage fills one rusage through a valid pointer.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) };
+        let d = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+        Cpu {
+            user: d(ru.ru_utime),
+            system: d(ru.ru_stime),
+        }
+    }
+
+    fn start() -> Self {
+        Self(Self::now())
+    }
+
+    fn elapsed(&self) -> Cpu {
+        let now = Self::now();
+        Cpu {
+            user: now.user - self.0.user,
+            system: now.system - self.0.system,
+        }
+    }
+}
+
+/// User plus system CPU time of a process, from /proc.
+fn process_cpu(pid: u32) -> anyhow::Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks: u64 = fields.get(11).and_then(|u| u.parse().ok()).unwrap_or(0)
+        + fields.get(12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Ok(Duration::from_millis(ticks * 1000 / hz))
+}
+
+/// A link that also keeps every byte read from it.
+struct Recording<S> {
+    inner: S,
+    seen: Arc<Mutex<Vec<u8>>>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Recording<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = polled {
+            let new = &buf.filled()[before..];
+            self.seen
+                .lock()
+                .expect("not poisoned")
+                .extend_from_slice(new);
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Recording<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Recorded link bytes as the source's side of the link; what the target sends back is
+/// dropped. After the last byte it stays silent (never EOF): the target finishes on END.
+struct Replay {
+    data: Arc<Vec<u8>>,
+    at: usize,
+}
+
+impl AsyncRead for Replay {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        _cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if self.at == self.data.len() {
+            return Poll::Pending;
+        }
+        let n = buf
+            .remaining()
+            .min(self.data.len() - self.at)
+            .min(256 << 10);
+        let at = self.at;
+        buf.put_slice(&self.data[at..at + n]);
+        self.at += n;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Replay {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
