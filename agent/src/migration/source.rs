@@ -74,7 +74,7 @@ impl SourceConfig {
             hot_replica: true,
             lookup_window: 8,
             unacked_pages: 16_384,
-            link_window: 64 << 20,
+            link_window: 16 << 20,
             rewrite: true,
             record: None,
             dedup_capacity: super::dedup::DEFAULT_CAPACITY,

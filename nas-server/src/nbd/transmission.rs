@@ -15,7 +15,7 @@
 use std::{sync::Arc, time::Instant};
 
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter},
     sync::{mpsc, watch, Semaphore},
 };
 
@@ -278,6 +278,20 @@ fn try_cached_read(export: &dyn Export, req: &Request, structured: bool) -> Opti
     }
 }
 
+/// Small buffered writes without FUA, run on the connection's own task.
+const INLINE_WRITE_MAX: u32 = 64 << 10;
+
+/// Whether `req` is a small buffered write: a copy into the page cache (plus hashing its
+/// blocks), cheaper than the hand-off to the blocking pool that dominates its latency. At depth
+/// it also beats the pool: parallel buffered writes to one file only contend for its inode
+/// lock (measured: `cargo xtask bench nbd`, 4k write qd32). It can still wait when the kernel
+/// throttles dirty pages; that holds this connection's task (whose requests queue behind it
+/// anyway) and one runtime worker, while the others keep serving.
+/// FUA writes, which wait for the disk, always go to the blocking pool.
+fn is_inline_write(req: &Request) -> bool {
+    req.kind == CMD_WRITE && req.length <= INLINE_WRITE_MAX && req.flags & CMD_FLAG_FUA == 0
+}
+
 /// Runs a validated request against the export and encodes its reply.
 fn execute(export: &dyn Export, req: &Request, payload: Vec<u8>, structured: bool) -> Vec<u8> {
     let fua = req.flags & CMD_FLAG_FUA != 0;
@@ -312,6 +326,26 @@ fn execute(export: &dyn Export, req: &Request, payload: Vec<u8>, structured: boo
     }
 }
 
+/// [`execute`] with its metrics; a panic in a handler becomes an EIO reply, never a dead
+/// server.
+fn run_request(export: &dyn Export, req: &Request, payload: Vec<u8>, structured: bool) -> Vec<u8> {
+    let started = Instant::now();
+    let name = command_name(req.kind);
+    let reply = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        execute(export, req, payload, structured)
+    }))
+    .unwrap_or_else(|_| {
+        tracing::error!(?req, "request handler panicked; answering EIO");
+        error_reply(req, structured, NbdErrno::Io)
+    });
+    metrics::histogram!("nbd_request_seconds", "type" => name)
+        .record(started.elapsed().as_secs_f64());
+    if matches!(req.kind, CMD_READ | CMD_WRITE) {
+        metrics::counter!("nbd_bytes_total", "type" => name).increment(u64::from(req.length));
+    }
+    reply
+}
+
 /// Serves requests until the client disconnects, sends NBD_CMD_DISC, breaks the protocol, or
 /// `shutdown` turns true; in every case in-flight requests finish and their replies are sent.
 pub async fn serve<S>(
@@ -330,7 +364,9 @@ where
         structured: negotiated.structured,
         base_allocation: negotiated.base_allocation,
     };
-    let (mut reader, writer) = tokio::io::split(stream);
+    let (reader, writer) = tokio::io::split(stream);
+    // Buffered: at depth, many requests (headers and small payloads) arrive per read call.
+    let mut reader = BufReader::with_capacity(256 << 10, reader);
     let (replies, mut queue) = mpsc::channel::<Vec<u8>>(REPLY_QUEUE);
     let writer = tokio::spawn(async move {
         let mut out = BufWriter::with_capacity(256 << 10, writer);
@@ -406,6 +442,14 @@ where
             drop(permit);
             continue;
         }
+        if is_inline_write(&req) {
+            let reply = run_request(export.as_ref(), &req, payload, limits.structured);
+            if replies.send(reply).await.is_err() {
+                break;
+            }
+            drop(permit);
+            continue;
+        }
         if let Some(reply) = try_cached_read(export.as_ref(), &req, limits.structured) {
             metrics::counter!("nbd_bytes_total", "type" => name).increment(u64::from(req.length));
             if replies.send(reply).await.is_err() {
@@ -419,20 +463,7 @@ where
         let structured = limits.structured;
         // Straight to the blocking pool, which also queues the reply: one hand-off, not two.
         tokio::task::spawn_blocking(move || {
-            let started = Instant::now();
-            let reply = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                execute(export.as_ref(), &req, payload, structured)
-            }))
-            .unwrap_or_else(|_| {
-                tracing::error!(?req, "request handler panicked; answering EIO");
-                error_reply(&req, structured, NbdErrno::Io)
-            });
-            metrics::histogram!("nbd_request_seconds", "type" => name)
-                .record(started.elapsed().as_secs_f64());
-            if matches!(req.kind, CMD_READ | CMD_WRITE) {
-                metrics::counter!("nbd_bytes_total", "type" => name)
-                    .increment(u64::from(req.length));
-            }
+            let reply = run_request(export.as_ref(), &req, payload, structured);
             // A closed channel means the writer failed; the connection is ending anyway.
             let _ = replies.blocking_send(reply);
             drop(permit);
