@@ -274,6 +274,8 @@ struct Emitter {
 const ZSTD_BATCH: usize = 256 << 10;
 /// Bytes asked of QEMU per read.
 const READ_SIZE: usize = 1 << 20;
+/// Resolved batches (reads) queued for the emitter.
+const EMIT_QUEUE: usize = 16;
 
 impl Emitter {
     /// Emits every item of `batch`, in order.
@@ -389,6 +391,23 @@ impl Emitter {
             .await
             .map_err(|_| SourceError::Link("the link writer stopped".into()))
     }
+}
+
+/// Frames and sends resolved batches in order until the reader is done; hands the emitter
+/// back for the END frame.
+async fn emit_loop(
+    mut emitter: Emitter,
+    mut batches: mpsc::Receiver<Batch>,
+    spare: mpsc::Sender<Vec<u8>>,
+) -> Result<Emitter, SourceError> {
+    while let Some(batch) = batches.recv().await {
+        emitter.batch(&batch).await?;
+        let _ = spare.try_send(batch.input);
+        if batches.is_empty() {
+            emitter.flush().await?;
+        }
+    }
+    Ok(emitter)
 }
 
 /// Runs the source side: reads `qemu` to its end, drives `link`, and returns once the target
@@ -520,7 +539,7 @@ where
         }
     });
 
-    let mut emitter = Emitter {
+    let emitter = Emitter {
         cache: ContentCache::new(config.dedup_capacity),
         next_ordinal: 0,
         next_seq: 0,
@@ -534,12 +553,16 @@ where
         counters: counters.clone(),
         export_ids: scope.iter().map(|(id, _)| *id).collect(),
     };
+    // Framing and sending run in their own task, so reading and hashing QEMU's stream go on
+    // (on another core, where there is one) while the link is busy; at most EMIT_QUEUE
+    // resolved batches wait between the two. Read buffers come back for reuse.
+    let (emit_tx, emit_rx) = mpsc::channel::<Batch>(EMIT_QUEUE);
+    let (spare_tx, mut spare_rx) = mpsc::channel::<Vec<u8>>(EMIT_QUEUE + 2);
+    let emit_task = tokio::spawn(emit_loop(emitter, emit_rx, spare_tx));
     let mut parser = StreamParser::new();
     let mut batches: VecDeque<Batch> = VecDeque::new();
     let mut in_flight = 0usize;
     let mut eof = false;
-    // Read buffers travel with their batch until it is emitted, then come back here.
-    let mut spare: Vec<Vec<u8>> = Vec::new();
     let mut record = match &config.record {
         Some(path) => Some(
             tokio::fs::File::create(path)
@@ -550,13 +573,12 @@ where
     };
     let result: Result<(), SourceError> = async {
         loop {
-            // Emit every resolved batch at the front, in order.
+            // Hand every resolved batch at the front to the emitter, in order.
             while batches.front().is_some_and(|b| b.lookup.is_none()) {
                 let batch = batches.pop_front().expect("front exists");
-                emitter.batch(&batch).await?;
-                spare.push(batch.input);
-                if batches.front().is_none_or(|b| b.lookup.is_some()) {
-                    emitter.flush().await?;
+                if emit_tx.send(batch).await.is_err() {
+                    // Its error is collected below.
+                    return Ok(());
                 }
             }
             if eof && batches.is_empty() {
@@ -578,7 +600,7 @@ where
                     }
                 }
                 n = async {
-                    let mut input = spare.pop().unwrap_or_default();
+                    let mut input = spare_rx.try_recv().unwrap_or_default();
                     input.clear();
                     input.reserve(READ_SIZE);
                     (qemu.read_buf(&mut input).await, input)
@@ -644,7 +666,15 @@ where
     if let Some(t) = hot_task {
         t.abort();
     }
-    result?;
+    drop(emit_tx);
+    if let Err(e) = result {
+        emit_task.abort();
+        return Err(e);
+    }
+    // It ends once the queued batches are sent (or with the error that stopped it).
+    let mut emitter = emit_task
+        .await
+        .map_err(|e| SourceError::Link(format!("emitter task: {e}")))??;
     if let Some(mut file) = record {
         file.flush().await.map_err(SourceError::Qemu)?;
     }
