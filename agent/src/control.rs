@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use nas_server::listener::Listen;
+use nas_server::listener::{Bound, Listen};
 use serde::Serialize;
 use serde_json::json;
 use tokio::{
@@ -94,6 +94,9 @@ pub struct MigrateOptions {
     pub nas_index: Option<Listen>,
     /// Where the target QEMU listens (`tcp:HOST:PORT`); default a free loopback port.
     pub incoming: Option<String>,
+    /// Where this agent takes the source QEMU's stream (`HOST:PORT` or `unix:PATH`); default
+    /// a free loopback TCP port.
+    pub source_listen: Option<Listen>,
     pub zstd: bool,
     pub passthrough: bool,
     /// Source `max-bandwidth` in bytes per second.
@@ -234,15 +237,17 @@ pub async fn migrate(opts: MigrateOptions) -> Result<MigrationReport, ControlErr
             source,
         })?;
     link.set_nodelay(true)?;
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let port = listener.local_addr()?.port();
-    let started = Instant::now();
-    src.execute(
-        "migrate",
-        Some(json!({ "uri": format!("tcp:127.0.0.1:{port}") })),
+    let listener = Bound::bind(
+        opts.source_listen
+            .as_ref()
+            .unwrap_or(&Listen::Tcp(([127, 0, 0, 1], 0).into())),
     )
-    .await
-    .map_err(src_err)?;
+    .await?;
+    let uri = qemu_uri(&listener.local_addr());
+    let started = Instant::now();
+    src.execute("migrate", Some(json!({ "uri": uri })))
+        .await
+        .map_err(src_err)?;
     let (qemu, _) = tokio::time::timeout(Duration::from_secs(30), listener.accept())
         .await
         .map_err(|_| ControlError::Refused("the source QEMU never connected".into()))??;
@@ -472,6 +477,14 @@ async fn serve_one(mut link: TcpStream, config: TargetConfig) -> Result<String, 
 
 trait Conn: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn for T {}
+
+/// A listening address as a QEMU migration URI.
+pub fn qemu_uri(listen: &Listen) -> String {
+    match listen {
+        Listen::Tcp(addr) => format!("tcp:{addr}"),
+        Listen::Unix(path) => format!("unix:{}", path.display()),
+    }
+}
 
 /// Connects to QEMU's incoming address, retrying briefly while it starts listening.
 async fn connect_incoming(uri: &str) -> std::io::Result<Box<dyn Conn>> {

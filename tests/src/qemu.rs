@@ -40,16 +40,30 @@ pub fn qemu72_binary() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/qemu-7.2/usr/bin/qemu-system-x86_64")
 }
 
+/// A `qemu-system-x86_64` command: the installed one, or an unpacked `binary` (QEMU 7.2) set up
+/// to find its modules and firmware. Panics with the reason when the binary is missing.
+pub fn qemu_command(binary: Option<&Path>) -> Command {
+    let Some(binary) = binary else {
+        crate::require_tool("qemu-system-x86_64");
+        return Command::new("qemu-system-x86_64");
+    };
+    assert!(
+        binary.is_file(),
+        "{} is missing: `cargo xtask test` unpacks it",
+        binary.display()
+    );
+    let mut cmd = Command::new(binary);
+    // An unpacked QEMU loads its accelerator modules from beside it, not from /usr.
+    if let Some(prefix) = binary.parent().and_then(Path::parent) {
+        cmd.env("QEMU_MODULE_DIR", prefix.join("lib/x86_64-linux-gnu/qemu"));
+    }
+    // ... and finds its firmware where the installed QEMU's packages put it.
+    cmd.args(["-L", "/usr/share/seabios", "-L", "/usr/share/qemu"]);
+    cmd
+}
+
 impl Guest {
     pub fn start(dir: &Path, spec: &GuestSpec) -> Guest {
-        match spec.qemu {
-            Some(binary) => assert!(
-                binary.is_file(),
-                "{} is missing: `cargo xtask test` unpacks it",
-                binary.display()
-            ),
-            None => crate::require_tool("qemu-system-x86_64"),
-        }
         let images = image_dir();
         let (kernel, initrd) = (images.join("vmlinuz"), images.join("initramfs.cpio.gz"));
         assert!(
@@ -62,7 +76,7 @@ impl Guest {
         let serial_path = dir.join(format!("{}.serial", spec.name));
         std::fs::remove_file(&qmp_path).ok();
         std::fs::write(&serial_path, b"").unwrap();
-        let mut cmd = Command::new(spec.qemu.unwrap_or(Path::new("qemu-system-x86_64")));
+        let mut cmd = qemu_command(spec.qemu);
         cmd.args([
             "-name", spec.name, "-accel", "tcg", "-machine", "pc", "-smp", "1",
         ])
@@ -89,14 +103,6 @@ impl Guest {
         .stderr(Stdio::piped());
         if spec.incoming {
             cmd.args(["-incoming", "defer"]);
-        }
-        if let Some(binary) = spec.qemu {
-            // An unpacked QEMU loads its accelerator modules from beside it, not from /usr.
-            if let Some(prefix) = binary.parent().and_then(Path::parent) {
-                cmd.env("QEMU_MODULE_DIR", prefix.join("lib/x86_64-linux-gnu/qemu"));
-            }
-            // ... and finds its firmware where the installed QEMU's packages put it.
-            cmd.args(["-L", "/usr/share/seabios", "-L", "/usr/share/qemu"]);
         }
         let child = cmd.spawn().expect("start qemu-system-x86_64");
         let guest = Guest {
@@ -196,28 +202,41 @@ impl Drop for Guest {
 
 /// Boots a guest on `disk_uri` (with `qemu`, or the installed QEMU), lets it read `read_mb`,
 /// and records its migration stream into `path` with `migrate exec:cat`.
-pub async fn record_stream(
-    dir: &Path,
-    disk_uri: &str,
-    mem_mb: u32,
-    read_mb: u32,
-    path: &Path,
-    qemu: Option<&Path>,
-) {
-    let guest = Guest::start(
-        dir,
-        &GuestSpec {
-            name: "recorder",
-            mem_mb,
-            read_mb,
-            disk_uri,
-            disk_writes: false,
-            incoming: false,
-            qemu,
-        },
-    );
-    guest.wait_line("QEVAL-READY", 0, Duration::from_secs(120));
-    let mut qmp = guest.qmp().await;
+/// Records the migration stream of a machine that never ran (`-S`): small (firmware pages,
+/// zero pages, every device's state), so a test can afford to split it at every size.
+pub async fn record_paused_stream(dir: &Path, path: &Path, qemu: Option<&Path>) {
+    let qmp_path = dir.join("paused.qmp");
+    std::fs::remove_file(&qmp_path).ok();
+    let mut child = qemu_command(qemu)
+        .args(["-S", "-accel", "tcg", "-machine", "pc", "-m", "32"])
+        .args(["-nodefaults", "-display", "none", "-vga", "std"])
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp_path.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start qemu-system-x86_64");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !qmp_path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "QEMU's QMP socket never appeared"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "QEMU exited before serving QMP"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut qmp = Qmp::connect(&qmp_path).await.expect("QMP");
+    migrate_to_file(&mut qmp, path).await;
+    child.kill().ok();
+    child.wait().ok();
+}
+
+/// Migrates the machine behind `qmp` into the file `path` and waits for completion.
+async fn migrate_to_file(qmp: &mut Qmp, path: &Path) {
     qmp.execute(
         "migrate",
         Some(serde_json::json!({ "uri": format!("exec:cat > {}", path.display()) })),
@@ -241,6 +260,31 @@ pub async fn record_stream(
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+pub async fn record_stream(
+    dir: &Path,
+    disk_uri: &str,
+    mem_mb: u32,
+    read_mb: u32,
+    path: &Path,
+    qemu: Option<&Path>,
+) {
+    let guest = Guest::start(
+        dir,
+        &GuestSpec {
+            name: "recorder",
+            mem_mb,
+            read_mb,
+            disk_uri,
+            disk_writes: false,
+            incoming: false,
+            qemu,
+        },
+    );
+    guest.wait_line("QEVAL-READY", 0, Duration::from_secs(120));
+    let mut qmp = guest.qmp().await;
+    migrate_to_file(&mut qmp, path).await;
 }
 
 /// Whether `target` carried on from `source` after a migration: it prints heartbeats past the

@@ -10,6 +10,7 @@ use agent::{
     migration::target::TargetConfig,
     qmp::Qmp,
 };
+use nas_server::listener::Listen;
 use tests::{
     nbd_fixture::{ExportConf, NbdFixture},
     pattern,
@@ -88,6 +89,7 @@ fn options(s: &Setup, agent: &str, max_bandwidth: Option<u64>) -> MigrateOptions
         nas_nbd: server.addr.to_string(),
         nas_index: Some(server.index_addr.clone()),
         incoming: None,
+        source_listen: None,
         zstd: false,
         passthrough: false,
         max_bandwidth,
@@ -168,9 +170,10 @@ fn guest_writing_its_disk_during_migration_stays_correct() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let report = rt.block_on(async {
         let (agent, _stop, _task) = target_agent(&s.dir.path("target-stream.bin")).await;
-        migrate(options(&s, &agent, Some(32 * MIB as u64)))
-            .await
-            .expect("migrate")
+        // QEMU hands its stream to the source agent over a unix socket here.
+        let mut options = options(&s, &agent, Some(32 * MIB as u64));
+        options.source_listen = Some(Listen::Unix(s.dir.path("source-agent.sock")));
+        migrate(options).await.expect("migrate")
     });
     eprintln!("{}", report.text());
     assert!(report.ok, "{report:?}");

@@ -19,6 +19,10 @@ pub struct Args {
     /// Address the target QEMU listens on (default: a free loopback port).
     #[arg(long)]
     incoming: Option<String>,
+    /// Where this agent takes the source QEMU's stream: HOST:PORT, tcp:HOST:PORT or
+    /// unix:PATH (default: a free loopback port).
+    #[arg(long, value_parser = super::parse_qemu_listen)]
+    qemu_listen: Option<nas_server::listener::Listen>,
     /// Source QEMU max-bandwidth, bytes per second.
     #[arg(long)]
     max_bandwidth: Option<u64>,
@@ -44,6 +48,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         nas_nbd: args.stream.nas_nbd,
         nas_index: Some(args.stream.nas_index),
         incoming: args.incoming,
+        source_listen: args.qemu_listen,
         zstd: args.stream.zstd,
         passthrough: args.stream.passthrough,
         max_bandwidth: args.max_bandwidth,

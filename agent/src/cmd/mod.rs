@@ -35,6 +35,12 @@ pub struct StreamArgs {
     pub record: Option<PathBuf>,
 }
 
+/// Where the local QEMU sends its migration stream: `HOST:PORT`, `tcp:HOST:PORT` (QEMU's own
+/// spelling) or `unix:PATH`.
+pub fn parse_qemu_listen(s: &str) -> Result<Listen, String> {
+    s.strip_prefix("tcp:").unwrap_or(s).parse()
+}
+
 /// Serves the process's Prometheus metrics on `addr`, when given.
 pub fn serve_metrics(addr: Option<SocketAddr>) -> anyhow::Result<()> {
     if let Some(addr) = addr {

@@ -3,18 +3,21 @@
 //! the local QEMU, proxies it to the target agent, and prints the report.
 use std::sync::Arc;
 
+use agent::control::qemu_uri;
 use agent::migration::{
     report::Counters,
     source::{run_source, SourceConfig},
 };
 use anyhow::Context;
-use tokio::net::{TcpListener, TcpStream};
+use nas_server::listener::{Bound, Listen};
+use tokio::net::TcpStream;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Where the local QEMU connects (`migrate tcp:...` / `--migrateuri`).
-    #[arg(long, default_value = "127.0.0.1:4444")]
-    listen: String,
+    /// Where the local QEMU connects (`migrate` / `--migrateuri`): HOST:PORT, tcp:HOST:PORT or
+    /// unix:PATH.
+    #[arg(long, default_value = "127.0.0.1:4444", value_parser = super::parse_qemu_listen)]
+    listen: Listen,
     /// The target host's agent (`agent serve`), HOST:PORT.
     #[arg(long)]
     target_agent: String,
@@ -27,10 +30,10 @@ pub struct Args {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(&args.listen)
+    let listener = Bound::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    tracing::info!("waiting for QEMU on {}", args.listen);
+    tracing::info!("waiting for QEMU on {}", qemu_uri(&args.listen));
     let (qemu, _) = listener.accept().await?;
     let link = TcpStream::connect(&args.target_agent)
         .await
