@@ -10,6 +10,7 @@ pub mod config;
 pub mod export;
 pub mod index;
 pub mod listener;
+pub mod lru;
 pub mod nbd;
 pub mod server;
 pub mod service;

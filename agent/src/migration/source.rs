@@ -106,25 +106,38 @@ pub struct SourceReport {
 }
 
 /// Mapped pages awaiting the target's acknowledgement, bounded. Sequence numbers are given
-/// out in order and acknowledged as a prefix, so a queue ordered by them is enough.
+/// out in order and acknowledged as a prefix, so a queue ordered by them is enough. Buffers of
+/// acknowledged pages are kept (up to [`FREE_PAGES`]) for the next ones: no allocation per page.
 struct Unacked {
-    pages: Mutex<VecDeque<(u64, Box<[u8; PAGE_SIZE]>)>>,
+    store: Mutex<Store>,
     freed: Notify,
     capacity: usize,
 }
 
+#[derive(Default)]
+struct Store {
+    pages: VecDeque<(u64, Box<[u8; PAGE_SIZE]>)>,
+    free: Vec<Box<[u8; PAGE_SIZE]>>,
+}
+
+/// Page buffers kept for reuse: one ack step's worth.
+const FREE_PAGES: usize = 1024;
+
 impl Unacked {
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<(u64, Box<[u8; PAGE_SIZE]>)>> {
-        self.pages.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> std::sync::MutexGuard<'_, Store> {
+        self.store.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    async fn insert(&self, seq: u64, page: Box<[u8; PAGE_SIZE]>) {
+    /// Keeps a copy of `data` as page `seq`, waiting while the store is full.
+    async fn keep(&self, seq: u64, data: &[u8; PAGE_SIZE]) {
         loop {
             let freed = self.freed.notified();
             {
-                let mut pages = self.lock();
-                if pages.len() < self.capacity {
-                    pages.push_back((seq, page));
+                let mut store = self.lock();
+                if store.pages.len() < self.capacity {
+                    let mut page = store.free.pop().unwrap_or_else(|| Box::new([0; PAGE_SIZE]));
+                    page.copy_from_slice(data);
+                    store.pages.push_back((seq, page));
                     return;
                 }
             }
@@ -133,27 +146,30 @@ impl Unacked {
     }
 
     fn is_full(&self) -> bool {
-        self.lock().len() >= self.capacity
+        self.lock().pages.len() >= self.capacity
     }
 
     /// The target holds the first `mapped` pages: drop their copies.
     fn ack(&self, mapped: u64) {
-        let mut pages = self.lock();
-        let before = pages.len();
-        while pages.front().is_some_and(|(seq, _)| *seq < mapped) {
-            pages.pop_front();
+        let mut store = self.lock();
+        let before = store.pages.len();
+        while store.pages.front().is_some_and(|(seq, _)| *seq < mapped) {
+            let (_, page) = store.pages.pop_front().expect("front exists");
+            if store.free.len() < FREE_PAGES {
+                store.free.push(page);
+            }
         }
-        let freed = pages.len() != before;
-        drop(pages);
+        let freed = store.pages.len() != before;
+        drop(store);
         if freed {
             self.freed.notify_waiters();
         }
     }
 
     fn get(&self, seq: u64) -> Option<Box<[u8; PAGE_SIZE]>> {
-        let pages = self.lock();
-        let i = pages.binary_search_by_key(&seq, |(s, _)| *s).ok()?;
-        Some(pages[i].1.clone())
+        let store = self.lock();
+        let i = store.pages.binary_search_by_key(&seq, |(s, _)| *s).ok()?;
+        Some(store.pages[i].1.clone())
     }
 }
 
@@ -315,7 +331,7 @@ impl Emitter {
                     // The target can only ack what it has received.
                     self.flush().await?;
                 }
-                self.unacked.insert(seq, Box::new(*data)).await;
+                self.unacked.keep(seq, data).await;
                 Counters::add(&self.counters.pages_mapped, 1);
                 self.frame(&LinkFrame::Mapped {
                     seq,
@@ -497,7 +513,7 @@ where
     });
 
     let unacked = Arc::new(Unacked {
-        pages: Mutex::new(VecDeque::new()),
+        store: Mutex::new(Store::default()),
         freed: Notify::new(),
         capacity: config.unacked_pages.max(1),
     });

@@ -174,8 +174,14 @@ impl NbdClient {
                 }
                 continue;
             }
-            let mut data = vec![0u8; run.len as usize];
-            self.reader.read_exact(&mut data).await?;
+            // Read into spare capacity: no zeroing of a buffer about to be overwritten.
+            let mut data = Vec::with_capacity(run.len as usize);
+            while data.len() < run.len as usize {
+                let left = (run.len as usize - data.len()) as u64;
+                if (&mut self.reader).take(left).read_buf(&mut data).await? == 0 {
+                    return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+                }
+            }
             if let [(i, 0, len)] = run.parts[..] {
                 if len == run.len {
                     // The common case of a run of one range: hand the buffer over.

@@ -5,14 +5,12 @@
 //! block leaves when the set is full, and leaving is an event too. Changes go out on a bounded
 //! broadcast channel; a subscriber that falls behind is told to reset and gets a fresh
 //! snapshot, so its replica is never silently wrong.
-use std::{
-    collections::{BTreeMap, HashMap},
-    sync::{Arc, Mutex, PoisonError},
-};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::broadcast;
 
 use super::{ExportId, Hash};
+use crate::lru::Lru;
 
 /// One change: `block` of `export` holds `hash`, or left the set (`None`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -25,18 +23,12 @@ pub struct HotChange {
 /// Batches of changes queued per subscriber before it counts as lagging.
 const EVENT_QUEUE: usize = 4096;
 
-struct Lru {
-    stamp: u64,
-    by_block: HashMap<u64, (u64, Hash)>,
-    by_stamp: BTreeMap<u64, u64>,
-}
-
 /// The hot set of one export.
 pub struct HotSet {
     export: ExportId,
     capacity: usize,
     // A std Mutex: held only for in-memory updates, never across an await.
-    lru: Mutex<Lru>,
+    lru: Mutex<Lru<u64, Hash>>,
     events: broadcast::Sender<Arc<Vec<HotChange>>>,
 }
 
@@ -46,11 +38,7 @@ impl HotSet {
         Self {
             export,
             capacity,
-            lru: Mutex::new(Lru {
-                stamp: 0,
-                by_block: HashMap::new(),
-                by_stamp: BTreeMap::new(),
-            }),
+            lru: Mutex::new(Lru::new(capacity)),
             events: broadcast::channel(EVENT_QUEUE).0,
         }
     }
@@ -64,43 +52,35 @@ impl HotSet {
         let mut lru = self.lru.lock().unwrap_or_else(PoisonError::into_inner);
         let mut changes = Vec::new();
         for (block, hash) in blocks {
-            let old = lru.by_block.remove(&block);
-            if let Some((stamp, _)) = old {
-                lru.by_stamp.remove(&stamp);
-            }
             match hash {
                 Some(h) => {
-                    lru.stamp += 1;
-                    let stamp = lru.stamp;
-                    lru.by_block.insert(block, (stamp, h));
-                    lru.by_stamp.insert(stamp, block);
-                    if old.map(|(_, oh)| oh) != Some(h) {
-                        changes.push(HotChange {
-                            export: self.export,
-                            block,
-                            hash: Some(h),
-                        });
+                    // Refreshed either way; announced only when new or changed.
+                    if lru.touch(&block) == Some(&h) {
+                        continue;
                     }
-                }
-                None if old.is_some() => {
+                    let evicted = lru.insert(block, h);
                     changes.push(HotChange {
                         export: self.export,
                         block,
-                        hash: None,
+                        hash: Some(h),
                     });
+                    if let Some((evicted, _)) = evicted {
+                        changes.push(HotChange {
+                            export: self.export,
+                            block: evicted,
+                            hash: None,
+                        });
+                    }
                 }
-                None => {}
-            }
-            while lru.by_block.len() > self.capacity {
-                let Some((_, evicted)) = lru.by_stamp.pop_first() else {
-                    break;
-                };
-                lru.by_block.remove(&evicted);
-                changes.push(HotChange {
-                    export: self.export,
-                    block: evicted,
-                    hash: None,
-                });
+                None => {
+                    if lru.remove(&block).is_some() {
+                        changes.push(HotChange {
+                            export: self.export,
+                            block,
+                            hash: None,
+                        });
+                    }
+                }
             }
         }
         if !changes.is_empty() {
@@ -114,12 +94,11 @@ impl HotSet {
     pub fn subscribe(&self) -> (Vec<HotChange>, broadcast::Receiver<Arc<Vec<HotChange>>>) {
         let lru = self.lru.lock().unwrap_or_else(PoisonError::into_inner);
         let snapshot = lru
-            .by_stamp
-            .values()
-            .map(|block| HotChange {
+            .iter_oldest_first()
+            .map(|(block, hash)| HotChange {
                 export: self.export,
                 block: *block,
-                hash: Some(lru.by_block[block].1),
+                hash: Some(*hash),
             })
             .collect();
         (snapshot, self.events.subscribe())
@@ -130,7 +109,6 @@ impl HotSet {
         self.lru
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .by_block
             .len()
     }
 
