@@ -16,7 +16,6 @@
 use std::{
     net::SocketAddr,
     pin::Pin,
-    process::{Child, Command},
     sync::{Arc, Mutex},
     task::{Context as TaskContext, Poll},
     time::{Duration, Instant},
@@ -29,7 +28,7 @@ use agent::migration::{
     target::{read_hello, run_target, TargetConfig},
     wire::FrameReader,
 };
-use anyhow::{bail, Context};
+use anyhow::bail;
 use nas_server::{client::nbd::NbdClient, listener::Listen};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -38,15 +37,6 @@ use crate::sh;
 const NBD_PORT: u16 = 10_960;
 const INDEX_PORT: u16 = 10_961;
 const DISK_MIB: u64 = 1024;
-
-struct Nas(Child);
-
-impl Drop for Nas {
-    fn drop(&mut self) {
-        self.0.kill().ok();
-        self.0.wait().ok();
-    }
-}
 
 pub fn run(stream_mib: u64) -> anyhow::Result<()> {
     if cfg!(debug_assertions) {
@@ -65,15 +55,7 @@ pub fn run(stream_mib: u64) -> anyhow::Result<()> {
     let disk_path = dir.join("disk.raw");
     let disk = tests::pattern(4242, (DISK_MIB << 20) as usize);
     std::fs::write(&disk_path, &disk)?;
-    let nas = Nas(Command::new(crate::lab::release_bin("nas-server"))
-        .args(["--listen", &format!("127.0.0.1:{NBD_PORT}")])
-        .args(["--index-listen", &format!("127.0.0.1:{INDEX_PORT}")])
-        .arg("--export")
-        .arg(format!("disk={}", disk_path.display()))
-        .env("RUST_LOG", "warn")
-        .stderr(std::fs::File::create(dir.join("nas-server.log"))?)
-        .spawn()
-        .context("cannot start nas-server")?);
+    let nas = crate::lab::nas_server(&dir, &disk_path, NBD_PORT, INDEX_PORT)?;
     for port in [NBD_PORT, INDEX_PORT] {
         crate::lab::wait_port(port)?;
     }

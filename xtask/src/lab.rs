@@ -16,7 +16,8 @@ pub const NBD_PORT: u16 = 10_909;
 pub const INDEX_PORT: u16 = 10_910;
 pub const AGENT_PORT: u16 = 17_800;
 
-struct Daemon(Child);
+/// A child process killed when dropped.
+pub struct Daemon(pub Child);
 
 impl Drop for Daemon {
     fn drop(&mut self) {
@@ -28,6 +29,21 @@ impl Drop for Daemon {
 /// A release binary of the workspace.
 pub fn release_bin(name: &str) -> PathBuf {
     sh::workspace_root().join("target/release").join(name)
+}
+
+/// The release nas-server exporting `disk` as `disk` on loopback, logging into `dir`.
+pub fn nas_server(dir: &Path, disk: &Path, nbd: u16, index: u16) -> anyhow::Result<Daemon> {
+    Ok(Daemon(
+        Command::new(release_bin("nas-server"))
+            .args(["--listen", &format!("127.0.0.1:{nbd}")])
+            .args(["--index-listen", &format!("127.0.0.1:{index}")])
+            .arg("--export")
+            .arg(format!("disk={}", disk.display()))
+            .env("RUST_LOG", "warn")
+            .stderr(std::fs::File::create(dir.join("nas-server.log"))?)
+            .spawn()
+            .context("cannot start nas-server")?,
+    ))
 }
 
 /// nas-server serving a 256 MiB disk of pseudo-random data, and `agent serve`.
@@ -43,17 +59,7 @@ impl Lab {
         std::fs::create_dir_all(dir)?;
         let disk = dir.join("disk.raw");
         std::fs::write(&disk, tests::pattern(2026, 256 << 20))?;
-        let nas = Daemon(
-            Command::new(release_bin("nas-server"))
-                .args(["--listen", &format!("127.0.0.1:{NBD_PORT}")])
-                .args(["--index-listen", &format!("127.0.0.1:{INDEX_PORT}")])
-                .arg("--export")
-                .arg(format!("disk={}", disk.display()))
-                .env("RUST_LOG", "warn")
-                .stderr(std::fs::File::create(dir.join("nas-server.log"))?)
-                .spawn()
-                .context("cannot start nas-server")?,
-        );
+        let nas = nas_server(dir, &disk, NBD_PORT, INDEX_PORT)?;
         let agent = Daemon(
             Command::new(release_bin("agent"))
                 .args(["serve", "--link-listen", &format!("127.0.0.1:{AGENT_PORT}")])
