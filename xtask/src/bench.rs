@@ -98,6 +98,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir)?;
     let image = dir.join("bench.raw");
     fill_image(&image, args.image_mib)?;
+    // Every server starts on a warm page cache, and nas-server's start-up index build then
+    // measures hashing, not this machine's disk.
+    std::io::copy(&mut File::open(&image)?, &mut std::io::sink())?;
     let servers = ["nas-server", "qemu-nbd", "nbdkit"];
     // results[row][server] = requests per second
     let mut results = vec![[0f64; 3]; ROWS.len()];
@@ -165,7 +168,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let log = std::fs::read_to_string(server_log(&image))?;
     let rate = index_rate(&log).context("nas-server did not log its index build rate")?;
     println!(
-        "| index build ({} MiB, nas-server start-up) | {rate:.0} MB/s | | | | |",
+        "| index build ({} MiB, nas-server start-up, page cache warm) | {rate:.0} MB/s | | | | |",
         args.image_mib
     );
     Ok(())
