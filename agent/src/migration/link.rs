@@ -75,9 +75,9 @@ pub enum LinkFrame {
         version: u16,
         caps: u32,
     },
-    /// The target delivered the first `mapped` MAPPED pages and `credit` bytes of data frames
-    /// (counted as encoded, before compression): the source may drop those pages' copies and
-    /// send further. Flow control lives here, so fallback data is never stuck behind data.
+    /// The target delivered the first `mapped` MAPPED pages and the first `credit` bytes of
+    /// QEMU's stream to its QEMU: the source may drop those pages' copies and send further.
+    /// Flow control lives here, so fallback data is never stuck behind data.
     Ack {
         mapped: u64,
         credit: u64,

@@ -53,7 +53,7 @@ pub struct SourceConfig {
     /// Lookups in flight at once (each covers one read of up to 1 MiB from QEMU).
     pub lookup_window: usize,
     pub unacked_pages: usize,
-    /// Bytes of data frames allowed ahead of the target's acknowledgement.
+    /// Bytes of QEMU's stream allowed in flight ahead of the target's acknowledgement.
     pub link_window: u64,
     /// Rewrite pages (the product); `false` forwards QEMU's bytes verbatim (`--passthrough`).
     pub rewrite: bool,
@@ -173,8 +173,10 @@ impl Unacked {
     }
 }
 
-/// Link flow control: data frames may run at most `window` bytes ahead of what the target
-/// acknowledged.
+/// Link flow control: the source may run at most `window` bytes of QEMU's stream ahead of what
+/// the target has delivered to its QEMU. Counted in stream bytes, not link bytes: a 57-byte
+/// MAPPED frame still costs the target a 4 KiB fetch, and everything in flight is backlog the
+/// source QEMU's final iteration (its downtime) would wait behind.
 struct Flow {
     acked: std::sync::atomic::AtomicU64,
     moved: Notify,
@@ -291,7 +293,10 @@ const ZSTD_BATCH: usize = 256 << 10;
 /// Bytes asked of QEMU per read.
 const READ_SIZE: usize = 1 << 20;
 /// Resolved batches (reads) queued for the emitter.
-const EMIT_QUEUE: usize = 16;
+const EMIT_QUEUE: usize = 4;
+/// Reads held while their lookups are answered: with the emitter queue and the link window,
+/// all the backlog the source QEMU's final iteration can find ahead of it.
+const MAX_BATCHES: usize = 16;
 
 impl Emitter {
     /// Emits every item of `batch`, in order.
@@ -300,7 +305,8 @@ impl Emitter {
             match item {
                 Item::Raw(range) => {
                     self.wait_window().await?;
-                    self.encoded(|out| link::encode_raw(out, &batch.side[range.clone()]))
+                    let raw = &batch.side[range.clone()];
+                    self.encoded(raw.len(), |out| link::encode_raw(out, raw))
                         .await?;
                 }
                 Item::Page {
@@ -319,7 +325,7 @@ impl Emitter {
     ) -> Result<(), SourceError> {
         if let Some(&ordinal) = self.cache.touch(hash) {
             Counters::add(&self.counters.pages_dup, 1);
-            return self.frame(&LinkFrame::Dup { ordinal }).await;
+            return self.frame(PAGE_SIZE, &LinkFrame::Dup { ordinal }).await;
         }
         self.cache.insert(*hash, self.next_ordinal);
         self.next_ordinal += 1;
@@ -333,18 +339,22 @@ impl Emitter {
                 }
                 self.unacked.keep(seq, data).await;
                 Counters::add(&self.counters.pages_mapped, 1);
-                self.frame(&LinkFrame::Mapped {
-                    seq,
-                    export: f.export,
-                    offset: f.offset,
-                    hash: *hash,
-                })
+                self.frame(
+                    PAGE_SIZE,
+                    &LinkFrame::Mapped {
+                        seq,
+                        export: f.export,
+                        offset: f.offset,
+                        hash: *hash,
+                    },
+                )
                 .await
             }
             None => {
                 Counters::add(&self.counters.pages_sent, 1);
                 self.wait_window().await?;
-                self.encoded(|out| link::encode_page(out, data)).await
+                self.encoded(PAGE_SIZE, |out| link::encode_page(out, data))
+                    .await
             }
         }
     }
@@ -364,11 +374,15 @@ impl Emitter {
         }
     }
 
-    /// Appends one frame written by `encode` and counts it against the window.
-    async fn encoded(&mut self, encode: impl FnOnce(&mut Vec<u8>)) -> Result<(), SourceError> {
-        let before = self.pending.len();
+    /// Appends one frame written by `encode`, which stands for `stream_bytes` of QEMU's
+    /// stream: those count against the window.
+    async fn encoded(
+        &mut self,
+        stream_bytes: usize,
+        encode: impl FnOnce(&mut Vec<u8>),
+    ) -> Result<(), SourceError> {
         encode(&mut self.pending);
-        self.sent += (self.pending.len() - before) as u64;
+        self.sent += stream_bytes as u64;
         // Frames go out in batches (one channel hand-off and one write per batch, not per
         // page); the main loop also flushes whenever it has emitted what it can.
         if self.pending.len() >= ZSTD_BATCH {
@@ -377,9 +391,9 @@ impl Emitter {
         Ok(())
     }
 
-    async fn frame(&mut self, frame: &LinkFrame) -> Result<(), SourceError> {
+    async fn frame(&mut self, stream_bytes: usize, frame: &LinkFrame) -> Result<(), SourceError> {
         self.wait_window().await?;
-        self.encoded(|out| frame.encode(out)).await
+        self.encoded(stream_bytes, |out| frame.encode(out)).await
     }
 
     async fn flush(&mut self) -> Result<(), SourceError> {
@@ -600,7 +614,7 @@ where
             if eof && batches.is_empty() {
                 return Ok(());
             }
-            let can_read = !eof && in_flight < config.lookup_window && batches.len() < 64;
+            let can_read = !eof && in_flight < config.lookup_window && batches.len() < MAX_BATCHES;
             tokio::select! {
                 reply = async { index.as_mut().expect("in flight implies a client").recv().await },
                     if in_flight > 0 => {
@@ -700,9 +714,12 @@ where
         tracing::info!("stream tail forwarded verbatim: {reason}");
     }
     emitter
-        .frame(&LinkFrame::End {
-            stats: serde_json::to_string(&source).expect("figures serialise"),
-        })
+        .frame(
+            0,
+            &LinkFrame::End {
+                stats: serde_json::to_string(&source).expect("figures serialise"),
+            },
+        )
         .await?;
     emitter.flush().await?;
     drop(emitter);

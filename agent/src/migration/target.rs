@@ -109,10 +109,6 @@ enum Slot {
     Content { cell: Arc<Cell>, seq: Option<u64> },
 }
 
-/// A slot and the encoded size of the frame it came from (the flow-control credit it returns
-/// once delivered).
-type Credited = (Slot, u64);
-
 struct Fetch {
     seq: u64,
     export: u32,
@@ -195,7 +191,7 @@ where
     // Unbounded here, bounded in fact: the source never runs more than its window ahead of
     // the credit this side returns. The reader must never block, or a fallback answer could
     // wait behind data that waits for it.
-    let (slot_tx, slot_rx) = mpsc::unbounded_channel::<Vec<Credited>>();
+    let (slot_tx, slot_rx) = mpsc::unbounded_channel::<Vec<Slot>>();
     let record = match &config.record {
         Some(path) => Some(
             tokio::fs::File::create(path)
@@ -224,7 +220,7 @@ where
     let mut source_stats = None;
     let mut writer = Some(writer);
     // Slots go to the writer in batches: one hand-off per run of frames already buffered.
-    let mut slots: Vec<Credited> = Vec::new();
+    let mut slots: Vec<Slot> = Vec::new();
     let outcome: Result<(), TargetError> = loop {
         if !slots.is_empty() && (!frames.has_buffered() || slots.len() >= 1024) {
             let Some(tx) = &slot_tx else {
@@ -236,7 +232,7 @@ where
             }
         }
         let frame = tokio::select! {
-            f = frames.next_sized(&mut link_rd) => f,
+            f = frames.next(&mut link_rd) => f,
             done = async { writer.as_mut().expect("writer present").await }, if writer.is_some() => {
                 writer = None;
                 match done {
@@ -246,7 +242,7 @@ where
                 }
             }
         };
-        let (frame, credit) = match frame {
+        let frame = match frame {
             Ok(Some(f)) => f,
             Ok(None) => break Err(TargetError::Link("source closed the link early".into())),
             Err(e) => break Err(TargetError::Link(e)),
@@ -336,7 +332,7 @@ where
         if slot_tx.is_none() {
             break Err(TargetError::Protocol("data after END".into()));
         }
-        slots.push((slot, credit as u64));
+        slots.push(slot);
     };
     drop(slot_tx);
     drop(fetch_tx);
@@ -365,19 +361,20 @@ where
 
 /// Delivers slots to QEMU in order and acknowledges delivered mapped pages.
 async fn write_loop<Q: AsyncWrite + Unpin>(
-    mut slots: mpsc::UnboundedReceiver<Vec<Credited>>,
+    mut slots: mpsc::UnboundedReceiver<Vec<Slot>>,
     qemu: Q,
     mut record: Option<tokio::fs::File>,
     back: mpsc::Sender<LinkFrame>,
     counters: Arc<Counters>,
 ) -> Result<(), TargetError> {
     let mut out = BufWriter::with_capacity(1 << 20, qemu);
-    // Delivered so far: MAPPED pages and credit; and what was last acknowledged.
+    // Delivered so far: MAPPED pages and stream bytes (the credit); and what was last
+    // acknowledged.
     let (mut mapped, mut credit) = (0u64, 0u64);
     let (mut acked_mapped, mut acked_credit) = (0u64, 0u64);
     while let Some(batch) = slots.recv().await {
         let mut delivered = 0u64;
-        for (slot, frame_credit) in batch {
+        for slot in batch {
             let n = match slot {
                 Slot::Bytes(b) => {
                     out.write_all(&b).await.map_err(TargetError::Qemu)?;
@@ -402,7 +399,7 @@ async fn write_loop<Q: AsyncWrite + Unpin>(
                     PAGE_SIZE
                 }
             };
-            credit += frame_credit;
+            credit += n as u64;
             delivered += n as u64;
             // Ack in steps: far below the source's window (64 MiB) and page store (16384
             // pages), so it never waits for an ack, and far above one frame, so acks stay

@@ -15,7 +15,7 @@ pub struct FrameReader {
     /// Bytes of `buf` already consumed; compacted only when a read needs room, so parsing a
     /// run of small frames does not move the rest of the buffer each time.
     start: usize,
-    inflated: VecDeque<(LinkFrame, usize)>,
+    inflated: VecDeque<LinkFrame>,
 }
 
 impl FrameReader {
@@ -38,15 +38,6 @@ impl FrameReader {
         &mut self,
         reader: &mut R,
     ) -> Result<Option<LinkFrame>, String> {
-        Ok(self.next_sized(reader).await?.map(|(f, _)| f))
-    }
-
-    /// Like [`FrameReader::next`], with the frame's encoded size (for a frame that arrived
-    /// inside ZSTD, its size before compression): the unit of the link's flow control.
-    pub async fn next_sized<R: AsyncRead + Unpin>(
-        &mut self,
-        reader: &mut R,
-    ) -> Result<Option<(LinkFrame, usize)>, String> {
         if let Some(f) = self.inflated.pop_front() {
             return Ok(Some(f));
         }
@@ -61,7 +52,7 @@ impl FrameReader {
                             None => continue,
                         }
                     }
-                    return Ok(Some((frame, used)));
+                    return Ok(Some(frame));
                 }
                 Err(LinkError::Incomplete) => {}
                 Err(e) => return Err(e.to_string()),
@@ -101,7 +92,7 @@ impl FrameReader {
             if matches!(frame, LinkFrame::Zstd { .. }) {
                 return Err("nested ZSTD frame".into());
             }
-            self.inflated.push_back((frame, used));
+            self.inflated.push_back(frame);
             rest = &rest[used..];
         }
         Ok(())
