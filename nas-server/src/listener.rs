@@ -3,11 +3,13 @@ use std::{
     io,
     net::SocketAddr,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::{TcpListener, UnixListener},
+    sync::{watch, OwnedSemaphorePermit, Semaphore},
 };
 
 /// Where to listen: `HOST:PORT` or `unix:PATH`.
@@ -86,6 +88,44 @@ impl Bound {
             Self::Unix(l, path) => {
                 let (s, _) = l.accept().await?;
                 Ok((Box::new(s), format!("unix:{}", path.display())))
+            }
+        }
+    }
+}
+
+/// One accepted connection: the stream, a printable peer, and the connection slot it holds.
+pub struct Accepted {
+    pub stream: Box<dyn Stream>,
+    pub peer: String,
+    pub slot: OwnedSemaphorePermit,
+}
+
+impl Bound {
+    /// Waits for a free connection slot, then for a connection, which keeps the slot. `None`
+    /// once `stop` turns true. A failed accept (EMFILE and friends) is logged as `what`'s and
+    /// retried after a pause instead of spinning.
+    pub async fn accept_in_slot(
+        &self,
+        slots: &Arc<Semaphore>,
+        stop: &mut watch::Receiver<bool>,
+        what: &str,
+    ) -> Option<Accepted> {
+        loop {
+            let slot = tokio::select! {
+                _ = stop.wait_for(|s| *s) => return None,
+                p = slots.clone().acquire_owned() => p.expect("slots never close"),
+            };
+            let accepted = tokio::select! {
+                _ = stop.wait_for(|s| *s) => return None,
+                a = self.accept() => a,
+            };
+            match accepted {
+                Ok((stream, peer)) => return Some(Accepted { stream, peer, slot }),
+                Err(e) => {
+                    tracing::warn!("{what}: accept failed: {e}");
+                    drop(slot);
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
             }
         }
     }

@@ -15,7 +15,7 @@ use tokio::{
 pub use crate::listener::Listen;
 use crate::{
     export::Exports,
-    listener::{Bound, Stream},
+    listener::{Accepted, Bound},
     nbd::{handshake, transmission},
 };
 
@@ -67,39 +67,15 @@ impl NbdServer {
         let slots = Arc::new(Semaphore::new(self.max_connections));
         let mut connections = JoinSet::new();
         let mut acceptors = JoinSet::new();
-        let (conn_tx, mut conn_rx) = tokio::sync::mpsc::channel::<Conn>(16);
+        let (conn_tx, mut conn_rx) = tokio::sync::mpsc::channel::<Accepted>(16);
         for bound in self.bound {
             let slots = slots.clone();
             let tx = conn_tx.clone();
             let mut stop = shutdown.clone();
             acceptors.spawn(async move {
-                loop {
-                    let permit = tokio::select! {
-                        _ = stop.wait_for(|s| *s) => return,
-                        p = slots.clone().acquire_owned() => p.expect("slots never close"),
-                    };
-                    let accepted = tokio::select! {
-                        _ = stop.wait_for(|s| *s) => return,
-                        a = bound.accept() => a,
-                    };
-                    match accepted {
-                        Ok(conn) => {
-                            if tx
-                                .send(Conn {
-                                    stream: conn,
-                                    permit,
-                                })
-                                .await
-                                .is_err()
-                            {
-                                return;
-                            }
-                        }
-                        Err(e) => {
-                            // EMFILE and friends: back off instead of spinning.
-                            tracing::warn!("accept failed: {e}");
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                        }
+                while let Some(conn) = bound.accept_in_slot(&slots, &mut stop, "NBD").await {
+                    if tx.send(conn).await.is_err() {
+                        return;
                     }
                 }
             });
@@ -140,15 +116,11 @@ impl NbdServer {
     }
 }
 
-struct Conn {
-    stream: (Box<dyn Stream>, String),
-    permit: tokio::sync::OwnedSemaphorePermit,
-}
-
-async fn serve_connection(conn: Conn, exports: Exports, shutdown: watch::Receiver<bool>) {
-    let Conn {
-        stream: (mut stream, peer),
-        permit,
+async fn serve_connection(conn: Accepted, exports: Exports, shutdown: watch::Receiver<bool>) {
+    let Accepted {
+        mut stream,
+        peer,
+        slot,
     } = conn;
     metrics::gauge!("nbd_connections").increment(1.0);
     metrics::counter!("nbd_connections_total").increment(1);
@@ -176,5 +148,5 @@ async fn serve_connection(conn: Conn, exports: Exports, shutdown: watch::Receive
         }
     }
     metrics::gauge!("nbd_connections").decrement(1.0);
-    drop(permit);
+    drop(slot);
 }

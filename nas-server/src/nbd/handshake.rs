@@ -222,6 +222,20 @@ impl<S: AsyncWrite + Unpin> OptionReplies<'_, S> {
 }
 
 /// Runs the handshake on `stream` and returns what was agreed.
+/// An option request that names an export: parsed and resolved, or the error reply it is owed
+/// (ERR_INVALID for a malformed request, ERR_UNKNOWN for an export that does not exist).
+fn with_export<R>(
+    parsed: Result<R, BadOption>,
+    name: impl FnOnce(&R) -> &String,
+    exports: &Exports,
+) -> Result<(R, Arc<ExportEntry>), (u32, String)> {
+    let request = parsed.map_err(|e| (REP_ERR_INVALID, e.to_string()))?;
+    let entry = exports
+        .resolve(name(&request))
+        .ok_or_else(|| (REP_ERR_UNKNOWN, "no such export".to_string()))?;
+    Ok((request, entry))
+}
+
 pub async fn handshake<S>(stream: &mut S, exports: &Exports) -> Result<Negotiated, HandshakeError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -326,21 +340,14 @@ where
                 replies.send(option, REP_ACK, &[]).await?;
             }
             OPT_INFO | OPT_GO => {
-                let request = match parse_info_request(&data) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        replies
-                            .error(option, REP_ERR_INVALID, &e.to_string())
-                            .await?;
-                        continue;
-                    }
-                };
-                let Some(entry) = exports.resolve(&request.name) else {
-                    replies
-                        .error(option, REP_ERR_UNKNOWN, "no such export")
-                        .await?;
-                    continue;
-                };
+                let (request, entry) =
+                    match with_export(parse_info_request(&data), |r| &r.name, exports) {
+                        Ok(found) => found,
+                        Err((code, message)) => {
+                            replies.error(option, code, &message).await?;
+                            continue;
+                        }
+                    };
                 replies
                     .export_info(option, &entry, structured, &request.infos)
                     .await?;
@@ -366,21 +373,14 @@ where
                         .await?;
                     continue;
                 }
-                let request = match parse_meta_request(&data) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        replies
-                            .error(option, REP_ERR_INVALID, &e.to_string())
-                            .await?;
-                        continue;
-                    }
-                };
-                let Some(entry) = exports.resolve(&request.export) else {
-                    replies
-                        .error(option, REP_ERR_UNKNOWN, "no such export")
-                        .await?;
-                    continue;
-                };
+                let (request, entry) =
+                    match with_export(parse_meta_request(&data), |r| &r.export, exports) {
+                        Ok(found) => found,
+                        Err((code, message)) => {
+                            replies.error(option, code, &message).await?;
+                            continue;
+                        }
+                    };
                 let selected = if !set && request.queries.is_empty() {
                     true
                 } else {

@@ -19,7 +19,7 @@ use super::frame::{
 };
 use crate::{
     index::{hot::HotSet, BlockIndex, ExportId, BLOCK},
-    listener::{Bound, Listen},
+    listener::{Accepted, Bound, Listen},
 };
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -95,24 +95,10 @@ impl IndexService {
             let shutdown = shutdown.clone();
             tasks.spawn(async move {
                 let mut sessions = JoinSet::new();
-                loop {
-                    let permit = tokio::select! {
-                        _ = stop.wait_for(|s| *s) => break,
-                        p = slots.clone().acquire_owned() => p.expect("slots never close"),
-                    };
-                    let accepted = tokio::select! {
-                        _ = stop.wait_for(|s| *s) => break,
-                        a = bound.accept() => a,
-                    };
-                    let (stream, peer) = match accepted {
-                        Ok(a) => a,
-                        Err(e) => {
-                            // EMFILE and friends: back off instead of spinning.
-                            tracing::warn!("index service accept failed: {e}");
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                            continue;
-                        }
-                    };
+                while let Some(Accepted { stream, peer, slot }) = bound
+                    .accept_in_slot(&slots, &mut stop, "index service")
+                    .await
+                {
                     let (catalog, index, shutdown) =
                         (catalog.clone(), index.clone(), shutdown.clone());
                     sessions.spawn(async move {
@@ -121,7 +107,7 @@ impl IndexService {
                             tracing::info!(%peer, "index session ended: {e}");
                         }
                         metrics::gauge!("nas_index_sessions").decrement(1.0);
-                        drop(permit);
+                        drop(slot);
                     });
                     while sessions.try_join_next().is_some() {}
                 }
