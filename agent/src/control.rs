@@ -28,7 +28,7 @@ use tokio::{
 
 use crate::{
     migration::{
-        report::Counters,
+        report::{Counters, Figures},
         source::{run_source, SourceConfig},
         target::{read_hello, run_target, TargetConfig},
         wire::FrameReader,
@@ -111,21 +111,12 @@ pub struct MigrateOptions {
 pub struct MigrationReport {
     pub ok: bool,
     pub error: Option<String>,
-    pub qemu_bytes: u64,
-    pub link_bytes: u64,
-    pub nas_bytes: u64,
-    pub pages_full: u64,
-    pub pages_zero: u64,
-    pub pages_mapped: u64,
-    pub pages_dup: u64,
-    pub pages_sent: u64,
-    pub pages_fallback: u64,
+    /// The source's figures, with what only the target knows: NAS bytes, fallbacks, fetch time.
+    #[serde(flatten)]
+    pub figures: Figures,
     pub savings_pct: f64,
     pub total_time_ms: u64,
     pub downtime_ms: u64,
-    pub hash_ms: f64,
-    pub lookup_ms: f64,
-    pub fetch_ms: f64,
     pub passthrough_reason: Option<String>,
     pub source_status: String,
     pub target_status: String,
@@ -141,21 +132,21 @@ impl MigrationReport {
              mapped {} dup {} sent {} fallback {}\n  total time   {} ms, downtime {} ms\n  \
              hashing {:.0} ms, lookups {:.0} ms, fetching {:.0} ms\n  source {}, target {}",
             if self.ok { "completed" } else { "FAILED" },
-            mib(self.qemu_bytes),
-            mib(self.link_bytes),
+            mib(self.figures.qemu_bytes),
+            mib(self.figures.link_bytes),
             self.savings_pct,
-            mib(self.nas_bytes),
-            self.pages_full,
-            self.pages_zero,
-            self.pages_mapped,
-            self.pages_dup,
-            self.pages_sent,
-            self.pages_fallback,
+            mib(self.figures.nas_bytes),
+            self.figures.pages_full,
+            self.figures.pages_zero,
+            self.figures.pages_mapped,
+            self.figures.pages_dup,
+            self.figures.pages_sent,
+            self.figures.fallbacks,
             self.total_time_ms,
             self.downtime_ms,
-            self.hash_ms,
-            self.lookup_ms,
-            self.fetch_ms,
+            self.figures.hash_ms,
+            self.figures.lookup_ms,
+            self.figures.fetch_ms,
             self.source_status,
             self.target_status,
         );
@@ -169,16 +160,16 @@ impl MigrationReport {
     pub fn export_metrics(&self) {
         let result = if self.ok { "ok" } else { "failed" };
         metrics::counter!("agent_migrations_total", "result" => result).increment(1);
-        metrics::counter!("agent_migration_qemu_bytes_total").increment(self.qemu_bytes);
-        metrics::counter!("agent_migration_link_bytes_total").increment(self.link_bytes);
-        metrics::counter!("agent_migration_nas_bytes_total").increment(self.nas_bytes);
+        metrics::counter!("agent_migration_qemu_bytes_total").increment(self.figures.qemu_bytes);
+        metrics::counter!("agent_migration_link_bytes_total").increment(self.figures.link_bytes);
+        metrics::counter!("agent_migration_nas_bytes_total").increment(self.figures.nas_bytes);
         for (kind, n) in [
-            ("full", self.pages_full),
-            ("zero", self.pages_zero),
-            ("mapped", self.pages_mapped),
-            ("dup", self.pages_dup),
-            ("sent", self.pages_sent),
-            ("fallback", self.pages_fallback),
+            ("full", self.figures.pages_full),
+            ("zero", self.figures.pages_zero),
+            ("mapped", self.figures.pages_mapped),
+            ("dup", self.figures.pages_dup),
+            ("sent", self.figures.pages_sent),
+            ("fallback", self.figures.fallbacks),
         ] {
             metrics::counter!("agent_migration_pages_total", "kind" => kind).increment(n);
         }
@@ -296,27 +287,19 @@ pub async fn migrate(opts: MigrateOptions) -> Result<MigrationReport, ControlErr
                 }
             }
             let (s, t) = (r.source, r.target);
-            report.qemu_bytes = s.qemu_bytes;
-            report.link_bytes = s.link_bytes;
-            report.nas_bytes = t.nas_bytes;
-            report.pages_full = s.pages_full;
-            report.pages_zero = s.pages_zero;
-            report.pages_mapped = s.pages_mapped;
-            report.pages_dup = s.pages_dup;
-            report.pages_sent = s.pages_sent;
-            report.pages_fallback = t.fallbacks;
+            report.figures = Figures {
+                nas_bytes: t.nas_bytes,
+                fallbacks: t.fallbacks,
+                fetch_ms: t.fetch_ms,
+                ..s
+            };
             report.savings_pct = s.savings_pct();
-            report.hash_ms = s.hash_ms;
-            report.lookup_ms = s.lookup_ms;
-            report.fetch_ms = t.fetch_ms;
             report.passthrough_reason = r.passthrough_reason;
         }
         Err(e) => {
             report.error = Some(e);
             recover_source(&mut src).await.map_err(src_err)?;
-            let f = counters.snapshot();
-            report.qemu_bytes = f.qemu_bytes;
-            report.link_bytes = f.link_bytes;
+            report.figures = counters.snapshot();
             report.target_status = match dst.status().await {
                 Ok(s) => s,
                 Err(e) => format!("gone: {e}"),

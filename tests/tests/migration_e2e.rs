@@ -153,7 +153,7 @@ fn live_migration_through_the_agents() {
     assert_eq!(report.target_status, "running");
     assert_same_stream(&s);
     assert_guest_continues(&s);
-    let pct = 100.0 * report.link_bytes as f64 / report.qemu_bytes as f64;
+    let pct = 100.0 * report.figures.link_bytes as f64 / report.figures.qemu_bytes as f64;
     assert!(
         pct <= 35.0,
         "agent link carried {pct:.1}% of QEMU's bytes (limit 35%)"

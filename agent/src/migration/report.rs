@@ -57,6 +57,7 @@ pub struct Figures {
     /// Full pages forwarded with their content.
     pub pages_sent: u64,
     /// Mapped pages the target had to ask the source for.
+    #[serde(rename = "pages_fallback")]
     pub fallbacks: u64,
     pub hash_ms: f64,
     pub lookup_ms: f64,
