@@ -93,6 +93,14 @@ impl Bound {
     }
 }
 
+/// A listener that could not be bound.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {listen}: {source}")]
+pub struct BindError {
+    pub listen: Listen,
+    pub source: io::Error,
+}
+
 /// One accepted connection: the stream, a printable peer, and the connection slot it holds.
 pub struct Accepted {
     pub stream: Box<dyn Stream>,
@@ -101,6 +109,18 @@ pub struct Accepted {
 }
 
 impl Bound {
+    /// Binds every address in `listen`, or says which one failed.
+    pub async fn bind_all(listen: &[Listen]) -> Result<Vec<Self>, BindError> {
+        let mut bound = Vec::with_capacity(listen.len());
+        for l in listen {
+            bound.push(Self::bind(l).await.map_err(|source| BindError {
+                listen: l.clone(),
+                source,
+            })?);
+        }
+        Ok(bound)
+    }
+
     /// Waits for a free connection slot, then for a connection, which keeps the slot. `None`
     /// once `stop` turns true. A failed accept (EMFILE and friends) is logged as `what`'s and
     /// retried after a pause instead of spinning.

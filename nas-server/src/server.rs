@@ -5,7 +5,7 @@
 //! time for its handshake, then serves requests until it ends. Shutdown is one path: the watch
 //! channel turns true, listeners stop accepting, every connection stops reading, finishes its
 //! in-flight requests and sends their replies, and then each export is flushed to disk.
-use std::{io, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use tokio::{
     sync::{watch, Semaphore},
@@ -15,7 +15,7 @@ use tokio::{
 pub use crate::listener::Listen;
 use crate::{
     export::Exports,
-    listener::{Accepted, Bound},
+    listener::{Accepted, BindError, Bound},
     nbd::{handshake, transmission},
 };
 
@@ -25,8 +25,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Errors starting the server.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    #[error("cannot listen on {listen}: {source}")]
-    Bind { listen: Listen, source: io::Error },
+    #[error(transparent)]
+    Bind(#[from] BindError),
 }
 
 /// An NBD server whose sockets are bound; [`NbdServer::run`] serves until shutdown.
@@ -43,13 +43,7 @@ impl NbdServer {
         listen: &[Listen],
         max_connections: usize,
     ) -> Result<Self, ServerError> {
-        let mut bound = Vec::new();
-        for l in listen {
-            bound.push(Bound::bind(l).await.map_err(|source| ServerError::Bind {
-                listen: l.clone(),
-                source,
-            })?);
-        }
+        let bound = Bound::bind_all(listen).await?;
         Ok(Self {
             exports,
             bound,

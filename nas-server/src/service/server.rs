@@ -19,7 +19,7 @@ use super::frame::{
 };
 use crate::{
     index::{hot::HotSet, BlockIndex, ExportId, BLOCK},
-    listener::{Accepted, Bound, Listen},
+    listener::{Accepted, BindError, Bound, Listen},
 };
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -30,14 +30,6 @@ const SEND_QUEUE: usize = 64;
 pub struct CatalogEntry {
     pub info: ExportInfo,
     pub hot: Option<Arc<HotSet>>,
-}
-
-/// Errors starting the service.
-#[derive(Debug, thiserror::Error)]
-#[error("cannot listen on {listen}: {source}")]
-pub struct BindError {
-    listen: Listen,
-    source: std::io::Error,
 }
 
 /// Why a session ended early.
@@ -66,13 +58,7 @@ impl IndexService {
         listen: &[Listen],
         max_connections: usize,
     ) -> Result<Self, BindError> {
-        let mut bound = Vec::new();
-        for l in listen {
-            bound.push(Bound::bind(l).await.map_err(|source| BindError {
-                listen: l.clone(),
-                source,
-            })?);
-        }
+        let bound = Bound::bind_all(listen).await?;
         Ok(Self {
             catalog: Arc::new(catalog),
             index,
