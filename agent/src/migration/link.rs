@@ -156,18 +156,25 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Appends a RAW frame carrying `data` (the same bytes as encoding [`LinkFrame::Raw`]).
+/// Appends a RAW frame carrying `data`, without building a [`LinkFrame::Raw`].
 pub fn encode_raw(out: &mut Vec<u8>, data: &[u8]) {
     out.extend_from_slice(&(data.len() as u32 + 1).to_be_bytes());
     out.push(T_RAW);
     out.extend_from_slice(data);
 }
 
-/// Appends a PAGE frame carrying `page` (the same bytes as encoding [`LinkFrame::Page`]).
+/// Appends a PAGE frame carrying `page`, without building a [`LinkFrame::Page`].
 pub fn encode_page(out: &mut Vec<u8>, page: &[u8; PAGE_SIZE]) {
     out.extend_from_slice(&(PAGE_SIZE as u32 + 1).to_be_bytes());
     out.push(T_PAGE);
     out.extend_from_slice(page);
+}
+
+/// The size of the frame at the front of `buf`, length prefix included, once the prefix is
+/// there (the frame itself may not be yet).
+pub fn frame_size(buf: &[u8]) -> Option<usize> {
+    let prefix: [u8; 4] = buf.get(..4)?.try_into().expect("4 bytes");
+    Some(4 + u32::from_be_bytes(prefix) as usize)
 }
 
 fn put_string(out: &mut Vec<u8>, s: &str) {
@@ -178,17 +185,16 @@ fn put_string(out: &mut Vec<u8>, s: &str) {
 impl LinkFrame {
     /// Parses one frame from the front of `buf`: the frame and the bytes it used.
     pub fn parse(buf: &[u8]) -> Result<(LinkFrame, usize), LinkError> {
-        if buf.len() < 4 {
+        let Some(total) = frame_size(buf) else {
             return Err(LinkError::Incomplete);
-        }
-        let len = u32::from_be_bytes(buf[..4].try_into().unwrap());
+        };
+        let len = (total - 4) as u32;
         if len > MAX_FRAME {
             return Err(LinkError::TooLarge(len));
         }
         if len == 0 {
             return Err(LinkError::Malformed("empty frame"));
         }
-        let total = 4 + len as usize;
         if buf.len() < total {
             return Err(LinkError::Incomplete);
         }
@@ -271,6 +277,11 @@ impl LinkFrame {
 
     /// Appends the frame's bytes to `out`.
     pub fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            LinkFrame::Raw(data) => return encode_raw(out, data),
+            LinkFrame::Page(page) => return encode_page(out, page),
+            _ => {}
+        }
         let start = out.len();
         out.extend_from_slice(&[0; 4]);
         match self {
@@ -287,14 +298,7 @@ impl LinkFrame {
                 put_string(out, &h.incoming);
                 out.extend_from_slice(&h.caps.to_be_bytes());
             }
-            LinkFrame::Raw(data) => {
-                out.push(T_RAW);
-                out.extend_from_slice(data);
-            }
-            LinkFrame::Page(p) => {
-                out.push(T_PAGE);
-                out.extend_from_slice(&p[..]);
-            }
+            LinkFrame::Raw(_) | LinkFrame::Page(_) => unreachable!("encoded above"),
             LinkFrame::Mapped {
                 seq,
                 export,

@@ -3,7 +3,7 @@ use std::collections::VecDeque;
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-use super::link::{LinkError, LinkFrame, MAX_FRAME};
+use super::link::{frame_size, LinkError, LinkFrame, MAX_FRAME};
 
 /// Bytes asked of the link per read.
 const READ_CHUNK: usize = 256 << 10;
@@ -27,9 +27,7 @@ impl FrameReader {
     /// wait for the link.
     pub fn has_buffered(&self) -> bool {
         let rest = &self.buf[self.start..];
-        !self.inflated.is_empty()
-            || rest.len() >= 4
-                && rest.len() - 4 >= u32::from_be_bytes(rest[..4].try_into().unwrap()) as usize
+        !self.inflated.is_empty() || frame_size(rest).is_some_and(|n| rest.len() >= n)
     }
 
     /// The next frame; `Ok(None)` at a clean end of stream. ZSTD frames are opened and their
