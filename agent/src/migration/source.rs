@@ -6,6 +6,7 @@
 //!                   +--verbatim--------------------------------------> RAW
 //!                 (in stream order; DUP when the target's cache holds the content)
 //! ```
+//! A read's pages are hashed together, several per SIMD pass ([`hash_blocks`]).
 //! Lookups for misses go out in batches, several batches in flight, so the stream never waits
 //! a round trip per page. Pages in the final `ram` END section (sent while the guest is
 //! paused) are never looked up remotely: a round trip there would add to downtime. Every
@@ -20,6 +21,7 @@ use std::{
 
 use nas_server::{
     client::index::{HotReplica, IndexClient, IndexClientError},
+    index::multi::hash_blocks,
     listener::Listen,
     service::frame::{Found, Frame},
 };
@@ -202,8 +204,8 @@ enum Item {
     },
 }
 
-/// Collects parser output into items and hashes pages. Payloads are referred to, not copied,
-/// wherever they lie whole in the read.
+/// Collects parser output into items; [`Collector::finish`] then hashes the read's pages
+/// together. Payloads are referred to, not copied, wherever they lie whole in the read.
 struct Collector<'a> {
     items: Vec<Item>,
     side: Vec<u8>,
@@ -213,20 +215,59 @@ struct Collector<'a> {
 }
 
 impl Collector<'_> {
-    fn add_page(&mut self, at: At, payload: &[u8; PAGE_SIZE]) {
-        let started = Instant::now();
-        let hash = *blake3::hash(payload).as_bytes();
-        Counters::add(&self.counters.hash_ns, started.elapsed().as_nanos() as u64);
+    fn add_page(&mut self, at: At) {
         Counters::add(&self.counters.pages_full, 1);
-        let found = self
-            .replica
-            .and_then(|r| r.lock().unwrap_or_else(PoisonError::into_inner).get(&hash));
         self.items.push(Item::Page {
-            hash,
+            hash: [0; 32],
             at,
-            needs_lookup: found.is_none() && self.remote,
-            found,
+            needs_lookup: false,
+            found: None,
         });
+    }
+
+    /// Hashes every page of the read (several per SIMD pass), then resolves what the hot-set
+    /// replica knows and marks the rest for a lookup.
+    fn finish(mut self, input: Vec<u8>) -> Batch {
+        let started = Instant::now();
+        let mut hashes = Vec::new();
+        {
+            let pages: Vec<&[u8; PAGE_SIZE]> = self
+                .items
+                .iter()
+                .filter_map(|item| match item {
+                    Item::Page { at, .. } => Some(page_at(&input, &self.side, *at)),
+                    Item::Raw(_) => None,
+                })
+                .collect();
+            hash_blocks(&pages, &mut hashes);
+        }
+        Counters::add(&self.counters.hash_ns, started.elapsed().as_nanos() as u64);
+        let replica = self
+            .replica
+            .filter(|_| !hashes.is_empty())
+            .map(|r| r.lock().unwrap_or_else(PoisonError::into_inner));
+        let mut hashes = hashes.into_iter();
+        for item in &mut self.items {
+            if let Item::Page {
+                hash,
+                found,
+                needs_lookup,
+                ..
+            } = item
+            {
+                *hash = hashes.next().expect("one digest per page");
+                *found = replica.as_ref().and_then(|r| r.get(hash));
+                *needs_lookup = found.is_none() && self.remote;
+            }
+        }
+        drop(replica);
+        Batch {
+            input,
+            side: self.side,
+            items: self.items,
+            lookup: None,
+            sent_at: Instant::now(),
+        }
     }
 }
 
@@ -243,11 +284,11 @@ impl Sink for Collector<'_> {
     fn page(&mut self, payload: &[u8; PAGE_SIZE]) {
         let at = At::Side(self.side.len());
         self.side.extend_from_slice(payload);
-        self.add_page(at, payload);
+        self.add_page(at);
     }
 
-    fn page_in_input(&mut self, offset: usize, payload: &[u8; PAGE_SIZE]) {
-        self.add_page(At::Input(offset), payload);
+    fn page_in_input(&mut self, offset: usize, _payload: &[u8; PAGE_SIZE]) {
+        self.add_page(At::Input(offset));
     }
 }
 
@@ -263,12 +304,16 @@ struct Batch {
 
 impl Batch {
     fn page(&self, at: At) -> &[u8; PAGE_SIZE] {
-        let bytes = match at {
-            At::Input(o) => &self.input[o..o + PAGE_SIZE],
-            At::Side(o) => &self.side[o..o + PAGE_SIZE],
-        };
-        bytes.try_into().expect("a page is PAGE_SIZE bytes")
+        page_at(&self.input, &self.side, at)
     }
+}
+
+fn page_at<'a>(input: &'a [u8], side: &'a [u8], at: At) -> &'a [u8; PAGE_SIZE] {
+    let bytes = match at {
+        At::Input(o) => &input[o..o + PAGE_SIZE],
+        At::Side(o) => &side[o..o + PAGE_SIZE],
+    };
+    bytes.try_into().expect("a page is PAGE_SIZE bytes")
 }
 
 /// Turns resolved items into link frames, in order.
@@ -657,13 +702,7 @@ where
                     } else {
                         sink.verbatim(&input);
                     }
-                    let mut batch = Batch {
-                        input,
-                        side: sink.side,
-                        items: sink.items,
-                        lookup: None,
-                        sent_at: Instant::now(),
-                    };
+                    let mut batch = sink.finish(input);
                     if let Some(client) = index.as_mut() {
                         // One lookup per read: at most ~256 pages, well inside a LOOKUP.
                         let wanted: Vec<usize> = batch.items.iter().enumerate()

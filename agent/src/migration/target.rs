@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use nas_server::{client::nbd::NbdClient, listener::Listen};
+use nas_server::{client::nbd::NbdClient, index::multi::hash_blocks, listener::Listen};
 use tokio::{
     io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter},
     sync::{mpsc, Notify},
@@ -510,14 +510,31 @@ async fn fetch_loop(
                 // A broken connection is not reused.
                 clients.insert(export, None);
             }
-            let mut results = results.map(Vec::into_iter);
-            for f in fetches {
-                let verified = results
-                    .as_mut()
-                    .and_then(Iterator::next)
-                    .and_then(Result::ok)
-                    .filter(|data| blake3::hash(data).as_bytes() == &f.hash)
-                    .and_then(|data| Box::<[u8; PAGE_SIZE]>::try_from(data).ok());
+            // Every page that arrived whole is hashed, the round's pages together.
+            let mut data: Vec<Option<Vec<u8>>> = results
+                .map(|r| {
+                    r.into_iter()
+                        .map(|d| d.ok().filter(|d| d.len() == PAGE_SIZE))
+                })
+                .into_iter()
+                .flatten()
+                .collect();
+            let mut hashes = Vec::new();
+            {
+                let whole: Vec<&[u8; PAGE_SIZE]> = data
+                    .iter()
+                    .flatten()
+                    .map(|d| d[..].try_into().expect("kept only whole pages"))
+                    .collect();
+                hash_blocks(&whole, &mut hashes);
+            }
+            let mut hashes = hashes.into_iter();
+            for (i, f) in fetches.into_iter().enumerate() {
+                let verified = data
+                    .get_mut(i)
+                    .and_then(Option::take)
+                    .filter(|_| hashes.next() == Some(f.hash))
+                    .and_then(|d| Box::<[u8; PAGE_SIZE]>::try_from(d).ok());
                 match verified {
                     Some(page) => {
                         Counters::add(&counters.nas_bytes, PAGE_SIZE as u64);

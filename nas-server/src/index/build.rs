@@ -1,10 +1,11 @@
 //! Building an export's table: every 4 KiB block hashed, in parallel across cores.
 //!
 //! Each thread takes a contiguous share of the image, reads it in 1 MiB positioned reads and
-//! hashes block by block; holes come back as zeroes and are skipped like any all-zero block.
+//! hashes each read several blocks per SIMD pass ([`super::multi`]); holes come back as zeroes
+//! and are skipped like any all-zero block.
 use std::{fs::File, io, os::unix::fs::FileExt, thread, time::Instant};
 
-use super::{hash_block, Hash, BLOCK};
+use super::{multi::hash_block_run, Hash, BLOCK};
 
 const READ_CHUNK: u64 = 1 << 20;
 
@@ -51,7 +52,7 @@ pub fn hash_range(file: &File, first: u64, last: u64) -> io::Result<Vec<Option<H
     while block < last {
         let n = ((last - block) * BLOCK).min(READ_CHUNK) as usize;
         file.read_exact_at(&mut buf[..n], block * BLOCK)?;
-        out.extend(buf[..n].chunks_exact(BLOCK as usize).map(hash_block));
+        hash_block_run(&buf[..n], &mut out);
         block += (n as u64) / BLOCK;
     }
     Ok(out)
@@ -60,6 +61,7 @@ pub fn hash_range(file: &File, first: u64, last: u64) -> io::Result<Vec<Option<H
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::index::hash_block;
 
     #[test]
     fn hashes_every_full_block() {

@@ -13,6 +13,7 @@ use std::{
 pub mod build;
 pub mod hot;
 pub mod journal;
+pub mod multi;
 pub mod store;
 
 /// Indexed block size.
