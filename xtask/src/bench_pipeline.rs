@@ -32,7 +32,10 @@ use anyhow::bail;
 use nas_server::{client::nbd::NbdClient, listener::Listen};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::sh;
+use crate::{
+    cpu::{process_cpu, Cpu, ThreadCpu},
+    sh,
+};
 
 const NBD_PORT: u16 = 10_960;
 const INDEX_PORT: u16 = 10_961;
@@ -333,60 +336,6 @@ fn replay_target(link: Arc<Vec<u8>>, nbd: &Listen, expect: u64) -> anyhow::Resul
         }
         Ok(took)
     })
-}
-
-/// CPU time of the calling thread: user and system (kernel) parts.
-#[derive(Clone, Copy, Debug, Default)]
-struct Cpu {
-    user: Duration,
-    system: Duration,
-}
-
-impl Cpu {
-    fn total(&self) -> Duration {
-        self.user + self.system
-    }
-}
-
-struct ThreadCpu(Cpu);
-
-impl ThreadCpu {
-    fn now() -> Cpu {
-        // SAFETY: getrusage fills one rusage through a valid pointer.
-        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-        unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) };
-        let d = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-        Cpu {
-            user: d(ru.ru_utime),
-            system: d(ru.ru_stime),
-        }
-    }
-
-    fn start() -> Self {
-        Self(Self::now())
-    }
-
-    fn elapsed(&self) -> Cpu {
-        let now = Self::now();
-        Cpu {
-            user: now.user - self.0.user,
-            system: now.system - self.0.system,
-        }
-    }
-}
-
-/// User plus system CPU time of a process, from /proc.
-fn process_cpu(pid: u32) -> anyhow::Result<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks: u64 = fields.get(11).and_then(|u| u.parse().ok()).unwrap_or(0)
-        + fields.get(12).and_then(|s| s.parse().ok()).unwrap_or(0);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    Ok(Duration::from_millis(ticks * 1000 / hz))
 }
 
 /// A link that also keeps every byte read from it.

@@ -48,8 +48,8 @@ pub fn nas_server(dir: &Path, disk: &Path, nbd: u16, index: u16) -> anyhow::Resu
 
 /// nas-server serving a 256 MiB disk of pseudo-random data, and `agent serve`.
 pub struct Lab {
-    _nas: Daemon,
-    _agent: Daemon,
+    nas: Daemon,
+    agent: Daemon,
     pub disk: PathBuf,
 }
 
@@ -70,11 +70,12 @@ impl Lab {
         for port in [NBD_PORT, INDEX_PORT, AGENT_PORT] {
             wait_port(port)?;
         }
-        Ok(Self {
-            _nas: nas,
-            _agent: agent,
-            disk,
-        })
+        Ok(Self { nas, agent, disk })
+    }
+
+    /// Process ids of nas-server and of the target-side `agent serve`.
+    pub fn pids(&self) -> (u32, u32) {
+        (self.nas.0.id(), self.agent.0.id())
     }
 
     pub fn disk_uri(&self) -> String {

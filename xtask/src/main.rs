@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod bench_migration;
 mod bench_pipeline;
+mod cpu;
 mod demo;
 mod ebpf;
 mod fuzz;
