@@ -10,9 +10,9 @@
 //! Lookups for misses go out in batches, several batches in flight, so the stream never waits
 //! a round trip per page. Pages in the final `ram` END section (sent while the guest is
 //! paused) are never looked up remotely: a round trip there would add to downtime. Every
-//! mapped page's content is kept until the target acknowledges it, at most
-//! `unacked_pages` of them; past that the source stops reading QEMU (backpressure) until acks
-//! arrive. A FALLBACK_REQ is answered from that store, ahead of normal traffic.
+//! mapped page's content is kept (in place, in the read buffer it arrived in) until the target
+//! acknowledges it, at most `unacked_pages` pages in at most [`KEPT_READS`] buffers; past that
+//! the source stops reading QEMU (backpressure) until acks arrive. A FALLBACK_REQ is answered from that store, ahead of normal traffic.
 use std::{
     collections::VecDeque,
     sync::{Arc, Mutex, PoisonError},
@@ -108,37 +108,79 @@ pub struct SourceReport {
 }
 
 /// Mapped pages awaiting the target's acknowledgement, bounded. Sequence numbers are given
-/// out in order and acknowledged as a prefix, so a queue ordered by them is enough. Buffers of
-/// acknowledged pages are kept (up to [`FREE_PAGES`]) for the next ones: no allocation per page.
+/// out in order and acknowledged as a prefix, so a queue ordered by them is enough. A page is
+/// kept without a copy, as a share of the read buffer it arrived in; a buffer goes back to the
+/// reader once neither the emitter nor this store holds it. Bounded twice: in pages
+/// (`unacked_pages`) and in read buffers held ([`KEPT_READS`]).
 struct Unacked {
     store: Mutex<Store>,
     freed: Notify,
     capacity: usize,
+    spare: mpsc::Sender<Vec<u8>>,
 }
 
 #[derive(Default)]
 struct Store {
-    pages: VecDeque<(u64, Box<[u8; PAGE_SIZE]>)>,
-    free: Vec<Box<[u8; PAGE_SIZE]>>,
+    pages: VecDeque<(u64, Kept)>,
+    /// Distinct read buffers the pages share. The pages of one buffer are adjacent in the
+    /// queue (they are emitted read by read).
+    reads: usize,
 }
 
-/// Page buffers kept for reuse: one ack step's worth.
-const FREE_PAGES: usize = 1024;
+/// A kept page.
+enum Kept {
+    /// In a read buffer, at an offset.
+    Shared { read: Arc<Vec<u8>>, offset: usize },
+    /// Copied: a page that straddled two reads.
+    Own(Box<[u8; PAGE_SIZE]>),
+}
+
+impl Kept {
+    fn read(&self) -> Option<&Arc<Vec<u8>>> {
+        match self {
+            Kept::Shared { read, .. } => Some(read),
+            Kept::Own(_) => None,
+        }
+    }
+
+    fn bytes(&self) -> &[u8; PAGE_SIZE] {
+        match self {
+            Kept::Shared { read, offset } => page_at(read, &[], At::Input(*offset)),
+            Kept::Own(page) => page,
+        }
+    }
+}
+
+/// Read buffers (of up to [`READ_SIZE`] and a page) the store may hold at once.
+const KEPT_READS: usize = 64;
+
+/// Hands a read buffer back to the reader if nobody else holds it.
+fn recycle(read: Arc<Vec<u8>>, spare: &mpsc::Sender<Vec<u8>>) {
+    if let Ok(buf) = Arc::try_unwrap(read) {
+        let _ = spare.try_send(buf);
+    }
+}
+
+fn same_read(a: Option<&Arc<Vec<u8>>>, b: Option<&Arc<Vec<u8>>>) -> bool {
+    matches!((a, b), (Some(a), Some(b)) if Arc::ptr_eq(a, b))
+}
 
 impl Unacked {
     fn lock(&self) -> std::sync::MutexGuard<'_, Store> {
         self.store.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Keeps a copy of `data` as page `seq`, waiting while the store is full.
-    async fn keep(&self, seq: u64, data: &[u8; PAGE_SIZE]) {
+    /// Keeps page `seq`, waiting while the store is full.
+    async fn keep(&self, seq: u64, page: Kept) {
         loop {
             let freed = self.freed.notified();
             {
                 let mut store = self.lock();
-                if store.pages.len() < self.capacity {
-                    let mut page = store.free.pop().unwrap_or_else(|| Box::new([0; PAGE_SIZE]));
-                    page.copy_from_slice(data);
+                if !store.full(self.capacity) {
+                    let last = store.pages.back().and_then(|(_, k)| k.read());
+                    if page.read().is_some() && !same_read(last, page.read()) {
+                        store.reads += 1;
+                    }
                     store.pages.push_back((seq, page));
                     return;
                 }
@@ -148,21 +190,29 @@ impl Unacked {
     }
 
     fn is_full(&self) -> bool {
-        self.lock().pages.len() >= self.capacity
+        self.lock().full(self.capacity)
     }
 
-    /// The target holds the first `mapped` pages: drop their copies.
+    /// The target holds the first `mapped` pages: let them go.
     fn ack(&self, mapped: u64) {
+        let mut released = Vec::new();
         let mut store = self.lock();
         let before = store.pages.len();
         while store.pages.front().is_some_and(|(seq, _)| *seq < mapped) {
             let (_, page) = store.pages.pop_front().expect("front exists");
-            if store.free.len() < FREE_PAGES {
-                store.free.push(page);
+            if let Kept::Shared { read, .. } = page {
+                let next = store.pages.front().and_then(|(_, k)| k.read());
+                if !same_read(Some(&read), next) {
+                    store.reads -= 1;
+                    released.push(read);
+                }
             }
         }
         let freed = store.pages.len() != before;
         drop(store);
+        for read in released {
+            recycle(read, &self.spare);
+        }
         if freed {
             self.freed.notify_waiters();
         }
@@ -171,7 +221,13 @@ impl Unacked {
     fn get(&self, seq: u64) -> Option<Box<[u8; PAGE_SIZE]>> {
         let store = self.lock();
         let i = store.pages.binary_search_by_key(&seq, |(s, _)| *s).ok()?;
-        Some(store.pages[i].1.clone())
+        Some(Box::new(*store.pages[i].1.bytes()))
+    }
+}
+
+impl Store {
+    fn full(&self, capacity: usize) -> bool {
+        self.pages.len() >= capacity || self.reads >= KEPT_READS
     }
 }
 
@@ -262,7 +318,7 @@ impl Collector<'_> {
         }
         drop(replica);
         Batch {
-            input,
+            input: Arc::new(input),
             side: self.side,
             items: self.items,
             lookup: None,
@@ -294,7 +350,8 @@ impl Sink for Collector<'_> {
 
 /// One read from QEMU and what the parser found in it.
 struct Batch {
-    input: Vec<u8>,
+    /// Shared with the unacked store, which keeps mapped pages in place.
+    input: Arc<Vec<u8>>,
     side: Vec<u8>,
     items: Vec<Item>,
     /// Lookup in flight: (request id, indexes of the items it answers).
@@ -356,7 +413,7 @@ impl Emitter {
                 }
                 Item::Page {
                     hash, at, found, ..
-                } => self.page(hash, batch.page(*at), *found).await?,
+                } => self.page(hash, batch, *at, *found).await?,
             }
         }
         Ok(())
@@ -365,9 +422,11 @@ impl Emitter {
     async fn page(
         &mut self,
         hash: &Hash,
-        data: &[u8; PAGE_SIZE],
+        batch: &Batch,
+        at: At,
         found: Option<Found>,
     ) -> Result<(), SourceError> {
+        let data = batch.page(at);
         if let Some(&ordinal) = self.cache.touch(hash) {
             Counters::add(&self.counters.pages_dup, 1);
             return self.frame(PAGE_SIZE, &LinkFrame::Dup { ordinal }).await;
@@ -382,7 +441,14 @@ impl Emitter {
                     // The target can only ack what it has received.
                     self.flush().await?;
                 }
-                self.unacked.keep(seq, data).await;
+                let kept = match at {
+                    At::Input(offset) => Kept::Shared {
+                        read: batch.input.clone(),
+                        offset,
+                    },
+                    At::Side(_) => Kept::Own(Box::new(*data)),
+                };
+                self.unacked.keep(seq, kept).await;
                 Counters::add(&self.counters.pages_mapped, 1);
                 self.frame(
                     PAGE_SIZE,
@@ -477,7 +543,7 @@ async fn emit_loop(
 ) -> Result<Emitter, SourceError> {
     while let Some(batch) = batches.recv().await {
         emitter.batch(&batch).await?;
-        let _ = spare.try_send(batch.input);
+        recycle(batch.input, &spare);
         if batches.is_empty() {
             emitter.flush().await?;
         }
@@ -571,10 +637,13 @@ where
         Ok::<_, std::io::Error>(link_wr)
     });
 
+    // Read buffers come back to the reader for reuse, from the emitter or the unacked store.
+    let (spare_tx, mut spare_rx) = mpsc::channel::<Vec<u8>>(MAX_BATCHES);
     let unacked = Arc::new(Unacked {
         store: Mutex::new(Store::default()),
         freed: Notify::new(),
         capacity: config.unacked_pages.max(1),
+        spare: spare_tx.clone(),
     });
     let flow = Arc::new(Flow {
         acked: std::sync::atomic::AtomicU64::new(0),
@@ -630,9 +699,8 @@ where
     };
     // Framing and sending run in their own task, so reading and hashing QEMU's stream go on
     // (on another core, where there is one) while the link is busy; at most EMIT_QUEUE
-    // resolved batches wait between the two. Read buffers come back for reuse.
+    // resolved batches wait between the two.
     let (emit_tx, emit_rx) = mpsc::channel::<Batch>(EMIT_QUEUE);
-    let (spare_tx, mut spare_rx) = mpsc::channel::<Vec<u8>>(EMIT_QUEUE + 2);
     let emit_task = tokio::spawn(emit_loop(emitter, emit_rx, spare_tx));
     let mut parser = StreamParser::new();
     let mut batches: VecDeque<Batch> = VecDeque::new();
@@ -854,5 +922,94 @@ async fn follow_hot_set(addr: Listen, exports: Vec<String>, replica: Arc<Mutex<H
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(fill: u8, pages: usize) -> Arc<Vec<u8>> {
+        let mut buf = vec![0u8; pages * PAGE_SIZE];
+        for (i, page) in buf.chunks_exact_mut(PAGE_SIZE).enumerate() {
+            page.fill(fill.wrapping_add(i as u8));
+        }
+        Arc::new(buf)
+    }
+
+    #[tokio::test]
+    async fn unacked_pages_stay_in_their_reads_until_acked() {
+        let (spare_tx, mut spare_rx) = mpsc::channel(8);
+        let store = Unacked {
+            store: Mutex::new(Store::default()),
+            freed: Notify::new(),
+            capacity: 100,
+            spare: spare_tx,
+        };
+        let (a, b) = (read(10, 3), read(50, 2));
+        for (seq, (r, page)) in [(&a, 0), (&a, 2), (&b, 1)].into_iter().enumerate() {
+            let kept = Kept::Shared {
+                read: r.clone(),
+                offset: page * PAGE_SIZE,
+            };
+            store.keep(seq as u64, kept).await;
+        }
+        store.keep(3, Kept::Own(Box::new([7; PAGE_SIZE]))).await;
+        assert_eq!(store.lock().reads, 2);
+        assert_eq!(store.get(1).unwrap()[..], [12; PAGE_SIZE][..]);
+        assert_eq!(store.get(2).unwrap()[..], [51; PAGE_SIZE][..]);
+        assert_eq!(store.get(3).unwrap()[..], [7; PAGE_SIZE][..]);
+        assert!(store.get(4).is_none());
+
+        // The emitter lets go of `a`; the store still holds two of its pages.
+        drop(a);
+        store.ack(1);
+        assert_eq!(store.lock().reads, 2);
+        assert!(spare_rx.try_recv().is_err());
+        // Its last page acked: `a` goes back to the reader, whole.
+        store.ack(2);
+        assert_eq!(store.lock().reads, 1);
+        let back = spare_rx.try_recv().expect("read buffer recycled");
+        assert_eq!(back.len(), 3 * PAGE_SIZE);
+        // `b` is still the emitter's: released by the store, not recycled by it.
+        store.ack(4);
+        assert_eq!(store.lock().reads, 0);
+        assert!(store.lock().pages.is_empty());
+        assert!(spare_rx.try_recv().is_err());
+        assert_eq!(Arc::strong_count(&b), 1);
+    }
+
+    #[tokio::test]
+    async fn unacked_store_is_bounded_in_reads() {
+        let (spare_tx, _spare_rx) = mpsc::channel(8);
+        let store = Arc::new(Unacked {
+            store: Mutex::new(Store::default()),
+            freed: Notify::new(),
+            capacity: 10 * KEPT_READS,
+            spare: spare_tx,
+        });
+        for seq in 0..KEPT_READS as u64 {
+            let kept = Kept::Shared {
+                read: read(1, 1),
+                offset: 0,
+            };
+            store.keep(seq, kept).await;
+        }
+        assert!(store.is_full());
+        let waiting = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let kept = Kept::Shared {
+                    read: read(2, 1),
+                    offset: 0,
+                };
+                store.keep(KEPT_READS as u64, kept).await;
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiting.is_finished(), "a full store took another read");
+        store.ack(1);
+        waiting.await.unwrap();
+        assert_eq!(store.lock().reads, KEPT_READS);
     }
 }
