@@ -211,7 +211,21 @@ fn real_streams_rebuild_byte_for_byte() {
     ));
     check(&run, &stream, "small link buffer + zstd");
 
-    // 5. No index service at all: everything goes in full, still identical.
+    // 5. Tight flow control: the link-byte window binds on nearly every frame and the stream
+    //    window often; the transfer must neither stall nor change a byte.
+    let mut tight = source_config(&server);
+    tight.wire_window = 16 << 10;
+    tight.link_window = 3 << 20;
+    let run = rt.block_on(round_trip(
+        stream.clone(),
+        tight,
+        TargetConfig::default(),
+        1 << 16,
+    ));
+    check(&run, &stream, "tight windows");
+    assert_eq!(run.target.fallbacks, 0);
+
+    // 6. No index service at all: everything goes in full, still identical.
     let plain = SourceConfig::new("vm", vec![], &server.addr.to_string(), None);
     let run = rt.block_on(round_trip(
         stream.clone(),

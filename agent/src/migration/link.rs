@@ -25,6 +25,9 @@ pub const VERSION: u16 = 2;
 pub const MAX_FRAME: u32 = 8 << 20;
 /// Capability bit: ZSTD frames may be sent.
 pub const CAP_ZSTD: u32 = 1;
+/// The target acknowledges at least every `ACK_STEP` bytes of QEMU's stream it delivers (and
+/// every 1024 MAPPED pages): a source may count on an ACK once that much is outstanding.
+pub const ACK_STEP: u64 = 1 << 20;
 
 const T_HELLO: u8 = 1;
 const T_RAW: u8 = 2;

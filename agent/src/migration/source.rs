@@ -12,7 +12,8 @@
 //! paused) are never looked up remotely: a round trip there would add to downtime. Every
 //! mapped page's content is kept (in place, in the read buffer it arrived in) until the target
 //! acknowledges it, at most `unacked_pages` pages in at most [`KEPT_READS`] buffers; past that
-//! the source stops reading QEMU (backpressure) until acks arrive. A FALLBACK_REQ is answered from that store, ahead of normal traffic.
+//! the source stops reading QEMU (backpressure) until acks arrive. A FALLBACK_REQ is answered
+//! from that store, ahead of normal traffic.
 use std::{
     collections::VecDeque,
     sync::{Arc, Mutex, PoisonError},
@@ -57,6 +58,8 @@ pub struct SourceConfig {
     pub unacked_pages: usize,
     /// Bytes of QEMU's stream allowed in flight ahead of the target's acknowledgement.
     pub link_window: u64,
+    /// Bytes on the agent link allowed in flight ahead of the target's acknowledgement.
+    pub wire_window: u64,
     /// Rewrite pages (the product); `false` forwards QEMU's bytes verbatim (`--passthrough`).
     pub rewrite: bool,
     /// Also write QEMU's exact stream to this file (for verification).
@@ -77,6 +80,7 @@ impl SourceConfig {
             lookup_window: 8,
             unacked_pages: 16_384,
             link_window: 16 << 20,
+            wire_window: 4 << 20,
             rewrite: true,
             record: None,
             dedup_capacity: super::dedup::DEFAULT_CAPACITY,
@@ -145,7 +149,9 @@ impl Kept {
 
     fn bytes(&self) -> &[u8; PAGE_SIZE] {
         match self {
-            Kept::Shared { read, offset } => page_at(read, &[], At::Input(*offset)),
+            Kept::Shared { read, offset } => read[*offset..*offset + PAGE_SIZE]
+                .try_into()
+                .expect("a page is PAGE_SIZE bytes"),
             Kept::Own(page) => page,
         }
     }
@@ -231,14 +237,17 @@ impl Store {
     }
 }
 
-/// Link flow control: the source may run at most `window` bytes of QEMU's stream ahead of what
-/// the target has delivered to its QEMU. Counted in stream bytes, not link bytes: a 57-byte
-/// MAPPED frame still costs the target a 4 KiB fetch, and everything in flight is backlog the
-/// source QEMU's final iteration (its downtime) would wait behind.
+/// Link flow control. Everything in flight is backlog the source QEMU's final iteration (its
+/// downtime) waits behind, so it is bounded twice: at most `window` bytes of QEMU's stream
+/// ahead of what the target has delivered to its QEMU (a 57-byte MAPPED frame still costs the
+/// target a 4 KiB fetch), and at most `wire_window` bytes of link frames (a backlog of whole
+/// pages costs link time). ACKs carry stream credit; the emitter maps it to link bytes through
+/// its flush checkpoints.
 struct Flow {
     acked: std::sync::atomic::AtomicU64,
     moved: Notify,
     window: u64,
+    wire_window: u64,
 }
 
 /// Where a page's payload is: in the batch's read buffer, or (for a page that straddled two
@@ -386,12 +395,21 @@ struct Emitter {
     out: mpsc::Sender<Vec<u8>>,
     unacked: Arc<Unacked>,
     flow: Arc<Flow>,
+    /// Stream bytes framed so far.
     sent: u64,
+    /// Link bytes handed to the writer so far.
+    wire_sent: u64,
+    /// Link bytes the target has consumed, as far as its ACKs tell.
+    wire_acked: u64,
+    /// Per flush not yet acknowledged: (stream bytes, link bytes) sent up to and with it.
+    checkpoints: VecDeque<(u64, u64)>,
     counters: Arc<Counters>,
     export_ids: Vec<u32>,
 }
 
 const ZSTD_BATCH: usize = 256 << 10;
+/// Flush checkpoints kept for mapping ACK credit to link bytes.
+const MAX_CHECKPOINTS: usize = 4096;
 /// Bytes asked of QEMU per read.
 const READ_SIZE: usize = 1 << 20;
 /// Resolved batches (reads) queued for the emitter.
@@ -476,7 +494,20 @@ impl Emitter {
         let flow = self.flow.clone();
         loop {
             let moved = flow.moved.notified();
-            if self.sent - flow.acked.load(Acquire) <= flow.window {
+            let acked = flow.acked.load(Acquire);
+            while let Some(&(stream, wire)) = self.checkpoints.front() {
+                if stream > acked {
+                    break;
+                }
+                self.wire_acked = wire;
+                self.checkpoints.pop_front();
+            }
+            let stream_ahead = self.sent - acked;
+            let wire_ahead = self.wire_sent + self.pending.len() as u64 - self.wire_acked;
+            // Below two ACK steps of stream the target may not ack again: never wait there.
+            if stream_ahead <= flow.window
+                && (wire_ahead <= flow.wire_window || stream_ahead < 2 * link::ACK_STEP)
+            {
                 return Ok(());
             }
             // Whatever is batched must go out first, or the target can never ack it.
@@ -526,6 +557,14 @@ impl Emitter {
             };
             bytes.clear();
             frame.encode(&mut bytes);
+        }
+        self.wire_sent += bytes.len() as u64;
+        let point = (self.sent, self.wire_sent);
+        if self.checkpoints.len() >= MAX_CHECKPOINTS {
+            // Bounded: past the cap a flush joins the newest checkpoint (acked a little later).
+            *self.checkpoints.back_mut().expect("at the cap, not empty") = point;
+        } else {
+            self.checkpoints.push_back(point);
         }
         self.out
             .send(bytes)
@@ -649,6 +688,7 @@ where
         acked: std::sync::atomic::AtomicU64::new(0),
         moved: Notify::new(),
         window: config.link_window,
+        wire_window: config.wire_window,
     });
     // Back channel: acks, fallback requests, the final DONE.
     let back_unacked = unacked.clone();
@@ -694,6 +734,9 @@ where
         unacked,
         flow,
         sent: 0,
+        wire_sent: 0,
+        wire_acked: 0,
+        checkpoints: VecDeque::new(),
         counters: counters.clone(),
         export_ids: scope.iter().map(|(id, _)| *id).collect(),
     };
