@@ -1,7 +1,8 @@
 //! `cargo xtask bench migration`: plain QEMU, QEMU multifd+zstd and the agents, each migrating
 //! the same kind of guest (512 MiB, 200 MiB of its disk read) over a link limited to 1 Gbit/s
-//! (a rate-limiting loopback relay), in one run. Then the agents' link bytes against the ideal
-//! computed offline from the recorded stream and the disk image.
+//! (a rate-limiting loopback relay), in one run, with the CPU time every party spent during
+//! each migration. Then the agents' link bytes against two ideals computed offline from the
+//! recorded stream and the disk image: NAS pages as MAPPED frames, and also repeats as DUPs.
 //!
 //! For the plain runs the relay sits between the two QEMUs; for the agents it sits between the
 //! source agent and the target agent (QEMU to the local agent is host-local). QEMU's own

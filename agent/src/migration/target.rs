@@ -401,9 +401,9 @@ async fn write_loop<Q: AsyncWrite + Unpin>(
             };
             credit += n as u64;
             delivered += n as u64;
-            // Ack in steps: far below the source's window (16 MiB of stream) and page store
-            // (16384 pages), so it never waits for an ack, and far above one frame, so acks
-            // stay rare.
+            // Ack in steps: well below the source's windows (16 MiB of stream, 4 MiB of link
+            // bytes) and page store (16384 pages), so it never waits for an ack, and far above
+            // one frame, so acks stay rare.
             if credit - acked_credit >= ACK_STEP || mapped - acked_mapped >= 1024 {
                 let _ = back.send(LinkFrame::Ack { mapped, credit }).await;
                 (acked_mapped, acked_credit) = (mapped, credit);

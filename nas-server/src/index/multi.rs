@@ -1,5 +1,5 @@
-//! BLAKE3 of many 4 KiB blocks at once: the same digests as `blake3::hash`, up to eight blocks
-//! per SIMD pass.
+//! BLAKE3 of many 4 KiB blocks at once: the same digests as `blake3::hash`, eight blocks per
+//! SIMD pass with AVX2 (sixteen with AVX-512).
 //!
 //! `blake3::hash` on one 4 KiB input compresses its four 1 KiB chunks side by side, which fills
 //! only half of AVX2's eight lanes (a quarter of AVX-512's sixteen), then hashes the two parent
