@@ -16,7 +16,10 @@
 //! from that store, ahead of normal traffic.
 use std::{
     collections::VecDeque,
-    sync::{Arc, Mutex, PoisonError},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex, OnceLock, PoisonError,
+    },
     time::{Duration, Instant},
 };
 
@@ -121,6 +124,8 @@ struct Unacked {
     freed: Notify,
     capacity: usize,
     spare: mpsc::Sender<Vec<u8>>,
+    /// No ACK will come any more: a full store stops waiting (the session is failing).
+    closed: AtomicBool,
 }
 
 #[derive(Default)]
@@ -172,14 +177,27 @@ fn same_read(a: Option<&Arc<Vec<u8>>>, b: Option<&Arc<Vec<u8>>>) -> bool {
 }
 
 impl Unacked {
+    fn new(capacity: usize, spare: mpsc::Sender<Vec<u8>>) -> Self {
+        Self {
+            store: Mutex::new(Store::default()),
+            freed: Notify::new(),
+            capacity: capacity.max(1),
+            spare,
+            closed: AtomicBool::new(false),
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Store> {
         self.store.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Keeps page `seq`, waiting while the store is full.
+    /// Keeps page `seq`, waiting while the store is full (unless it is closed).
     async fn keep(&self, seq: u64, page: Kept) {
         loop {
             let freed = self.freed.notified();
+            if self.closed.load(Ordering::Acquire) {
+                return;
+            }
             {
                 let mut store = self.lock();
                 if !store.full(self.capacity) {
@@ -197,6 +215,12 @@ impl Unacked {
 
     fn is_full(&self) -> bool {
         self.lock().full(self.capacity)
+    }
+
+    /// No ACK will come any more: wake a waiting `keep`.
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.freed.notify_waiters();
     }
 
     /// The target holds the first `mapped` pages: let them go.
@@ -244,7 +268,11 @@ impl Store {
 /// pages costs link time). ACKs carry stream credit; the emitter maps it to link bytes through
 /// its flush checkpoints.
 struct Flow {
-    acked: std::sync::atomic::AtomicU64,
+    acked: AtomicU64,
+    /// Stream bytes framed so far: no honest ACK carries more credit.
+    framed: AtomicU64,
+    /// Why the back channel ended early, if it did: no ACK will come any more.
+    failed: OnceLock<String>,
     moved: Notify,
     window: u64,
     wire_window: u64,
@@ -490,11 +518,13 @@ impl Emitter {
 
     /// Waits until the link window has room for another frame.
     async fn wait_window(&mut self) -> Result<(), SourceError> {
-        use std::sync::atomic::Ordering::Acquire;
         let flow = self.flow.clone();
         loop {
             let moved = flow.moved.notified();
-            let acked = flow.acked.load(Acquire);
+            if let Some(why) = flow.failed.get() {
+                return Err(SourceError::Link(why.clone()));
+            }
+            let acked = flow.acked.load(Ordering::Acquire);
             while let Some(&(stream, wire)) = self.checkpoints.front() {
                 if stream > acked {
                     break;
@@ -502,7 +532,8 @@ impl Emitter {
                 self.wire_acked = wire;
                 self.checkpoints.pop_front();
             }
-            let stream_ahead = self.sent - acked;
+            // Never more than sent: the back channel refuses such an ACK.
+            let stream_ahead = self.sent.saturating_sub(acked);
             let wire_ahead = self.wire_sent + self.pending.len() as u64 - self.wire_acked;
             // Below two ACK steps of stream the target may not ack again: never wait there.
             if stream_ahead <= flow.window
@@ -525,6 +556,7 @@ impl Emitter {
     ) -> Result<(), SourceError> {
         encode(&mut self.pending);
         self.sent += stream_bytes as u64;
+        self.flow.framed.store(self.sent, Ordering::Release);
         // Frames go out in batches (one channel hand-off and one write per batch, not per
         // page); the main loop also flushes whenever it has emitted what it can.
         if self.pending.len() >= ZSTD_BATCH {
@@ -678,14 +710,11 @@ where
 
     // Read buffers come back to the reader for reuse, from the emitter or the unacked store.
     let (spare_tx, mut spare_rx) = mpsc::channel::<Vec<u8>>(MAX_BATCHES);
-    let unacked = Arc::new(Unacked {
-        store: Mutex::new(Store::default()),
-        freed: Notify::new(),
-        capacity: config.unacked_pages.max(1),
-        spare: spare_tx.clone(),
-    });
+    let unacked = Arc::new(Unacked::new(config.unacked_pages, spare_tx.clone()));
     let flow = Arc::new(Flow {
-        acked: std::sync::atomic::AtomicU64::new(0),
+        acked: AtomicU64::new(0),
+        framed: AtomicU64::new(0),
+        failed: OnceLock::new(),
         moved: Notify::new(),
         window: config.link_window,
         wire_window: config.wire_window,
@@ -695,32 +724,48 @@ where
     let back_flow = flow.clone();
     let back_counters = counters.clone();
     let back = tokio::spawn(async move {
-        loop {
-            match frames.next(&mut link_rd).await {
-                Ok(Some(LinkFrame::Ack { mapped, credit })) => {
-                    back_unacked.ack(mapped);
-                    back_flow
-                        .acked
-                        .fetch_max(credit, std::sync::atomic::Ordering::AcqRel);
-                    back_flow.moved.notify_waiters();
-                }
-                Ok(Some(LinkFrame::FallbackReq { seq })) => {
-                    Counters::add(&back_counters.fallbacks, 1);
-                    let Some(page) = back_unacked.get(seq) else {
-                        return Err(format!("target asked for unknown page {seq}"));
-                    };
-                    let frame = LinkFrame::FallbackData { seq, page }.to_bytes();
-                    if urgent_tx.send(frame).await.is_err() {
-                        return Err("link writer stopped".into());
+        let outcome = async {
+            loop {
+                match frames.next(&mut link_rd).await {
+                    Ok(Some(LinkFrame::Ack { mapped, credit })) => {
+                        let framed = back_flow.framed.load(Ordering::Acquire);
+                        if credit > framed {
+                            return Err(format!(
+                                "target acknowledged {credit} stream bytes; {framed} were sent"
+                            ));
+                        }
+                        back_unacked.ack(mapped);
+                        back_flow.acked.fetch_max(credit, Ordering::AcqRel);
+                        back_flow.moved.notify_waiters();
                     }
+                    Ok(Some(LinkFrame::FallbackReq { seq })) => {
+                        Counters::add(&back_counters.fallbacks, 1);
+                        let Some(page) = back_unacked.get(seq) else {
+                            return Err(format!("target asked for unknown page {seq}"));
+                        };
+                        let frame = LinkFrame::FallbackData { seq, page }.to_bytes();
+                        if urgent_tx.send(frame).await.is_err() {
+                            return Err("link writer stopped".into());
+                        }
+                    }
+                    Ok(Some(LinkFrame::Done { ok, stats })) => return Ok((ok, stats)),
+                    Ok(Some(LinkFrame::Error { message })) => return Err(message),
+                    Ok(Some(other)) => {
+                        return Err(format!("unexpected frame from target: {other:?}"))
+                    }
+                    Ok(None) => return Err("target closed the link".into()),
+                    Err(e) => return Err(e),
                 }
-                Ok(Some(LinkFrame::Done { ok, stats })) => return Ok((ok, stats)),
-                Ok(Some(LinkFrame::Error { message })) => return Err(message),
-                Ok(Some(other)) => return Err(format!("unexpected frame from target: {other:?}")),
-                Ok(None) => return Err("target closed the link".into()),
-                Err(e) => return Err(e),
             }
         }
+        .await;
+        // Ended early: nothing will ack again, so whatever waits for an ack must stop.
+        if let Err(why) = &outcome {
+            let _ = back_flow.failed.set(why.clone());
+            back_flow.moved.notify_waiters();
+            back_unacked.close();
+        }
+        outcome
     });
 
     let emitter = Emitter {
@@ -983,12 +1028,7 @@ mod tests {
     #[tokio::test]
     async fn unacked_pages_stay_in_their_reads_until_acked() {
         let (spare_tx, mut spare_rx) = mpsc::channel(8);
-        let store = Unacked {
-            store: Mutex::new(Store::default()),
-            freed: Notify::new(),
-            capacity: 100,
-            spare: spare_tx,
-        };
+        let store = Unacked::new(100, spare_tx);
         let (a, b) = (read(10, 3), read(50, 2));
         for (seq, (r, page)) in [(&a, 0), (&a, 2), (&b, 1)].into_iter().enumerate() {
             let kept = Kept::Shared {
@@ -1025,12 +1065,7 @@ mod tests {
     #[tokio::test]
     async fn unacked_store_is_bounded_in_reads() {
         let (spare_tx, _spare_rx) = mpsc::channel(8);
-        let store = Arc::new(Unacked {
-            store: Mutex::new(Store::default()),
-            freed: Notify::new(),
-            capacity: 10 * KEPT_READS,
-            spare: spare_tx,
-        });
+        let store = Arc::new(Unacked::new(10 * KEPT_READS, spare_tx));
         for seq in 0..KEPT_READS as u64 {
             let kept = Kept::Shared {
                 read: read(1, 1),
@@ -1054,5 +1089,96 @@ mod tests {
         store.ack(1);
         waiting.await.unwrap();
         assert_eq!(store.lock().reads, KEPT_READS);
+    }
+
+    /// 16 MiB of distinct pages in QEMU 10's layout.
+    fn unique_stream() -> Vec<u8> {
+        use crate::migration::stream::synthetic::Builder;
+        let pages = 4096u64;
+        let mut b = Builder::new();
+        b.ram_start(&[("pc.ram", pages * PAGE_SIZE as u64)]);
+        for i in 0..pages {
+            if i % 256 == 0 {
+                if i > 0 {
+                    b.eos_footer();
+                }
+                b.ram_part(false);
+            }
+            let mut page = [0x33u8; PAGE_SIZE];
+            page[..8].copy_from_slice(&i.to_le_bytes());
+            let block = (i % 256 == 0).then_some("pc.ram");
+            b.page(block, i * PAGE_SIZE as u64, &page);
+        }
+        b.eos_footer();
+        b.ram_part(true);
+        b.eos_footer();
+        b.devices_and_eof();
+        b.bytes
+    }
+
+    /// Runs the source against a target that greets, takes frames until the source nears its
+    /// 4 MiB link window (it then waits for an ACK), sends `frame`, and keeps taking frames as
+    /// a live target would. Returns how the source ended.
+    async fn source_against(frame: LinkFrame) -> SourceError {
+        use tokio::io::AsyncWriteExt;
+        let stream = unique_stream();
+        let (mut qemu_w, qemu_r) = tokio::io::duplex(1 << 20);
+        tokio::spawn(async move {
+            let _ = qemu_w.write_all(&stream).await;
+        });
+        let (source_link, target_link) = tokio::io::duplex(1 << 16);
+        let config = SourceConfig::new("vm", vec![], "127.0.0.1:1", None);
+        let source = tokio::spawn(run_source(
+            qemu_r,
+            source_link,
+            config,
+            Arc::new(Counters::default()),
+        ));
+        let (mut rd, mut wr) = tokio::io::split(target_link);
+        let mut frames = FrameReader::new();
+        let hello = frames.next(&mut rd).await.unwrap();
+        assert!(matches!(hello, Some(LinkFrame::Hello(_))));
+        let ack = LinkFrame::HelloAck {
+            version: VERSION,
+            caps: 0,
+        };
+        wr.write_all(&ack.to_bytes()).await.unwrap();
+        let mut received = 0usize;
+        while received < 3 << 20 {
+            match frames.next(&mut rd).await.unwrap() {
+                Some(LinkFrame::Page(_)) => received += PAGE_SIZE,
+                Some(_) => {}
+                None => panic!("the source closed the link early"),
+            }
+        }
+        let drain =
+            tokio::spawn(async move { while let Ok(Some(_)) = frames.next(&mut rd).await {} });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        wr.write_all(&frame.to_bytes()).await.unwrap();
+        let outcome = tokio::time::timeout(Duration::from_secs(10), source)
+            .await
+            .expect("the source stopped waiting for ACKs")
+            .unwrap();
+        drop(wr);
+        drain.abort();
+        outcome.expect_err("the session must end with an error")
+    }
+
+    #[tokio::test]
+    async fn an_ack_beyond_what_was_sent_ends_the_session() {
+        let err = source_against(LinkFrame::Ack {
+            mapped: 0,
+            credit: 1 << 40,
+        })
+        .await;
+        assert!(err.to_string().contains("acknowledged"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_back_channel_failure_ends_a_source_waiting_for_acks() {
+        // No page was mapped, so a fallback request is a protocol violation that ends the
+        // back channel while the source waits for an ACK that will now never come.
+        let err = source_against(LinkFrame::FallbackReq { seq: 999 }).await;
+        assert!(err.to_string().contains("unknown page 999"), "{err}");
     }
 }
