@@ -151,40 +151,20 @@ fn warm_hot_set(nbd: &Listen) -> anyhow::Result<()> {
 fn synthetic_stream(disk: &[u8], len: u64) -> Vec<u8> {
     let disk_blocks = disk.len() / PAGE_SIZE;
     let pool = tests::pattern(77, 16 << 20);
-    let pages = len / PAGE_SIZE as u64;
-    let mut b = Builder::new();
-    b.bytes.reserve(len as usize + len as usize / 64);
-    b.ram_start(&[("pc.ram", pages * PAGE_SIZE as u64)]);
-    let mut page = [0u8; PAGE_SIZE];
     let mut last_unique = 0u64;
-    for i in 0..pages {
-        if i % 256 == 0 {
-            if i > 0 {
-                b.eos_footer();
-            }
-            b.ram_part(false);
+    Builder::ram_stream(len / PAGE_SIZE as u64, |i| match i % 8 {
+        0 | 2 | 4 | 6 => {
+            let k = (i as usize * 7919) % disk_blocks;
+            disk[k * PAGE_SIZE..][..PAGE_SIZE]
+                .try_into()
+                .expect("a disk block")
         }
-        match i % 8 {
-            0 | 2 | 4 | 6 => {
-                let k = (i as usize * 7919) % disk_blocks;
-                page.copy_from_slice(&disk[k * PAGE_SIZE..][..PAGE_SIZE]);
-            }
-            7 => {
-                page = unique(&pool, last_unique);
-            }
-            _ => {
-                page = unique(&pool, i);
-                last_unique = i;
-            }
+        7 => unique(&pool, last_unique),
+        _ => {
+            last_unique = i;
+            unique(&pool, i)
         }
-        let block = (i % 256 == 0).then_some("pc.ram");
-        b.page(block, i * PAGE_SIZE as u64, &page);
-    }
-    b.eos_footer();
-    b.ram_part(true);
-    b.eos_footer();
-    b.devices_and_eof();
-    b.bytes
+    })
 }
 
 fn unique(pool: &[u8], i: u64) -> [u8; PAGE_SIZE] {

@@ -1093,27 +1093,11 @@ mod tests {
 
     /// 16 MiB of distinct pages in QEMU 10's layout.
     fn unique_stream() -> Vec<u8> {
-        use crate::migration::stream::synthetic::Builder;
-        let pages = 4096u64;
-        let mut b = Builder::new();
-        b.ram_start(&[("pc.ram", pages * PAGE_SIZE as u64)]);
-        for i in 0..pages {
-            if i % 256 == 0 {
-                if i > 0 {
-                    b.eos_footer();
-                }
-                b.ram_part(false);
-            }
+        crate::migration::stream::synthetic::Builder::ram_stream(4096, |i| {
             let mut page = [0x33u8; PAGE_SIZE];
             page[..8].copy_from_slice(&i.to_le_bytes());
-            let block = (i % 256 == 0).then_some("pc.ram");
-            b.page(block, i * PAGE_SIZE as u64, &page);
-        }
-        b.eos_footer();
-        b.ram_part(true);
-        b.eos_footer();
-        b.devices_and_eof();
-        b.bytes
+            page
+        })
     }
 
     /// Runs the source against a target that greets, takes frames until the source nears its

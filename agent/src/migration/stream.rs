@@ -608,6 +608,30 @@ pub mod synthetic {
             self.bytes.extend_from_slice(data);
         }
 
+        /// A whole stream with one RAM block of `pages` pages, page `i` holding `page(i)`: PART
+        /// sections of 256 pages each, an empty END, device state and EOF, as QEMU 10 sends a
+        /// first pass.
+        pub fn ram_stream(pages: u64, mut page: impl FnMut(u64) -> [u8; PAGE_SIZE]) -> Vec<u8> {
+            let mut b = Self::new();
+            b.bytes.reserve(pages as usize * (PAGE_SIZE + 16));
+            b.ram_start(&[("pc.ram", pages * PAGE_SIZE as u64)]);
+            for i in 0..pages {
+                if i % 256 == 0 {
+                    if i > 0 {
+                        b.eos_footer();
+                    }
+                    b.ram_part(false);
+                }
+                let block = (i % 256 == 0).then_some("pc.ram");
+                b.page(block, i * PAGE_SIZE as u64, &page(i));
+            }
+            b.eos_footer();
+            b.ram_part(true);
+            b.eos_footer();
+            b.devices_and_eof();
+            b.bytes
+        }
+
         /// A device section, EOF and a VMDESCRIPTION, as after ram END.
         pub fn devices_and_eof(&mut self) {
             self.bytes.push(0x04);
