@@ -200,8 +200,6 @@ impl Drop for Guest {
     }
 }
 
-/// Boots a guest on `disk_uri` (with `qemu`, or the installed QEMU), lets it read `read_mb`,
-/// and records its migration stream into `path` with `migrate exec:cat`.
 /// Records the migration stream of a machine that never ran (`-S`): small (firmware pages,
 /// zero pages, every device's state), so a test can afford to split it at every size.
 pub async fn record_paused_stream(dir: &Path, path: &Path, qemu: Option<&Path>) {
@@ -262,6 +260,8 @@ async fn migrate_to_file(qmp: &mut Qmp, path: &Path) {
     }
 }
 
+/// Boots a guest on `disk_uri` (with `qemu`, or the installed QEMU), lets it read `read_mb`,
+/// and records its migration stream into `path` with `migrate exec:cat`.
 pub async fn record_stream(
     dir: &Path,
     disk_uri: &str,

@@ -221,7 +221,6 @@ impl<S: AsyncWrite + Unpin> OptionReplies<'_, S> {
     }
 }
 
-/// Runs the handshake on `stream` and returns what was agreed.
 /// An option request that names an export: parsed and resolved, or the error reply it is owed
 /// (ERR_INVALID for a malformed request, ERR_UNKNOWN for an export that does not exist).
 fn with_export<R>(
@@ -236,6 +235,7 @@ fn with_export<R>(
     Ok((request, entry))
 }
 
+/// Runs the handshake on `stream` and returns what was agreed.
 pub async fn handshake<S>(stream: &mut S, exports: &Exports) -> Result<Negotiated, HandshakeError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
