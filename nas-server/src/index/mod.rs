@@ -33,11 +33,16 @@ pub struct Location {
     pub block: u64,
 }
 
+/// Whether a block is all zeroes: such blocks are never indexed.
+pub fn is_zero(data: &[u8]) -> bool {
+    data.iter().all(|&b| b == 0)
+}
+
 /// BLAKE3 of a 4 KiB block, or `None` for an all-zero block (never indexed: every sparse
 /// region would match it, and a zero page is sent as a ZERO record anyway).
 pub fn hash_block(data: &[u8]) -> Option<Hash> {
     debug_assert_eq!(data.len() as u64, BLOCK);
-    if data.iter().all(|&b| b == 0) {
+    if is_zero(data) {
         None
     } else {
         Some(*blake3::hash(data).as_bytes())
