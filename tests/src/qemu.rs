@@ -31,6 +31,9 @@ pub struct GuestSpec<'a> {
     pub disk_writes: bool,
     /// Start with `-incoming defer` (a migration target).
     pub incoming: bool,
+    /// Allocate all guest RAM at start-up (`-mem-prealloc`; libvirt's
+    /// `<allocation mode='immediate'/>`) instead of on first touch.
+    pub prealloc: bool,
     /// Another QEMU binary (e.g. [`qemu72_binary`]) instead of the installed one.
     pub qemu: Option<&'a Path>,
 }
@@ -103,6 +106,9 @@ impl Guest {
         .stderr(Stdio::piped());
         if spec.incoming {
             cmd.args(["-incoming", "defer"]);
+        }
+        if spec.prealloc {
+            cmd.arg("-mem-prealloc");
         }
         let child = cmd.spawn().expect("start qemu-system-x86_64");
         let guest = Guest {
@@ -279,6 +285,7 @@ pub async fn record_stream(
             disk_uri,
             disk_writes: false,
             incoming: false,
+            prealloc: false,
             qemu,
         },
     );

@@ -52,6 +52,7 @@ fn setup(tag: &str, mem_mb: u32, read_mb: u32, disk_writes: bool) -> Setup {
             disk_uri: &uri,
             disk_writes,
             incoming: false,
+            prealloc: false,
             qemu: None,
         },
     );
@@ -66,6 +67,7 @@ fn setup(tag: &str, mem_mb: u32, read_mb: u32, disk_writes: bool) -> Setup {
             disk_uri: &uri,
             disk_writes,
             incoming: true,
+            prealloc: false,
             qemu: None,
         },
     );

@@ -47,7 +47,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     eprintln!("demo: run 1/2: plain QEMU migration");
     let plain = {
-        let pair = Pair::boot(&dir, "plain", &uri, args.mem_mb, args.read_mb)?;
+        let pair = Pair::boot(&dir, "plain", &uri, args.mem_mb, args.read_mb, false)?;
         let info = rt.block_on(plain_migration(&pair, None))?;
         let verified = pair.verify();
         json!({
@@ -59,7 +59,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     eprintln!("demo: run 2/2: through the agents");
     let agents = {
-        let pair = Pair::boot(&dir, "agents", &uri, args.mem_mb, args.read_mb)?;
+        let pair = Pair::boot(&dir, "agents", &uri, args.mem_mb, args.read_mb, false)?;
         let out = Command::new(bin("agent"))
             .arg("migrate")
             .arg("--source-qmp")

@@ -91,12 +91,14 @@ pub struct Pair {
 }
 
 impl Pair {
+    /// `target_prealloc`: the target allocates its guest RAM at start-up (`-mem-prealloc`).
     pub fn boot(
         dir: &Path,
         tag: &str,
         uri: &str,
         mem_mb: u32,
         read_mb: u32,
+        target_prealloc: bool,
     ) -> anyhow::Result<Self> {
         let spec = |name, incoming| GuestSpec {
             name,
@@ -105,6 +107,7 @@ impl Pair {
             disk_uri: uri,
             disk_writes: false,
             incoming,
+            prealloc: incoming && target_prealloc,
             qemu: None,
         };
         let (source_name, target_name) = (format!("{tag}-source"), format!("{tag}-target"));
@@ -116,6 +119,13 @@ impl Pair {
             .cloned()
             .context("no RAM checksum")?;
         let target = Guest::start(dir, &spec(&target_name, true));
+        // QEMU answers QMP once its machine is built (with `-mem-prealloc`, once its RAM is
+        // allocated): a migration, and the CPU readings around it, start from a settled target.
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(async { target.qmp().await.execute("query-status", None).await })
+            .context("target QEMU does not answer QMP")?;
         Ok(Self {
             source,
             target,
