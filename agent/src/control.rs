@@ -120,6 +120,10 @@ pub struct MigrationReport {
     pub passthrough_reason: Option<String>,
     pub source_status: String,
     pub target_status: String,
+    /// Whether the target QEMU had all its guest RAM allocated before the stream came
+    /// (`-mem-prealloc`); otherwise it zeroes a fresh page at the first write to each one while
+    /// loading, which can bound the migration's time. `None`: QEMU did not say.
+    pub target_ram_preallocated: Option<bool>,
 }
 
 impl MigrationReport {
@@ -130,7 +134,8 @@ impl MigrationReport {
             "migration {}\n  QEMU bytes   {:>10.1} MiB\n  link bytes   {:>10.1} MiB  \
              (saved {:.1}%)\n  NAS fetched  {:>10.1} MiB\n  pages        full {} zero {} \
              mapped {} dup {} sent {} fallback {}\n  total time   {} ms, downtime {} ms\n  \
-             hashing {:.0} ms, lookups {:.0} ms, fetching {:.0} ms\n  source {}, target {}",
+             hashing {:.0} ms, lookups {:.0} ms, fetching {:.0} ms\n  source {}, target {}\n  \
+             target RAM   {}",
             if self.ok { "completed" } else { "FAILED" },
             mib(self.figures.qemu_bytes),
             mib(self.figures.link_bytes),
@@ -149,6 +154,11 @@ impl MigrationReport {
             self.figures.fetch_ms,
             self.source_status,
             self.target_status,
+            match self.target_ram_preallocated {
+                Some(true) => "preallocated",
+                Some(false) => "allocated on first write",
+                None => "unknown",
+            },
         );
         if let Some(e) = &self.error {
             s.push_str(&format!("\n  error: {e}"));
@@ -205,6 +215,15 @@ pub async fn migrate(opts: MigrateOptions) -> Result<MigrationReport, ControlErr
                 )));
             }
         }
+    }
+    // Advice only: an older QEMU without query-memdev migrates all the same.
+    let target_ram_preallocated = dst.ram_preallocated().await.ok().flatten();
+    if target_ram_preallocated == Some(false) {
+        tracing::info!(
+            "the target QEMU allocates guest RAM on first write: loading the stream includes \
+             zeroing every page it writes, which can bound the migration's time; -mem-prealloc \
+             (libvirt: <allocation mode='immediate'/>) does that at its start-up instead"
+        );
     }
     if let Some(bw) = opts.max_bandwidth {
         src.execute(
@@ -268,7 +287,10 @@ pub async fn migrate(opts: MigrateOptions) -> Result<MigrationReport, ControlErr
         }
     };
     bar.finish_and_clear();
-    let mut report = MigrationReport::default();
+    let mut report = MigrationReport {
+        target_ram_preallocated,
+        ..MigrationReport::default()
+    };
     match outcome {
         Ok(r) => {
             let info = wait_source_done(&mut src).await.map_err(src_err)?;

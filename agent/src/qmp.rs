@@ -153,6 +153,17 @@ impl Qmp {
         Ok(r["status"].as_str().unwrap_or("unknown").to_string())
     }
 
+    /// Whether every guest RAM backend is allocated up front (`query-memdev`'s `prealloc`);
+    /// `None` when QEMU lists no backends.
+    pub async fn ram_preallocated(&mut self) -> Result<Option<bool>, QmpError> {
+        let memdevs = self.execute("query-memdev", None).await?;
+        let all: Vec<bool> = memdevs
+            .as_array()
+            .map(|a| a.iter().map(|m| m["prealloc"] == true).collect())
+            .unwrap_or_default();
+        Ok((!all.is_empty()).then(|| all.iter().all(|&p| p)))
+    }
+
     /// Migration capabilities that are on.
     pub async fn enabled_capabilities(&mut self) -> Result<Vec<String>, QmpError> {
         let caps = self.execute("query-migrate-capabilities", None).await?;

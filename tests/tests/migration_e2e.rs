@@ -29,7 +29,8 @@ struct Setup {
     blob: String,
 }
 
-fn setup(tag: &str, mem_mb: u32, read_mb: u32, disk_writes: bool) -> Setup {
+/// `target_prealloc`: the target QEMU allocates its guest RAM at start-up (`-mem-prealloc`).
+fn setup(tag: &str, mem_mb: u32, read_mb: u32, disk_writes: bool, target_prealloc: bool) -> Setup {
     let dir = Scratch::new(tag);
     let disk = dir.path("disk.raw");
     std::fs::write(&disk, pattern(21, 256 * MIB)).unwrap();
@@ -67,7 +68,7 @@ fn setup(tag: &str, mem_mb: u32, read_mb: u32, disk_writes: bool) -> Setup {
             disk_uri: &uri,
             disk_writes,
             incoming: true,
-            prealloc: false,
+            prealloc: target_prealloc,
             qemu: None,
         },
     );
@@ -143,7 +144,7 @@ fn live_migration_through_the_agents() {
         return;
     }
     let _qemu = exclusive();
-    let s = setup("e2e", 512, 200, false);
+    let s = setup("e2e", 512, 200, false, false);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let report: MigrationReport = rt.block_on(async {
         let (agent, _stop, _task) = target_agent(&s.dir.path("target-stream.bin")).await;
@@ -153,6 +154,7 @@ fn live_migration_through_the_agents() {
     assert!(report.ok, "{report:?}");
     assert_eq!(report.source_status, "postmigrate");
     assert_eq!(report.target_status, "running");
+    assert_eq!(report.target_ram_preallocated, Some(false));
     assert_same_stream(&s);
     assert_guest_continues(&s);
     let pct = 100.0 * report.figures.link_bytes as f64 / report.figures.qemu_bytes as f64;
@@ -168,7 +170,8 @@ fn guest_writing_its_disk_during_migration_stays_correct() {
         return;
     }
     let _qemu = exclusive();
-    let s = setup("e2e-writes", 256, 64, true);
+    // Also the one run whose target preallocates its RAM: the report must say so.
+    let s = setup("e2e-writes", 256, 64, true, true);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let report = rt.block_on(async {
         let (agent, _stop, _task) = target_agent(&s.dir.path("target-stream.bin")).await;
@@ -179,6 +182,7 @@ fn guest_writing_its_disk_during_migration_stays_correct() {
     });
     eprintln!("{}", report.text());
     assert!(report.ok, "{report:?}");
+    assert_eq!(report.target_ram_preallocated, Some(true));
     assert_same_stream(&s);
     assert_guest_continues(&s);
 }
@@ -189,7 +193,7 @@ fn nas_killed_mid_migration_never_corrupts_the_target() {
         return;
     }
     let _qemu = exclusive();
-    let mut s = setup("e2e-nas-killed", 256, 64, false);
+    let mut s = setup("e2e-nas-killed", 256, 64, false, false);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let report = rt.block_on(async {
         let (agent, _stop, _task) = target_agent(&s.dir.path("target-stream.bin")).await;
@@ -218,7 +222,7 @@ fn target_agent_dying_leaves_the_source_running() {
         return;
     }
     let _qemu = exclusive();
-    let s = setup("e2e-agent-dies", 256, 64, false);
+    let s = setup("e2e-agent-dies", 256, 64, false, false);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let report = rt.block_on(async {
         let (agent, _stop, task) = target_agent(&s.dir.path("target-stream.bin")).await;
