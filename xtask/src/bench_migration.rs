@@ -7,7 +7,7 @@
 //! Plain QEMU and the agents also run with the target's guest RAM preallocated
 //! (`-mem-prealloc`, libvirt's `<allocation mode='immediate'/>`): otherwise the target QEMU
 //! pays for a fresh zeroed page at the first write to each guest page while it loads the
-//! stream, which here (in a VM, under TCG) is most of its CPU time and bounds how fast any
+//! stream, which on this machine (itself a VM) is most of its CPU time and bounds how fast any
 //! migration into it can finish.
 //!
 //! For the plain runs the relay sits between the two QEMUs; for the agents it sits between the
