@@ -25,7 +25,8 @@ pub struct Args {
     /// Image size in MiB.
     #[arg(long, default_value_t = 1024)]
     image_mib: u64,
-    /// Repeat each row this many times and keep the best.
+    /// `nbd`: repeat each row this many times and keep the best. `migration`: run the whole
+    /// comparison this many times and report each figure's median and range.
     #[arg(long, default_value_t = 3)]
     repeat: u32,
     /// Synthetic stream size in MiB (`pipeline`).
@@ -87,7 +88,7 @@ const PORT: u16 = 10_950;
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     if let Target::Migration = args.target {
-        return crate::bench_migration::run(512, 200);
+        return crate::bench_migration::run(512, 200, args.repeat);
     }
     if let Target::Pipeline = args.target {
         return crate::bench_pipeline::run(args.stream_mib);

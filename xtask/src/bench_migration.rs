@@ -10,11 +10,15 @@
 //! stream, which on this machine (itself a VM) is most of its CPU time and bounds how fast any
 //! migration into it can finish.
 //!
+//! `--repeat N` (default 3) runs the whole comparison N times and ends with each figure's
+//! median and range, and how many rounds met each of the issue's targets.
+//!
 //! For the plain runs the relay sits between the two QEMUs; for the agents it sits between the
 //! source agent and the target agent (QEMU to the local agent is host-local). QEMU's own
 //! bandwidth cap is lifted everywhere so the link is the only limit.
 use std::{
     collections::HashSet,
+    path::Path,
     process::{Command, Stdio},
     sync::atomic::Ordering,
     time::Duration,
@@ -108,13 +112,46 @@ impl CpuMeter {
     }
 }
 
-pub fn run(mem_mb: u32, read_mb: u32) -> anyhow::Result<()> {
+/// Every run once, and the agents' link against the ideals.
+struct Round {
+    rows: Vec<Row>,
+    /// Link bytes and the two ideals, in percent of QEMU's bytes (the unlimited run).
+    link_pct: f64,
+    ideal_pct: f64,
+    ideal_dup_pct: f64,
+}
+
+/// Runs the whole comparison `rounds` times, printing each round's tables, then (for more
+/// than one) the median and range of every figure: one run of this machine is noisy.
+pub fn run(mem_mb: u32, read_mb: u32, rounds: u32) -> anyhow::Result<()> {
     guest::build()?;
     sh::run(sh::cargo().args(["build", "--release", "-p", "agent", "-p", "nas-server"]))?;
     let dir = sh::workspace_root().join("target/xtask/bench-migration");
     let lab = Lab::start(&dir)?;
     let uri = lab.disk_uri();
     let rt = tokio::runtime::Runtime::new()?;
+    let rounds = rounds.max(1);
+    let mut done = Vec::new();
+    for n in 1..=rounds {
+        eprintln!("bench: round {n} of {rounds}");
+        println!();
+        println!("Round {n} of {rounds}.");
+        done.push(round(&dir, &lab, &uri, &rt, mem_mb, read_mb)?);
+    }
+    if rounds > 1 {
+        summary(&done);
+    }
+    Ok(())
+}
+
+fn round(
+    dir: &Path,
+    lab: &Lab,
+    uri: &str,
+    rt: &tokio::runtime::Runtime,
+    mem_mb: u32,
+    read_mb: u32,
+) -> anyhow::Result<Round> {
     let mut rows = Vec::new();
 
     for (name, multifd, limited, prealloc) in [
@@ -135,15 +172,15 @@ pub fn run(mem_mb: u32, read_mb: u32) -> anyhow::Result<()> {
         ),
     ] {
         let pair = Pair::boot(
-            &dir,
+            dir,
             if multifd { "multifd" } else { "plain" },
-            &uri,
+            uri,
             mem_mb,
             read_mb,
             prealloc,
         )?;
         let relay_bytes = std::cell::RefCell::new(None);
-        let meter = CpuMeter::start(&pair, &lab)?;
+        let meter = CpuMeter::start(&pair, lab)?;
         let own = process_cpu(std::process::id())?;
         let info = rt.block_on(async {
             let mut src = pair.source.qmp().await;
@@ -205,7 +242,7 @@ pub fn run(mem_mb: u32, read_mb: u32) -> anyhow::Result<()> {
         (AGENTS, "agents", true, false),
         (AGENTS_PREALLOC, "agents-prealloc", true, true),
     ] {
-        let pair = Pair::boot(&dir, tag, &uri, mem_mb, read_mb, prealloc)?;
+        let pair = Pair::boot(dir, tag, uri, mem_mb, read_mb, prealloc)?;
         let relay = if limited {
             Some(Relay::start(AGENT_PORT, LINK)?)
         } else {
@@ -220,7 +257,7 @@ pub fn run(mem_mb: u32, read_mb: u32) -> anyhow::Result<()> {
             // costs the source agent CPU that plain QEMU does not spend.
             agent.arg("--record").arg(&stream);
         }
-        let meter = CpuMeter::start(&pair, &lab)?;
+        let meter = CpuMeter::start(&pair, lab)?;
         let own = process_cpu(std::process::id())?;
         let out = agent
             .arg("--source-qmp")
@@ -360,7 +397,99 @@ pub fn run(mem_mb: u32, read_mb: u32) -> anyhow::Result<()> {
         pct(ideal_dup),
         versus(ideal_dup),
     );
-    Ok(())
+    Ok(Round {
+        rows,
+        link_pct: pct(link),
+        ideal_pct: pct(ideal),
+        ideal_dup_pct: pct(ideal_dup),
+    })
+}
+
+/// Median and range over the rounds: of every run's time and downtime, of the ratios the
+/// issue's targets are about (with how many rounds met them), and of the link bytes.
+fn summary(rounds: &[Round]) {
+    let spread = |mut v: Vec<f64>, unit: &str, digits: usize| {
+        v.sort_by(f64::total_cmp);
+        let (lo, mid, hi) = (v[0], v[v.len() / 2], v[v.len() - 1]);
+        format!("{mid:.digits$}{unit} ({lo:.digits$}-{hi:.digits$})")
+    };
+    let of = |round: &Round, name: &str| -> (f64, f64) {
+        let r = round
+            .rows
+            .iter()
+            .find(|r| r.name == name)
+            .expect("every run has a row");
+        (r.total_ms as f64, r.downtime_ms as f64)
+    };
+    println!();
+    println!("Over {} rounds: median (lowest-highest).", rounds.len());
+    println!();
+    println!("| run | total time | downtime |");
+    println!("| --- | ---: | ---: |");
+    for r in &rounds[0].rows {
+        let (t, d): (Vec<f64>, Vec<f64>) = rounds.iter().map(|x| of(x, r.name)).unzip();
+        println!(
+            "| {} | {} | {} |",
+            r.name,
+            spread(t, " ms", 0),
+            spread(d, " ms", 0)
+        );
+    }
+    println!();
+    println!("| ratio | total time | downtime | rounds with time <= 0.45x | rounds with downtime <= 1.1x |");
+    println!("| --- | ---: | ---: | ---: | ---: |");
+    // The issue's targets are against plain QEMU.
+    for (label, ours, theirs, targets) in [
+        ("agents vs plain", AGENTS, PLAIN, true),
+        ("agents vs multifd+zstd", AGENTS, MULTIFD, false),
+        (
+            "agents vs plain, target RAM preallocated",
+            AGENTS_PREALLOC,
+            PLAIN_PREALLOC,
+            true,
+        ),
+    ] {
+        let (time, down): (Vec<f64>, Vec<f64>) = rounds
+            .iter()
+            .map(|x| {
+                let ((t, d), (pt, pd)) = (of(x, ours), of(x, theirs));
+                (t / pt, d / pd.max(1.0))
+            })
+            .unzip();
+        let met = |v: &[f64], limit: f64| match targets {
+            true => format!(
+                "{} of {}",
+                v.iter().filter(|&&x| x <= limit).count(),
+                v.len()
+            ),
+            false => "-".to_string(),
+        };
+        println!(
+            "| {label} | {} | {} | {} | {} |",
+            spread(time.clone(), "x", 2),
+            spread(down.clone(), "x", 2),
+            met(&time, 0.45),
+            met(&down, 1.1),
+        );
+    }
+    let pcts = |f: fn(&Round) -> f64| spread(rounds.iter().map(f).collect(), "%", 1);
+    let points = |f: fn(&Round) -> f64| {
+        spread(
+            rounds.iter().map(|r| r.link_pct - f(r)).collect(),
+            " points",
+            2,
+        )
+    };
+    println!();
+    println!(
+        "Link bytes (unlimited runs): {} of QEMU's; against the ideal from NAS pages ({}): {}; \
+         against the ideal from NAS pages and repeats ({}): {} (negative: below the ideal).",
+        pcts(|r| r.link_pct),
+        pcts(|r| r.ideal_pct),
+        points(|r| r.ideal_pct),
+        pcts(|r| r.ideal_dup_pct),
+        points(|r| r.ideal_dup_pct),
+    );
 }
 
 /// What the offline ideal needs to know of a recorded stream.
