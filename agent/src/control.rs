@@ -34,6 +34,7 @@ use crate::{
         wire::FrameReader,
     },
     qmp::{Qmp, QmpError},
+    switchover::Switchover,
 };
 
 /// Capabilities whose streams cannot go through a one-way, single-connection proxy.
@@ -124,6 +125,9 @@ pub struct MigrationReport {
     /// (`-mem-prealloc`); otherwise it zeroes a fresh page at the first write to each one while
     /// loading, which can bound the migration's time. `None`: QEMU did not say.
     pub target_ram_preallocated: Option<bool>,
+    /// The agent link's rate (bytes/s) last given to the source QEMU for its switchover
+    /// decision (`avail-switchover-bandwidth`); `None` when QEMU judged by its own measurement.
+    pub switchover_bandwidth: Option<u64>,
 }
 
 impl MigrationReport {
@@ -135,7 +139,7 @@ impl MigrationReport {
              (saved {:.1}%)\n  NAS fetched  {:>10.1} MiB\n  pages        full {} zero {} \
              mapped {} dup {} sent {} fallback {}\n  total time   {} ms, downtime {} ms\n  \
              hashing {:.0} ms, lookups {:.0} ms, fetching {:.0} ms\n  source {}, target {}\n  \
-             target RAM   {}",
+             target RAM   {}\n  switchover   judged at {}",
             if self.ok { "completed" } else { "FAILED" },
             mib(self.figures.qemu_bytes),
             mib(self.figures.link_bytes),
@@ -158,6 +162,10 @@ impl MigrationReport {
                 Some(true) => "preallocated",
                 Some(false) => "allocated on first write",
                 None => "unknown",
+            },
+            match self.switchover_bandwidth {
+                Some(b) => format!("{:.1} MB/s (the agent link's rate)", b as f64 / 1e6),
+                None => "QEMU's own stream rate".to_string(),
             },
         );
         if let Some(e) = &self.error {
@@ -273,12 +281,30 @@ pub async fn migrate(opts: MigrateOptions) -> Result<MigrationReport, ControlErr
     config.record = opts.record.clone();
     let counters = Arc::new(Counters::default());
     let mut source = tokio::spawn(run_source(qemu, link, config, counters.clone()));
+    // From here on every path reaches the restore below.
+    let link_so_far = || {
+        counters
+            .link_bytes
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let mut switchover = match Switchover::start(&mut src, link_so_far()).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("cannot manage the source's switchover bandwidth: {e}");
+            None
+        }
+    };
     let bar = progress_bar(opts.progress);
     let outcome = loop {
         tokio::select! {
             r = &mut source => break r.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())),
             _ = tokio::time::sleep(Duration::from_millis(250)) => {
                 update_bar(&bar, &counters);
+                if let Some(s) = switchover.as_mut() {
+                    if let Err(e) = s.update(&mut src, link_so_far()).await {
+                        tracing::warn!("cannot update the source's switchover bandwidth: {e}");
+                    }
+                }
                 if started.elapsed() > opts.timeout {
                     source.abort();
                     break Err(format!("no completion within {:?}", opts.timeout));
@@ -291,6 +317,12 @@ pub async fn migrate(opts: MigrateOptions) -> Result<MigrationReport, ControlErr
         target_ram_preallocated,
         ..MigrationReport::default()
     };
+    if let Some(s) = switchover {
+        report.switchover_bandwidth = Some(s.current());
+        if let Err(e) = s.restore(&mut src).await {
+            tracing::warn!("cannot restore the source's switchover bandwidth: {e}");
+        }
+    }
     match outcome {
         Ok(r) => {
             let info = wait_source_done(&mut src).await.map_err(src_err)?;

@@ -8,4 +8,5 @@
 pub mod control;
 pub mod migration;
 pub mod qmp;
+pub mod switchover;
 pub mod telemetry;

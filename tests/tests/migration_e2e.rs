@@ -155,6 +155,16 @@ fn live_migration_through_the_agents() {
     assert_eq!(report.source_status, "postmigrate");
     assert_eq!(report.target_status, "running");
     assert_eq!(report.target_ram_preallocated, Some(false));
+    // QEMU judged the switchover by the link's measured rate, and has its own setting back.
+    assert!(
+        report.switchover_bandwidth.is_some_and(|b| b > 1),
+        "{report:?}"
+    );
+    let params = rt.block_on(async {
+        let mut q = Qmp::connect(&s.source.qmp_path).await.unwrap();
+        q.execute("query-migrate-parameters", None).await.unwrap()
+    });
+    assert_eq!(params["avail-switchover-bandwidth"], 0, "{params}");
     assert_same_stream(&s);
     assert_guest_continues(&s);
     let pct = 100.0 * report.figures.link_bytes as f64 / report.figures.qemu_bytes as f64;
