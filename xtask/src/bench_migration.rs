@@ -411,7 +411,7 @@ fn summary(rounds: &[Round]) {
     let spread = |mut v: Vec<f64>, unit: &str, digits: usize| {
         v.sort_by(f64::total_cmp);
         let (lo, mid, hi) = (v[0], v[v.len() / 2], v[v.len() - 1]);
-        format!("{mid:.digits$}{unit} ({lo:.digits$}-{hi:.digits$})")
+        format!("{mid:.digits$}{unit} ({lo:.digits$} to {hi:.digits$})")
     };
     let of = |round: &Round, name: &str| -> (f64, f64) {
         let r = round
@@ -422,7 +422,7 @@ fn summary(rounds: &[Round]) {
         (r.total_ms as f64, r.downtime_ms as f64)
     };
     println!();
-    println!("Over {} rounds: median (lowest-highest).", rounds.len());
+    println!("Over {} rounds: median (lowest to highest).", rounds.len());
     println!();
     println!("| run | total time | downtime |");
     println!("| --- | ---: | ---: |");
