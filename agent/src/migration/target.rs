@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use nas_server::{client::nbd::NbdClient, index::multi::hash_blocks, listener::Listen};
+use nas_server::{client::nbd::NbdClient, index::multi::hash_present, listener::Listen};
 use tokio::{
     io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter},
     sync::{mpsc, Notify},
@@ -521,19 +521,20 @@ async fn fetch_loop(
                 .collect();
             let mut hashes = Vec::new();
             {
-                let whole: Vec<&[u8; PAGE_SIZE]> = data
+                let whole: Vec<Option<&[u8; PAGE_SIZE]>> = data
                     .iter()
-                    .flatten()
-                    .map(|d| d[..].try_into().expect("kept only whole pages"))
+                    .map(|d| {
+                        d.as_deref()
+                            .map(|d| d.try_into().expect("kept only whole pages"))
+                    })
                     .collect();
-                hash_blocks(&whole, &mut hashes);
+                hash_present(&whole, &mut hashes);
             }
-            let mut hashes = hashes.into_iter();
             for (i, f) in fetches.into_iter().enumerate() {
                 let verified = data
                     .get_mut(i)
                     .and_then(Option::take)
-                    .filter(|_| hashes.next() == Some(f.hash))
+                    .filter(|_| hashes[i] == Some(f.hash))
                     .and_then(|d| Box::<[u8; PAGE_SIZE]>::try_from(d).ok());
                 match verified {
                     Some(page) => {

@@ -48,24 +48,25 @@ pub fn hash_blocks(blocks: &[&[u8; BLOCK_BYTES]], out: &mut Vec<Hash>) {
     }
 }
 
+/// Appends, for each entry, the digest of its block (hashed together with the others), or
+/// `None` where there is no block.
+pub fn hash_present(blocks: &[Option<&[u8; BLOCK_BYTES]>], out: &mut Vec<Option<Hash>>) {
+    let present: Vec<&[u8; BLOCK_BYTES]> = blocks.iter().flatten().copied().collect();
+    let mut hashes = Vec::with_capacity(present.len());
+    hash_blocks(&present, &mut hashes);
+    let mut hashes = hashes.into_iter();
+    out.extend(blocks.iter().map(|b| b.and_then(|_| hashes.next())));
+}
+
 /// Like [`super::hash_block`] for each full block of `data`: the digest, or `None` for an
 /// all-zero block. A short tail is ignored.
 pub fn hash_block_run(data: &[u8], out: &mut Vec<Option<Hash>>) {
-    let blocks: Vec<&[u8; BLOCK_BYTES]> = data
+    let blocks: Vec<Option<&[u8; BLOCK_BYTES]>> = data
         .chunks_exact(BLOCK_BYTES)
         .map(|b| b.try_into().expect("chunks_exact yields whole blocks"))
+        .map(|b: &[u8; BLOCK_BYTES]| (!is_zero(b)).then_some(b))
         .collect();
-    let zero: Vec<bool> = blocks.iter().map(|b| is_zero(&b[..])).collect();
-    let data_blocks: Vec<&[u8; BLOCK_BYTES]> = blocks
-        .iter()
-        .zip(&zero)
-        .filter(|(_, z)| !**z)
-        .map(|(b, _)| *b)
-        .collect();
-    let mut hashes = Vec::with_capacity(data_blocks.len());
-    hash_blocks(&data_blocks, &mut hashes);
-    let mut hashes = hashes.into_iter();
-    out.extend(zero.iter().map(|z| if *z { None } else { hashes.next() }));
+    hash_present(&blocks, out);
 }
 
 fn hash_group(platform: Platform, group: &[&[u8; BLOCK_BYTES]], out: &mut Vec<Hash>) {
