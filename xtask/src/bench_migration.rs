@@ -50,6 +50,25 @@ const MULTIFD: &str = "QEMU multifd+zstd";
 const AGENTS: &str = "agents";
 const PLAIN_PREALLOC: &str = "plain QEMU, target RAM preallocated";
 const AGENTS_PREALLOC: &str = "agents, target RAM preallocated";
+/// The ratios printed: label, our run, the run it is against, and whether the targets
+/// (which are against plain QEMU) apply.
+const COMPARISONS: [(&str, &str, &str, bool); 3] = [
+    ("agents vs plain", AGENTS, PLAIN, true),
+    ("agents vs multifd+zstd", AGENTS, MULTIFD, false),
+    (
+        "agents vs plain, target RAM preallocated",
+        AGENTS_PREALLOC,
+        PLAIN_PREALLOC,
+        true,
+    ),
+];
+
+/// The run called `name`.
+fn row<'a>(rows: &'a [Row], name: &str) -> &'a Row {
+    rows.iter()
+        .find(|r| r.name == name)
+        .expect("every run has a row")
+}
 
 struct Row {
     name: &'static str,
@@ -78,6 +97,8 @@ struct CpuMeter {
     pids: [u32; 4],
     before: [Duration; 4],
     children: ChildrenCpu,
+    /// This process (relay, QMP polling).
+    own: Duration,
 }
 
 impl CpuMeter {
@@ -93,10 +114,12 @@ impl CpuMeter {
             pids,
             before,
             children: ChildrenCpu::start(),
+            own: process_cpu(std::process::id())?,
         })
     }
 
-    fn stop(&self, harness: Duration) -> anyhow::Result<CpuUse> {
+    fn stop(&self) -> anyhow::Result<CpuUse> {
+        let harness = process_cpu(std::process::id())?.saturating_sub(self.own);
         let mut used = [0.0; 4];
         for ((u, pid), b) in used.iter_mut().zip(self.pids).zip(self.before) {
             *u = process_cpu(pid)?.saturating_sub(b).as_secs_f64();
@@ -181,7 +204,6 @@ fn round(
         )?;
         let relay_bytes = std::cell::RefCell::new(None);
         let meter = CpuMeter::start(&pair, lab)?;
-        let own = process_cpu(std::process::id())?;
         let info = rt.block_on(async {
             let mut src = pair.source.qmp().await;
             let mut dst = pair.target.qmp().await;
@@ -216,7 +238,7 @@ fn round(
             let via: &dyn Fn(u16) -> anyhow::Result<u16> = &via;
             plain_migration(&pair, limited.then_some(via)).await
         })?;
-        let cpu = meter.stop(process_cpu(std::process::id())?.saturating_sub(own))?;
+        let cpu = meter.stop()?;
         anyhow::ensure!(pair.verify(), "{name}: the target guest did not carry on");
         let wire = relay_bytes.borrow().as_ref().map_or_else(
             || info["ram"]["transferred"].as_u64().unwrap_or(0),
@@ -258,7 +280,6 @@ fn round(
             agent.arg("--record").arg(&stream);
         }
         let meter = CpuMeter::start(&pair, lab)?;
-        let own = process_cpu(std::process::id())?;
         let out = agent
             .arg("--source-qmp")
             .arg(&pair.source.qmp_path)
@@ -272,7 +293,7 @@ fn round(
             .arg("--json")
             .stderr(Stdio::inherit())
             .output()?;
-        let cpu = meter.stop(process_cpu(std::process::id())?.saturating_sub(own))?;
+        let cpu = meter.stop()?;
         let this: Value = serde_json::from_slice(&out.stdout).context("agent migrate report")?;
         anyhow::ensure!(
             this["ok"] == true && pair.verify(),
@@ -311,21 +332,8 @@ fn round(
             r.downtime_ms
         );
     }
-    let row = |name: &str| {
-        rows.iter()
-            .find(|r| r.name == name)
-            .expect("every run has a row")
-    };
-    for (label, ours, theirs) in [
-        ("agents vs plain", AGENTS, PLAIN),
-        ("agents vs multifd+zstd", AGENTS, MULTIFD),
-        (
-            "agents vs plain, target RAM preallocated",
-            AGENTS_PREALLOC,
-            PLAIN_PREALLOC,
-        ),
-    ] {
-        let (ours, theirs) = (row(ours), row(theirs));
+    for (label, ours, theirs, _) in COMPARISONS {
+        let (ours, theirs) = (row(&rows, ours), row(&rows, theirs));
         println!(
             "| {label} | {:.2}x | {:.2}x | {:.2}x |",
             ours.wire as f64 / theirs.wire as f64,
@@ -414,11 +422,7 @@ fn summary(rounds: &[Round]) {
         format!("{mid:.digits$}{unit} ({lo:.digits$} to {hi:.digits$})")
     };
     let of = |round: &Round, name: &str| -> (f64, f64) {
-        let r = round
-            .rows
-            .iter()
-            .find(|r| r.name == name)
-            .expect("every run has a row");
+        let r = row(&round.rows, name);
         (r.total_ms as f64, r.downtime_ms as f64)
     };
     println!();
@@ -438,17 +442,7 @@ fn summary(rounds: &[Round]) {
     println!();
     println!("| ratio | total time | downtime | rounds with time <= 0.45x | rounds with downtime <= 1.1x |");
     println!("| --- | ---: | ---: | ---: | ---: |");
-    // The targets are against plain QEMU.
-    for (label, ours, theirs, targets) in [
-        ("agents vs plain", AGENTS, PLAIN, true),
-        ("agents vs multifd+zstd", AGENTS, MULTIFD, false),
-        (
-            "agents vs plain, target RAM preallocated",
-            AGENTS_PREALLOC,
-            PLAIN_PREALLOC,
-            true,
-        ),
-    ] {
+    for (label, ours, theirs, targets) in COMPARISONS {
         let (time, down): (Vec<f64>, Vec<f64>) = rounds
             .iter()
             .map(|x| {
