@@ -26,8 +26,11 @@ pub const MAX_FRAME: u32 = 8 << 20;
 /// Capability bit: ZSTD frames may be sent.
 pub const CAP_ZSTD: u32 = 1;
 /// The target acknowledges at least every `ACK_STEP` bytes of QEMU's stream it delivers (and
-/// every 1024 MAPPED pages): a source may count on an ACK once that much is outstanding.
+/// every [`ACK_MAPPED`] MAPPED pages): a source may count on an ACK once that much is
+/// outstanding.
 pub const ACK_STEP: u64 = 1 << 20;
+/// MAPPED pages delivered between two ACKs at most.
+pub const ACK_MAPPED: u64 = 1024;
 
 const T_HELLO: u8 = 1;
 const T_RAW: u8 = 2;

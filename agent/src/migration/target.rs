@@ -24,7 +24,7 @@ use tokio::{
 
 use super::{
     dedup::ContentCache,
-    link::{Hash, Hello, LinkFrame, ACK_STEP, CAP_ZSTD, VERSION},
+    link::{Hash, Hello, LinkFrame, ACK_MAPPED, ACK_STEP, CAP_ZSTD, VERSION},
     report::{Counters, Figures},
     stream::PAGE_SIZE,
     wire::FrameReader,
@@ -404,7 +404,7 @@ async fn write_loop<Q: AsyncWrite + Unpin>(
             // Ack in steps: well below the source's windows (16 MiB of stream, 4 MiB of link
             // bytes) and page store (16384 pages), so it never waits for an ack, and far above
             // one frame, so acks stay rare.
-            if credit - acked_credit >= ACK_STEP || mapped - acked_mapped >= 1024 {
+            if credit - acked_credit >= ACK_STEP || mapped - acked_mapped >= ACK_MAPPED {
                 let _ = back.send(LinkFrame::Ack { mapped, credit }).await;
                 (acked_mapped, acked_credit) = (mapped, credit);
             }
