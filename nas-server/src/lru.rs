@@ -3,12 +3,21 @@
 //! Eviction depends only on the sequence of operations, so two parties applying the same
 //! operations evict the same keys (the agents' content caches rely on this). Keys are hashed
 //! with a fast seeded hasher (BLAKE3 digests and block numbers need no SipHash).
-use std::{collections::HashMap, hash::Hash};
+//!
+//! Laid out for the cache: a migration touches this map once or twice per page, at random, so
+//! every byte it spans is a likely cache miss. The hash table holds only 4-byte slot numbers
+//! (a fifth of a `HashMap<[u8; 32], u32>`); the recency links sit in their own array, apart
+//! from the keys and values, so walking and relinking the list reads 8 bytes per slot. An
+//! eviction reads the evicted key once, to find its table entry, and finds it by slot number.
+use std::hash::{BuildHasher, Hash};
+
+use hashbrown::HashTable;
 
 const NIL: u32 = u32::MAX;
 
-struct Slot<K, V> {
-    entry: Option<(K, V)>,
+/// A slot's neighbours on the recency list.
+#[derive(Clone, Copy)]
+struct Link {
     prev: u32,
     next: u32,
 }
@@ -16,8 +25,11 @@ struct Slot<K, V> {
 /// A bounded LRU map from `K` to `V`.
 pub struct Lru<K, V> {
     capacity: usize,
-    index: HashMap<K, u32, foldhash::fast::RandomState>,
-    slots: Vec<Slot<K, V>>,
+    hasher: foldhash::fast::RandomState,
+    /// Slot numbers, found by their key's hash.
+    index: HashTable<u32>,
+    entries: Vec<Option<(K, V)>>,
+    links: Vec<Link>,
     /// Slots freed by `remove`.
     vacant: Vec<u32>,
     /// Most and least recently used slots.
@@ -31,39 +43,78 @@ impl<K: Hash + Eq + Copy, V> Lru<K, V> {
         let capacity = capacity.min(NIL as usize - 1);
         Self {
             capacity,
-            index: HashMap::with_capacity_and_hasher(capacity.min(1 << 20), Default::default()),
-            slots: Vec::new(),
+            hasher: Default::default(),
+            index: HashTable::with_capacity(capacity.min(1 << 20)),
+            entries: Vec::new(),
+            links: Vec::new(),
             vacant: Vec::new(),
             head: NIL,
             tail: NIL,
         }
     }
 
+    fn hash(&self, key: &K) -> u64 {
+        self.hasher.hash_one(key)
+    }
+
+    /// The slot holding `key`, whose hash is `hash`.
+    fn find_hashed(&self, hash: u64, key: &K) -> Option<u32> {
+        let entries = &self.entries;
+        let holds = |&i: &u32| matches!(&entries[i as usize], Some((k, _)) if k == key);
+        self.index.find(hash, holds).copied()
+    }
+
+    fn find(&self, key: &K) -> Option<u32> {
+        self.find_hashed(self.hash(key), key)
+    }
+
+    /// Adds slot `i`, which holds `key`, to the table.
+    fn index_slot(&mut self, hash: u64, i: u32) {
+        let (entries, hasher) = (&self.entries, &self.hasher);
+        let rehash = |&j: &u32| hasher.hash_one(&entries[j as usize].as_ref().expect("indexed").0);
+        self.index.insert_unique(hash, i, rehash);
+    }
+
+    /// Drops slot `i`, which held `key`, from the table.
+    fn unindex_slot(&mut self, key: &K, i: u32) {
+        if let Ok(found) = self.index.find_entry(self.hash(key), |&j| j == i) {
+            found.remove();
+        }
+    }
+
     fn unlink(&mut self, i: u32) {
-        let (prev, next) = (self.slots[i as usize].prev, self.slots[i as usize].next);
+        let Link { prev, next } = self.links[i as usize];
         match prev {
             NIL => self.head = next,
-            p => self.slots[p as usize].next = next,
+            p => self.links[p as usize].next = next,
         }
         match next {
             NIL => self.tail = prev,
-            n => self.slots[n as usize].prev = prev,
+            n => self.links[n as usize].prev = prev,
         }
     }
 
     fn push_front(&mut self, i: u32) {
-        self.slots[i as usize].prev = NIL;
-        self.slots[i as usize].next = self.head;
+        self.links[i as usize] = Link {
+            prev: NIL,
+            next: self.head,
+        };
         match self.head {
             NIL => self.tail = i,
-            h => self.slots[h as usize].prev = i,
+            h => self.links[h as usize].prev = i,
         }
         self.head = i;
     }
 
+    fn to_front(&mut self, i: u32) {
+        if self.head != i {
+            self.unlink(i);
+            self.push_front(i);
+        }
+    }
+
     fn entry(&self, i: u32) -> &(K, V) {
-        self.slots[i as usize]
-            .entry
+        self.entries[i as usize]
             .as_ref()
             .expect("linked slots hold entries")
     }
@@ -74,10 +125,10 @@ impl<K: Hash + Eq + Copy, V> Lru<K, V> {
         if self.capacity == 0 {
             return None;
         }
-        if let Some(&i) = self.index.get(&key) {
-            self.slots[i as usize].entry = Some((key, value));
-            self.unlink(i);
-            self.push_front(i);
+        let hash = self.hash(&key);
+        if let Some(i) = self.find_hashed(hash, &key) {
+            self.entries[i as usize] = Some((key, value));
+            self.to_front(i);
             return None;
         }
         let mut evicted = None;
@@ -85,52 +136,51 @@ impl<K: Hash + Eq + Copy, V> Lru<K, V> {
             // Reuse the least recent entry's slot.
             let i = self.tail;
             self.unlink(i);
-            let old = self.slots[i as usize].entry.replace((key, value));
+            let old = self.entries[i as usize].replace((key, value));
             let old = old.expect("linked slots hold entries");
-            self.index.remove(&old.0);
+            self.unindex_slot(&old.0, i);
             evicted = Some(old);
             i
         } else if let Some(i) = self.vacant.pop() {
-            self.slots[i as usize].entry = Some((key, value));
+            self.entries[i as usize] = Some((key, value));
             i
         } else {
-            self.slots.push(Slot {
-                entry: Some((key, value)),
+            self.entries.push(Some((key, value)));
+            self.links.push(Link {
                 prev: NIL,
                 next: NIL,
             });
-            (self.slots.len() - 1) as u32
+            (self.entries.len() - 1) as u32
         };
-        self.index.insert(key, i);
+        self.index_slot(hash, i);
         self.push_front(i);
         evicted
     }
 
     /// Marks `key` most recent and returns its value, if present.
     pub fn touch(&mut self, key: &K) -> Option<&V> {
-        let i = *self.index.get(key)?;
-        if self.head != i {
-            self.unlink(i);
-            self.push_front(i);
-        }
+        let i = self.find(key)?;
+        self.to_front(i);
         Some(&self.entry(i).1)
     }
 
     /// The value of `key`, without changing its recency.
     pub fn get(&self, key: &K) -> Option<&V> {
-        self.index.get(key).map(|&i| &self.entry(i).1)
+        self.find(key).map(|i| &self.entry(i).1)
     }
 
     /// Removes `key`, returning its value.
     pub fn remove(&mut self, key: &K) -> Option<V> {
-        let i = self.index.remove(key)?;
+        let entries = &self.entries;
+        let holds = |&i: &u32| matches!(&entries[i as usize], Some((k, _)) if k == key);
+        let (i, _) = self.index.find_entry(self.hash(key), holds).ok()?.remove();
         self.unlink(i);
         self.vacant.push(i);
-        self.slots[i as usize].entry.take().map(|(_, v)| v)
+        self.entries[i as usize].take().map(|(_, v)| v)
     }
 
     pub fn contains(&self, key: &K) -> bool {
-        self.index.contains_key(key)
+        self.find(key).is_some()
     }
 
     pub fn len(&self) -> usize {
@@ -149,7 +199,7 @@ impl<K: Hash + Eq + Copy, V> Lru<K, V> {
                 return None;
             }
             let (k, v) = self.entry(at);
-            at = self.slots[at as usize].prev;
+            at = self.links[at as usize].prev;
             Some((k, v))
         })
     }
@@ -235,6 +285,44 @@ mod tests {
             assert_eq!(lru.len(), model.len());
             let order: Vec<(u64, u64)> = lru.iter_oldest_first().map(|(k, v)| (*k, *v)).collect();
             assert_eq!(order, model, "step {step}");
+        }
+    }
+}
+#[cfg(test)]
+mod tmpbench {
+    #[test]
+    fn tmp_map_speed() {
+        let n = 262_144u64;
+        let keys: Vec<[u8; 32]> = (0..2 * n)
+            .map(|i| *blake3::hash(&i.to_le_bytes()).as_bytes())
+            .collect();
+        let mut map: std::collections::HashMap<[u8; 32], (u32, u64), foldhash::fast::RandomState> =
+            Default::default();
+        for (i, k) in keys[..n as usize].iter().enumerate() {
+            map.insert(*k, (0, i as u64));
+        }
+        let mut big = vec![0u8; 64 << 20];
+        for _ in 0..3 {
+            for b in big.iter_mut().step_by(64) {
+                *b = b.wrapping_add(1);
+            }
+            let t = std::time::Instant::now();
+            let mut hits = 0u64;
+            for (j, k) in keys.iter().enumerate().step_by(2) {
+                let k = if j % 4 == 0 {
+                    &keys[(j * 7919) % (2 * n as usize)]
+                } else {
+                    k
+                };
+                if let Some(v) = map.get(k) {
+                    hits += v.1 & 1;
+                }
+            }
+            eprintln!(
+                "MAP {:?} per op {:?} hits {hits}",
+                t.elapsed(),
+                t.elapsed() / n as u32
+            );
         }
     }
 }
