@@ -71,7 +71,7 @@ impl<K: Hash + Eq + Copy, V> Lru<K, V> {
     /// Adds slot `i`, which holds `key`, to the table.
     fn index_slot(&mut self, hash: u64, i: u32) {
         let (entries, hasher) = (&self.entries, &self.hasher);
-        let rehash = |&j: &u32| hasher.hash_one(&entries[j as usize].as_ref().expect("indexed").0);
+        let rehash = |&j: &u32| hasher.hash_one(entries[j as usize].as_ref().expect("indexed").0);
         self.index.insert_unique(hash, i, rehash);
     }
 
@@ -106,7 +106,7 @@ impl<K: Hash + Eq + Copy, V> Lru<K, V> {
         self.head = i;
     }
 
-    fn to_front(&mut self, i: u32) {
+    fn make_recent(&mut self, i: u32) {
         if self.head != i {
             self.unlink(i);
             self.push_front(i);
@@ -128,7 +128,7 @@ impl<K: Hash + Eq + Copy, V> Lru<K, V> {
         let hash = self.hash(&key);
         if let Some(i) = self.find_hashed(hash, &key) {
             self.entries[i as usize] = Some((key, value));
-            self.to_front(i);
+            self.make_recent(i);
             return None;
         }
         let mut evicted = None;
@@ -160,7 +160,7 @@ impl<K: Hash + Eq + Copy, V> Lru<K, V> {
     /// Marks `key` most recent and returns its value, if present.
     pub fn touch(&mut self, key: &K) -> Option<&V> {
         let i = self.find(key)?;
-        self.to_front(i);
+        self.make_recent(i);
         Some(&self.entry(i).1)
     }
 
