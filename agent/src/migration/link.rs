@@ -171,9 +171,14 @@ pub fn encode_raw(out: &mut Vec<u8>, data: &[u8]) {
 
 /// Appends a PAGE frame carrying `page`, without building a [`LinkFrame::Page`].
 pub fn encode_page(out: &mut Vec<u8>, page: &[u8; PAGE_SIZE]) {
+    encode_page_header(out);
+    out.extend_from_slice(page);
+}
+
+/// Appends a PAGE frame's header: its 4 KiB must follow on the wire.
+pub fn encode_page_header(out: &mut Vec<u8>) {
     out.extend_from_slice(&(PAGE_SIZE as u32 + 1).to_be_bytes());
     out.push(T_PAGE);
-    out.extend_from_slice(page);
 }
 
 /// The size of the frame at the front of `buf`, length prefix included, once the prefix is

@@ -2,9 +2,11 @@
 //! and rebuilt byte for byte on the target host.
 //!
 //! [`stream`] finds page payloads in QEMU's stream; [`link`] is the agent-to-agent protocol;
-//! [`dedup`] is the content cache both ends keep in step for DUP frames.
+//! [`dedup`] is the content cache both ends keep in step for DUP frames; [`outgoing`] batches
+//! the source's frames for gathered writes.
 pub mod dedup;
 pub mod link;
+pub mod outgoing;
 pub mod report;
 pub mod source;
 pub mod stream;

@@ -37,6 +37,7 @@ use tokio::{
 use super::{
     dedup::ContentCache,
     link::{self, Hash, Hello, LinkFrame, CAP_ZSTD, VERSION},
+    outgoing::Outgoing,
     report::{Counters, Figures},
     stream::{Sink, StreamParser, PAGE_SIZE},
     wire::FrameReader,
@@ -417,10 +418,11 @@ struct Emitter {
     next_ordinal: u64,
     next_seq: u64,
     zstd: bool,
-    pending: Vec<u8>,
-    /// Buffers the writer has sent, back for reuse.
-    spent: mpsc::Receiver<Vec<u8>>,
-    out: mpsc::Sender<Vec<u8>>,
+    /// Frames not yet handed to the writer; whole pages in them are shares of read buffers.
+    pending: Outgoing,
+    /// Batches the writer has sent, back for reuse.
+    spent: mpsc::Receiver<Outgoing>,
+    out: mpsc::Sender<Outgoing>,
     unacked: Arc<Unacked>,
     flow: Arc<Flow>,
     /// Stream bytes framed so far.
@@ -510,8 +512,18 @@ impl Emitter {
             None => {
                 Counters::add(&self.counters.pages_sent, 1);
                 self.wait_window().await?;
-                self.encoded(PAGE_SIZE, |out| link::encode_page(out, data))
-                    .await
+                match at {
+                    // Compressed batches are built whole, so only plain ones splice pages in.
+                    At::Input(offset) if !self.zstd => {
+                        link::encode_page_header(self.pending.bytes_mut());
+                        self.pending.push_page(&batch.input, offset);
+                        self.encoded(PAGE_SIZE, |_| ()).await
+                    }
+                    _ => {
+                        self.encoded(PAGE_SIZE, |out| link::encode_page(out, data))
+                            .await
+                    }
+                }
             }
         }
     }
@@ -554,7 +566,7 @@ impl Emitter {
         stream_bytes: usize,
         encode: impl FnOnce(&mut Vec<u8>),
     ) -> Result<(), SourceError> {
-        encode(&mut self.pending);
+        encode(self.pending.bytes_mut());
         self.sent += stream_bytes as u64;
         self.flow.framed.store(self.sent, Ordering::Release);
         // Frames go out in batches (one channel hand-off and one write per batch, not per
@@ -578,17 +590,18 @@ impl Emitter {
         let next = self
             .spent
             .try_recv()
-            .unwrap_or_else(|_| Vec::with_capacity(ZSTD_BATCH + 2 * PAGE_SIZE));
+            .unwrap_or_else(|_| Outgoing::with_capacity(ZSTD_BATCH + 2 * PAGE_SIZE));
         let mut bytes = std::mem::replace(&mut self.pending, next);
         if self.zstd {
-            let data = zstd::bulk::compress(&bytes, 1)
+            let raw = bytes.contiguous().expect("zstd batches splice no pages");
+            let data = zstd::bulk::compress(raw, 1)
                 .map_err(|e| SourceError::Link(format!("zstd: {e}")))?;
             let frame = LinkFrame::Zstd {
-                raw_len: bytes.len() as u32,
+                raw_len: raw.len() as u32,
                 data,
             };
-            bytes.clear();
-            frame.encode(&mut bytes);
+            bytes.clear(|_| ());
+            frame.encode(bytes.bytes_mut());
         }
         self.wire_sent += bytes.len() as u64;
         let point = (self.sent, self.wire_sent);
@@ -681,23 +694,26 @@ where
         }
     };
 
+    // Read buffers come back to the reader for reuse, from whoever held them last: the
+    // emitter, the link writer or the unacked store.
+    let (spare_tx, mut spare_rx) = mpsc::channel::<Vec<u8>>(MAX_BATCHES);
     // Writer: urgent fallback data first, then the stream.
-    let (data_tx, mut data_rx) = mpsc::channel::<Vec<u8>>(32);
-    let (spent_tx, spent_rx) = mpsc::channel::<Vec<u8>>(32);
+    let (data_tx, mut data_rx) = mpsc::channel::<Outgoing>(32);
+    let (spent_tx, spent_rx) = mpsc::channel::<Outgoing>(32);
     let (urgent_tx, mut urgent_rx) = mpsc::channel::<Vec<u8>>(64);
     let writer_counters = counters.clone();
+    let writer_spare = spare_tx.clone();
     let writer = tokio::spawn(async move {
         loop {
-            let bytes = tokio::select! {
+            let mut batch = tokio::select! {
                 biased;
-                Some(b) = urgent_rx.recv() => b,
+                Some(b) = urgent_rx.recv() => Outgoing::from(b),
                 b = data_rx.recv() => match b { Some(b) => b, None => break },
             };
-            Counters::add(&writer_counters.link_bytes, bytes.len() as u64);
-            link_wr.write_all(&bytes).await?;
-            let mut bytes = bytes;
-            bytes.clear();
-            let _ = spent_tx.try_send(bytes);
+            Counters::add(&writer_counters.link_bytes, batch.len() as u64);
+            batch.write_to(&mut link_wr).await?;
+            batch.clear(|read| recycle(read, &writer_spare));
+            let _ = spent_tx.try_send(batch);
         }
         // Fallback answers may still be needed after the stream ended.
         while let Some(b) = urgent_rx.recv().await {
@@ -708,8 +724,6 @@ where
         Ok::<_, std::io::Error>(link_wr)
     });
 
-    // Read buffers come back to the reader for reuse, from the emitter or the unacked store.
-    let (spare_tx, mut spare_rx) = mpsc::channel::<Vec<u8>>(MAX_BATCHES);
     let unacked = Arc::new(Unacked::new(config.unacked_pages, spare_tx.clone()));
     let flow = Arc::new(Flow {
         acked: AtomicU64::new(0),
@@ -773,7 +787,7 @@ where
         next_ordinal: 0,
         next_seq: 0,
         zstd: config.zstd && caps & CAP_ZSTD != 0,
-        pending: Vec::with_capacity(ZSTD_BATCH + 2 * PAGE_SIZE),
+        pending: Outgoing::with_capacity(ZSTD_BATCH + 2 * PAGE_SIZE),
         spent: spent_rx,
         out: data_tx,
         unacked,
