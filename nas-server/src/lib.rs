@@ -7,6 +7,7 @@
 //! server runs.
 pub mod client;
 pub mod config;
+pub mod digest_map;
 pub mod export;
 pub mod index;
 pub mod listener;

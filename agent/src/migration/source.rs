@@ -336,11 +336,15 @@ impl Collector<'_> {
             hash_blocks(&pages, &mut hashes);
         }
         Counters::add(&self.counters.hash_ns, started.elapsed().as_nanos() as u64);
-        let replica = self
-            .replica
-            .filter(|_| !hashes.is_empty())
-            .map(|r| r.lock().unwrap_or_else(PoisonError::into_inner));
-        let mut hashes = hashes.into_iter();
+        let mut places = Vec::with_capacity(hashes.len());
+        match self.replica.filter(|_| !hashes.is_empty()) {
+            Some(replica) => replica
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get_many(&hashes, &mut places),
+            None => places.resize(hashes.len(), None),
+        }
+        let mut resolved = hashes.into_iter().zip(places);
         for item in &mut self.items {
             if let Item::Page {
                 hash,
@@ -349,12 +353,10 @@ impl Collector<'_> {
                 ..
             } = item
             {
-                *hash = hashes.next().expect("one digest per page");
-                *found = replica.as_ref().and_then(|r| r.get(hash));
+                (*hash, *found) = resolved.next().expect("one digest per page");
                 *needs_lookup = found.is_none() && self.remote;
             }
         }
-        drop(replica);
         Batch {
             input: Arc::new(input),
             side: self.side,

@@ -5,6 +5,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter, ReadHalf, Wri
 
 use super::{connect, Socket};
 use crate::{
+    digest_map::DigestMap,
     index::Hash,
     listener::Listen,
     service::frame::{ErrorCode, ExportInfo, Found, Frame, FrameError, MAX_BATCH, VERSION},
@@ -160,11 +161,12 @@ impl IndexClient {
 /// It keeps one place per content, the latest one announced. When that block changes, the
 /// content is forgotten even if another hot block holds it too: the agent then asks the index
 /// service, which knows every place, so only a round trip is lost. BLAKE3 keys are already
-/// uniform, so the maps use a fast seeded hasher rather than SipHash.
+/// uniform, so the maps use a fast seeded hasher rather than SipHash; the content map answers a
+/// read's pages together ([`HotReplica::get_many`]), its cache misses overlapped.
 #[derive(Debug, Default)]
 pub struct HotReplica {
     by_block: HashMap<(u32, u64), Hash, foldhash::fast::RandomState>,
-    by_hash: HashMap<Hash, (u32, u64), foldhash::fast::RandomState>,
+    by_hash: DigestMap<(u32, u64)>,
 }
 
 impl HotReplica {
@@ -216,17 +218,21 @@ impl HotReplica {
 
     /// `key` no longer holds `hash`.
     fn forget(&mut self, hash: &Hash, key: (u32, u64)) {
-        if self.by_hash.get(hash) == Some(&key) {
+        if self.by_hash.get(hash) == Some(key) {
             self.by_hash.remove(hash);
         }
     }
 
     /// Where `hash` lives, as (export, byte offset), if the replica knows it.
     pub fn get(&self, hash: &Hash) -> Option<Found> {
-        self.by_hash.get(hash).map(|&(export, block)| Found {
-            export,
-            offset: block * crate::index::BLOCK,
-        })
+        self.by_hash.get(hash).map(found)
+    }
+
+    /// [`HotReplica::get`] for each of `hashes`, appended to `out` in order.
+    pub fn get_many(&self, hashes: &[Hash], out: &mut Vec<Option<Found>>) {
+        let mut places = Vec::with_capacity(hashes.len());
+        self.by_hash.get_many(hashes, &mut places);
+        out.extend(places.into_iter().map(|p| p.map(found)));
     }
 
     pub fn len(&self) -> usize {
@@ -235,6 +241,13 @@ impl HotReplica {
 
     pub fn is_empty(&self) -> bool {
         self.by_block.is_empty()
+    }
+}
+
+fn found((export, block): (u32, u64)) -> Found {
+    Found {
+        export,
+        offset: block * crate::index::BLOCK,
     }
 }
 
