@@ -193,29 +193,32 @@ impl Unacked {
     }
 
     /// Keeps page `seq`, waiting while the store is full (unless it is closed).
-    async fn keep(&self, seq: u64, page: Kept) {
+    async fn keep(&self, seq: u64, mut page: Kept) {
         loop {
             let freed = self.freed.notified();
             if self.closed.load(Ordering::Acquire) {
                 return;
             }
-            {
-                let mut store = self.lock();
-                if !store.full(self.capacity) {
-                    let last = store.pages.back().and_then(|(_, k)| k.read());
-                    if page.read().is_some() && !same_read(last, page.read()) {
-                        store.reads += 1;
-                    }
-                    store.pages.push_back((seq, page));
-                    return;
-                }
+            match self.try_keep(seq, page) {
+                Ok(()) => return,
+                Err(back) => page = back,
             }
             freed.await;
         }
     }
 
-    fn is_full(&self) -> bool {
-        self.lock().full(self.capacity)
+    /// Keeps page `seq` if there is room; hands it back if the store is full.
+    fn try_keep(&self, seq: u64, page: Kept) -> Result<(), Kept> {
+        let mut store = self.lock();
+        if store.full(self.capacity) {
+            return Err(page);
+        }
+        let last = store.pages.back().and_then(|(_, k)| k.read());
+        if page.read().is_some() && !same_read(last, page.read()) {
+            store.reads += 1;
+        }
+        store.pages.push_back((seq, page));
+        Ok(())
     }
 
     /// No ACK will come any more: wake a waiting `keep`.
@@ -310,7 +313,6 @@ struct Collector<'a> {
 
 impl Collector<'_> {
     fn add_page(&mut self, at: At) {
-        Counters::add(&self.counters.pages_full, 1);
         self.items.push(Item::Page {
             hash: [0; 32],
             at,
@@ -336,6 +338,7 @@ impl Collector<'_> {
             hash_blocks(&pages, &mut hashes);
         }
         Counters::add(&self.counters.hash_ns, started.elapsed().as_nanos() as u64);
+        Counters::add(&self.counters.pages_full, hashes.len() as u64);
         let mut places = Vec::with_capacity(hashes.len());
         match self.replica.filter(|_| !hashes.is_empty()) {
             Some(replica) => replica
@@ -436,7 +439,16 @@ struct Emitter {
     /// Per flush not yet acknowledged: (stream bytes, link bytes) sent up to and with it.
     checkpoints: VecDeque<(u64, u64)>,
     counters: Arc<Counters>,
+    /// Pages of the read being emitted, by kind, not yet added to `counters`.
+    tally: Tally,
     export_ids: Vec<u32>,
+}
+
+#[derive(Default)]
+struct Tally {
+    dup: u64,
+    mapped: u64,
+    sent: u64,
 }
 
 const ZSTD_BATCH: usize = 256 << 10;
@@ -466,6 +478,11 @@ impl Emitter {
                 } => self.page(hash, batch, *at, *found).await?,
             }
         }
+        // Counted per read, not per page: the counters are shared atomics.
+        let tally = std::mem::take(&mut self.tally);
+        Counters::add(&self.counters.pages_dup, tally.dup);
+        Counters::add(&self.counters.pages_mapped, tally.mapped);
+        Counters::add(&self.counters.pages_sent, tally.sent);
         Ok(())
     }
 
@@ -478,7 +495,7 @@ impl Emitter {
     ) -> Result<(), SourceError> {
         let data = batch.page(at);
         if let Some(&ordinal) = self.cache.touch(hash) {
-            Counters::add(&self.counters.pages_dup, 1);
+            self.tally.dup += 1;
             return self.frame(PAGE_SIZE, &LinkFrame::Dup { ordinal }).await;
         }
         self.cache.insert(*hash, self.next_ordinal);
@@ -487,10 +504,6 @@ impl Emitter {
             Some(f) => {
                 let seq = self.next_seq;
                 self.next_seq += 1;
-                if self.unacked.is_full() {
-                    // The target can only ack what it has received.
-                    self.flush().await?;
-                }
                 let kept = match at {
                     At::Input(offset) => Kept::Shared {
                         read: batch.input.clone(),
@@ -498,8 +511,12 @@ impl Emitter {
                     },
                     At::Side(_) => Kept::Own(Box::new(*data)),
                 };
-                self.unacked.keep(seq, kept).await;
-                Counters::add(&self.counters.pages_mapped, 1);
+                if let Err(kept) = self.unacked.try_keep(seq, kept) {
+                    // Full. The target can only ack what it has received.
+                    self.flush().await?;
+                    self.unacked.keep(seq, kept).await;
+                }
+                self.tally.mapped += 1;
                 self.frame(
                     PAGE_SIZE,
                     &LinkFrame::Mapped {
@@ -512,7 +529,7 @@ impl Emitter {
                 .await
             }
             None => {
-                Counters::add(&self.counters.pages_sent, 1);
+                self.tally.sent += 1;
                 self.wait_window().await?;
                 match at {
                     // Compressed batches are built whole, so only plain ones splice pages in.
@@ -532,33 +549,43 @@ impl Emitter {
 
     /// Waits until the link window has room for another frame.
     async fn wait_window(&mut self) -> Result<(), SourceError> {
+        // Nearly always open: checked first without arming a wake-up.
+        if self.window_open()? {
+            return Ok(());
+        }
         let flow = self.flow.clone();
         loop {
+            // Armed before the check, so an ACK landing in between still wakes this.
             let moved = flow.moved.notified();
-            if let Some(why) = flow.failed.get() {
-                return Err(SourceError::Link(why.clone()));
-            }
-            let acked = flow.acked.load(Ordering::Acquire);
-            while let Some(&(stream, wire)) = self.checkpoints.front() {
-                if stream > acked {
-                    break;
-                }
-                self.wire_acked = wire;
-                self.checkpoints.pop_front();
-            }
-            // Never more than sent: the back channel refuses such an ACK.
-            let stream_ahead = self.sent.saturating_sub(acked);
-            let wire_ahead = self.wire_sent + self.pending.len() as u64 - self.wire_acked;
-            // Below two ACK steps of stream the target may not ack again: never wait there.
-            if stream_ahead <= flow.window
-                && (wire_ahead <= flow.wire_window || stream_ahead < 2 * link::ACK_STEP)
-            {
+            if self.window_open()? {
                 return Ok(());
             }
             // Whatever is batched must go out first, or the target can never ack it.
             self.flush().await?;
             moved.await;
         }
+    }
+
+    /// Takes in the ACKs that arrived; whether another frame fits the link window now.
+    fn window_open(&mut self) -> Result<bool, SourceError> {
+        let flow = &*self.flow;
+        if let Some(why) = flow.failed.get() {
+            return Err(SourceError::Link(why.clone()));
+        }
+        let acked = flow.acked.load(Ordering::Acquire);
+        while let Some(&(stream, wire)) = self.checkpoints.front() {
+            if stream > acked {
+                break;
+            }
+            self.wire_acked = wire;
+            self.checkpoints.pop_front();
+        }
+        // Never more than sent: the back channel refuses such an ACK.
+        let stream_ahead = self.sent.saturating_sub(acked);
+        let wire_ahead = self.wire_sent + self.pending.len() as u64 - self.wire_acked;
+        // Below two ACK steps of stream the target may not ack again: never wait there.
+        Ok(stream_ahead <= flow.window
+            && (wire_ahead <= flow.wire_window || stream_ahead < 2 * link::ACK_STEP))
     }
 
     /// Appends one frame written by `encode`, which stands for `stream_bytes` of QEMU's
@@ -799,6 +826,7 @@ where
         wire_acked: 0,
         checkpoints: VecDeque::new(),
         counters: counters.clone(),
+        tally: Tally::default(),
         export_ids: scope.iter().map(|(id, _)| *id).collect(),
     };
     // Framing and sending run in their own task, so reading and hashing QEMU's stream go on
@@ -1089,7 +1117,11 @@ mod tests {
             };
             store.keep(seq, kept).await;
         }
-        assert!(store.is_full());
+        let another = Kept::Shared {
+            read: read(2, 1),
+            offset: 0,
+        };
+        assert!(store.try_keep(KEPT_READS as u64, another).is_err());
         let waiting = {
             let store = store.clone();
             tokio::spawn(async move {
