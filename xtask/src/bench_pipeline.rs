@@ -96,11 +96,6 @@ pub fn run(stream_mib: u64) -> anyhow::Result<()> {
         gb / alone[0].total().as_secs_f64(),
     );
     let alone = alone.swap_remove(alone.len() / 2);
-    eprintln!(
-        "SOURCE ALONE {:?} -> {:.2} GB/s",
-        alone.total(),
-        gb / alone.total().as_secs_f64()
-    );
 
     let src_rate = gb / both.source_cpu.total().as_secs_f64();
     let alone_rate = gb / alone.total().as_secs_f64();
