@@ -20,16 +20,18 @@
 //! The peer is QEMU's own per-core rate, which is not measurable here without KVM; the ratio
 //! printed is against the targets (1.5 GB/s per core source, 1 GB/s target).
 use std::{
+    future::Future,
     net::SocketAddr,
     pin::Pin,
     sync::{Arc, Mutex},
     task::{Context as TaskContext, Poll},
+    thread::JoinHandle,
     time::{Duration, Instant},
 };
 
 use agent::migration::{
     report::Counters,
-    source::{run_source, SourceConfig},
+    source::{run_source, SourceConfig, SourceReport},
     stream::{synthetic::Builder, PAGE_SIZE},
     target::{read_hello, run_target, TargetConfig},
     wire::FrameReader,
@@ -225,65 +227,34 @@ fn both_sides(stream: Arc<Vec<u8>>, nbd: &Listen, index: &Listen) -> anyhow::Res
     let nas = nbd.clone();
     let rec = recorded.clone();
     let started = Instant::now();
-    let target = std::thread::Builder::new()
-        .name("bench-target".into())
-        .spawn(move || -> anyhow::Result<Cpu> {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            let cpu = ThreadCpu::start();
-            rt.block_on(async {
-                let listener = tokio::net::TcpListener::from_std(listener)?;
-                let (sock, _) = listener.accept().await?;
-                sock.set_nodelay(true)?;
-                let mut link = Recording {
-                    inner: sock,
-                    seen: rec,
-                };
-                let mut frames = FrameReader::new();
-                let hello = read_hello(&mut link, &mut frames).await?;
-                let config = TargetConfig {
-                    nas_override: Some(nas),
-                    ..TargetConfig::default()
-                };
-                run_target(
-                    link,
-                    frames,
-                    hello,
-                    tokio::io::sink(),
-                    config,
-                    Arc::new(Counters::default()),
-                )
-                .await?;
-                anyhow::Ok(())
-            })?;
-            Ok(cpu.elapsed())
-        })?;
-    let nbd = nbd.to_string();
-    let index = index.clone();
-    let source = std::thread::Builder::new()
-        .name("bench-source".into())
-        .spawn(move || -> anyhow::Result<(Cpu, _)> {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            let cpu = ThreadCpu::start();
-            let report = rt.block_on(async {
-                let sock = tokio::net::TcpStream::connect(addr).await?;
-                sock.set_nodelay(true)?;
-                let config = SourceConfig::new("bench", vec!["disk".into()], &nbd, Some(index));
-                let report =
-                    run_source(&stream[..], sock, config, Arc::new(Counters::default())).await?;
-                anyhow::Ok(report)
-            })?;
-            Ok((cpu.elapsed(), report))
-        })?;
-    let (source_cpu, report) = source
-        .join()
-        .map_err(|_| anyhow::anyhow!("source thread panicked"))??;
-    let target_cpu = target
-        .join()
-        .map_err(|_| anyhow::anyhow!("target thread panicked"))??;
+    let target = one_core("bench-target", move || async move {
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        let (sock, _) = listener.accept().await?;
+        sock.set_nodelay(true)?;
+        let mut link = Recording {
+            inner: sock,
+            seen: rec,
+        };
+        let mut frames = FrameReader::new();
+        let hello = read_hello(&mut link, &mut frames).await?;
+        let config = TargetConfig {
+            nas_override: Some(nas),
+            ..TargetConfig::default()
+        };
+        run_target(
+            link,
+            frames,
+            hello,
+            tokio::io::sink(),
+            config,
+            Arc::new(Counters::default()),
+        )
+        .await?;
+        anyhow::Ok(())
+    })?;
+    let source = source_on_one_core("bench-source", stream, nbd, index, addr)?;
+    let (report, source_cpu) = join(source)?;
+    let ((), target_cpu) = join(target)?;
     let wall = started.elapsed();
     let link_bytes = std::mem::take(&mut *recorded.lock().expect("not poisoned"));
     let s = report.source;
@@ -311,6 +282,52 @@ fn target_alone(link: Arc<Vec<u8>>, nbd: &Listen, expect: u64) -> anyhow::Result
         .spawn(move || replay_target(link, &nbd, expect))?
         .join()
         .map_err(|_| anyhow::anyhow!("replay thread panicked"))?
+}
+
+/// A thread named `name` that runs `work` on its own single-threaded runtime (one core at
+/// most). It yields the work's output and the thread's CPU time from the runtime's start.
+fn one_core<T, F>(
+    name: &str,
+    work: impl FnOnce() -> F + Send + 'static,
+) -> anyhow::Result<JoinHandle<anyhow::Result<(T, Cpu)>>>
+where
+    T: Send + 'static,
+    F: Future<Output = anyhow::Result<T>>,
+{
+    let thread = std::thread::Builder::new().name(name.into());
+    Ok(thread.spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let cpu = ThreadCpu::start();
+        let out = rt.block_on(work())?;
+        Ok((out, cpu.elapsed()))
+    })?)
+}
+
+/// Waits for a [`one_core`] thread.
+fn join<T>(thread: JoinHandle<anyhow::Result<(T, Cpu)>>) -> anyhow::Result<(T, Cpu)> {
+    let name = thread.thread().name().unwrap_or("bench").to_string();
+    thread
+        .join()
+        .map_err(|_| anyhow::anyhow!("the {name} thread panicked"))?
+}
+
+/// The source side on [`one_core`], reading `stream` and linking to the target at `addr`.
+fn source_on_one_core(
+    name: &str,
+    stream: Arc<Vec<u8>>,
+    nbd: &Listen,
+    index: &Listen,
+    addr: SocketAddr,
+) -> anyhow::Result<JoinHandle<anyhow::Result<(SourceReport, Cpu)>>> {
+    let (nbd, index) = (nbd.to_string(), index.clone());
+    one_core(name, move || async move {
+        let sock = tokio::net::TcpStream::connect(addr).await?;
+        sock.set_nodelay(true)?;
+        let config = SourceConfig::new("bench", vec!["disk".into()], &nbd, Some(index));
+        Ok(run_source(&stream[..], sock, config, Arc::new(Counters::default())).await?)
+    })
 }
 
 fn replay_target(link: Arc<Vec<u8>>, nbd: &Listen, expect: u64) -> anyhow::Result<Duration> {
@@ -447,44 +464,17 @@ impl AsyncWrite for Replay {
 fn source_alone(stream: Arc<Vec<u8>>, nbd: &Listen, index: &Listen) -> anyhow::Result<Cpu> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     let addr: SocketAddr = listener.local_addr()?;
+    listener.set_nonblocking(true)?;
     let expect = stream.len() as u64;
-    let consumer = std::thread::Builder::new()
-        .name("bench-acker".into())
-        .spawn(move || -> anyhow::Result<u64> {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            rt.block_on(async {
-                listener.set_nonblocking(true)?;
-                let listener = tokio::net::TcpListener::from_std(listener)?;
-                let (sock, _) = listener.accept().await?;
-                sock.set_nodelay(true)?;
-                acknowledge_all(sock).await
-            })
-        })?;
-    let (nbd, index) = (nbd.to_string(), index.clone());
-    let source = std::thread::Builder::new()
-        .name("bench-source-alone".into())
-        .spawn(move || -> anyhow::Result<Cpu> {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            let cpu = ThreadCpu::start();
-            rt.block_on(async {
-                let sock = tokio::net::TcpStream::connect(addr).await?;
-                sock.set_nodelay(true)?;
-                let config = SourceConfig::new("bench", vec!["disk".into()], &nbd, Some(index));
-                run_source(&stream[..], sock, config, Arc::new(Counters::default())).await?;
-                anyhow::Ok(())
-            })?;
-            Ok(cpu.elapsed())
-        })?;
-    let cpu = source
-        .join()
-        .map_err(|_| anyhow::anyhow!("source thread panicked"))??;
-    let consumed = consumer
-        .join()
-        .map_err(|_| anyhow::anyhow!("consumer thread panicked"))??;
+    let consumer = one_core("bench-acker", move || async move {
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        let (sock, _) = listener.accept().await?;
+        sock.set_nodelay(true)?;
+        acknowledge_all(sock).await
+    })?;
+    let source = source_on_one_core("bench-source-alone", stream, nbd, index, addr)?;
+    let (_, cpu) = join(source)?;
+    let (consumed, _) = join(consumer)?;
     if consumed != expect {
         bail!("the consumer counted {consumed} stream bytes, expected {expect}");
     }
