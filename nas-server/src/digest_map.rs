@@ -77,18 +77,17 @@ impl<V: Copy> DigestMap<V> {
         }
     }
 
-    /// Appends the value of each key to `out`, in order (`None` where absent).
-    pub fn get_many(&self, keys: &[Hash], out: &mut Vec<Option<V>>) {
-        out.reserve(keys.len());
+    /// The value of each key, in order (`None` where absent).
+    pub fn get_many<'a>(&'a self, keys: &'a [Hash]) -> impl Iterator<Item = Option<V>> + 'a {
         for key in keys.iter().take(AHEAD) {
             self.prefetch(key);
         }
-        for (n, key) in keys.iter().enumerate() {
+        keys.iter().enumerate().map(move |(n, key)| {
             if let Some(ahead) = keys.get(n + AHEAD) {
                 self.prefetch(ahead);
             }
-            out.push(self.get(key));
-        }
+            self.get(key)
+        })
     }
 
     fn prefetch(&self, key: &Hash) {
@@ -139,19 +138,28 @@ impl<V: Copy> DigestMap<V> {
         old
     }
 
-    fn grow(&mut self) {
-        let bigger = vec![None; 2 * self.slots.len()];
-        let old = std::mem::replace(&mut self.slots, bigger);
+    /// Moves every entry into a table of `slots` slots (a power of two).
+    fn grow_to(&mut self, slots: usize) {
+        let old = std::mem::replace(&mut self.slots, vec![None; slots]);
         for (k, v) in old.into_iter().flatten() {
             let (i, _) = self.probe(&k);
             self.slots[i] = Some((k, v));
         }
     }
 
-    /// Makes room for `more` entries beyond the current ones without growing on the way.
+    fn grow(&mut self) {
+        self.grow_to(2 * self.slots.len());
+    }
+
+    /// Makes room for `more` entries beyond the current ones without growing on the way, in
+    /// one move of the entries at most.
     pub fn reserve(&mut self, more: usize) {
-        while too_full(self.len + more, self.slots.len()) {
-            self.grow();
+        let mut slots = self.slots.len();
+        while too_full(self.len + more, slots) {
+            slots *= 2;
+        }
+        if slots > self.slots.len() {
+            self.grow_to(slots);
         }
     }
 
@@ -197,8 +205,7 @@ mod tests {
             assert_eq!(map.len(), model.len());
         }
         let keys: Vec<Hash> = (0..3_500).map(key).collect();
-        let mut got = Vec::new();
-        map.get_many(&keys, &mut got);
+        let got: Vec<Option<u64>> = map.get_many(&keys).collect();
         let want: Vec<Option<u64>> = keys.iter().map(|k| model.get(k).copied()).collect();
         assert_eq!(got, want);
         // Every entry removed, each still found until then.
@@ -221,6 +228,9 @@ mod tests {
         for n in 0..64 {
             map.insert(same(n), n);
         }
+        // Room for a thousand more in one move: the smallest power of two that fits them.
+        map.reserve(1000);
+        assert_eq!(map.slots.len(), 2048);
         for n in (0..64).step_by(3) {
             assert_eq!(map.remove(&same(n)), Some(n));
         }

@@ -230,9 +230,7 @@ impl HotReplica {
 
     /// [`HotReplica::get`] for each of `hashes`, appended to `out` in order.
     pub fn get_many(&self, hashes: &[Hash], out: &mut Vec<Option<Found>>) {
-        let mut places = Vec::with_capacity(hashes.len());
-        self.by_hash.get_many(hashes, &mut places);
-        out.extend(places.into_iter().map(|p| p.map(found)));
+        out.extend(self.by_hash.get_many(hashes).map(|p| p.map(found)));
     }
 
     pub fn len(&self) -> usize {
