@@ -57,8 +57,6 @@ impl LinkRate {
 /// The source QEMU's switchover bandwidth while `agent migrate` manages it.
 #[derive(Debug)]
 pub struct Switchover {
-    /// What the operator had: put back at the end.
-    original: u64,
     /// What QEMU has now.
     current: u64,
     rate: LinkRate,
@@ -75,11 +73,7 @@ impl Switchover {
                 set(src, 1).await?;
                 let mut rate = LinkRate::default();
                 rate.sample(Instant::now(), link_bytes);
-                Ok(Some(Self {
-                    original: 0,
-                    current: 1,
-                    rate,
-                }))
+                Ok(Some(Self { current: 1, rate }))
             }
             Some(_) => {
                 tracing::info!("{PARAMETER} is set on the source QEMU: left as it is");
@@ -113,9 +107,9 @@ impl Switchover {
         self.current
     }
 
-    /// Puts the operator's value back.
+    /// Puts the operator's value back: unset (0), the only value under which it is managed.
     pub async fn restore(self, src: &mut Qmp) -> Result<(), QmpError> {
-        set(src, self.original).await
+        set(src, 0).await
     }
 }
 
