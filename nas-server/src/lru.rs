@@ -59,9 +59,7 @@ impl<K: Hash + Eq + Copy, V> Lru<K, V> {
 
     /// The slot holding `key`, whose hash is `hash`.
     fn find_hashed(&self, hash: u64, key: &K) -> Option<u32> {
-        let entries = &self.entries;
-        let holds = |&i: &u32| matches!(&entries[i as usize], Some((k, _)) if k == key);
-        self.index.find(hash, holds).copied()
+        self.index.find(hash, holds(&self.entries, key)).copied()
     }
 
     fn find(&self, key: &K) -> Option<u32> {
@@ -171,8 +169,7 @@ impl<K: Hash + Eq + Copy, V> Lru<K, V> {
 
     /// Removes `key`, returning its value.
     pub fn remove(&mut self, key: &K) -> Option<V> {
-        let entries = &self.entries;
-        let holds = |&i: &u32| matches!(&entries[i as usize], Some((k, _)) if k == key);
+        let holds = holds(&self.entries, key);
         let (i, _) = self.index.find_entry(self.hash(key), holds).ok()?.remove();
         self.unlink(i);
         self.vacant.push(i);
@@ -203,6 +200,11 @@ impl<K: Hash + Eq + Copy, V> Lru<K, V> {
             Some((k, v))
         })
     }
+}
+
+/// Whether a table entry (a slot number) is the slot holding `key`.
+fn holds<'a, K: Eq, V>(entries: &'a [Option<(K, V)>], key: &'a K) -> impl Fn(&u32) -> bool + 'a {
+    move |&i| matches!(&entries[i as usize], Some((k, _)) if k == key)
 }
 
 #[cfg(test)]
