@@ -140,11 +140,24 @@ impl<V: Copy> DigestMap<V> {
 
     /// Moves every entry into a table of `slots` slots (a power of two).
     fn grow_to(&mut self, slots: usize) {
+        self.rebuild(slots, |_, _| true);
+    }
+
+    /// Moves the entries `keep` accepts into a fresh table of `slots` slots (a power of two
+    /// that holds them).
+    fn rebuild(&mut self, slots: usize, mut keep: impl FnMut(&Hash, &V) -> bool) {
         let old = std::mem::replace(&mut self.slots, vec![None; slots]);
-        for (k, v) in old.into_iter().flatten() {
+        self.len = 0;
+        for (k, v) in old.into_iter().flatten().filter(|(k, v)| keep(k, v)) {
             let (i, _) = self.probe(&k);
             self.slots[i] = Some((k, v));
+            self.len += 1;
         }
+    }
+
+    /// Keeps only the entries for which `keep` is true (one pass over every slot).
+    pub fn retain(&mut self, keep: impl FnMut(&Hash, &V) -> bool) {
+        self.rebuild(self.slots.len(), keep);
     }
 
     fn grow(&mut self) {
@@ -204,6 +217,9 @@ mod tests {
             }
             assert_eq!(map.len(), model.len());
         }
+        map.retain(|_, v| v % 3 != 0);
+        model.retain(|_, v| *v % 3 != 0);
+        assert_eq!(map.len(), model.len());
         let keys: Vec<Hash> = (0..3_500).map(key).collect();
         let got: Vec<Option<u64>> = map.get_many(&keys).collect();
         let want: Vec<Option<u64>> = keys.iter().map(|k| model.get(k).copied()).collect();

@@ -215,6 +215,33 @@ fn hot_set_streams_reads_and_writes() {
                 offset: (MIB + 5 * 4096) as u64
             })
         );
+        // A guest rewrites block 5 of that range and zeroes block 6. Each change names the
+        // hash it replaces, so the replica forgets both old contents and learns the new one.
+        let old6 = hash_block(block(&w.vm1, 256 + 6)).unwrap();
+        let new5 = hash_block(&[0x5a; 4096]).unwrap();
+        tests::run_ok(
+            std::process::Command::new("qemu-io")
+                .args(["-f", "raw"])
+                .args(["-c", &format!("write -P 0x5a {} 4096", MIB + 5 * 4096)])
+                .args(["-c", &format!("write -z {} 4096", MIB + 6 * 4096)])
+                .arg(w.server.uri("vm1")),
+        );
+        while replica.get(&new5).is_none() || replica.get(&old6).is_some() {
+            let f = tokio::time::timeout(Duration::from_secs(10), c.recv())
+                .await
+                .expect("hot-set change within 10 s")
+                .unwrap();
+            replica.apply(&f);
+        }
+        assert_eq!(replica.get(&h), None, "the rewritten block's old content");
+        assert_eq!(
+            replica.get(&new5),
+            Some(Found {
+                export: 1,
+                offset: (MIB + 5 * 4096) as u64
+            })
+        );
+        assert_eq!(replica.len(), 15);
         nbd.disconnect().await.unwrap();
     });
 }

@@ -1,5 +1,4 @@
 //! The index-service client and the hot-set replica a source agent keeps.
-use std::collections::HashMap;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter, ReadHalf, WriteHalf};
 
@@ -160,12 +159,12 @@ impl IndexClient {
 ///
 /// It keeps one place per content, the latest one announced. When that block changes, the
 /// content is forgotten even if another hot block holds it too: the agent then asks the index
-/// service, which knows every place, so only a round trip is lost. BLAKE3 keys are already
-/// uniform, so the maps use a fast seeded hasher rather than SipHash; the content map answers a
-/// read's pages together ([`HotReplica::get_many`]), its cache misses overlapped.
+/// service, which knows every place, so only a round trip is lost. Each change names the hash
+/// the block held before (`was`), so the replica needs no block -> content map of its own:
+/// one table, keyed by content, which answers a read's pages together
+/// ([`HotReplica::get_many`]), its cache misses overlapped.
 #[derive(Debug, Default)]
 pub struct HotReplica {
-    by_block: HashMap<(u32, u64), Hash, foldhash::fast::RandomState>,
     by_hash: DigestMap<(u32, u64)>,
 }
 
@@ -181,46 +180,22 @@ impl HotReplica {
             return false;
         };
         if *reset {
-            let stale: Vec<(u32, u64)> = self
-                .by_block
-                .keys()
-                .filter(|(e, _)| e == export)
-                .copied()
-                .collect();
-            for key in stale {
-                self.remove(key);
-            }
+            self.by_hash.retain(|_, (e, _)| e != export);
         }
-        self.by_block.reserve(entries.len());
         self.by_hash.reserve(entries.len());
         for e in entries {
             let key = (*export, e.block);
-            match e.hash {
-                Some(h) => {
-                    if let Some(old) = self.by_block.insert(key, h) {
-                        if old != h {
-                            self.forget(&old, key);
-                        }
-                    }
-                    self.by_hash.insert(h, key);
+            // `key` no longer holds `was`: forget it unless another block was announced since.
+            if let Some(was) = &e.was {
+                if self.by_hash.get(was) == Some(key) {
+                    self.by_hash.remove(was);
                 }
-                None => self.remove(key),
+            }
+            if let Some(h) = e.hash {
+                self.by_hash.insert(h, key);
             }
         }
         true
-    }
-
-    fn remove(&mut self, key: (u32, u64)) {
-        if let Some(h) = self.by_block.remove(&key) {
-            self.forget(&h, key);
-        }
-    }
-
-    /// `key` no longer holds `hash`.
-    fn forget(&mut self, hash: &Hash, key: (u32, u64)) {
-        if self.by_hash.get(hash) == Some(key) {
-            self.by_hash.remove(hash);
-        }
     }
 
     /// Where `hash` lives, as (export, byte offset), if the replica knows it.
@@ -233,12 +208,13 @@ impl HotReplica {
         out.extend(self.by_hash.get_many(hashes).map(|p| p.map(found)));
     }
 
+    /// Contents the replica can place.
     pub fn len(&self) -> usize {
-        self.by_block.len()
+        self.by_hash.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.by_block.is_empty()
+        self.by_hash.is_empty()
     }
 }
 
@@ -257,21 +233,24 @@ mod tests {
     #[test]
     fn replica_follows_changes_and_resets() {
         let mut r = HotReplica::default();
-        let hot = |export, reset, entries: &[(u64, Option<u8>)]| Frame::Hot {
+        let hot = |export, reset, entries: &[(u64, Option<u8>, Option<u8>)]| Frame::Hot {
             export,
             reset,
             entries: entries
                 .iter()
-                .map(|&(block, h)| HotEntry {
+                .map(|&(block, h, was)| HotEntry {
                     block,
                     hash: h.map(|b| [b; 32]),
+                    was: was.map(|b| [b; 32]),
                 })
                 .collect(),
         };
-        assert!(r.apply(&hot(1, true, &[(1, Some(7)), (2, Some(8))])));
-        assert!(r.apply(&hot(2, true, &[(5, Some(7))])));
-        assert_eq!(r.len(), 3);
-        r.apply(&hot(1, false, &[(1, None), (2, Some(9))]));
+        assert!(r.apply(&hot(1, true, &[(1, Some(7), None), (2, Some(8), None)])));
+        // Content 7 again, in another export: the latest place wins.
+        assert!(r.apply(&hot(2, true, &[(5, Some(7), None)])));
+        assert_eq!(r.len(), 2);
+        // Block 1 left (7 stays: it was announced at 2:5 since); block 2 changed 8 -> 9.
+        r.apply(&hot(1, false, &[(1, None, Some(7)), (2, Some(9), Some(8))]));
         assert_eq!(
             r.get(&[7; 32]),
             Some(Found {

@@ -12,12 +12,14 @@ use tokio::sync::broadcast;
 use super::{ExportId, Hash};
 use crate::lru::Lru;
 
-/// One change: `block` of `export` holds `hash`, or left the set (`None`).
+/// One change: `block` of `export` holds `hash`, or left the set (`None`); `was` is what it
+/// held in the set before (`None` if it was not in the set, and in snapshots).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HotChange {
     pub export: ExportId,
     pub block: u64,
     pub hash: Option<Hash>,
+    pub was: Option<Hash>,
 }
 
 /// Batches of changes queued per subscriber before it counts as lagging.
@@ -55,7 +57,8 @@ impl HotSet {
             match hash {
                 Some(h) => {
                     // Refreshed either way; announced only when new or changed.
-                    if lru.touch(&block) == Some(&h) {
+                    let was = lru.touch(&block).copied();
+                    if was == Some(h) {
                         continue;
                     }
                     let evicted = lru.insert(block, h);
@@ -63,21 +66,24 @@ impl HotSet {
                         export: self.export,
                         block,
                         hash: Some(h),
+                        was,
                     });
-                    if let Some((evicted, _)) = evicted {
+                    if let Some((evicted, old)) = evicted {
                         changes.push(HotChange {
                             export: self.export,
                             block: evicted,
                             hash: None,
+                            was: Some(old),
                         });
                     }
                 }
                 None => {
-                    if lru.remove(&block).is_some() {
+                    if let Some(old) = lru.remove(&block) {
                         changes.push(HotChange {
                             export: self.export,
                             block,
                             hash: None,
+                            was: Some(old),
                         });
                     }
                 }
@@ -99,6 +105,7 @@ impl HotSet {
                 export: self.export,
                 block: *block,
                 hash: Some(*hash),
+                was: None,
             })
             .collect();
         (snapshot, self.events.subscribe())
@@ -133,14 +140,23 @@ mod tests {
         hot.touch([(10, Some([1; 32])), (11, Some([2; 32]))]);
         hot.touch([(10, Some([1; 32]))]); // refresh, no content change
         hot.touch([(12, Some([3; 32]))]); // evicts 11, the least recent
+        hot.touch([(12, Some([4; 32]))]); // rewritten
         hot.touch([(10, None)]); // zeroed: leaves
         let mut seen = Vec::new();
         while let Ok(batch) = rx.try_recv() {
-            seen.extend(batch.iter().map(|c| (c.block, c.hash.is_some())));
+            seen.extend(batch.iter().map(|c| (c.block, c.hash, c.was)));
         }
+        let h = |b| Some([b; 32]);
         assert_eq!(
             seen,
-            vec![(10, true), (11, true), (12, true), (11, false), (10, false)]
+            vec![
+                (10, h(1), None),
+                (11, h(2), None),
+                (12, h(3), None),
+                (11, None, h(2)),
+                (12, h(4), h(3)),
+                (10, None, h(1)),
+            ]
         );
         let (snap, _) = hot.subscribe();
         assert_eq!(
@@ -148,7 +164,8 @@ mod tests {
             vec![HotChange {
                 export: 1,
                 block: 12,
-                hash: Some([3; 32])
+                hash: Some([4; 32]),
+                was: None,
             }]
         );
         assert_eq!(hot.len(), 1);

@@ -7,11 +7,14 @@
 use crate::index::Hash;
 
 /// Protocol version spoken by this build.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Largest frame (type byte + payload).
 pub const MAX_FRAME: u32 = 4 << 20;
 /// Most hashes in one LOOKUP, and most blocks in one BLOCK_HASHES.
 pub const MAX_BATCH: u32 = 65_536;
+/// Most entries in one HOT frame: even if every entry carries both hashes, the frame stays
+/// within [`MAX_FRAME`].
+pub const MAX_HOT_ENTRIES: u32 = 32_768;
 /// Most exports named in one HELLO.
 pub const MAX_EXPORTS: u16 = 256;
 
@@ -67,12 +70,19 @@ pub struct ExportInfo {
     pub name: String,
 }
 
-/// One hot-set change: `block` now holds `hash`, or left the set (`None`).
+/// One hot-set change: `block` now holds `hash`, or left the set (`None`). `was` is the hash
+/// the block held in the set before this change, so a replica can forget that content without
+/// keeping a block -> hash map of its own (`None` in snapshots and for blocks new to the set).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HotEntry {
     pub block: u64,
     pub hash: Option<Hash>,
+    pub was: Option<Hash>,
 }
+
+/// HOT entry flags: which hashes follow the block number.
+const HOT_HASH: u8 = 1;
+const HOT_WAS: u8 = 2;
 
 /// Where a looked-up hash lives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -284,16 +294,21 @@ impl Frame {
             T_HOT => {
                 let export = r.u32("export")?;
                 let reset = r.u8("reset")? != 0;
-                let n = r.count(MAX_BATCH, 41, "entry count")?;
+                let n = r.count(MAX_HOT_ENTRIES, 9, "entry count")?;
                 let mut entries = Vec::with_capacity(n as usize);
                 for _ in 0..n {
                     let block = r.u64("block")?;
-                    let present = r.u8("present")?;
-                    let hash = r.hash("hash")?;
-                    entries.push(HotEntry {
-                        block,
-                        hash: (present == 1).then_some(hash),
-                    });
+                    let flags = r.u8("entry flags")?;
+                    if flags & !(HOT_HASH | HOT_WAS) != 0 {
+                        return Err(FrameError::Malformed("unknown entry flags"));
+                    }
+                    let hash = (flags & HOT_HASH != 0)
+                        .then(|| r.hash("hash"))
+                        .transpose()?;
+                    let was = (flags & HOT_WAS != 0)
+                        .then(|| r.hash("previous hash"))
+                        .transpose()?;
+                    entries.push(HotEntry { block, hash, was });
                 }
                 Frame::Hot {
                     export,
@@ -393,8 +408,11 @@ impl Frame {
                 out.extend_from_slice(&(entries.len() as u32).to_be_bytes());
                 for e in entries {
                     out.extend_from_slice(&e.block.to_be_bytes());
-                    out.push(u8::from(e.hash.is_some()));
-                    out.extend_from_slice(&e.hash.unwrap_or([0; 32]));
+                    let flags = e.hash.map_or(0, |_| HOT_HASH) | e.was.map_or(0, |_| HOT_WAS);
+                    out.push(flags);
+                    for h in e.hash.iter().chain(&e.was) {
+                        out.extend_from_slice(h);
+                    }
                 }
             }
             Frame::Error { id, code, message } => {
@@ -467,10 +485,17 @@ mod tests {
                     HotEntry {
                         block: 5,
                         hash: Some([4; 32]),
+                        was: None,
                     },
                     HotEntry {
                         block: 6,
+                        hash: Some([5; 32]),
+                        was: Some([6; 32]),
+                    },
+                    HotEntry {
+                        block: 7,
                         hash: None,
+                        was: Some([7; 32]),
                     },
                 ],
             },
@@ -513,6 +538,23 @@ mod tests {
     }
 
     #[test]
+    fn the_largest_hot_frame_fits() {
+        let entry = HotEntry {
+            block: u64::MAX,
+            hash: Some([1; 32]),
+            was: Some([2; 32]),
+        };
+        let frame = Frame::Hot {
+            export: 1,
+            reset: false,
+            entries: vec![entry; MAX_HOT_ENTRIES as usize],
+        };
+        let bytes = frame.to_bytes();
+        assert!(bytes.len() - 4 <= MAX_FRAME as usize);
+        assert_eq!(Frame::parse(&bytes), Ok((frame, bytes.len())));
+    }
+
+    #[test]
     fn rejects_malformed_frames() {
         assert_eq!(Frame::parse(&[0, 0, 0]), Err(FrameError::Incomplete));
         assert_eq!(
@@ -532,6 +574,20 @@ mod tests {
         b.extend_from_slice(&[0; 32]);
         b[3] = (b.len() - 4) as u8;
         assert_eq!(Frame::parse(&b), Err(FrameError::Malformed("hash count")));
+        // A HOT entry with an unknown flag, and one announcing a hash it does not carry.
+        let mut b = vec![0, 0, 0, 0, T_HOT, 0, 0, 0, 1, 0, 0, 0, 0, 1];
+        b.extend_from_slice(&5u64.to_be_bytes());
+        b.push(4);
+        b[3] = (b.len() - 4) as u8;
+        assert_eq!(
+            Frame::parse(&b),
+            Err(FrameError::Malformed("unknown entry flags"))
+        );
+        let n = b.len();
+        b[n - 1] = HOT_HASH;
+        b.extend_from_slice(&[0; 31]);
+        b[3] = (b.len() - 4) as u8;
+        assert_eq!(Frame::parse(&b), Err(FrameError::Malformed("hash")));
         // Trailing bytes after a complete HotSubscribe.
         assert_eq!(
             Frame::parse(&[0, 0, 0, 6, T_HOT_SUBSCRIBE, 0, 0, 0, 1, 9]),

@@ -15,10 +15,14 @@ use tokio::{
 };
 
 use super::frame::{
-    ErrorCode, ExportInfo, Found, Frame, FrameError, HotEntry, MAX_BATCH, MAX_FRAME, VERSION,
+    ErrorCode, ExportInfo, Found, Frame, FrameError, HotEntry, MAX_BATCH, MAX_FRAME,
+    MAX_HOT_ENTRIES, VERSION,
 };
 use crate::{
-    index::{hot::HotSet, BlockIndex, ExportId, BLOCK},
+    index::{
+        hot::{HotChange, HotSet},
+        BlockIndex, ExportId, BLOCK,
+    },
     listener::{Accepted, BindError, Bound, Listen},
 };
 
@@ -307,46 +311,13 @@ async fn forward_hot(hot: Arc<HotSet>, tx: mpsc::Sender<Vec<u8>>) {
     let export = hot.export();
     loop {
         let (snapshot, mut rx) = hot.subscribe();
-        let entries: Vec<HotEntry> = snapshot
-            .iter()
-            .map(|c| HotEntry {
-                block: c.block,
-                hash: c.hash,
-            })
-            .collect();
-        let mut chunks = entries.chunks(MAX_BATCH as usize);
-        let first = chunks.next().unwrap_or(&[]).to_vec();
-        let mut frames = vec![Frame::Hot {
-            export,
-            reset: true,
-            entries: first,
-        }];
-        frames.extend(chunks.map(|c| Frame::Hot {
-            export,
-            reset: false,
-            entries: c.to_vec(),
-        }));
-        for f in frames {
-            if tx.send(f.to_bytes()).await.is_err() {
-                return;
-            }
+        if !send_hot(&tx, export, true, &snapshot).await {
+            return;
         }
         loop {
             match rx.recv().await {
                 Ok(batch) => {
-                    let entries = batch
-                        .iter()
-                        .map(|c| HotEntry {
-                            block: c.block,
-                            hash: c.hash,
-                        })
-                        .collect();
-                    let frame = Frame::Hot {
-                        export,
-                        reset: false,
-                        entries,
-                    };
-                    if tx.send(frame.to_bytes()).await.is_err() {
+                    if !send_hot(&tx, export, false, &batch).await {
                         return;
                     }
                 }
@@ -359,4 +330,35 @@ async fn forward_hot(hot: Arc<HotSet>, tx: mpsc::Sender<Vec<u8>>) {
             }
         }
     }
+}
+
+/// Sends `changes` as HOT frames of at most [`MAX_HOT_ENTRIES`] entries, at least one frame,
+/// the first one marked `reset` if asked (an empty snapshot is still a reset). `false` when
+/// the client's writer is gone.
+async fn send_hot(
+    tx: &mpsc::Sender<Vec<u8>>,
+    export: u32,
+    reset: bool,
+    changes: &[HotChange],
+) -> bool {
+    let per_frame = MAX_HOT_ENTRIES as usize;
+    for n in 0..changes.len().div_ceil(per_frame).max(1) {
+        let chunk = &changes[n * per_frame..changes.len().min((n + 1) * per_frame)];
+        let frame = Frame::Hot {
+            export,
+            reset: reset && n == 0,
+            entries: chunk
+                .iter()
+                .map(|c| HotEntry {
+                    block: c.block,
+                    hash: c.hash,
+                    was: c.was,
+                })
+                .collect(),
+        };
+        if tx.send(frame.to_bytes()).await.is_err() {
+            return false;
+        }
+    }
+    true
 }
