@@ -116,6 +116,21 @@ impl<V: Copy> DigestMap<V> {
         old
     }
 
+    /// [`DigestMap::insert`] for each entry, in order, with each home slot prefetched a few
+    /// entries ahead (a bulk load is a cache miss per entry otherwise).
+    pub fn insert_many(&mut self, entries: &[(Hash, V)]) {
+        self.reserve(entries.len());
+        for (key, _) in entries.iter().take(AHEAD) {
+            self.prefetch(key);
+        }
+        for (n, &(key, value)) in entries.iter().enumerate() {
+            if let Some((ahead, _)) = entries.get(n + AHEAD) {
+                self.prefetch(ahead);
+            }
+            self.insert(key, value);
+        }
+    }
+
     /// Removes `key`; returns its value.
     pub fn remove(&mut self, key: &Hash) -> Option<V> {
         let (mut hole, true) = self.probe(key) else {
@@ -219,6 +234,11 @@ mod tests {
         }
         map.retain(|_, v| v % 3 != 0);
         model.retain(|_, v| *v % 3 != 0);
+        assert_eq!(map.len(), model.len());
+        // A bulk load over existing keys, with repeats inside it: the last value wins.
+        let bulk: Vec<(Hash, u64)> = (0..2_000u64).map(|n| (key(n % 1_500), n)).collect();
+        map.insert_many(&bulk);
+        model.extend(bulk.iter().copied());
         assert_eq!(map.len(), model.len());
         let keys: Vec<Hash> = (0..3_500).map(key).collect();
         let got: Vec<Option<u64>> = map.get_many(&keys).collect();

@@ -166,7 +166,13 @@ impl IndexClient {
 #[derive(Debug, Default)]
 pub struct HotReplica {
     by_hash: DigestMap<(u32, u64)>,
+    /// A bulk load's entries, kept for reuse.
+    scratch: Vec<(Hash, (u32, u64))>,
 }
+
+/// Most snapshot entries the replica makes room for in advance (4 million slots at most);
+/// a larger snapshot grows it as it arrives.
+const MAX_SNAPSHOT_HINT: u32 = 1 << 21;
 
 impl HotReplica {
     /// Applies a HOT frame; other frames are ignored and reported as `false`.
@@ -179,10 +185,23 @@ impl HotReplica {
         else {
             return false;
         };
-        if *reset {
+        if let Some(snapshot) = reset {
             self.by_hash.retain(|_, (e, _)| e != export);
+            // Sized once for the whole snapshot; the size is the server's word, so bounded.
+            self.by_hash
+                .reserve((*snapshot).min(MAX_SNAPSHOT_HINT) as usize);
         }
-        self.by_hash.reserve(entries.len());
+        if entries.iter().all(|e| e.was.is_none()) {
+            // A snapshot's frames, or blocks new to the set: one bulk load.
+            self.scratch.clear();
+            self.scratch.extend(
+                entries
+                    .iter()
+                    .filter_map(|e| Some((e.hash?, (*export, e.block)))),
+            );
+            self.by_hash.insert_many(&self.scratch);
+            return true;
+        }
         for e in entries {
             let key = (*export, e.block);
             // `key` no longer holds `was`: forget it unless another block was announced since.
@@ -233,9 +252,9 @@ mod tests {
     #[test]
     fn replica_follows_changes_and_resets() {
         let mut r = HotReplica::default();
-        let hot = |export, reset, entries: &[(u64, Option<u8>, Option<u8>)]| Frame::Hot {
+        let hot = |export, reset: bool, entries: &[(u64, Option<u8>, Option<u8>)]| Frame::Hot {
             export,
-            reset,
+            reset: reset.then_some(entries.len() as u32),
             entries: entries
                 .iter()
                 .map(|&(block, h, was)| HotEntry {

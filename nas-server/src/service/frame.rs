@@ -126,11 +126,12 @@ pub enum Frame {
     HotSubscribe {
         id: u32,
     },
-    /// server -> client: hot-set changes of one export; `reset` means forget that export's
-    /// replica first (sent at subscription and whenever the client fell behind).
+    /// server -> client: hot-set changes of one export. `reset: Some(n)` means forget that
+    /// export's replica first: a snapshot of `n` entries starts here, in this frame and the
+    /// frames that follow it (sent at subscription and whenever the client fell behind).
     Hot {
         export: u32,
-        reset: bool,
+        reset: Option<u32>,
         entries: Vec<HotEntry>,
     },
     Error {
@@ -293,7 +294,12 @@ impl Frame {
             },
             T_HOT => {
                 let export = r.u32("export")?;
-                let reset = r.u8("reset")? != 0;
+                let reset = match (r.u8("reset")?, r.u32("snapshot entries")?) {
+                    (0, 0) => None,
+                    (0, _) => return Err(FrameError::Malformed("snapshot size without reset")),
+                    (1, n) => Some(n),
+                    _ => return Err(FrameError::Malformed("reset flag")),
+                };
                 let n = r.count(MAX_HOT_ENTRIES, 9, "entry count")?;
                 let mut entries = Vec::with_capacity(n as usize);
                 for _ in 0..n {
@@ -404,7 +410,8 @@ impl Frame {
             } => {
                 out.push(T_HOT);
                 out.extend_from_slice(&export.to_be_bytes());
-                out.push(u8::from(*reset));
+                out.push(u8::from(reset.is_some()));
+                out.extend_from_slice(&reset.unwrap_or(0).to_be_bytes());
                 out.extend_from_slice(&(entries.len() as u32).to_be_bytes());
                 for e in entries {
                     out.extend_from_slice(&e.block.to_be_bytes());
@@ -480,7 +487,7 @@ mod tests {
             Frame::HotSubscribe { id: 9 },
             Frame::Hot {
                 export: 1,
-                reset: true,
+                reset: Some(70_000),
                 entries: vec![
                     HotEntry {
                         block: 5,
@@ -546,7 +553,7 @@ mod tests {
         };
         let frame = Frame::Hot {
             export: 1,
-            reset: false,
+            reset: None,
             entries: vec![entry; MAX_HOT_ENTRIES as usize],
         };
         let bytes = frame.to_bytes();
@@ -575,7 +582,7 @@ mod tests {
         b[3] = (b.len() - 4) as u8;
         assert_eq!(Frame::parse(&b), Err(FrameError::Malformed("hash count")));
         // A HOT entry with an unknown flag, and one announcing a hash it does not carry.
-        let mut b = vec![0, 0, 0, 0, T_HOT, 0, 0, 0, 1, 0, 0, 0, 0, 1];
+        let mut b = vec![0, 0, 0, 0, T_HOT, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1];
         b.extend_from_slice(&5u64.to_be_bytes());
         b.push(4);
         b[3] = (b.len() - 4) as u8;
@@ -588,6 +595,13 @@ mod tests {
         b.extend_from_slice(&[0; 31]);
         b[3] = (b.len() - 4) as u8;
         assert_eq!(Frame::parse(&b), Err(FrameError::Malformed("hash")));
+        // A snapshot size on a frame that does not reset.
+        let mut b = vec![0, 0, 0, 0, T_HOT, 0, 0, 0, 1, 0, 0, 0, 0, 9, 0, 0, 0, 0];
+        b[3] = (b.len() - 4) as u8;
+        assert_eq!(
+            Frame::parse(&b),
+            Err(FrameError::Malformed("snapshot size without reset"))
+        );
         // Trailing bytes after a complete HotSubscribe.
         assert_eq!(
             Frame::parse(&[0, 0, 0, 6, T_HOT_SUBSCRIBE, 0, 0, 0, 1, 9]),

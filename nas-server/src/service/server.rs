@@ -332,9 +332,10 @@ async fn forward_hot(hot: Arc<HotSet>, tx: mpsc::Sender<Vec<u8>>) {
     }
 }
 
-/// Sends `changes` as HOT frames of at most [`MAX_HOT_ENTRIES`] entries, at least one frame,
-/// the first one marked `reset` if asked (an empty snapshot is still a reset). `false` when
-/// the client's writer is gone.
+/// Sends `changes` as HOT frames of at most [`MAX_HOT_ENTRIES`] entries, at least one frame.
+/// For a snapshot (`reset`), the first frame resets and gives the snapshot's size, so the
+/// client sizes its replica once; an empty snapshot is still a reset. `false` when the
+/// client's writer is gone.
 async fn send_hot(
     tx: &mpsc::Sender<Vec<u8>>,
     export: u32,
@@ -346,7 +347,7 @@ async fn send_hot(
         let chunk = &changes[n * per_frame..changes.len().min((n + 1) * per_frame)];
         let frame = Frame::Hot {
             export,
-            reset: reset && n == 0,
+            reset: (reset && n == 0).then_some(changes.len() as u32),
             entries: chunk
                 .iter()
                 .map(|c| HotEntry {
