@@ -1,6 +1,6 @@
 //! The index service and the library's clients against a running server: scoped lookups,
-//! shared exports, block hashes by offset, the hot-set stream, and the async NBD client's
-//! coalesced, pipelined reads.
+//! shared exports, block hashes by offset, the hot-set stream, the refusal of another protocol
+//! version, and the async NBD client's coalesced, pipelined reads.
 use std::time::Duration;
 
 use nas_server::{
@@ -9,7 +9,7 @@ use nas_server::{
         nbd::NbdClient,
     },
     index::hash_block,
-    service::frame::{ErrorCode, Found, Frame},
+    service::frame::{ErrorCode, Found, Frame, VERSION},
 };
 use tests::{
     nbd_fixture::{ExportConf, NbdFixture},
@@ -170,6 +170,32 @@ fn lookups_see_writes_immediately() {
             })
         );
     });
+}
+
+#[test]
+fn a_client_of_another_protocol_version_is_refused_with_the_version_error() {
+    use std::io::{Read, Write};
+    let w = world();
+    let nas_server::listener::Listen::Tcp(addr) = w.server.index_addr else {
+        panic!("the fixture's index service listens on TCP");
+    };
+    let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let hello = Frame::Hello {
+        version: VERSION - 1,
+        exports: vec!["vm1".into()],
+    };
+    tcp.write_all(&hello.to_bytes()).unwrap();
+    // The server answers with ERROR (code 1, naming its version) and closes.
+    let mut reply = Vec::new();
+    tcp.read_to_end(&mut reply).unwrap();
+    let (frame, used) = Frame::parse(&reply).unwrap();
+    assert_eq!(used, reply.len(), "nothing after the ERROR");
+    let Frame::Error { code, message, .. } = frame else {
+        panic!("expected ERROR, got {frame:?}");
+    };
+    assert_eq!(code, ErrorCode::Version);
+    assert!(message.contains(&format!("version {VERSION}")), "{message}");
 }
 
 fn nbd_crate_client(
