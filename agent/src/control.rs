@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! agent migrate (source host)                         agent serve (target host)
+//!   checks both QEMUs' capabilities and the index service (version, the VM's exports)
 //!   QMP target: migrate-incoming tcp:127.0.0.1:Q        accepts the link, reads HELLO,
 //!   link -> target agent ---------------------------->  connects to QEMU at Q, rebuilds
 //!   listens on 127.0.0.1:P; QMP source: migrate P       the stream, reports DONE
@@ -17,7 +18,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use nas_server::listener::{Bound, Listen};
+use nas_server::{
+    client::index::{IndexClient, IndexClientError},
+    listener::{Bound, Listen},
+};
 use serde::Serialize;
 use serde_json::json;
 use tokio::{
@@ -60,6 +64,11 @@ pub enum ControlError {
     },
     #[error("{0}")]
     Refused(String),
+    #[error("index service at {addr}: {source}")]
+    Index {
+        addr: String,
+        source: IndexClientError,
+    },
     #[error("cannot reach the target agent at {addr}: {source}")]
     Link {
         addr: String,
@@ -223,6 +232,16 @@ pub async fn migrate(opts: MigrateOptions) -> Result<MigrationReport, ControlErr
                 )));
             }
         }
+    }
+    // Before either QEMU is told anything: an index service of another protocol version, or
+    // one that does not serve the VM's exports, refuses here, not mid-stream.
+    if let (Some(addr), false) = (&opts.nas_index, opts.passthrough) {
+        IndexClient::connect(addr, &opts.exports)
+            .await
+            .map_err(|source| ControlError::Index {
+                addr: addr.to_string(),
+                source,
+            })?;
     }
     // Advice only: an older QEMU without query-memdev migrates all the same.
     let target_ram_preallocated = dst.ram_preallocated().await.ok().flatten();

@@ -2,7 +2,8 @@
 //! agents (`agent::control::migrate` and `agent::control::serve`, the code behind `agent
 //! migrate` and `agent serve`). The target guest must carry on where the source stopped, the
 //! target QEMU must receive exactly the source QEMU's bytes, and faults must never corrupt the
-//! target or kill the source.
+//! target or kill the source. An index service that refuses the session stops the migration
+//! before either QEMU is told anything.
 use std::{path::Path, time::Duration};
 
 use agent::{
@@ -253,4 +254,35 @@ fn target_agent_dying_leaves_the_source_running() {
         before as usize + 2,
         Duration::from_secs(60),
     );
+}
+
+#[test]
+fn an_index_service_refusal_stops_the_migration_before_either_qemu_is_told() {
+    if !require_root("an_index_service_refusal_stops_the_migration_before_either_qemu_is_told") {
+        return;
+    }
+    let _qemu = exclusive();
+    let s = setup("e2e-index-refuses", 256, 16, false, false);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let err = rt.block_on(async {
+        // No target agent listens there: the refusal must come before the link is opened.
+        let mut opts = options(&s, "127.0.0.1:9", None);
+        opts.exports = vec!["not-on-this-nas".into()];
+        migrate(opts)
+            .await
+            .expect_err("an export the NAS does not serve is refused")
+    });
+    let msg = err.to_string();
+    assert!(
+        msg.starts_with("index service at") && msg.contains("no export named \"not-on-this-nas\""),
+        "{msg}"
+    );
+    assert_eq!(rt.block_on(status(&s.source.qmp_path)), "running");
+    assert_eq!(rt.block_on(status(&s.target.qmp_path)), "inmigrate");
+    // The source QEMU was never asked to migrate: it has no migration to report.
+    let info = rt.block_on(async {
+        let mut qmp = Qmp::connect(&s.source.qmp_path).await.unwrap();
+        qmp.execute("query-migrate", None).await.unwrap()
+    });
+    assert!(info.get("status").is_none(), "{info}");
 }
