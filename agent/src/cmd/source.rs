@@ -9,7 +9,10 @@ use agent::migration::{
     source::{run_source, SourceConfig},
 };
 use anyhow::Context;
-use nas_server::listener::{Bound, Listen};
+use nas_server::{
+    client::index::IndexClient,
+    listener::{Bound, Listen},
+};
 use tokio::net::TcpStream;
 
 #[derive(Debug, clap::Args)]
@@ -30,6 +33,14 @@ pub struct Args {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    let s = args.stream;
+    // Before QEMU is pointed here: an index service of another protocol version, or one that
+    // does not serve the VM's exports, refuses now rather than once the migration runs.
+    if !s.passthrough {
+        IndexClient::connect(&s.nas_index, &s.exports)
+            .await
+            .with_context(|| format!("index service at {}", s.nas_index))?;
+    }
     let listener = Bound::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -39,7 +50,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot reach the target agent at {}", args.target_agent))?;
     link.set_nodelay(true)?;
-    let s = args.stream;
     let mut config = SourceConfig::new(&s.vm, s.exports, &s.nas_nbd, Some(s.nas_index));
     config.incoming = args.incoming;
     config.zstd = s.zstd;
