@@ -274,16 +274,6 @@ fn both_sides(stream: Arc<Vec<u8>>, nbd: &Listen, index: &Listen) -> anyhow::Res
     })
 }
 
-/// Replays recorded link bytes into the target; returns its wall time.
-fn target_alone(link: Arc<Vec<u8>>, nbd: &Listen, expect: u64) -> anyhow::Result<Duration> {
-    let nbd = nbd.clone();
-    std::thread::Builder::new()
-        .name("bench-replay".into())
-        .spawn(move || replay_target(link, &nbd, expect))?
-        .join()
-        .map_err(|_| anyhow::anyhow!("replay thread panicked"))?
-}
-
 /// A thread named `name` that runs `work` on its own single-threaded runtime (one core at
 /// most). It yields the work's output and the thread's CPU time from the runtime's start.
 fn one_core<T, F>(
@@ -330,12 +320,10 @@ fn source_on_one_core(
     })
 }
 
-fn replay_target(link: Arc<Vec<u8>>, nbd: &Listen, expect: u64) -> anyhow::Result<Duration> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+/// Replays recorded link bytes into the target on [`one_core`]; returns its wall time.
+fn target_alone(link: Arc<Vec<u8>>, nbd: &Listen, expect: u64) -> anyhow::Result<Duration> {
     let nas = nbd.clone();
-    rt.block_on(async move {
+    let replay = one_core("bench-replay", move || async move {
         let started = Instant::now();
         let mut link = Replay { data: link, at: 0 };
         let mut frames = FrameReader::new();
@@ -363,7 +351,9 @@ fn replay_target(link: Arc<Vec<u8>>, nbd: &Listen, expect: u64) -> anyhow::Resul
             );
         }
         Ok(took)
-    })
+    })?;
+    let (took, _) = join(replay)?;
+    Ok(took)
 }
 
 /// A link that also keeps every byte read from it.
