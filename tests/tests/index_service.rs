@@ -198,6 +198,14 @@ fn a_client_of_another_protocol_version_is_refused_with_the_version_error() {
     assert!(message.contains(&format!("version {VERSION}")), "{message}");
 }
 
+/// The next frame of a hot-set subscription, which must come within 10 s.
+async fn next_change(c: &mut IndexClient) -> Frame {
+    tokio::time::timeout(Duration::from_secs(10), c.recv())
+        .await
+        .expect("hot-set change within 10 s")
+        .unwrap()
+}
+
 fn nbd_crate_client(
     server: &NbdFixture,
     export: &str,
@@ -227,11 +235,7 @@ fn hot_set_streams_reads_and_writes() {
         let ranges: Vec<(u64, u32)> = (0..16).map(|i| (MIB as u64 + i * 4096, 4096)).collect();
         nbd.read_many(&ranges, 4).await.unwrap();
         while replica.len() < 16 {
-            let f = tokio::time::timeout(Duration::from_secs(10), c.recv())
-                .await
-                .expect("hot-set change within 10 s")
-                .unwrap();
-            replica.apply(&f);
+            replica.apply(&next_change(&mut c).await);
         }
         let h = hash_block(block(&w.vm1, 256 + 5)).unwrap();
         assert_eq!(
@@ -253,11 +257,7 @@ fn hot_set_streams_reads_and_writes() {
                 .arg(w.server.uri("vm1")),
         );
         while replica.get(&new5).is_none() || replica.get(&old6).is_some() {
-            let f = tokio::time::timeout(Duration::from_secs(10), c.recv())
-                .await
-                .expect("hot-set change within 10 s")
-                .unwrap();
-            replica.apply(&f);
+            replica.apply(&next_change(&mut c).await);
         }
         assert_eq!(replica.get(&h), None, "the rewritten block's old content");
         assert_eq!(
