@@ -14,6 +14,7 @@ mod demo;
 mod ebpf;
 mod fuzz;
 mod guest;
+mod hostmem;
 mod lab;
 mod relay;
 mod setup;
