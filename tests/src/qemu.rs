@@ -9,6 +9,11 @@ use std::{
 
 use agent::qmp::Qmp;
 
+use crate::{
+    nbd_fixture::{ExportConf, NbdFixture},
+    Scratch,
+};
+
 /// `target/guest`, where `cargo xtask guest-image` puts the kernel and initramfs.
 pub fn image_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/guest")
@@ -326,4 +331,64 @@ pub fn exclusive() -> std::sync::MutexGuard<'static, ()> {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     LOCK.lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A live-migration setup: a nas-server (in process) exporting a 256 MiB patterned disk as
+/// `disk`, a source guest that has read `read_mb` MiB of it, and a target QEMU on the same disk
+/// waiting for the migration (`-incoming defer`), all under one scratch directory.
+pub struct Pair {
+    pub dir: Scratch,
+    /// `None` once a test has stopped it.
+    pub server: Option<NbdFixture>,
+    pub source: Guest,
+    pub target: Guest,
+    /// The source guest's RAM checksum, which the target must go on printing.
+    pub blob: String,
+}
+
+impl Pair {
+    /// `disk_writes`: the guests keep writing their disk; `target_prealloc`: the target QEMU
+    /// allocates its guest RAM at start-up (`-mem-prealloc`).
+    pub fn start(
+        tag: &str,
+        mem_mb: u32,
+        read_mb: u32,
+        disk_writes: bool,
+        target_prealloc: bool,
+    ) -> Pair {
+        let dir = Scratch::new(tag);
+        let disk = dir.path("disk.raw");
+        std::fs::write(&disk, crate::pattern(21, 256 << 20)).unwrap();
+        let server = NbdFixture::start_with(
+            &[ExportConf {
+                name: "disk",
+                path: &disk,
+                read_only: false,
+                shared: false,
+            }],
+            262_144,
+        );
+        let uri = server.uri("disk");
+        let spec = |name, incoming, prealloc| GuestSpec {
+            name,
+            mem_mb,
+            read_mb,
+            disk_uri: &uri,
+            disk_writes,
+            incoming,
+            prealloc,
+            qemu: None,
+        };
+        let source = Guest::start(&dir.0, &spec("source", false, false));
+        source.wait_line("QEVAL-READY", 0, Duration::from_secs(180));
+        let blob = source.blob_sums()[0].clone();
+        let target = Guest::start(&dir.0, &spec("target", true, target_prealloc));
+        Pair {
+            dir,
+            server: Some(server),
+            source,
+            target,
+            blob,
+        }
+    }
 }

@@ -13,76 +13,14 @@ use agent::{
 };
 use nas_server::listener::Listen;
 use tests::{
-    nbd_fixture::{ExportConf, NbdFixture},
-    pattern,
-    qemu::{carried_on, exclusive, Guest, GuestSpec},
-    require_root, Scratch,
+    qemu::{carried_on, exclusive, Pair},
+    require_root,
 };
 use tokio::{net::TcpListener, sync::watch};
 
 const MIB: usize = 1 << 20;
 
-struct Setup {
-    dir: Scratch,
-    server: Option<NbdFixture>,
-    source: Guest,
-    target: Guest,
-    blob: String,
-}
-
-/// `target_prealloc`: the target QEMU allocates its guest RAM at start-up (`-mem-prealloc`).
-fn setup(tag: &str, mem_mb: u32, read_mb: u32, disk_writes: bool, target_prealloc: bool) -> Setup {
-    let dir = Scratch::new(tag);
-    let disk = dir.path("disk.raw");
-    std::fs::write(&disk, pattern(21, 256 * MIB)).unwrap();
-    let server = NbdFixture::start_with(
-        &[ExportConf {
-            name: "disk",
-            path: &disk,
-            read_only: false,
-            shared: false,
-        }],
-        262_144,
-    );
-    let uri = server.uri("disk");
-    let source = Guest::start(
-        &dir.0,
-        &GuestSpec {
-            name: "source",
-            mem_mb,
-            read_mb,
-            disk_uri: &uri,
-            disk_writes,
-            incoming: false,
-            prealloc: false,
-            qemu: None,
-        },
-    );
-    source.wait_line("QEVAL-READY", 0, Duration::from_secs(180));
-    let blob = source.blob_sums()[0].clone();
-    let target = Guest::start(
-        &dir.0,
-        &GuestSpec {
-            name: "target",
-            mem_mb,
-            read_mb,
-            disk_uri: &uri,
-            disk_writes,
-            incoming: true,
-            prealloc: target_prealloc,
-            qemu: None,
-        },
-    );
-    Setup {
-        dir,
-        server: Some(server),
-        source,
-        target,
-        blob,
-    }
-}
-
-fn options(s: &Setup, agent: &str, max_bandwidth: Option<u64>) -> MigrateOptions {
+fn options(s: &Pair, agent: &str, max_bandwidth: Option<u64>) -> MigrateOptions {
     let server = s.server.as_ref().expect("server running");
     MigrateOptions {
         source_qmp: s.source.qmp_path.clone(),
@@ -119,13 +57,13 @@ async fn target_agent(record: &Path) -> (String, watch::Sender<bool>, tokio::tas
 }
 
 /// The target guest runs on: heartbeats past the source's last one, and the RAM blob intact.
-fn assert_guest_continues(s: &Setup) {
+fn assert_guest_continues(s: &Pair) {
     if let Err(e) = carried_on(&s.source, &s.target, &s.blob) {
         panic!("{e}");
     }
 }
 
-fn assert_same_stream(s: &Setup) {
+fn assert_same_stream(s: &Pair) {
     let a = std::fs::read(s.dir.path("source-stream.bin")).unwrap();
     let b = std::fs::read(s.dir.path("target-stream.bin")).unwrap();
     assert_eq!(a.len(), b.len(), "target QEMU received a different length");
@@ -145,7 +83,7 @@ fn live_migration_through_the_agents() {
         return;
     }
     let _qemu = exclusive();
-    let s = setup("e2e", 512, 200, false, false);
+    let s = Pair::start("e2e", 512, 200, false, false);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let report: MigrationReport = rt.block_on(async {
         let (agent, _stop, _task) = target_agent(&s.dir.path("target-stream.bin")).await;
@@ -182,7 +120,7 @@ fn guest_writing_its_disk_during_migration_stays_correct() {
     }
     let _qemu = exclusive();
     // Also the one run whose target preallocates its RAM: the report must say so.
-    let s = setup("e2e-writes", 256, 64, true, true);
+    let s = Pair::start("e2e-writes", 256, 64, true, true);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let report = rt.block_on(async {
         let (agent, _stop, _task) = target_agent(&s.dir.path("target-stream.bin")).await;
@@ -204,7 +142,7 @@ fn nas_killed_mid_migration_never_corrupts_the_target() {
         return;
     }
     let _qemu = exclusive();
-    let mut s = setup("e2e-nas-killed", 256, 64, false, false);
+    let mut s = Pair::start("e2e-nas-killed", 256, 64, false, false);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let report = rt.block_on(async {
         let (agent, _stop, _task) = target_agent(&s.dir.path("target-stream.bin")).await;
@@ -233,7 +171,7 @@ fn target_agent_dying_leaves_the_source_running() {
         return;
     }
     let _qemu = exclusive();
-    let s = setup("e2e-agent-dies", 256, 64, false, false);
+    let s = Pair::start("e2e-agent-dies", 256, 64, false, false);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let report = rt.block_on(async {
         let (agent, _stop, task) = target_agent(&s.dir.path("target-stream.bin")).await;
@@ -262,7 +200,7 @@ fn an_index_service_refusal_stops_the_migration_before_either_qemu_is_told() {
         return;
     }
     let _qemu = exclusive();
-    let s = setup("e2e-index-refuses", 256, 16, false, false);
+    let s = Pair::start("e2e-index-refuses", 256, 16, false, false);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let err = rt.block_on(async {
         // No target agent listens there: the refusal must come before the link is opened.

@@ -1,0 +1,187 @@
+//! The path the README gives libvirt and QMP scripts, with the real binaries: `agent serve` on
+//! the target host, `agent source` on the source host, and the test driving both QEMUs over QMP
+//! as a script (or libvirt) would: `migrate-incoming` on the target, `migrate` on the source.
+use std::{
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use agent::qmp::Qmp;
+use serde_json::{json, Value};
+use tests::{
+    nbd_fixture::NbdFixture,
+    qemu::{carried_on, exclusive, Pair},
+    require_root, Scratch,
+};
+
+/// A loopback port nobody listens on right now.
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// Kills the child on drop, so a failed assertion leaves no agent behind.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn agent() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_agent"));
+    cmd.env("RUST_LOG", "info");
+    cmd
+}
+
+/// `agent source` for a VM on `export` of `server`, listening for QEMU on `listen`.
+fn agent_source(
+    server: &NbdFixture,
+    listen: &Path,
+    target_agent: u16,
+    incoming: u16,
+    export: &str,
+) -> Command {
+    let mut cmd = agent();
+    cmd.arg("source")
+        .arg("--listen")
+        .arg(format!("unix:{}", listen.display()))
+        .args(["--target-agent", &format!("127.0.0.1:{target_agent}")])
+        .args(["--incoming", &format!("tcp:127.0.0.1:{incoming}")])
+        .args(["--export", export])
+        .args(["--nas-nbd", &server.addr.to_string()])
+        .args(["--nas-index", &server.index_addr.to_string()]);
+    cmd
+}
+
+/// Waits for `cond`, polling, or panics with `what`.
+fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < limit, "{what} within {limit:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+async fn execute(qmp: &Path, command: &str, args: Option<Value>) -> Value {
+    let mut q = Qmp::connect(qmp).await.expect("QMP");
+    q.execute(command, args)
+        .await
+        .unwrap_or_else(|e| panic!("{command}: {e}"))
+}
+
+#[test]
+fn agent_source_and_agent_serve_migrate_a_guest_driven_over_qmp() {
+    if !require_root("agent_source_and_agent_serve_migrate_a_guest_driven_over_qmp") {
+        return;
+    }
+    let _qemu = exclusive();
+    let pair = Pair::start("qmp-script", 256, 64, false, false);
+    let (link, incoming) = (free_port(), free_port());
+    let _serve = Running(
+        agent()
+            .args(["serve", "--link-listen", &format!("127.0.0.1:{link}")])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start agent serve"),
+    );
+    let sock = pair.dir.path("migrate.sock");
+    let server = pair.server.as_ref().expect("server running");
+    let source = agent_source(server, &sock, link, incoming, "disk")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start agent source");
+    let mut source = Running(source);
+    // It binds its listener only after the index service accepted the session.
+    wait_for("agent source listening", Duration::from_secs(30), || {
+        sock.exists()
+    });
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let info = rt.block_on(async {
+        let uncapped = json!({ "max-bandwidth": 100_000_000_000u64 });
+        execute(
+            &pair.source.qmp_path,
+            "migrate-set-parameters",
+            Some(uncapped),
+        )
+        .await;
+        let uri = json!({ "uri": format!("tcp:127.0.0.1:{incoming}") });
+        execute(&pair.target.qmp_path, "migrate-incoming", Some(uri)).await;
+        let uri = json!({ "uri": format!("unix:{}", sock.display()) });
+        execute(&pair.source.qmp_path, "migrate", Some(uri)).await;
+        let start = Instant::now();
+        loop {
+            let info = execute(&pair.source.qmp_path, "query-migrate", None).await;
+            if let Some("completed" | "failed" | "cancelled") = info["status"].as_str() {
+                break info;
+            }
+            assert!(start.elapsed() < Duration::from_secs(600), "{info}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    assert_eq!(info["status"], "completed", "{info}");
+
+    // `agent source` ends by itself once the migration is done and prints its report.
+    let stdout = source.0.stdout.take().unwrap();
+    wait_for("agent source exiting", Duration::from_secs(60), || {
+        source.0.try_wait().unwrap().is_some()
+    });
+    let status = source.0.wait().unwrap();
+    assert!(status.success(), "agent source: {status}");
+    let report: Value = serde_json::from_reader(stdout).expect("agent source prints JSON");
+    eprintln!("{report}");
+    let figure = |k: &str| {
+        report[k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{k} in {report}"))
+    };
+    // The guest read 64 MiB of the disk: nearly all of those pages are in its RAM and mapped,
+    // each costing a MAPPED frame instead of its 4 KiB.
+    assert!(figure("pages_mapped") >= 16384 * 95 / 100, "{report}");
+    assert_eq!(figure("pages_fallback"), 0, "{report}");
+    assert!(
+        figure("link_bytes") <= figure("qemu_bytes") - figure("pages_mapped") * 4032,
+        "{report}"
+    );
+
+    let status = |qmp: &Path| {
+        rt.block_on(async { Qmp::connect(qmp).await.unwrap().status().await.unwrap() })
+    };
+    assert_eq!(status(&pair.source.qmp_path), "postmigrate");
+    assert_eq!(status(&pair.target.qmp_path), "running");
+    if let Err(e) = carried_on(&pair.source, &pair.target, &pair.blob) {
+        panic!("{e}");
+    }
+}
+
+#[test]
+fn agent_source_refuses_an_export_the_nas_does_not_serve_before_it_listens() {
+    // No QEMU is needed: the refusal comes before `agent source` listens for one.
+    let dir = Scratch::new("qmp-script-refused");
+    let server = NbdFixture::start(&[("disk", &dir.image("disk.raw", 1 << 20), false)]);
+    let sock = dir.path("migrate.sock");
+    let mut child = Running(
+        agent_source(&server, &sock, free_port(), free_port(), "not-on-this-nas")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start agent source"),
+    );
+    wait_for("agent source refusing", Duration::from_secs(30), || {
+        sock.exists() || child.0.try_wait().unwrap().is_some()
+    });
+    assert!(!sock.exists(), "agent source listened before the check");
+    let status = child.0.wait().unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.0.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("index service at")
+            && stderr.contains("no export named \"not-on-this-nas\""),
+        "{stderr}"
+    );
+}
