@@ -11,7 +11,7 @@
 //! migration into it can finish.
 //!
 //! That cost is this machine's, not QEMU's: it returns freed memory to its own hypervisor
-//! (see [`hostmem`]), and zeroing such memory again is about forty times slower than zeroing
+//! (see [`hostmem`]), and zeroing such memory again is about thirty times slower than zeroing
 //! memory it holds. So plain QEMU and the agents also run with on-demand RAM right after the
 //! harness touched and freed twice the guest's size of memory ("target host memory warm"):
 //! the target QEMU then gets memory that behaves like a bare-metal host's. Each round prints
