@@ -14,8 +14,8 @@
 //! (see [`hostmem`]), and zeroing such memory again is about thirty times slower than zeroing
 //! memory it holds. So plain QEMU and the agents also run with on-demand RAM right after the
 //! harness touched and freed twice the guest's size of memory ("target host memory warm"):
-//! the target QEMU then gets memory that behaves like a bare-metal host's. Each round prints
-//! both touch times.
+//! the target QEMU then faults in memory this machine holds, as a bare-metal host's always is.
+//! Each round prints both touch times.
 //!
 //! `--repeat N` (default 3) runs the whole comparison N times and ends with each figure's
 //! median and range, and how many rounds met each of the targets.

@@ -2,9 +2,9 @@
 //! migration benchmark.
 //!
 //! This machine is itself a VM whose balloon driver reports freed memory back to its
-//! hypervisor (virtio-balloon free page reporting, about two seconds after it is freed). A page
-//! handed out again afterwards faults in the hypervisor too on its first touch, which makes
-//! zeroing it many times slower than zeroing memory the VM holds. A target QEMU with on-demand
+//! hypervisor (virtio-balloon free page reporting, from about two seconds after it is freed).
+//! A page handed out again afterwards faults in the hypervisor too on its first touch, which
+//! makes zeroing it many times slower than zeroing memory the VM holds. A target QEMU with on-demand
 //! guest RAM zeroes every page it loads at first touch, so which kind of memory it gets decides
 //! much of its CPU time. A bare-metal hypervisor host has no such second level.
 use std::time::{Duration, Instant};
