@@ -37,7 +37,7 @@ use crate::{
         target::{read_hello, run_target, TargetConfig},
         wire::FrameReader,
     },
-    qmp::{Qmp, QmpError},
+    qmp::{guest_pause, Qmp, QmpError},
     switchover::Switchover,
 };
 
@@ -126,7 +126,12 @@ pub struct MigrationReport {
     pub figures: Figures,
     pub savings_pct: f64,
     pub total_time_ms: u64,
+    /// QEMU's own figure: from stopping the guest until the source QEMU had written the rest of
+    /// its stream.
     pub downtime_ms: u64,
+    /// What the guest noticed: from the source QEMU stopping it to the target QEMU resuming it
+    /// (QMP STOP and RESUME events, two hosts' clocks; see [`crate::qmp::guest_pause`]).
+    pub guest_paused_ms: Option<u64>,
     pub passthrough_reason: Option<String>,
     pub source_status: String,
     pub target_status: String,
@@ -146,7 +151,8 @@ impl MigrationReport {
         let mut s = format!(
             "migration {}\n  QEMU bytes   {:>10.1} MiB\n  link bytes   {:>10.1} MiB  \
              (saved {:.1}%)\n  NAS fetched  {:>10.1} MiB\n  pages        full {} zero {} \
-             mapped {} dup {} sent {} fallback {}\n  total time   {} ms, downtime {} ms\n  \
+             mapped {} dup {} sent {} fallback {}\n  total time   {} ms, downtime {} ms, \
+             guest paused {}\n  \
              hashing {:.0} ms, lookups {:.0} ms, fetching {:.0} ms\n  source {}, target {}\n  \
              target RAM   {}\n  switchover   judged at {}",
             if self.ok { "completed" } else { "FAILED" },
@@ -162,6 +168,8 @@ impl MigrationReport {
             self.figures.fallbacks,
             self.total_time_ms,
             self.downtime_ms,
+            self.guest_paused_ms
+                .map_or("unknown".to_string(), |ms| format!("{ms} ms")),
             self.figures.hash_ms,
             self.figures.lookup_ms,
             self.figures.fetch_ms,
@@ -199,6 +207,12 @@ impl MigrationReport {
             ("fallback", self.figures.fallbacks),
         ] {
             metrics::counter!("agent_migration_pages_total", "kind" => kind).increment(n);
+        }
+        let ms = |v: u64| v as f64 / 1e3;
+        metrics::histogram!("agent_migration_seconds").record(ms(self.total_time_ms));
+        metrics::histogram!("agent_migration_downtime_seconds").record(ms(self.downtime_ms));
+        if let Some(p) = self.guest_paused_ms {
+            metrics::histogram!("agent_migration_guest_paused_seconds").record(ms(p));
         }
     }
 }
@@ -349,7 +363,10 @@ pub async fn migrate(opts: MigrateOptions) -> Result<MigrationReport, ControlErr
             report.downtime_ms = info["downtime"].as_u64().unwrap_or(0);
             report.target_status = target_status(&mut dst, &opts.target_qmp).await;
             report.ok = info["status"] == "completed" && report.target_status == "running";
-            if !report.ok {
+            if report.ok {
+                report.guest_paused_ms =
+                    guest_pause(&src.events(), &dst.events()).map(|d| d.as_millis() as u64);
+            } else {
                 report.error = Some(format!(
                     "source migration {}, target {}",
                     info["status"], report.target_status

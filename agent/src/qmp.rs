@@ -45,6 +45,27 @@ pub enum QmpError {
     Timeout(String),
 }
 
+/// When the latest `name` event among `events` was emitted: its `timestamp`, QEMU's host's
+/// wall clock, as time since the Unix epoch.
+pub fn last_event_time(events: &[Value], name: &str) -> Option<Duration> {
+    let event = events.iter().rev().find(|e| e["event"] == name)?;
+    let t = &event["timestamp"];
+    let micros = u32::try_from(t["microseconds"].as_u64()?).ok()?;
+    Some(Duration::new(
+        t["seconds"].as_u64()?,
+        micros.checked_mul(1000)?,
+    ))
+}
+
+/// How long a migrated guest was paused: from the source QEMU's last STOP event to the target
+/// QEMU's last RESUME event. Across two hosts this reads two clocks, so it is as exact as their
+/// synchronisation (as libvirt's `downtime_net`). `None` without both events, or if the target
+/// resumed "before" the source stopped.
+pub fn guest_pause(source_events: &[Value], target_events: &[Value]) -> Option<Duration> {
+    let stop = last_event_time(source_events, "STOP")?;
+    last_event_time(target_events, "RESUME")?.checked_sub(stop)
+}
+
 /// A QMP session.
 pub struct Qmp {
     reader: BufReader<OwnedReadHalf>,
@@ -215,6 +236,7 @@ mod tests {
         assert_eq!(q.version, (10, 0, 2));
         assert_eq!(q.status().await.unwrap(), "running");
         assert_eq!(q.events().len(), 1);
+        assert!(q.events().is_empty(), "events are drained");
         match q.execute("migrate", Some(json!({"uri": "x"}))).await {
             Err(QmpError::Command { class, desc, .. }) => {
                 assert_eq!((class.as_str(), desc.as_str()), ("GenericError", "nope"))
@@ -223,5 +245,30 @@ mod tests {
         }
         server.await.unwrap();
         std::fs::remove_dir_all(dir).ok();
+    }
+
+    fn event(name: &str, seconds: u64, microseconds: u64) -> Value {
+        json!({ "event": name, "data": {}, "timestamp": {
+            "seconds": seconds, "microseconds": microseconds } })
+    }
+
+    #[test]
+    fn guest_pause_runs_from_the_last_stop_to_the_last_resume() {
+        let source = [
+            event("STOP", 100, 0),
+            event("RESUME", 101, 0),
+            event("STOP", 200, 250_000),
+        ];
+        let target = [event("RESUME", 200, 318_500)];
+        assert_eq!(
+            guest_pause(&source, &target),
+            Some(Duration::from_micros(68_500))
+        );
+        // A missing event, a timestamp QEMU would never send, or clocks that disagree that far.
+        assert_eq!(guest_pause(&source[..0], &target), None);
+        assert_eq!(guest_pause(&source, &[]), None);
+        let bad = [json!({ "event": "RESUME", "timestamp": { "seconds": 201 } })];
+        assert_eq!(guest_pause(&source, &bad), None);
+        assert_eq!(guest_pause(&source, &[event("RESUME", 199, 0)]), None);
     }
 }

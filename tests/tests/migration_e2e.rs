@@ -94,6 +94,11 @@ fn live_migration_through_the_agents() {
     assert_eq!(report.source_status, "postmigrate");
     assert_eq!(report.target_status, "running");
     assert_eq!(report.target_ram_preallocated, Some(false));
+    // From the source's STOP event to the target's RESUME event: both QEMUs run on this host.
+    assert!(
+        report.guest_paused_ms.is_some_and(|p| p < 10_000),
+        "{report:?}"
+    );
     // QEMU judged the switchover by the link's measured rate, and has its own setting back.
     assert!(
         report.switchover_bandwidth.is_some_and(|b| b > 1),

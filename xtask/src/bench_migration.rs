@@ -1,8 +1,11 @@
 //! `cargo xtask bench migration`: plain QEMU, QEMU multifd+zstd and the agents, each migrating
 //! the same kind of guest (512 MiB, 200 MiB of its disk read) over a link limited to 1 Gbit/s
 //! (a rate-limiting loopback relay), in one run, with the CPU time every party spent during
-//! each migration. Then the agents' link bytes against two ideals computed offline from the
-//! recorded stream and the disk image: NAS pages as MAPPED frames, and also repeats as DUPs.
+//! each migration. Each run reports QEMU's downtime (from stopping the guest until the source
+//! QEMU has written the rest of its stream) and how long the guest was paused (from the
+//! source's STOP event to the target's RESUME event). Then the agents' link bytes against two
+//! ideals computed offline from the recorded stream and the disk image: NAS pages as MAPPED
+//! frames, and also repeats as DUPs.
 //!
 //! Plain QEMU and the agents also run with the target's guest RAM preallocated
 //! (`-mem-prealloc`, libvirt's `<allocation mode='immediate'/>`): otherwise the target QEMU
@@ -101,6 +104,8 @@ struct Row {
     wire: u64,
     total_ms: u64,
     downtime_ms: u64,
+    /// From the source's STOP event to the target's RESUME event.
+    paused_ms: u64,
     cpu: CpuUse,
 }
 
@@ -243,7 +248,7 @@ fn round(
             warm()?;
         }
         let meter = CpuMeter::start(&pair, lab)?;
-        let info = rt.block_on(async {
+        let done = rt.block_on(async {
             let mut src = pair.source.qmp().await;
             let mut dst = pair.target.qmp().await;
             src.execute(
@@ -277,6 +282,7 @@ fn round(
             let via: &dyn Fn(u16) -> anyhow::Result<u16> = &via;
             plain_migration(&pair, limited.then_some(via)).await
         })?;
+        let (info, paused) = (done.info, done.guest_paused_ms);
         let cpu = meter.stop()?;
         anyhow::ensure!(pair.verify(), "{name}: the target guest did not carry on");
         let wire = relay_bytes.borrow().as_ref().map_or_else(
@@ -288,6 +294,7 @@ fn round(
             wire,
             total_ms: info["total-time"].as_u64().unwrap_or(0),
             downtime_ms: info["downtime"].as_u64().unwrap_or(0),
+            paused_ms: paused.with_context(|| format!("{name}: no STOP and RESUME events"))?,
             cpu,
         });
     }
@@ -355,6 +362,9 @@ fn round(
                 }),
             total_ms: this["total_time_ms"].as_u64().unwrap_or(0),
             downtime_ms: this["downtime_ms"].as_u64().unwrap_or(0),
+            paused_ms: this["guest_paused_ms"]
+                .as_u64()
+                .with_context(|| format!("{tag}: the report has no guest pause"))?,
             cpu,
         });
     }
@@ -364,24 +374,27 @@ fn round(
     println!();
     println!("Migration of a {mem_mb} MiB TCG guest that read {read_mb} MiB of its NAS disk, link limited to 1 Gbit/s:");
     println!();
-    println!("| run | bytes on the link | total time | downtime |");
-    println!("| --- | ---: | ---: | ---: |");
+    println!("| run | bytes on the link | total time | downtime | guest paused |");
+    println!("| --- | ---: | ---: | ---: | ---: |");
     for r in &rows {
         println!(
-            "| {} | {:.1} MiB | {} ms | {} ms |",
+            "| {} | {:.1} MiB | {} ms | {} ms | {} ms |",
             r.name,
             r.wire as f64 / (1 << 20) as f64,
             r.total_ms,
-            r.downtime_ms
+            r.downtime_ms,
+            r.paused_ms
         );
     }
+    let ratio = |a: u64, b: u64| a as f64 / b.max(1) as f64;
     for (label, ours, theirs, _) in COMPARISONS {
         let (ours, theirs) = (row(&rows, ours), row(&rows, theirs));
         println!(
-            "| {label} | {:.2}x | {:.2}x | {:.2}x |",
-            ours.wire as f64 / theirs.wire as f64,
-            ours.total_ms as f64 / theirs.total_ms as f64,
-            ours.downtime_ms as f64 / theirs.downtime_ms.max(1) as f64
+            "| {label} | {:.2}x | {:.2}x | {:.2}x | {:.2}x |",
+            ratio(ours.wire, theirs.wire),
+            ratio(ours.total_ms, theirs.total_ms),
+            ratio(ours.downtime_ms, theirs.downtime_ms),
+            ratio(ours.paused_ms, theirs.paused_ms)
         );
     }
 
@@ -481,35 +494,39 @@ fn summary(rounds: &[Round]) {
         let (lo, mid, hi) = (v[0], v[v.len() / 2], v[v.len() - 1]);
         format!("{mid:.digits$}{unit} ({lo:.digits$} to {hi:.digits$})")
     };
-    let of = |round: &Round, name: &str| -> (f64, f64) {
+    // Total time, downtime and guest pause of one run.
+    let of = |round: &Round, name: &str| -> [f64; 3] {
         let r = row(&round.rows, name);
-        (r.total_ms as f64, r.downtime_ms as f64)
+        [r.total_ms, r.downtime_ms, r.paused_ms].map(|v| v as f64)
     };
+    // One of those figures over the rounds.
+    let each =
+        |name: &str, i: usize| -> Vec<f64> { rounds.iter().map(|x| of(x, name)[i]).collect() };
     println!();
     println!("Over {} rounds: median (lowest to highest).", rounds.len());
     println!();
-    println!("| run | total time | downtime |");
-    println!("| --- | ---: | ---: |");
+    println!("| run | total time | downtime | guest paused |");
+    println!("| --- | ---: | ---: | ---: |");
     for r in &rounds[0].rows {
-        let (t, d): (Vec<f64>, Vec<f64>) = rounds.iter().map(|x| of(x, r.name)).unzip();
         println!(
-            "| {} | {} | {} |",
+            "| {} | {} | {} | {} |",
             r.name,
-            spread(t, " ms", 0),
-            spread(d, " ms", 0)
+            spread(each(r.name, 0), " ms", 0),
+            spread(each(r.name, 1), " ms", 0),
+            spread(each(r.name, 2), " ms", 0)
         );
     }
     println!();
-    println!("| ratio | total time | downtime | rounds with time <= 0.45x | rounds with downtime <= 1.1x |");
-    println!("| --- | ---: | ---: | ---: | ---: |");
+    println!("| ratio | total time | downtime | guest paused | rounds with time <= 0.45x | rounds with downtime <= 1.1x |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
     for (label, ours, theirs, targets) in COMPARISONS {
-        let (time, down): (Vec<f64>, Vec<f64>) = rounds
-            .iter()
-            .map(|x| {
-                let ((t, d), (pt, pd)) = (of(x, ours), of(x, theirs));
-                (t / pt, d / pd.max(1.0))
-            })
-            .unzip();
+        let ratios = |i: usize| -> Vec<f64> {
+            rounds
+                .iter()
+                .map(|x| of(x, ours)[i] / of(x, theirs)[i].max(1.0))
+                .collect()
+        };
+        let (time, down, paused) = (ratios(0), ratios(1), ratios(2));
         let met = |v: &[f64], limit: f64| match targets {
             true => format!(
                 "{} of {}",
@@ -519,9 +536,10 @@ fn summary(rounds: &[Round]) {
             false => "-".to_string(),
         };
         println!(
-            "| {label} | {} | {} | {} | {} |",
+            "| {label} | {} | {} | {} | {} | {} |",
             spread(time.clone(), "x", 2),
             spread(down.clone(), "x", 2),
+            spread(paused, "x", 2),
             met(&time, 0.45),
             met(&down, 1.1),
         );

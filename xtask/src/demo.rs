@@ -48,7 +48,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     eprintln!("demo: run 1/2: plain QEMU migration");
     let plain = {
         let pair = Pair::boot(&dir, "plain", &uri, args.mem_mb, args.read_mb, false)?;
-        let info = rt.block_on(plain_migration(&pair, None))?;
+        let info = rt.block_on(plain_migration(&pair, None))?.info;
         let verified = pair.verify();
         json!({
             "qemu_bytes": info["ram"]["transferred"],

@@ -6,6 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use agent::qmp::guest_pause;
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
 use tests::qemu::{Guest, GuestSpec};
@@ -147,10 +148,18 @@ impl Pair {
 
 /// QEMU to QEMU without the agents; `via` maps the target's port to the one the source uses
 /// (a relay), if any. Returns the source's final `query-migrate`.
+/// A finished plain migration.
+pub struct PlainMigration {
+    /// The source's `query-migrate`.
+    pub info: Value,
+    /// From the source's STOP event to the target's RESUME event.
+    pub guest_paused_ms: Option<u64>,
+}
+
 pub async fn plain_migration(
     pair: &Pair,
     via: Option<&dyn Fn(u16) -> anyhow::Result<u16>>,
-) -> anyhow::Result<Value> {
+) -> anyhow::Result<PlainMigration> {
     let mut src = pair.source.qmp().await;
     let mut dst = pair.target.qmp().await;
     let port = {
@@ -172,15 +181,28 @@ pub async fn plain_migration(
     )
     .await?;
     let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
+    let info = loop {
         let info = src.execute("query-migrate", None).await?;
         match info["status"].as_str() {
-            Some("completed") => return Ok(info),
+            Some("completed") => break info,
             Some("failed") | Some("cancelled") => bail!("plain migration failed: {info}"),
             _ if Instant::now() > deadline => bail!("plain migration did not finish"),
             _ => tokio::time::sleep(Duration::from_millis(100)).await,
         }
+    };
+    // The target runs by itself once it has loaded the stream; its RESUME event comes first.
+    while dst.status().await? != "running" {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the target did not start running"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let guest_paused_ms = guest_pause(&src.events(), &dst.events()).map(|d| d.as_millis() as u64);
+    Ok(PlainMigration {
+        info,
+        guest_paused_ms,
+    })
 }
 
 pub fn wait_port(port: u16) -> anyhow::Result<()> {
