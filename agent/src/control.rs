@@ -33,7 +33,7 @@ use tokio::{
 use crate::{
     migration::{
         report::{Counters, Figures},
-        source::{run_source, SourceConfig},
+        source::{run_source, SourceConfig, QEMU_RECV_BUFFER},
         target::{read_hello, run_target, TargetConfig},
         wire::FrameReader,
     },
@@ -294,6 +294,7 @@ pub async fn migrate(opts: MigrateOptions) -> Result<MigrationReport, ControlErr
             .unwrap_or(&Listen::Tcp(([127, 0, 0, 1], 0).into())),
     )
     .await?;
+    listener.set_recv_buffer(QEMU_RECV_BUFFER)?;
     let uri = qemu_uri(&listener.local_addr());
     let started = Instant::now();
     src.execute("migrate", Some(json!({ "uri": uri })))

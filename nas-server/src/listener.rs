@@ -69,6 +69,30 @@ impl Bound {
         }
     }
 
+    /// Caps the kernel receive buffer of the TCP connections this listener accepts at `bytes`
+    /// (SO_RCVBUF, which accepted sockets inherit; it also turns off the buffer's autotuning).
+    /// Unix sockets are left as they are.
+    pub fn set_recv_buffer(&self, bytes: usize) -> io::Result<()> {
+        let Self::Tcp(l) = self else { return Ok(()) };
+        let value = libc::c_int::try_from(bytes)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "buffer size too large"))?;
+        // SAFETY: setsockopt reads one c_int through a valid pointer, on a socket we own.
+        let rc = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(l),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
     /// The address actually bound (a TCP port 0 resolved).
     pub fn local_addr(&self) -> Listen {
         match self {

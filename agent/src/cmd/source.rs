@@ -6,7 +6,7 @@ use std::sync::Arc;
 use agent::control::qemu_uri;
 use agent::migration::{
     report::Counters,
-    source::{run_source, SourceConfig},
+    source::{run_source, SourceConfig, QEMU_RECV_BUFFER},
 };
 use anyhow::Context;
 use nas_server::{
@@ -44,6 +44,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let listener = Bound::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
+    listener
+        .set_recv_buffer(QEMU_RECV_BUFFER)
+        .context("cannot size the receive buffer")?;
     tracing::info!("waiting for QEMU on {}", qemu_uri(&args.listen));
     let (qemu, _) = listener.accept().await?;
     let link = TcpStream::connect(&args.target_agent)

@@ -84,7 +84,7 @@ impl SourceConfig {
             lookup_window: 8,
             unacked_pages: 16_384,
             link_window: 16 << 20,
-            wire_window: 4 << 20,
+            wire_window: 2 << 20,
             rewrite: true,
             record: None,
             dedup_capacity: super::dedup::DEFAULT_CAPACITY,
@@ -163,8 +163,8 @@ impl Kept {
     }
 }
 
-/// Read buffers (of up to [`READ_SIZE`] and a page) the store may hold at once.
-const KEPT_READS: usize = 64;
+/// Read buffers (of up to [`READ_SIZE`] and a page) the store may hold at once: 64 MiB.
+const KEPT_READS: usize = 256;
 
 /// Hands a read buffer back to the reader if nobody else holds it.
 fn recycle(read: Arc<Vec<u8>>, spare: &mpsc::Sender<Vec<u8>>) {
@@ -454,10 +454,17 @@ struct Tally {
 const ZSTD_BATCH: usize = 256 << 10;
 /// Flush checkpoints kept for mapping ACK credit to link bytes.
 const MAX_CHECKPOINTS: usize = 4096;
-/// Bytes asked of QEMU per read.
-const READ_SIZE: usize = 1 << 20;
+/// Bytes asked of QEMU per read. Small enough that the reads queued in the source (the
+/// backlog the rest of the stream finds when QEMU stops the guest, which then crosses the link
+/// inside the guest's pause) stay a few MiB; large enough that a lookup covers 64 pages.
+const READ_SIZE: usize = 256 << 10;
 /// Resolved batches (reads) queued for the emitter.
-const EMIT_QUEUE: usize = 4;
+const EMIT_QUEUE: usize = 2;
+/// The kernel receive buffer for QEMU's connection (see [`Bound::set_recv_buffer`]): without
+/// a cap it grows to several MiB, all of it backlog when QEMU stops the guest.
+///
+/// [`Bound::set_recv_buffer`]: nas_server::listener::Bound::set_recv_buffer
+pub const QEMU_RECV_BUFFER: usize = 256 << 10;
 /// Reads held while their lookups are answered: with the emitter queue and the link window,
 /// all the backlog the source QEMU's final iteration can find ahead of it.
 const MAX_BATCHES: usize = 16;
@@ -1149,7 +1156,7 @@ mod tests {
     }
 
     /// Runs the source against a target that greets, takes frames until the source nears its
-    /// 4 MiB link window (it then waits for an ACK), sends `frame`, and keeps taking frames as
+    /// 2 MiB link window (it then waits for an ACK), sends `frame`, and keeps taking frames as
     /// a live target would. Returns how the source ended.
     async fn source_against(frame: LinkFrame) -> SourceError {
         use tokio::io::AsyncWriteExt;
@@ -1176,7 +1183,7 @@ mod tests {
         };
         wr.write_all(&ack.to_bytes()).await.unwrap();
         let mut received = 0usize;
-        while received < 3 << 20 {
+        while received < 3 << 19 {
             match frames.next(&mut rd).await.unwrap() {
                 Some(LinkFrame::Page(_)) => received += PAGE_SIZE,
                 Some(_) => {}

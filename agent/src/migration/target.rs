@@ -401,7 +401,7 @@ async fn write_loop<Q: AsyncWrite + Unpin>(
             };
             credit += n as u64;
             delivered += n as u64;
-            // Ack in steps: well below the source's windows (16 MiB of stream, 4 MiB of link
+            // Ack in steps: below the source's windows (16 MiB of stream, 2 MiB of link
             // bytes) and page store (16384 pages), so it never waits for an ack, and far above
             // one frame, so acks stay rare.
             if credit - acked_credit >= ACK_STEP || mapped - acked_mapped >= ACK_MAPPED {
