@@ -146,8 +146,6 @@ impl Pair {
     }
 }
 
-/// QEMU to QEMU without the agents; `via` maps the target's port to the one the source uses
-/// (a relay), if any. Returns the source's final `query-migrate`.
 /// A finished plain migration.
 pub struct PlainMigration {
     /// The source's `query-migrate`.
@@ -156,6 +154,8 @@ pub struct PlainMigration {
     pub guest_paused_ms: Option<u64>,
 }
 
+/// QEMU to QEMU without the agents; `via` maps the target's port to the one the source uses
+/// (a relay), if any. Returns once the target runs.
 pub async fn plain_migration(
     pair: &Pair,
     via: Option<&dyn Fn(u16) -> anyhow::Result<u16>>,
