@@ -32,6 +32,7 @@ use tokio::{
 
 use crate::{
     migration::{
+        compress::Compression,
         report::{Counters, Figures},
         source::{run_source, SourceConfig, QEMU_RECV_BUFFER},
         target::{read_hello, run_target, TargetConfig},
@@ -107,7 +108,7 @@ pub struct MigrateOptions {
     /// Where this agent takes the source QEMU's stream (`HOST:PORT` or `unix:PATH`); default
     /// a free loopback TCP port.
     pub source_listen: Option<Listen>,
-    pub zstd: bool,
+    pub zstd: Compression,
     pub passthrough: bool,
     /// Source `max-bandwidth` in bytes per second.
     pub max_bandwidth: Option<u64>,
@@ -151,7 +152,8 @@ impl MigrationReport {
         let mut s = format!(
             "migration {}\n  QEMU bytes   {:>10.1} MiB\n  link bytes   {:>10.1} MiB  \
              (saved {:.1}%)\n  NAS fetched  {:>10.1} MiB\n  pages        full {} zero {} \
-             mapped {} dup {} sent {} fallback {}\n  total time   {} ms, downtime {} ms, \
+             mapped {} dup {} sent {} fallback {}\n  zstd         {:.1} MiB of frames sent as \
+             {:.1} MiB\n  total time   {} ms, downtime {} ms, \
              guest paused {}\n  \
              hashing {:.0} ms, lookups {:.0} ms, fetching {:.0} ms\n  source {}, target {}\n  \
              target RAM   {}\n  switchover   judged at {}",
@@ -166,6 +168,8 @@ impl MigrationReport {
             self.figures.pages_dup,
             self.figures.pages_sent,
             self.figures.fallbacks,
+            mib(self.figures.zstd_in_bytes),
+            mib(self.figures.zstd_out_bytes),
             self.total_time_ms,
             self.downtime_ms,
             self.guest_paused_ms
@@ -198,6 +202,10 @@ impl MigrationReport {
         metrics::counter!("agent_migration_qemu_bytes_total").increment(self.figures.qemu_bytes);
         metrics::counter!("agent_migration_link_bytes_total").increment(self.figures.link_bytes);
         metrics::counter!("agent_migration_nas_bytes_total").increment(self.figures.nas_bytes);
+        metrics::counter!("agent_migration_zstd_in_bytes_total")
+            .increment(self.figures.zstd_in_bytes);
+        metrics::counter!("agent_migration_zstd_out_bytes_total")
+            .increment(self.figures.zstd_out_bytes);
         for (kind, n) in [
             ("full", self.figures.pages_full),
             ("zero", self.figures.pages_zero),

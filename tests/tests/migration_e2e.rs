@@ -32,7 +32,7 @@ fn options(s: &Pair, agent: &str, max_bandwidth: Option<u64>) -> MigrateOptions 
         nas_index: Some(server.index_addr.clone()),
         incoming: None,
         source_listen: None,
-        zstd: false,
+        zstd: agent::migration::compress::Compression::default(),
         passthrough: false,
         max_bandwidth,
         record: Some(s.dir.path("source-stream.bin")),

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use agent::migration::{
+    compress::Compression,
     report::{Counters, Figures},
     source::{run_source, SourceConfig},
     target::{read_hello, run_target, TargetConfig},
@@ -200,9 +201,10 @@ fn real_streams_rebuild_byte_for_byte() {
     assert!(run.target.fallbacks > 0, "no page was in the changed range");
     assert!(run.target.fallbacks < run.source.pages_mapped);
 
-    // 4. A link that splits writes at odd points (997-byte pipe), and zstd on.
+    // 4. A link that splits writes at odd points (997-byte pipe), and zstd on every batch
+    //    (those that would not shrink go as they are).
     let mut zstd = source_config(&server);
-    zstd.zstd = true;
+    zstd.zstd = Compression::Always;
     let run = rt.block_on(round_trip(
         stream.clone(),
         zstd,
@@ -210,10 +212,19 @@ fn real_streams_rebuild_byte_for_byte() {
         997,
     ));
     check(&run, &stream, "small link buffer + zstd");
+    let f = &run.source;
+    assert!(
+        f.zstd_in_bytes > 0 && f.zstd_out_bytes < f.zstd_in_bytes,
+        "compressed {} into {}",
+        f.zstd_in_bytes,
+        f.zstd_out_bytes
+    );
 
     // 5. Tight flow control: the link-byte window binds on nearly every frame and the stream
-    //    window often; the transfer must neither stall nor change a byte.
+    //    window often; the transfer must neither stall nor change a byte. With the window
+    //    backed up, the default `auto` compresses.
     let mut tight = source_config(&server);
+    assert_eq!(tight.zstd, Compression::Auto);
     tight.wire_window = 16 << 10;
     tight.link_window = 3 << 20;
     let run = rt.block_on(round_trip(
@@ -224,8 +235,25 @@ fn real_streams_rebuild_byte_for_byte() {
     ));
     check(&run, &stream, "tight windows");
     assert_eq!(run.target.fallbacks, 0);
+    assert!(run.source.zstd_in_bytes > 0, "auto compressed nothing");
 
-    // 6. No index service at all: everything goes in full, still identical.
+    // 6. Compression off: nothing compressed, even behind the same tight window.
+    let mut never = source_config(&server);
+    never.wire_window = 16 << 10;
+    never.zstd = Compression::Never;
+    let run = rt.block_on(round_trip(
+        stream.clone(),
+        never,
+        TargetConfig::default(),
+        1 << 16,
+    ));
+    check(&run, &stream, "zstd never");
+    assert_eq!(
+        (run.source.zstd_in_bytes, run.source.zstd_out_bytes),
+        (0, 0)
+    );
+
+    // 7. No index service at all: everything goes in full, still identical.
     let plain = SourceConfig::new("vm", vec![], &server.addr.to_string(), None);
     let run = rt.block_on(round_trip(
         stream.clone(),

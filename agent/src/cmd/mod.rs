@@ -6,6 +6,7 @@ pub mod telemetry;
 
 use std::{net::SocketAddr, path::PathBuf};
 
+use agent::migration::compress::Compression;
 use anyhow::Context;
 use nas_server::listener::Listen;
 
@@ -24,9 +25,11 @@ pub struct StreamArgs {
     /// Name of the VM, for logs.
     #[arg(long, default_value = "vm")]
     pub vm: String,
-    /// Compress non-mapped data on the link with zstd.
-    #[arg(long)]
-    pub zstd: bool,
+    /// Compress non-mapped data on the link with zstd: `auto` while the link is what the
+    /// stream waits for, `always`, or `never`. `--zstd` alone means `always`.
+    #[arg(long, value_enum, default_value_t = Compression::Auto, num_args = 0..=1,
+          default_missing_value = "always", value_name = "WHEN")]
+    pub zstd: Compression,
     /// Forward the stream verbatim (for capabilities the rewriter cannot parse).
     #[arg(long)]
     pub passthrough: bool,

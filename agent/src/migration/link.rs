@@ -18,7 +18,11 @@
 //! trusting the NAS. DUP names content the target still holds by the ordinal of the PAGE or
 //! MAPPED frame that carried it (content frames are numbered from 0 in link order): both sides
 //! keep the same bounded cache of recent page contents, updated by the same frames in the same
-//! order (see [`super::dedup`]). Decoding is pure and check-then-parse, like the index protocol.
+//! order (see [`super::dedup`]). A ZSTD frame, sent only to a target that offered [`CAP_ZSTD`],
+//! holds a run of RAW, PAGE, MAPPED and DUP frames (a nested ZSTD is refused); the source
+//! chooses per batch (see [`super::compress`]), so any mix of plain and ZSTD frames is a valid
+//! stream.
+//! Decoding is pure and check-then-parse, like the index protocol.
 use crate::migration::stream::PAGE_SIZE;
 
 pub const VERSION: u16 = 2;
@@ -181,6 +185,19 @@ pub fn encode_page_header(out: &mut Vec<u8>) {
     out.push(T_PAGE);
 }
 
+/// Appends a ZSTD frame: `data` is `raw_len` bytes of frames, compressed.
+pub fn encode_zstd(out: &mut Vec<u8>, raw_len: u32, data: &[u8]) {
+    out.extend_from_slice(&(data.len() as u32 + 5).to_be_bytes());
+    out.push(T_ZSTD);
+    out.extend_from_slice(&raw_len.to_be_bytes());
+    out.extend_from_slice(data);
+}
+
+/// The size on the wire of a ZSTD frame carrying `data_len` compressed bytes.
+pub fn zstd_frame_len(data_len: usize) -> usize {
+    data_len + 9
+}
+
 /// The size of the frame at the front of `buf`, length prefix included, once the prefix is
 /// there (the frame itself may not be yet).
 pub fn frame_size(buf: &[u8]) -> Option<usize> {
@@ -291,6 +308,7 @@ impl LinkFrame {
         match self {
             LinkFrame::Raw(data) => return encode_raw(out, data),
             LinkFrame::Page(page) => return encode_page(out, page),
+            LinkFrame::Zstd { raw_len, data } => return encode_zstd(out, *raw_len, data),
             _ => {}
         }
         let start = out.len();
@@ -309,7 +327,9 @@ impl LinkFrame {
                 put_string(out, &h.incoming);
                 out.extend_from_slice(&h.caps.to_be_bytes());
             }
-            LinkFrame::Raw(_) | LinkFrame::Page(_) => unreachable!("encoded above"),
+            LinkFrame::Raw(_) | LinkFrame::Page(_) | LinkFrame::Zstd { .. } => {
+                unreachable!("encoded above")
+            }
             LinkFrame::Mapped {
                 seq,
                 export,
@@ -325,11 +345,6 @@ impl LinkFrame {
             LinkFrame::Dup { ordinal } => {
                 out.push(T_DUP);
                 out.extend_from_slice(&ordinal.to_be_bytes());
-            }
-            LinkFrame::Zstd { raw_len, data } => {
-                out.push(T_ZSTD);
-                out.extend_from_slice(&raw_len.to_be_bytes());
-                out.extend_from_slice(data);
             }
             LinkFrame::FallbackData { seq, page } => {
                 out.push(T_FALLBACK_DATA);

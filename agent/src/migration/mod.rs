@@ -4,6 +4,7 @@
 //! [`stream`] finds page payloads in QEMU's stream; [`link`] is the agent-to-agent protocol;
 //! [`dedup`] is the content cache both ends keep in step for DUP frames; [`outgoing`] batches
 //! the source's frames for gathered writes.
+pub mod compress;
 pub mod dedup;
 pub mod link;
 pub mod outgoing;

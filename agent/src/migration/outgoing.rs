@@ -66,13 +66,13 @@ impl Outgoing {
         self.len() == 0
     }
 
-    /// The frame bytes, when no page is spliced in (a batch to compress is built that way).
+    /// The frame bytes, when no page is spliced in.
     pub fn contiguous(&self) -> Option<&[u8]> {
         self.pages.is_empty().then_some(&self.bytes[..])
     }
 
-    /// Writes everything, in order, with as few system calls as the socket allows.
-    pub async fn write_to<W: AsyncWrite + Unpin>(&self, w: &mut W) -> std::io::Result<()> {
+    /// The bytes it puts on the link, in order, as slices of the frame bytes and of the reads.
+    fn slices(&self) -> Vec<IoSlice<'_>> {
         let mut slices = Vec::with_capacity(2 * self.pages.len() + 1);
         let mut from = 0;
         for p in &self.pages {
@@ -85,6 +85,20 @@ impl Outgoing {
         if from < self.bytes.len() {
             slices.push(IoSlice::new(&self.bytes[from..]));
         }
+        slices
+    }
+
+    /// Appends the bytes it puts on the link to `out` (to compress them).
+    pub fn gather_into(&self, out: &mut Vec<u8>) {
+        out.reserve(self.len());
+        for s in self.slices() {
+            out.extend_from_slice(&s);
+        }
+    }
+
+    /// Writes everything, in order, with as few system calls as the socket allows.
+    pub async fn write_to<W: AsyncWrite + Unpin>(&self, w: &mut W) -> std::io::Result<()> {
+        let mut slices = self.slices();
         let mut left = &mut slices[..];
         while !left.is_empty() {
             let n = w.write_vectored(left).await?;
@@ -177,6 +191,9 @@ mod tests {
         want.extend_from_slice(b"tail");
         assert_eq!(out.len(), want.len());
         assert!(out.contiguous().is_none());
+        let mut gathered = b"kept".to_vec();
+        out.gather_into(&mut gathered);
+        assert_eq!((&gathered[..4], &gathered[4..]), (&b"kept"[..], &want[..]));
         for step in [1, 3, 4096, 5000, 1 << 20] {
             let mut w = Trickle {
                 out: Vec::new(),

@@ -14,6 +14,8 @@ pub struct Counters {
     pub pages_dup: AtomicU64,
     pub pages_sent: AtomicU64,
     pub fallbacks: AtomicU64,
+    pub zstd_in_bytes: AtomicU64,
+    pub zstd_out_bytes: AtomicU64,
     pub hash_ns: AtomicU64,
     pub lookup_ns: AtomicU64,
     pub fetch_ns: AtomicU64,
@@ -35,6 +37,8 @@ impl Counters {
             pages_dup: self.pages_dup.load(Relaxed),
             pages_sent: self.pages_sent.load(Relaxed),
             fallbacks: self.fallbacks.load(Relaxed),
+            zstd_in_bytes: self.zstd_in_bytes.load(Relaxed),
+            zstd_out_bytes: self.zstd_out_bytes.load(Relaxed),
             hash_ms: self.hash_ns.load(Relaxed) as f64 / 1e6,
             lookup_ms: self.lookup_ns.load(Relaxed) as f64 / 1e6,
             fetch_ms: self.fetch_ns.load(Relaxed) as f64 / 1e6,
@@ -59,6 +63,12 @@ pub struct Figures {
     /// Mapped pages the target had to ask the source for.
     #[serde(rename = "pages_fallback")]
     pub fallbacks: u64,
+    /// Link frames the source sent compressed, and the ZSTD frames they went out as (both
+    /// counted in `link_bytes` as the latter). Absent from older agents' reports.
+    #[serde(default)]
+    pub zstd_in_bytes: u64,
+    #[serde(default)]
+    pub zstd_out_bytes: u64,
     pub hash_ms: f64,
     pub lookup_ms: f64,
     pub fetch_ms: f64,

@@ -35,6 +35,7 @@ use tokio::{
 };
 
 use super::{
+    compress::{Compression, LinkCompressor},
     dedup::ContentCache,
     link::{self, Hash, Hello, LinkFrame, CAP_ZSTD, VERSION},
     outgoing::Outgoing,
@@ -55,7 +56,8 @@ pub struct SourceConfig {
     pub nas_index: Option<Listen>,
     /// Where the target agent delivers the stream (`tcp:HOST:PORT` or `unix:PATH`).
     pub incoming: String,
-    pub zstd: bool,
+    /// When to compress non-mapped data on the link (see [`super::compress`]).
+    pub zstd: Compression,
     pub hot_replica: bool,
     /// Lookups in flight at once (each covers one read of up to 1 MiB from QEMU).
     pub lookup_window: usize,
@@ -79,7 +81,7 @@ impl SourceConfig {
             nas_nbd: nas_nbd.to_string(),
             nas_index,
             incoming: String::new(),
-            zstd: false,
+            zstd: Compression::Auto,
             hot_replica: true,
             lookup_window: 8,
             unacked_pages: 16_384,
@@ -422,7 +424,10 @@ struct Emitter {
     cache: ContentCache<Hash, u64>,
     next_ordinal: u64,
     next_seq: u64,
-    zstd: bool,
+    /// `None` when nothing is compressed.
+    compress: Option<LinkCompressor>,
+    /// Where read buffers go back to the reader, when a batch lets go of its pages.
+    spare: mpsc::Sender<Vec<u8>>,
     /// Frames not yet handed to the writer; whole pages in them are shares of read buffers.
     pending: Outgoing,
     /// Batches the writer has sent, back for reuse.
@@ -539,8 +544,7 @@ impl Emitter {
                 self.tally.sent += 1;
                 self.wait_window().await?;
                 match at {
-                    // Compressed batches are built whole, so only plain ones splice pages in.
-                    At::Input(offset) if !self.zstd => {
+                    At::Input(offset) => {
                         link::encode_page_header(self.pending.bytes_mut());
                         self.pending.push_page(&batch.input, offset);
                         self.encoded(PAGE_SIZE, |_| ()).await
@@ -569,7 +573,12 @@ impl Emitter {
             }
             // Whatever is batched must go out first, or the target can never ack it.
             self.flush().await?;
+            let held = Instant::now();
             moved.await;
+            // Time the link (or the target) held the stream up: compression may spend it.
+            if let Some(c) = &mut self.compress {
+                c.held_up(held.elapsed());
+            }
         }
     }
 
@@ -628,16 +637,16 @@ impl Emitter {
             .try_recv()
             .unwrap_or_else(|_| Outgoing::with_capacity(ZSTD_BATCH + 2 * PAGE_SIZE));
         let mut bytes = std::mem::replace(&mut self.pending, next);
-        if self.zstd {
-            let raw = bytes.contiguous().expect("zstd batches splice no pages");
-            let data = zstd::bulk::compress(raw, 1)
-                .map_err(|e| SourceError::Link(format!("zstd: {e}")))?;
-            let frame = LinkFrame::Zstd {
-                raw_len: raw.len() as u32,
-                data,
-            };
-            bytes.clear(|_| ());
-            frame.encode(bytes.bytes_mut());
+        if let Some(compress) = &mut self.compress {
+            let spare = &self.spare;
+            let raw = bytes.len() as u64;
+            if compress
+                .apply(&mut bytes, |read| recycle(read, spare))
+                .map_err(|e| SourceError::Link(e.to_string()))?
+            {
+                Counters::add(&self.counters.zstd_in_bytes, raw);
+                Counters::add(&self.counters.zstd_out_bytes, bytes.len() as u64);
+            }
         }
         self.wire_sent += bytes.len() as u64;
         let point = (self.sent, self.wire_sent);
@@ -659,11 +668,10 @@ impl Emitter {
 async fn emit_loop(
     mut emitter: Emitter,
     mut batches: mpsc::Receiver<Batch>,
-    spare: mpsc::Sender<Vec<u8>>,
 ) -> Result<Emitter, SourceError> {
     while let Some(batch) = batches.recv().await {
         emitter.batch(&batch).await?;
-        recycle(batch.input, &spare);
+        recycle(batch.input, &emitter.spare);
         if batches.is_empty() {
             emitter.flush().await?;
         }
@@ -709,7 +717,11 @@ where
         exports: scope.clone(),
         nas: config.nas_nbd.clone(),
         incoming: config.incoming.clone(),
-        caps: if config.zstd { CAP_ZSTD } else { 0 },
+        caps: if config.zstd == Compression::Never {
+            0
+        } else {
+            CAP_ZSTD
+        },
     });
     link_wr
         .write_all(&hello.to_bytes())
@@ -822,7 +834,11 @@ where
         cache: ContentCache::new(config.dedup_capacity),
         next_ordinal: 0,
         next_seq: 0,
-        zstd: config.zstd && caps & CAP_ZSTD != 0,
+        compress: match caps & CAP_ZSTD {
+            0 => None,
+            _ => LinkCompressor::new(config.zstd).map_err(|e| SourceError::Link(e.to_string()))?,
+        },
+        spare: spare_tx,
         pending: Outgoing::with_capacity(ZSTD_BATCH + 2 * PAGE_SIZE),
         spent: spent_rx,
         out: data_tx,
@@ -840,7 +856,7 @@ where
     // (on another core, where there is one) while the link is busy; at most EMIT_QUEUE
     // resolved batches wait between the two.
     let (emit_tx, emit_rx) = mpsc::channel::<Batch>(EMIT_QUEUE);
-    let emit_task = tokio::spawn(emit_loop(emitter, emit_rx, spare_tx));
+    let emit_task = tokio::spawn(emit_loop(emitter, emit_rx));
     let mut parser = StreamParser::new();
     let mut batches: VecDeque<Batch> = VecDeque::new();
     let mut in_flight = 0usize;
