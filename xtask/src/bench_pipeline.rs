@@ -258,7 +258,10 @@ fn both_sides(stream: Arc<Vec<u8>>, nbd: &Listen, index: &Listen) -> anyhow::Res
     let wall = started.elapsed();
     let link_bytes = std::mem::take(&mut *recorded.lock().expect("not poisoned"));
     let s = report.source;
-    eprintln!("bench: source hashing took {:.0} ms", s.hash_ms);
+    eprintln!(
+        "bench: source hashing took {:.0} ms; zstd: {} link bytes sent as {}",
+        s.hash_ms, s.zstd_in_bytes, s.zstd_out_bytes
+    );
     if s.fallbacks > 0 || report.target.fallbacks > 0 {
         bail!("the run needed fallbacks; the NAS path was not measured cleanly");
     }
@@ -463,7 +466,12 @@ fn source_alone(stream: Arc<Vec<u8>>, nbd: &Listen, index: &Listen) -> anyhow::R
         acknowledge_all(sock).await
     })?;
     let source = source_on_one_core("bench-source-alone", stream, nbd, index, addr)?;
-    let (_, cpu) = join(source)?;
+    let (report, cpu) = join(source)?;
+    let s = report.source;
+    eprintln!(
+        "bench: source alone: zstd: {} link bytes sent as {}",
+        s.zstd_in_bytes, s.zstd_out_bytes
+    );
     let (consumed, _) = join(consumer)?;
     if consumed != expect {
         bail!("the consumer counted {consumed} stream bytes, expected {expect}");
@@ -472,9 +480,11 @@ fn source_alone(stream: Arc<Vec<u8>>, nbd: &Listen, index: &Listen) -> anyhow::R
 }
 
 /// Reads the link to its END, acknowledging each frame's stream bytes and MAPPED pages as the
-/// target would once it delivered them; answers END with DONE. Returns the stream bytes seen.
+/// target would once it delivered them; answers END with DONE. Like a target, it takes ZSTD
+/// frames (the reader inflates them), so the source runs with its default compression.
+/// Returns the stream bytes seen.
 async fn acknowledge_all(sock: tokio::net::TcpStream) -> anyhow::Result<u64> {
-    use agent::migration::link::{LinkFrame, ACK_MAPPED, ACK_STEP, VERSION};
+    use agent::migration::link::{LinkFrame, ACK_MAPPED, ACK_STEP, CAP_ZSTD, VERSION};
     use tokio::io::AsyncWriteExt;
     let (mut rd, mut wr) = sock.into_split();
     let mut frames = FrameReader::new();
@@ -482,7 +492,7 @@ async fn acknowledge_all(sock: tokio::net::TcpStream) -> anyhow::Result<u64> {
     wr.write_all(
         &LinkFrame::HelloAck {
             version: VERSION,
-            caps: 0,
+            caps: CAP_ZSTD,
         }
         .to_bytes(),
     )
