@@ -1,7 +1,13 @@
 //! Source agent then target agent rebuild a real QEMU migration stream byte for byte: with the
 //! NAS present, absent, serving changed blocks, and with the link and QEMU's stream split at
 //! arbitrary points. The stream is recorded from a real TCG guest booted on the NAS export.
-use std::sync::Arc;
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{ready, Context, Poll},
+    time::Duration,
+};
 
 use agent::migration::{
     compress::Compression,
@@ -12,7 +18,7 @@ use agent::migration::{
 };
 use nas_server::listener::Listen;
 use tests::{nbd_fixture::NbdFixture, pattern, qemu::record_stream, require_root, Scratch};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 const DISK: usize = 128 << 20;
 
@@ -36,14 +42,88 @@ struct Run {
     target: Figures,
 }
 
+/// One end of a link that delivers at most `rate` bytes per second to its reader.
+struct Throttled<T> {
+    inner: T,
+    rate: u64,
+    /// When the bytes read so far would have finished crossing at `rate`.
+    free_at: Option<tokio::time::Instant>,
+    pause: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Throttled<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if let Some(pause) = self.pause.as_mut() {
+            ready!(pause.as_mut().poll(cx));
+            self.pause = None;
+        }
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut self.inner).poll_read(cx, buf))?;
+        let n = (buf.filled().len() - before) as u64;
+        if n > 0 {
+            // Small reads add up: the reader waits once it is a millisecond ahead of the rate.
+            let now = tokio::time::Instant::now();
+            let start = self.free_at.map_or(now, |t| t.max(now));
+            let at = start + Duration::from_nanos(n * 1_000_000_000 / self.rate);
+            self.free_at = Some(at);
+            if at > now + Duration::from_millis(1) {
+                self.pause = Some(Box::pin(tokio::time::sleep_until(at)));
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Throttled<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// The link between the agents: an in-memory pipe of `buf` bytes, and at most `rate` bytes per
+/// second towards the target when given.
+struct Link {
+    buf: usize,
+    rate: Option<u64>,
+}
+
+impl From<usize> for Link {
+    fn from(buf: usize) -> Self {
+        Link { buf, rate: None }
+    }
+}
+
 async fn round_trip(
     stream: Arc<Vec<u8>>,
     source_cfg: SourceConfig,
     target_cfg: TargetConfig,
-    link_buf: usize,
+    link: impl Into<Link>,
 ) -> Run {
+    let link = link.into();
     let (qemu_src_w, qemu_src_r) = tokio::io::duplex(1 << 16);
-    let (link_a, link_b) = tokio::io::duplex(link_buf);
+    let (link_a, link_b) = tokio::io::duplex(link.buf);
+    let link_b = Throttled {
+        inner: link_b,
+        rate: link.rate.unwrap_or(u64::MAX),
+        free_at: None,
+        pause: None,
+    };
     let (qemu_dst_w, mut qemu_dst_r) = tokio::io::duplex(1 << 16);
     let feeder = tokio::spawn(feed(qemu_src_w, stream.clone(), 7));
     let collector = tokio::spawn(async move {
@@ -221,10 +301,8 @@ fn real_streams_rebuild_byte_for_byte() {
     );
 
     // 5. Tight flow control: the link-byte window binds on nearly every frame and the stream
-    //    window often; the transfer must neither stall nor change a byte. With the window
-    //    backed up, the default `auto` compresses.
+    //    window often; the transfer must neither stall nor change a byte.
     let mut tight = source_config(&server);
-    assert_eq!(tight.zstd, Compression::Auto);
     tight.wire_window = 16 << 10;
     tight.link_window = 3 << 20;
     let run = rt.block_on(round_trip(
@@ -235,9 +313,30 @@ fn real_streams_rebuild_byte_for_byte() {
     ));
     check(&run, &stream, "tight windows");
     assert_eq!(run.target.fallbacks, 0);
-    assert!(run.source.zstd_in_bytes > 0, "auto compressed nothing");
 
-    // 6. Compression off: nothing compressed, even behind the same tight window.
+    // 6. A slow link (40 MB/s): the stream waits for it, so the default `auto` compresses.
+    let slow = Link {
+        buf: 1 << 16,
+        rate: Some(40_000_000),
+    };
+    let auto = source_config(&server);
+    assert_eq!(auto.zstd, Compression::Auto);
+    let run = rt.block_on(round_trip(
+        stream.clone(),
+        auto,
+        TargetConfig::default(),
+        slow,
+    ));
+    check(&run, &stream, "slow link, zstd auto");
+    let f = &run.source;
+    assert!(
+        f.zstd_in_bytes > 0 && f.zstd_out_bytes < f.zstd_in_bytes,
+        "auto on a slow link compressed {} into {}",
+        f.zstd_in_bytes,
+        f.zstd_out_bytes
+    );
+
+    // 7. Compression off: nothing compressed, even behind a tight window.
     let mut never = source_config(&server);
     never.wire_window = 16 << 10;
     never.zstd = Compression::Never;
@@ -253,7 +352,7 @@ fn real_streams_rebuild_byte_for_byte() {
         (0, 0)
     );
 
-    // 7. No index service at all: everything goes in full, still identical.
+    // 8. No index service at all: everything goes in full, still identical.
     let plain = SourceConfig::new("vm", vec![], &server.addr.to_string(), None);
     let run = rt.block_on(round_trip(
         stream.clone(),

@@ -2,14 +2,14 @@
 //!
 //! Compression spends source CPU to put fewer bytes on the link, which pays only while the
 //! link is what the stream waits for. [`Compression::Auto`] (the default) therefore spends on
-//! compressing no more time than the emitter has spent held up by the link window, waiting for
-//! the target's acknowledgements: that time is banked (at most [`MAX_BUDGET`]) and each
-//! compression's own time is taken from it. On a link that keeps the window from filling
+//! compressing no more time than the emitter has spent held up by the link, waiting for the
+//! target's acknowledgements or for the link writer: that time is banked (at most
+//! [`MAX_BUDGET`]), a batch is compressed only when the bank covers what compressing it is
+//! expected to cost (from the rate measured so far), and the time it took is taken from it. On a link that keeps the window from filling
 //! nothing is compressed; on a slow one the emitter compresses until it is as busy as the link.
-//! A batch is sent as a
-//! ZSTD frame only if that is shorter than the batch itself; content that keeps compressing
-//! poorly (already compressed or encrypted guest memory) makes `Auto` skip a growing number of
-//! batches before it tries again.
+//! A batch is sent as a ZSTD frame only if that is shorter than the batch itself; content that
+//! keeps compressing poorly (already compressed or encrypted guest memory) makes `Auto` skip a
+//! growing number of batches before it tries again.
 //!
 //! The window cannot tell a slow link from a slow target: when the target QEMU's loading holds
 //! the window up, `Auto` spends idle source CPU for no gain in time (`--zstd never` avoids it).
@@ -53,6 +53,8 @@ const MAX_SKIP: u32 = 64;
 /// The most waiting time `Auto` banks for compressing later: a few dozen batches' worth, so
 /// that a link that was slow a while ago does not pay for compression now.
 pub const MAX_BUDGET: Duration = Duration::from_millis(20);
+/// The cost assumed before the first measurement: 500 MB/s.
+const FIRST_NS_PER_KIB: u64 = 2048;
 
 /// Why a batch could not be compressed.
 #[derive(Debug, thiserror::Error)]
@@ -70,8 +72,10 @@ pub struct LinkCompressor {
     skip: u32,
     /// The back-off the next poor batch sets: doubles per poor batch, resets on a good one.
     backoff: u32,
-    /// `Auto`: time the emitter was held up by the link window, not yet spent compressing.
+    /// `Auto`: time the emitter was held up by the link, not yet spent compressing.
     budget: Duration,
+    /// What compressing has cost per KiB of batch, smoothed.
+    ns_per_kib: u64,
 }
 
 impl LinkCompressor {
@@ -88,20 +92,26 @@ impl LinkCompressor {
             skip: 0,
             backoff: 1,
             budget: Duration::ZERO,
+            ns_per_kib: FIRST_NS_PER_KIB,
         }))
     }
 
-    /// The emitter was held up by the link window for `held`.
+    /// The emitter was held up by the link (its window, or its writer) for `held`.
     pub fn held_up(&mut self, held: Duration) {
         self.budget = (self.budget + held).min(MAX_BUDGET);
     }
 
-    /// Whether to try the next batch.
-    fn wants(&mut self) -> bool {
+    /// What compressing `len` bytes is expected to cost.
+    fn expected(&self, len: usize) -> Duration {
+        Duration::from_nanos(self.ns_per_kib * len as u64 / 1024)
+    }
+
+    /// Whether to try the next batch, of `len` bytes.
+    fn wants(&mut self, len: usize) -> bool {
         match self.mode {
             Compression::Never => false,
             Compression::Always => true,
-            Compression::Auto if self.budget.is_zero() => false,
+            Compression::Auto if self.budget < self.expected(len) => false,
             Compression::Auto if self.skip > 0 => {
                 self.skip -= 1;
                 false
@@ -128,7 +138,7 @@ impl LinkCompressor {
         batch: &mut Outgoing,
         release: impl FnMut(std::sync::Arc<Vec<u8>>),
     ) -> Result<bool, CompressError> {
-        if batch.is_empty() || !self.wants() {
+        if batch.is_empty() || !self.wants(batch.len()) {
             return Ok(false);
         }
         let started = Instant::now();
@@ -140,7 +150,10 @@ impl LinkCompressor {
             .reserve(zstd::zstd_safe::compress_bound(raw));
         self.zstd
             .compress_to_buffer(&self.gathered[..], &mut self.compressed)?;
-        self.budget = self.budget.saturating_sub(started.elapsed());
+        let took = started.elapsed();
+        self.budget = self.budget.saturating_sub(took);
+        let ns_per_kib = (took.as_nanos() * 1024 / raw.max(1) as u128) as u64;
+        self.ns_per_kib = (3 * self.ns_per_kib + ns_per_kib) / 4;
         self.judge(raw, self.compressed.len());
         if link::zstd_frame_len(self.compressed.len()) >= raw {
             return Ok(false);
@@ -247,19 +260,24 @@ mod tests {
     fn auto_spends_no_more_time_compressing_than_it_waited() {
         let text = vec![7u8; PAGE_SIZE];
         let mut c = LinkCompressor::new(Compression::Auto).unwrap().unwrap();
+        let (mut out, _read) = batch(&text);
+        let len = out.len();
+        // A wait shorter than compressing this batch is expected to take buys nothing.
+        let need = c.expected(len);
+        c.held_up(need - Duration::from_nanos(1));
+        assert!(!c.apply(&mut out, |_| ()).unwrap());
         c.held_up(Duration::from_nanos(1));
-        let (mut first, _read) = batch(&text);
-        let len = first.len();
-        assert!(c.apply(&mut first, |_| ()).unwrap(), "held up: compressed");
-        assert!(first.len() < len / 4);
-        // Compressing took longer than the nanosecond banked: the budget is spent.
-        assert_eq!(c.budget, Duration::ZERO);
-        let (mut second, _read) = batch(&text);
-        assert!(!c.apply(&mut second, |_| ()).unwrap());
+        assert!(
+            c.apply(&mut out, |_| ()).unwrap(),
+            "held up long enough: compressed"
+        );
+        assert!(out.len() < len / 4);
+        assert!(c.budget < need, "what compressing took is spent");
         // Waiting banks at most MAX_BUDGET.
         c.held_up(Duration::from_secs(5));
         assert_eq!(c.budget, MAX_BUDGET);
-        assert!(c.apply(&mut second, |_| ()).unwrap());
+        let (mut again, _read) = batch(&text);
+        assert!(c.apply(&mut again, |_| ()).unwrap());
         assert!(c.budget < MAX_BUDGET);
     }
 
@@ -267,7 +285,7 @@ mod tests {
     fn auto_backs_off_from_poor_content_longer_each_time_and_resets_on_good() {
         let mut c = LinkCompressor::new(Compression::Auto).unwrap().unwrap();
         c.held_up(MAX_BUDGET);
-        let tried = |c: &mut LinkCompressor, n: usize| (0..n).filter(|_| c.wants()).count();
+        let tried = |c: &mut LinkCompressor, n: usize| (0..n).filter(|_| c.wants(1)).count();
         c.judge(1000, 990);
         assert_eq!(tried(&mut c, 2), 1, "one batch skipped, the next tried");
         c.judge(1000, 990);
@@ -286,6 +304,6 @@ mod tests {
         // Always ignores both the budget and the back-off.
         let mut a = LinkCompressor::new(Compression::Always).unwrap().unwrap();
         a.judge(1000, 990);
-        assert!(a.wants() && a.wants());
+        assert!(a.wants(1 << 20) && a.wants(1 << 20));
     }
 }

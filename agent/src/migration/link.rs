@@ -21,8 +21,7 @@
 //! order (see [`super::dedup`]). A ZSTD frame, sent only to a target that offered [`CAP_ZSTD`],
 //! holds a run of RAW, PAGE, MAPPED and DUP frames (a nested ZSTD is refused); the source
 //! chooses per batch (see [`super::compress`]), so any mix of plain and ZSTD frames is a valid
-//! stream.
-//! Decoding is pure and check-then-parse, like the index protocol.
+//! stream. Decoding is pure and check-then-parse, like the index protocol.
 use crate::migration::stream::PAGE_SIZE;
 
 pub const VERSION: u16 = 2;

@@ -656,10 +656,20 @@ impl Emitter {
         } else {
             self.checkpoints.push_back(point);
         }
-        self.out
-            .send(bytes)
-            .await
-            .map_err(|_| SourceError::Link("the link writer stopped".into()))
+        let stopped = || SourceError::Link("the link writer stopped".into());
+        match self.out.try_send(bytes) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(stopped()),
+            Err(mpsc::error::TrySendError::Full(bytes)) => {
+                // The writer is behind: the link holds the stream up here too.
+                let held = Instant::now();
+                self.out.send(bytes).await.map_err(|_| stopped())?;
+                if let Some(c) = &mut self.compress {
+                    c.held_up(held.elapsed());
+                }
+                Ok(())
+            }
+        }
     }
 }
 
