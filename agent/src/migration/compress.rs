@@ -13,10 +13,7 @@
 //!
 //! The window cannot tell a slow link from a slow target: when the target QEMU's loading holds
 //! the window up, `Auto` spends idle source CPU for no gain in time (`--zstd never` avoids it).
-use std::{
-    fmt,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use super::{link, outgoing::Outgoing};
 
@@ -30,16 +27,6 @@ pub enum Compression {
     Auto,
     /// Every batch.
     Always,
-}
-
-impl fmt::Display for Compression {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Compression::Never => "never",
-            Compression::Auto => "auto",
-            Compression::Always => "always",
-        })
-    }
 }
 
 /// zstd level: the fastest regular one. Level 1 compresses guest memory at about 500 MB/s per

@@ -66,7 +66,9 @@ impl Outgoing {
         self.len() == 0
     }
 
-    /// The frame bytes, when no page is spliced in.
+    /// The frame bytes, when no page is spliced in (for tests: the link gets
+    /// [`Self::write_to`], compression [`Self::gather_into`]).
+    #[cfg(test)]
     pub fn contiguous(&self) -> Option<&[u8]> {
         self.pages.is_empty().then_some(&self.bytes[..])
     }

@@ -575,10 +575,15 @@ impl Emitter {
             self.flush().await?;
             let held = Instant::now();
             moved.await;
-            // Time the link (or the target) held the stream up: compression may spend it.
-            if let Some(c) = &mut self.compress {
-                c.held_up(held.elapsed());
-            }
+            self.held_up_since(held);
+        }
+    }
+
+    /// Banks the time since `held` as time the link (or the target) held the stream up:
+    /// compression may spend it.
+    fn held_up_since(&mut self, held: Instant) {
+        if let Some(c) = &mut self.compress {
+            c.held_up(held.elapsed());
         }
     }
 
@@ -664,9 +669,7 @@ impl Emitter {
                 // The writer is behind: the link holds the stream up here too.
                 let held = Instant::now();
                 self.out.send(bytes).await.map_err(|_| stopped())?;
-                if let Some(c) = &mut self.compress {
-                    c.held_up(held.elapsed());
-                }
+                self.held_up_since(held);
                 Ok(())
             }
         }
