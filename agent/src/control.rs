@@ -9,11 +9,14 @@
 //!   listens on 127.0.0.1:P; QMP source: migrate P       the stream, reports DONE
 //!   proxies QEMU's stream, shows progress, waits for completion, prints the report
 //! ```
-//! Failure is always clean: if anything breaks before the target confirms delivery, the
-//! source QEMU's connection is dropped (its migration fails and the guest keeps running) and
-//! a source paused by a completed-but-undelivered migration is resumed.
+//! Failure is always clean: if anything breaks before the target confirms delivery (or the
+//! operator cancels), the source QEMU's connection is dropped, so its migration fails and the
+//! guest keeps running; [`crate::settle`] then decides which QEMU runs the guest, and never
+//! resumes a source whose whole stream the target may have loaded.
 use std::{
+    future::Future,
     path::PathBuf,
+    pin::Pin,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -39,6 +42,7 @@ use crate::{
         wire::FrameReader,
     },
     qmp::{guest_pause, Qmp, QmpError},
+    settle::{settle, Outcome},
     switchover::Switchover,
 };
 
@@ -65,6 +69,8 @@ pub enum ControlError {
     },
     #[error("{0}")]
     Refused(String),
+    #[error("cancelled before the source QEMU's stream began; the source QEMU runs on")]
+    Cancelled,
     #[error("index service at {addr}: {source}")]
     Index {
         addr: String,
@@ -120,12 +126,18 @@ pub struct MigrateOptions {
 /// The per-migration report.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct MigrationReport {
+    /// The target QEMU runs the guest after the source QEMU completed.
     pub ok: bool,
+    /// Why not.
     pub error: Option<String>,
+    /// What went wrong although the guest moved (the agents failed after the target QEMU had
+    /// the whole stream: the target's own figures are then missing from the report).
+    pub warning: Option<String>,
     /// The source's figures, with what only the target knows: NAS bytes, fallbacks, fetch time.
     #[serde(flatten)]
     pub figures: Figures,
     pub savings_pct: f64,
+    /// QEMU's `total-time`; for a migration that failed, from `migrate` until it ended.
     pub total_time_ms: u64,
     /// QEMU's own figure: from stopping the guest until the source QEMU had written the rest of
     /// its stream.
@@ -192,6 +204,9 @@ impl MigrationReport {
         if let Some(e) = &self.error {
             s.push_str(&format!("\n  error: {e}"));
         }
+        if let Some(w) = &self.warning {
+            s.push_str(&format!("\n  warning: {w}"));
+        }
         s
     }
 
@@ -226,9 +241,46 @@ impl MigrationReport {
 }
 
 /// Runs one migration from the source QEMU to the target QEMU through the agents.
-pub async fn migrate(opts: MigrateOptions) -> Result<MigrationReport, ControlError> {
+///
+/// `cancel` resolving (the operator's Ctrl-C) stops it: before the source QEMU's stream began,
+/// with an error and nothing started; after, like any failure, with a report, the source's
+/// migration cancelled and the guest wherever [`settle`] finds it safe.
+pub async fn migrate(
+    opts: MigrateOptions,
+    cancel: impl Future<Output = ()>,
+) -> Result<MigrationReport, ControlError> {
+    tokio::pin!(cancel);
+    let begun = tokio::select! {
+        r = begin(&opts) => r?,
+        () = &mut cancel => {
+            // At most the source QEMU is connecting to a listener that is closed now.
+            if let Err(e) = cancel_source(&opts.source_qmp).await {
+                tracing::warn!("cannot cancel the source QEMU's migration: {e}");
+            }
+            return Err(ControlError::Cancelled);
+        }
+    };
+    drive(opts, begun, cancel).await
+}
+
+/// Everything up to the source QEMU's stream arriving.
+struct Begun {
+    src: Qmp,
+    dst: Qmp,
+    source_was_running: bool,
+    target_ram_preallocated: Option<bool>,
+    incoming: String,
+    link: TcpStream,
+    qemu: Box<dyn nas_server::listener::Stream>,
+    started: Instant,
+}
+
+/// Checks both QEMUs and the index service, sets up the target, opens the link and starts the
+/// source QEMU's migration into this agent.
+async fn begin(opts: &MigrateOptions) -> Result<Begun, ControlError> {
     let mut src = Qmp::connect(&opts.source_qmp).await.map_err(src_err)?;
     let mut dst = Qmp::connect(&opts.target_qmp).await.map_err(dst_err)?;
+    let source_was_running = src.status().await.map_err(src_err)? == "running";
     let dst_status = dst.status().await.map_err(dst_err)?;
     if dst_status != "inmigrate" {
         return Err(ControlError::Refused(format!(
@@ -308,9 +360,45 @@ pub async fn migrate(opts: MigrateOptions) -> Result<MigrationReport, ControlErr
     src.execute("migrate", Some(json!({ "uri": uri })))
         .await
         .map_err(src_err)?;
-    let (qemu, _) = tokio::time::timeout(Duration::from_secs(30), listener.accept())
-        .await
-        .map_err(|_| ControlError::Refused("the source QEMU never connected".into()))??;
+    let qemu = match tokio::time::timeout(Duration::from_secs(30), listener.accept()).await {
+        Ok(accepted) => accepted?.0,
+        Err(_) => {
+            // Its migration must not connect later, to a listener that is gone by then.
+            let _ = src.execute("migrate_cancel", None).await;
+            return Err(ControlError::Refused(
+                "the source QEMU never connected".into(),
+            ));
+        }
+    };
+    Ok(Begun {
+        src,
+        dst,
+        source_was_running,
+        target_ram_preallocated,
+        incoming,
+        link,
+        qemu,
+        started,
+    })
+}
+
+/// Proxies the source QEMU's stream to the target agent until it is delivered, fails, times
+/// out or is cancelled; then settles where the guest runs and reports.
+async fn drive(
+    opts: MigrateOptions,
+    begun: Begun,
+    mut cancel: Pin<&mut impl Future<Output = ()>>,
+) -> Result<MigrationReport, ControlError> {
+    let Begun {
+        mut src,
+        mut dst,
+        source_was_running,
+        target_ram_preallocated,
+        incoming,
+        link,
+        qemu,
+        started,
+    } = begun;
     let mut config = SourceConfig::new(
         &opts.vm,
         opts.exports.clone(),
@@ -348,12 +436,17 @@ pub async fn migrate(opts: MigrateOptions) -> Result<MigrationReport, ControlErr
                     }
                 }
                 if started.elapsed() > opts.timeout {
-                    source.abort();
                     break Err(format!("no completion within {:?}", opts.timeout));
                 }
             }
+            () = &mut cancel => break Err("cancelled by the operator".to_string()),
         }
     };
+    if !source.is_finished() {
+        // Dropping its task closes the source QEMU's connection and the link.
+        source.abort();
+        let _ = (&mut source).await;
+    }
     bar.finish_and_clear();
     let mut report = MigrationReport {
         target_ram_preallocated,
@@ -365,26 +458,56 @@ pub async fn migrate(opts: MigrateOptions) -> Result<MigrationReport, ControlErr
             tracing::warn!("cannot restore the source's switchover bandwidth: {e}");
         }
     }
-    match outcome {
-        Ok(r) => {
-            let info = wait_source_done(&mut src).await.map_err(src_err)?;
-            report.total_time_ms = info["total-time"].as_u64().unwrap_or(0);
-            report.downtime_ms = info["downtime"].as_u64().unwrap_or(0);
-            report.target_status = target_status(&mut dst, &opts.target_qmp).await;
-            report.ok = info["status"] == "completed" && report.target_status == "running";
-            if report.ok {
-                report.guest_paused_ms =
-                    guest_pause(&src.events(), &dst.events()).map(|d| d.as_millis() as u64);
-            } else {
-                report.error = Some(format!(
+    let run = match outcome {
+        Ok(run) => Some(run),
+        Err(e) => {
+            report.error = Some(e);
+            None
+        }
+    };
+    let settled = settle(&mut src, &mut dst, &opts.target_qmp, source_was_running)
+        .await
+        .map_err(src_err)?;
+    // QEMU reports no total time for a failed migration: then it is this side's clock.
+    report.total_time_ms = settled.info["total-time"]
+        .as_u64()
+        .unwrap_or(started.elapsed().as_millis() as u64);
+    report.downtime_ms = settled.info["downtime"].as_u64().unwrap_or(0);
+    report.target_status = settled.target_status;
+    report.ok = settled.outcome == Outcome::Target;
+    match (&settled.outcome, report.error.take()) {
+        (Outcome::Target, None) => {}
+        // The source QEMU wrote its whole stream and the target QEMU loaded it: the guest moved.
+        (Outcome::Target, Some(e)) => {
+            report.warning = Some(format!(
+                "{e}, after the source QEMU had written its whole stream; the target QEMU loaded \
+                 it and runs the guest"
+            ));
+        }
+        (Outcome::Undecided, e) => {
+            report.error = Some(format!(
+                "{}the source QEMU completed, but the target QEMU is {}: the source guest stays \
+                 paused, since the target may still start it; resume the source (QMP cont) \
+                 only once the target QEMU is stopped",
+                e.map(|e| format!("{e}; ")).unwrap_or_default(),
+                report.target_status
+            ));
+        }
+        (Outcome::Source, e) => {
+            report.error = Some(e.unwrap_or_else(|| {
+                format!(
                     "source migration {}, target {}",
-                    info["status"], report.target_status
-                ));
-                // Only a target that is certainly not running may be replaced by the source.
-                if report.target_status.starts_with("gone") {
-                    recover_source(&mut src).await.map_err(src_err)?;
-                }
-            }
+                    settled.info["status"], report.target_status
+                )
+            }));
+        }
+    }
+    if report.ok {
+        report.guest_paused_ms =
+            guest_pause(&src.events(), &dst.events()).map(|d| d.as_millis() as u64);
+    }
+    match run {
+        Some(r) => {
             let (s, t) = (r.source, r.target);
             report.figures = Figures {
                 nas_bytes: t.nas_bytes,
@@ -395,14 +518,9 @@ pub async fn migrate(opts: MigrateOptions) -> Result<MigrationReport, ControlErr
             report.savings_pct = s.savings_pct();
             report.passthrough_reason = r.passthrough_reason;
         }
-        Err(e) => {
-            report.error = Some(e);
-            recover_source(&mut src).await.map_err(src_err)?;
+        None => {
             report.figures = counters.snapshot();
-            report.target_status = match dst.status().await {
-                Ok(s) => s,
-                Err(e) => format!("gone: {e}"),
-            };
+            report.savings_pct = report.figures.savings_pct();
         }
     }
     report.source_status = src.status().await.map_err(src_err)?;
@@ -410,62 +528,12 @@ pub async fn migrate(opts: MigrateOptions) -> Result<MigrationReport, ControlErr
     Ok(report)
 }
 
-/// Waits until the source's migration leaves the active states; returns `query-migrate`.
-async fn wait_source_done(src: &mut Qmp) -> Result<serde_json::Value, QmpError> {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let info = src.execute("query-migrate", None).await?;
-        let status = info["status"].as_str().unwrap_or("");
-        if matches!(status, "completed" | "failed" | "cancelled") || Instant::now() > deadline {
-            return Ok(info);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// The target's state once the stream is delivered: "running" when it took over, "gone: ..."
-/// when its QEMU is certainly not running (its monitor is closed and cannot be reopened), or
-/// another QEMU status.
-async fn target_status(dst: &mut Qmp, path: &std::path::Path) -> String {
-    match wait_running(dst).await {
-        Ok(status) => status,
-        Err(first) => match Qmp::connect(path).await {
-            Ok(mut again) => match wait_running(&mut again).await {
-                Ok(status) => status,
-                Err(e) => format!("unknown: {e}"),
-            },
-            Err(e) => format!("gone: {first}; {e}"),
-        },
-    }
-}
-
-/// Waits for the target to run (it starts by itself after an incoming migration).
-async fn wait_running(dst: &mut Qmp) -> Result<String, QmpError> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let status = dst.status().await?;
-        if status == "running" || Instant::now() > deadline {
-            return Ok(status);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// After a failed migration: cancel it if QEMU still thinks it is going, and resume a guest
-/// that QEMU paused for a switchover that never reached the target.
-async fn recover_source(src: &mut Qmp) -> Result<(), QmpError> {
+/// After a cancel before the stream began: ends a source migration still trying to connect.
+async fn cancel_source(path: &std::path::Path) -> Result<(), QmpError> {
+    let mut src = Qmp::connect(path).await?;
     let info = src.execute("query-migrate", None).await?;
-    if matches!(
-        info["status"].as_str(),
-        Some("active" | "device" | "pre-switchover" | "setup")
-    ) {
+    if matches!(info["status"].as_str(), Some("setup" | "active")) {
         src.execute("migrate_cancel", None).await?;
-        wait_source_done(src).await?;
-    }
-    let status = src.status().await?;
-    if status != "running" {
-        tracing::warn!("source QEMU is {status} after a failed migration: resuming it");
-        src.execute("cont", None).await?;
     }
     Ok(())
 }

@@ -8,5 +8,6 @@
 pub mod control;
 pub mod migration;
 pub mod qmp;
+pub mod settle;
 pub mod switchover;
 pub mod telemetry;

@@ -1,6 +1,9 @@
-//! The path the README gives libvirt and QMP scripts, with the real binaries: `agent serve` on
-//! the target host, `agent source` on the source host, and the test driving both QEMUs over QMP
-//! as a script (or libvirt) would: `migrate-incoming` on the target, `migrate` on the source.
+//! The agent binaries as operators and scripts run them.
+//!
+//! The path the README gives libvirt and QMP scripts: `agent serve` on the target host, `agent
+//! source` on the source host, and the test driving both QEMUs over QMP as a script (or
+//! libvirt) would: `migrate-incoming` on the target, `migrate` on the source. And `agent
+//! migrate` as an operator runs it, interrupted with Ctrl-C half-way.
 use std::{
     path::Path,
     process::{Child, Command, Stdio},
@@ -183,5 +186,105 @@ fn agent_source_refuses_an_export_the_nas_does_not_serve_before_it_listens() {
         stderr.contains("index service at")
             && stderr.contains("no export named \"not-on-this-nas\""),
         "{stderr}"
+    );
+}
+
+#[test]
+fn ctrl_c_cancels_agent_migrate_and_the_source_runs_on() {
+    if !require_root("ctrl_c_cancels_agent_migrate_and_the_source_runs_on") {
+        return;
+    }
+    let _qemu = exclusive();
+    let pair = Pair::start("cli-cancel", 256, 64, false, false);
+    let link = free_port();
+    let mut serve = Running(
+        agent()
+            .args(["serve", "--link-listen", &format!("127.0.0.1:{link}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start agent serve"),
+    );
+    // Its log says when a migration's stream begins (QEMU's monitor takes one client at a
+    // time, and `agent migrate` holds it, so the test cannot ask QEMU).
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    let serve_log = std::io::BufReader::new(serve.0.stderr.take().unwrap());
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(serve_log).map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let server = pair.server.as_ref().expect("server running");
+    let mut migrate = Running(
+        agent()
+            .arg("migrate")
+            .arg("--source-qmp")
+            .arg(&pair.source.qmp_path)
+            .arg("--target-qmp")
+            .arg(&pair.target.qmp_path)
+            .args(["--target-agent", &format!("127.0.0.1:{link}")])
+            .args(["--export", "disk"])
+            .args(["--nas-nbd", &server.addr.to_string()])
+            .args(["--nas-index", &server.index_addr.to_string()])
+            // 16 MiB/s: the stream takes several seconds, so Ctrl-C lands half-way.
+            .args(["--max-bandwidth", &(16u64 << 20).to_string(), "--json"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start agent migrate"),
+    );
+    wait_for("the stream beginning", Duration::from_secs(60), || {
+        lines
+            .try_recv()
+            .is_ok_and(|l| l.contains("incoming migration"))
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        migrate.0.try_wait().unwrap().is_none(),
+        "agent migrate ended before Ctrl-C"
+    );
+    // SAFETY: kill(2) on our own child's pid; no memory is involved.
+    assert_eq!(
+        unsafe { libc::kill(migrate.0.id() as libc::pid_t, libc::SIGINT) },
+        0
+    );
+    wait_for("agent migrate exiting", Duration::from_secs(60), || {
+        migrate.0.try_wait().unwrap().is_some()
+    });
+    let status = migrate.0.wait().unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut migrate.0.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("migration failed; the source VM is running"),
+        "{stderr}"
+    );
+    let report: Value =
+        serde_json::from_reader(migrate.0.stdout.take().unwrap()).expect("a JSON report");
+    assert_eq!(report["ok"], false, "{report}");
+    assert_eq!(report["error"], "cancelled by the operator", "{report}");
+    assert_eq!(report["source_status"], "running", "{report}");
+    // Cancelled half-way: QEMU had sent part of its stream.
+    let sent = report["qemu_bytes"].as_u64().unwrap_or(0);
+    assert!(
+        sent > 0 && report["total_time_ms"].as_u64() > Some(0),
+        "{report}"
+    );
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let query = |command: &str| rt.block_on(execute(&pair.source.qmp_path, command, None));
+
+    let info = query("query-migrate");
+    assert!(
+        matches!(info["status"].as_str(), Some("cancelled" | "failed")),
+        "{info}"
+    );
+    let params = query("query-migrate-parameters");
+    assert_eq!(params["avail-switchover-bandwidth"], 0, "{params}");
+    let before = pair.source.heartbeat().unwrap();
+    pair.source.wait_line(
+        "QEVAL-HEARTBEAT",
+        before as usize + 2,
+        Duration::from_secs(60),
     );
 }

@@ -4,11 +4,11 @@
 //! target QEMU must receive exactly the source QEMU's bytes, and faults must never corrupt the
 //! target or kill the source. An index service that refuses the session stops the migration
 //! before either QEMU is told anything.
-use std::{path::Path, time::Duration};
+use std::{future::pending, path::Path, time::Duration};
 
 use agent::{
     control::{migrate, serve, MigrateOptions, MigrationReport},
-    migration::target::TargetConfig,
+    migration::{link::LinkFrame, target::TargetConfig, wire::FrameReader},
     qmp::Qmp,
 };
 use nas_server::listener::Listen;
@@ -16,7 +16,11 @@ use tests::{
     qemu::{carried_on, exclusive, Pair},
     require_root,
 };
-use tokio::{net::TcpListener, sync::watch};
+use tokio::{
+    io::AsyncWriteExt,
+    net::{TcpListener, TcpStream},
+    sync::watch,
+};
 
 const MIB: usize = 1 << 20;
 
@@ -56,6 +60,34 @@ async fn target_agent(record: &Path) -> (String, watch::Sender<bool>, tokio::tas
     (addr, stop, task)
 }
 
+/// A relay on the agent link that passes everything except the target's DONE: when DONE comes,
+/// it closes both connections instead, as a network that fails right after the target agent
+/// delivered the whole stream. Returns the address to give the source as its target agent.
+async fn relay_losing_done(target_agent: String) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        let (source, _) = listener.accept().await.unwrap();
+        let target = TcpStream::connect(&target_agent).await.unwrap();
+        let (mut source_rd, mut source_wr) = source.into_split();
+        let (mut target_rd, mut target_wr) = target.into_split();
+        let forward = tokio::spawn(async move {
+            let _ = tokio::io::copy(&mut source_rd, &mut target_wr).await;
+        });
+        let mut frames = FrameReader::new();
+        while let Ok(Some(frame)) = frames.next(&mut target_rd).await {
+            if matches!(frame, LinkFrame::Done { .. }) {
+                break;
+            }
+            if source_wr.write_all(&frame.to_bytes()).await.is_err() {
+                break;
+            }
+        }
+        forward.abort();
+    });
+    addr
+}
+
 /// The target guest runs on: heartbeats past the source's last one, and the RAM blob intact.
 fn assert_guest_continues(s: &Pair) {
     if let Err(e) = carried_on(&s.source, &s.target, &s.blob) {
@@ -87,7 +119,9 @@ fn live_migration_through_the_agents() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let report: MigrationReport = rt.block_on(async {
         let (agent, _stop, _task) = target_agent(&s.dir.path("target-stream.bin")).await;
-        migrate(options(&s, &agent, None)).await.expect("migrate")
+        migrate(options(&s, &agent, None), pending())
+            .await
+            .expect("migrate")
     });
     eprintln!("{}", report.text());
     assert!(report.ok, "{report:?}");
@@ -132,7 +166,7 @@ fn guest_writing_its_disk_during_migration_stays_correct() {
         // QEMU hands its stream to the source agent over a unix socket here.
         let mut options = options(&s, &agent, Some(32 * MIB as u64));
         options.source_listen = Some(Listen::Unix(s.dir.path("source-agent.sock")));
-        migrate(options).await.expect("migrate")
+        migrate(options, pending()).await.expect("migrate")
     });
     eprintln!("{}", report.text());
     assert!(report.ok, "{report:?}");
@@ -152,7 +186,7 @@ fn nas_killed_mid_migration_never_corrupts_the_target() {
     let report = rt.block_on(async {
         let (agent, _stop, _task) = target_agent(&s.dir.path("target-stream.bin")).await;
         let opts = options(&s, &agent, Some(16 * MIB as u64));
-        let running = tokio::spawn(migrate(opts));
+        let running = tokio::spawn(migrate(opts, pending()));
         tokio::time::sleep(Duration::from_secs(3)).await;
         // The storage node goes away while pages are still being mapped and fetched.
         let server = s.server.take().unwrap();
@@ -180,7 +214,10 @@ fn target_agent_dying_leaves_the_source_running() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let report = rt.block_on(async {
         let (agent, _stop, task) = target_agent(&s.dir.path("target-stream.bin")).await;
-        let running = tokio::spawn(migrate(options(&s, &agent, Some(16 * MIB as u64))));
+        let running = tokio::spawn(migrate(
+            options(&s, &agent, Some(16 * MIB as u64)),
+            pending(),
+        ));
         tokio::time::sleep(Duration::from_secs(3)).await;
         task.abort();
         running.await.unwrap().expect("migrate returns a report")
@@ -211,7 +248,7 @@ fn an_index_service_refusal_stops_the_migration_before_either_qemu_is_told() {
         // No target agent listens there: the refusal must come before the link is opened.
         let mut opts = options(&s, "127.0.0.1:9", None);
         opts.exports = vec!["not-on-this-nas".into()];
-        migrate(opts)
+        migrate(opts, pending())
             .await
             .expect_err("an export the NAS does not serve is refused")
     });
@@ -228,4 +265,85 @@ fn an_index_service_refusal_stops_the_migration_before_either_qemu_is_told() {
         qmp.execute("query-migrate", None).await.unwrap()
     });
     assert!(info.get("status").is_none(), "{info}");
+}
+
+#[test]
+fn a_link_lost_after_the_target_took_over_never_resumes_the_source() {
+    if !require_root("a_link_lost_after_the_target_took_over_never_resumes_the_source") {
+        return;
+    }
+    let _qemu = exclusive();
+    let s = Pair::start("e2e-done-lost", 256, 64, false, false);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let report = rt.block_on(async {
+        let (agent, _stop, _task) = target_agent(&s.dir.path("target-stream.bin")).await;
+        let relay = relay_losing_done(agent).await;
+        migrate(options(&s, &relay, None), pending())
+            .await
+            .expect("migrate returns a report")
+    });
+    eprintln!("{}", report.text());
+    // The target QEMU got the whole stream and runs the guest: two running copies of one guest
+    // on one disk would corrupt it, so the source must stay paused. The guest moved, and the
+    // report says what went wrong on the way.
+    assert_eq!(report.target_status, "running", "{report:?}");
+    assert_eq!(report.source_status, "postmigrate", "{report:?}");
+    assert!(report.ok, "{report:?}");
+    assert!(
+        report
+            .warning
+            .as_deref()
+            .is_some_and(|w| w.contains("target closed the link")),
+        "{report:?}"
+    );
+    assert_same_stream(&s);
+    assert_guest_continues(&s);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(rt.block_on(status(&s.source.qmp_path)), "postmigrate");
+}
+
+#[test]
+fn cancelling_mid_migration_leaves_the_guest_running_on_the_source() {
+    if !require_root("cancelling_mid_migration_leaves_the_guest_running_on_the_source") {
+        return;
+    }
+    let _qemu = exclusive();
+    let s = Pair::start("e2e-cancel", 256, 64, false, false);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let report = rt.block_on(async {
+        let (agent, _stop, _task) = target_agent(&s.dir.path("target-stream.bin")).await;
+        // At 16 MiB/s the stream takes several seconds: the operator cancels half-way.
+        let cancel = tokio::time::sleep(Duration::from_secs(3));
+        migrate(options(&s, &agent, Some(16 * MIB as u64)), cancel)
+            .await
+            .expect("migrate returns a report")
+    });
+    eprintln!("{}", report.text());
+    assert!(!report.ok, "{report:?}");
+    assert_eq!(
+        report.error.as_deref(),
+        Some("cancelled by the operator"),
+        "{report:?}"
+    );
+    assert_eq!(report.source_status, "running");
+    assert_ne!(report.target_status, "running");
+    let (info, params) = rt.block_on(async {
+        let mut q = Qmp::connect(&s.source.qmp_path).await.unwrap();
+        (
+            q.execute("query-migrate", None).await.unwrap(),
+            q.execute("query-migrate-parameters", None).await.unwrap(),
+        )
+    });
+    assert!(
+        matches!(info["status"].as_str(), Some("cancelled" | "failed")),
+        "{info}"
+    );
+    // The switchover bandwidth `agent migrate` managed is the operator's again.
+    assert_eq!(params["avail-switchover-bandwidth"], 0, "{params}");
+    let before = s.source.heartbeat().unwrap();
+    s.source.wait_line(
+        "QEVAL-HEARTBEAT",
+        before as usize + 2,
+        Duration::from_secs(60),
+    );
 }

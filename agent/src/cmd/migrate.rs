@@ -1,7 +1,9 @@
 //! `agent migrate`: one live migration through the agents, with progress and a report.
+//! Ctrl-C or SIGTERM cancels it cleanly (see [`agent::control::migrate`]); a second one exits.
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use agent::control::{migrate, MigrateOptions};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -39,23 +41,40 @@ pub struct Args {
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
     super::serve_metrics(args.metrics)?;
-    let report = migrate(MigrateOptions {
-        source_qmp: args.source_qmp,
-        target_qmp: args.target_qmp,
-        target_agent: args.target_agent,
-        vm: args.stream.vm,
-        exports: args.stream.exports,
-        nas_nbd: args.stream.nas_nbd,
-        nas_index: Some(args.stream.nas_index),
-        incoming: args.incoming,
-        source_listen: args.qemu_listen,
-        zstd: args.stream.zstd,
-        passthrough: args.stream.passthrough,
-        max_bandwidth: args.max_bandwidth,
-        record: args.stream.record,
-        progress: !args.json,
-        timeout: Duration::from_secs(args.timeout),
-    })
+    // Registered before anything starts, so no signal kills the process half-way.
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let cancel = async move {
+        signalled(&mut interrupt, &mut terminate).await;
+        tracing::warn!(
+            "cancelling the migration; the guest stays with the source QEMU unless the target \
+             already runs it (a second Ctrl-C or SIGTERM exits at once)"
+        );
+        tokio::spawn(async move {
+            signalled(&mut interrupt, &mut terminate).await;
+            std::process::exit(130);
+        });
+    };
+    let report = migrate(
+        MigrateOptions {
+            source_qmp: args.source_qmp,
+            target_qmp: args.target_qmp,
+            target_agent: args.target_agent,
+            vm: args.stream.vm,
+            exports: args.stream.exports,
+            nas_nbd: args.stream.nas_nbd,
+            nas_index: Some(args.stream.nas_index),
+            incoming: args.incoming,
+            source_listen: args.qemu_listen,
+            zstd: args.stream.zstd,
+            passthrough: args.stream.passthrough,
+            max_bandwidth: args.max_bandwidth,
+            record: args.stream.record,
+            progress: !args.json,
+            timeout: Duration::from_secs(args.timeout),
+        },
+        cancel,
+    )
     .await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -68,4 +87,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         report.source_status
     );
     Ok(())
+}
+
+/// Until either signal arrives.
+async fn signalled(interrupt: &mut Signal, terminate: &mut Signal) {
+    tokio::select! {
+        _ = interrupt.recv() => {}
+        _ = terminate.recv() => {}
+    }
 }
