@@ -85,14 +85,14 @@ pub enum ControlError {
     Io(#[from] std::io::Error),
 }
 
-fn src_err(source: QmpError) -> ControlError {
+pub(crate) fn src_err(source: QmpError) -> ControlError {
     ControlError::Qmp {
         which: "source",
         source,
     }
 }
 
-fn dst_err(source: QmpError) -> ControlError {
+pub(crate) fn dst_err(source: QmpError) -> ControlError {
     ControlError::Qmp {
         which: "target",
         source,
@@ -465,9 +465,7 @@ async fn drive(
             None
         }
     };
-    let settled = settle(&mut src, &mut dst, &opts.target_qmp, source_was_running)
-        .await
-        .map_err(src_err)?;
+    let settled = settle(&mut src, &mut dst, &opts.target_qmp, source_was_running).await?;
     // QEMU reports no total time for a failed migration: then it is this side's clock.
     report.total_time_ms = settled.info["total-time"]
         .as_u64()

@@ -8,19 +8,23 @@
 //! source QEMU's migration    target QEMU          the guest
 //! not completed              (any)                stays on the source: QEMU resumes it by
 //!                                                 itself; one left paused is resumed here
-//! completed                  running              ran over to the target: the source stays
-//!                                                 paused (postmigrate), whatever the agents saw
+//! completed                  loaded the stream    moved to the target: the source stays paused
+//!                                                 (postmigrate), whatever the agents saw
 //! completed                  gone                 back on the source: resumed here
 //! completed                  anything else        undecided: the source stays paused
 //! ```
 //!
 //! A source QEMU that did not complete never wrote its whole stream, so no target can have
 //! loaded it. One that completed wrote it all to the source agent, and the target may have all
-//! of it even when the agents failed afterwards (a link lost before the target's DONE). "Gone"
-//! means the target's monitor is closed and cannot be reopened: a target QEMU whose incoming
-//! migration fails exits. In any other state it may still start the guest, so the source stays
-//! paused and the report tells the operator to resume it only once the target QEMU is stopped,
-//! which is also how libvirt leaves a guest whose migration outcome it cannot know.
+//! of it even when the agents failed afterwards (a link lost before the target's DONE). A target
+//! that loaded the stream runs, or, started with `-S` as libvirt starts QEMU, waits paused with
+//! its incoming migration completed; such a target is resumed here (`cont`), as libvirt does,
+//! when the guest was running on the source. "Gone" means the target's monitor is closed and
+//! cannot be reopened: a target QEMU whose incoming migration fails exits. In any other state it
+//! may still start the guest, so the source stays paused and the report tells the operator to
+//! resume it only once the target QEMU is stopped, which is also how libvirt leaves a guest
+//! whose migration outcome it cannot know. A guest paused before the migration is resumed on
+//! neither side.
 use std::{
     path::Path,
     time::{Duration, Instant},
@@ -28,7 +32,10 @@ use std::{
 
 use serde_json::Value;
 
-use crate::qmp::{Qmp, QmpError};
+use crate::{
+    control::{dst_err, src_err, ControlError},
+    qmp::{Qmp, QmpError},
+};
 
 /// How long the target may take to start running once the source completed.
 const TARGET_START: Duration = Duration::from_secs(60);
@@ -55,16 +62,17 @@ pub struct Settled {
     pub outcome: Outcome,
     /// The source's `query-migrate` once it left the active states.
     pub info: Value,
-    /// The target QEMU's status, or "gone: ..." (see [`target_status`]).
+    /// The target QEMU's status (after `cont`, if [`settle`] resumed it), or "gone: ...".
     pub target_status: String,
 }
 
-/// Which QEMU may run the guest, from the source QEMU's final migration status and the target
-/// QEMU's status (the table in the module doc).
-pub fn decide(source_migration: &str, target_status: &str) -> Outcome {
+/// Which QEMU may run the guest, from the source QEMU's final migration status, the target
+/// QEMU's status and whether the target loaded the whole stream (the table in the module
+/// doc).
+pub fn decide(source_migration: &str, target_status: &str, target_loaded: bool) -> Outcome {
     if source_migration != "completed" {
         Outcome::Source
-    } else if target_status == "running" {
+    } else if target_loaded {
         Outcome::Target
     } else if target_status.starts_with("gone") {
         Outcome::Source
@@ -81,34 +89,44 @@ pub async fn settle(
     dst: &mut Qmp,
     target_qmp: &Path,
     source_was_running: bool,
-) -> Result<Settled, QmpError> {
-    let info = src.execute("query-migrate", None).await?;
+) -> Result<Settled, ControlError> {
+    let info = src.execute("query-migrate", None).await.map_err(src_err)?;
     if is_active(&info) {
-        src.execute("migrate_cancel", None).await?;
+        src.execute("migrate_cancel", None).await.map_err(src_err)?;
     }
-    let info = wait_source_done(src).await?;
+    let info = wait_source_done(src).await.map_err(src_err)?;
     let completed = info["status"] == "completed";
-    let target_status = if completed {
+    let (mut target_status, loaded) = if completed {
         target_status(dst, target_qmp).await
     } else {
         match dst.status().await {
-            Ok(s) => s,
-            Err(e) => format!("gone: {e}"),
+            Ok(s) => (s, false),
+            Err(e) => (format!("gone: {e}"), false),
         }
     };
-    let outcome = decide(info["status"].as_str().unwrap_or(""), &target_status);
+    let outcome = decide(
+        info["status"].as_str().unwrap_or(""),
+        &target_status,
+        loaded,
+    );
+    if outcome == Outcome::Target && target_status != "running" && source_was_running {
+        // Started with -S: the target holds the guest now, and the guest was running.
+        tracing::info!("the target QEMU loaded the stream and is {target_status}: resuming it");
+        dst.execute("cont", None).await.map_err(dst_err)?;
+        target_status = dst.status().await.map_err(dst_err)?;
+    }
     if outcome == Outcome::Source && source_was_running {
         // QEMU resumes a guest itself once its migration failed or was cancelled; a moment
         // may pass between that status and the guest running.
         let deadline = Instant::now() + SELF_RESUME;
-        let mut status = src.status().await?;
+        let mut status = src.status().await.map_err(src_err)?;
         while status != "running" && !completed && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
-            status = src.status().await?;
+            status = src.status().await.map_err(src_err)?;
         }
         if status != "running" {
             tracing::warn!("source QEMU is {status} after a failed migration: resuming it");
-            src.execute("cont", None).await?;
+            src.execute("cont", None).await.map_err(src_err)?;
         }
     }
     Ok(Settled {
@@ -140,29 +158,40 @@ async fn wait_source_done(src: &mut Qmp) -> Result<Value, QmpError> {
     }
 }
 
-/// The target's state once the source completed: "running" when it took over, "gone: ..."
-/// when its QEMU is certainly not running (its monitor is closed and cannot be reopened), or
-/// another QEMU status.
-async fn target_status(dst: &mut Qmp, path: &Path) -> String {
-    match wait_running(dst).await {
-        Ok(status) => status,
+/// The target's state once the source completed, and whether it loaded the whole stream: its
+/// QEMU status, or "gone: ..." when its QEMU is certainly not running (its monitor is closed
+/// and cannot be reopened).
+async fn target_status(dst: &mut Qmp, path: &Path) -> (String, bool) {
+    match wait_loaded(dst).await {
+        Ok(seen) => seen,
         Err(first) => match Qmp::connect(path).await {
-            Ok(mut again) => match wait_running(&mut again).await {
-                Ok(status) => status,
-                Err(e) => format!("unknown: {e}"),
+            Ok(mut again) => match wait_loaded(&mut again).await {
+                Ok(seen) => seen,
+                Err(e) => (format!("unknown: {e}"), false),
             },
-            Err(e) => format!("gone: {first}; {e}"),
+            Err(e) => (format!("gone: {first}; {e}"), false),
         },
     }
 }
 
-/// Waits for the target to run (it starts by itself after an incoming migration).
-async fn wait_running(dst: &mut Qmp) -> Result<String, QmpError> {
+/// Waits for the target to have loaded the stream: running (it starts by itself after an
+/// incoming migration), or out of `inmigrate` with its incoming migration completed (started
+/// with `-S`). Returns its status and whether it loaded the stream.
+async fn wait_loaded(dst: &mut Qmp) -> Result<(String, bool), QmpError> {
     let deadline = Instant::now() + TARGET_START;
     loop {
         let status = dst.status().await?;
-        if status == "running" || Instant::now() > deadline {
-            return Ok(status);
+        if status == "running" {
+            return Ok((status, true));
+        }
+        if status != "inmigrate" {
+            let incoming = dst.execute("query-migrate", None).await?;
+            if incoming["status"] == "completed" {
+                return Ok((status, true));
+            }
+        }
+        if Instant::now() > deadline {
+            return Ok((status, false));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -176,24 +205,32 @@ mod tests {
     fn a_source_that_did_not_complete_keeps_the_guest() {
         for migration in ["failed", "cancelled", "active", ""] {
             for target in ["running", "inmigrate", "gone: closed", "paused"] {
-                assert_eq!(
-                    decide(migration, target),
-                    Outcome::Source,
-                    "{migration} {target}"
-                );
+                for loaded in [false, true] {
+                    assert_eq!(
+                        decide(migration, target, loaded),
+                        Outcome::Source,
+                        "{migration} {target} {loaded}"
+                    );
+                }
             }
         }
     }
 
     #[test]
     fn after_a_completed_source_only_a_gone_target_gives_the_guest_back() {
-        assert_eq!(decide("completed", "running"), Outcome::Target);
+        assert_eq!(decide("completed", "running", true), Outcome::Target);
+        // Started with -S: loaded, and paused until told to run.
+        assert_eq!(decide("completed", "paused", true), Outcome::Target);
         assert_eq!(
-            decide("completed", "gone: QMP connection closed; refused"),
+            decide("completed", "gone: QMP connection closed; refused", false),
             Outcome::Source
         );
         for target in ["inmigrate", "paused", "postmigrate", "unknown: timed out"] {
-            assert_eq!(decide("completed", target), Outcome::Undecided, "{target}");
+            assert_eq!(
+                decide("completed", target, false),
+                Outcome::Undecided,
+                "{target}"
+            );
         }
     }
 }

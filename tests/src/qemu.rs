@@ -36,6 +36,9 @@ pub struct GuestSpec<'a> {
     pub disk_writes: bool,
     /// Start with `-incoming defer` (a migration target).
     pub incoming: bool,
+    /// Start with `-S`, as libvirt starts every QEMU, migration targets included: a target
+    /// then stays paused after loading the stream until told `cont`.
+    pub paused: bool,
     /// Allocate all guest RAM at start-up (`-mem-prealloc`; libvirt's
     /// `<allocation mode='immediate'/>`) instead of on first touch.
     pub prealloc: bool,
@@ -111,6 +114,9 @@ impl Guest {
         .stderr(Stdio::piped());
         if spec.incoming {
             cmd.args(["-incoming", "defer"]);
+        }
+        if spec.paused {
+            cmd.arg("-S");
         }
         if spec.prealloc {
             cmd.arg("-mem-prealloc");
@@ -290,6 +296,7 @@ pub async fn record_stream(
             disk_uri,
             disk_writes: false,
             incoming: false,
+            paused: false,
             prealloc: false,
             qemu,
         },
@@ -356,6 +363,22 @@ impl Pair {
         disk_writes: bool,
         target_prealloc: bool,
     ) -> Pair {
+        Self::start_with(tag, mem_mb, read_mb, disk_writes, target_prealloc, false)
+    }
+
+    /// [`Pair::start`] with a target QEMU started with `-S`, as libvirt starts one.
+    pub fn start_with_paused_target(tag: &str, mem_mb: u32, read_mb: u32) -> Pair {
+        Self::start_with(tag, mem_mb, read_mb, false, false, true)
+    }
+
+    fn start_with(
+        tag: &str,
+        mem_mb: u32,
+        read_mb: u32,
+        disk_writes: bool,
+        target_prealloc: bool,
+        target_paused: bool,
+    ) -> Pair {
         let dir = Scratch::new(tag);
         let disk = dir.path("disk.raw");
         std::fs::write(&disk, crate::pattern(21, 256 << 20)).unwrap();
@@ -376,6 +399,7 @@ impl Pair {
             disk_uri: &uri,
             disk_writes,
             incoming,
+            paused: incoming && target_paused,
             prealloc,
             qemu: None,
         };

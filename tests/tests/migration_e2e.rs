@@ -347,3 +347,26 @@ fn cancelling_mid_migration_leaves_the_guest_running_on_the_source() {
         Duration::from_secs(60),
     );
 }
+
+#[test]
+fn a_target_started_paused_as_libvirt_starts_it_runs_the_guest_after_loading() {
+    if !require_root("a_target_started_paused_as_libvirt_starts_it_runs_the_guest_after_loading") {
+        return;
+    }
+    let _qemu = exclusive();
+    // -S: after loading the stream the target QEMU waits, paused, to be told `cont`.
+    let s = Pair::start_with_paused_target("e2e-paused-target", 256, 64);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let report = rt.block_on(async {
+        let (agent, _stop, _task) = target_agent(&s.dir.path("target-stream.bin")).await;
+        migrate(options(&s, &agent, None), pending())
+            .await
+            .expect("migrate")
+    });
+    eprintln!("{}", report.text());
+    assert!(report.ok, "{report:?}");
+    assert_eq!(report.source_status, "postmigrate");
+    assert_eq!(report.target_status, "running");
+    assert_same_stream(&s);
+    assert_guest_continues(&s);
+}

@@ -108,6 +108,7 @@ impl Pair {
             disk_uri: uri,
             disk_writes: false,
             incoming,
+            paused: false,
             prealloc: incoming && target_prealloc,
             qemu: None,
         };

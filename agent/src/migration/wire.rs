@@ -16,6 +16,10 @@ pub struct FrameReader {
     /// run of small frames does not move the rest of the buffer each time.
     start: usize,
     inflated: VecDeque<LinkFrame>,
+    /// One decompression context for the whole link, made at the first ZSTD frame.
+    zstd: Option<zstd::bulk::Decompressor<'static>>,
+    /// Where ZSTD frames inflate; it keeps its capacity (at most twice [`MAX_FRAME`]).
+    raw: Vec<u8>,
 }
 
 impl FrameReader {
@@ -79,12 +83,24 @@ impl FrameReader {
         if raw_len > 2 * MAX_FRAME {
             return Err(format!("ZSTD frame claims {raw_len} bytes"));
         }
-        let raw = zstd::bulk::decompress(data, raw_len as usize)
+        let zstd = match &mut self.zstd {
+            Some(z) => z,
+            None => self.zstd.insert(
+                zstd::bulk::Decompressor::new()
+                    .map_err(|e| format!("cannot make a ZSTD context: {e}"))?,
+            ),
+        };
+        // Inflating stops at the buffer's capacity: a frame that claims less than it holds
+        // cannot grow it.
+        self.raw.clear();
+        self.raw.reserve(raw_len as usize);
+        let n = zstd
+            .decompress_to_buffer(data, &mut self.raw)
             .map_err(|e| format!("ZSTD frame does not inflate: {e}"))?;
-        if raw.len() != raw_len as usize {
+        if n != raw_len as usize {
             return Err("ZSTD frame inflates to the wrong size".into());
         }
-        let mut rest = &raw[..];
+        let mut rest = &self.raw[..];
         while !rest.is_empty() {
             let (frame, used) = LinkFrame::parse(rest).map_err(|e| format!("inside ZSTD: {e}"))?;
             if matches!(frame, LinkFrame::Zstd { .. }) {
@@ -94,5 +110,74 @@ impl FrameReader {
             rest = &rest[used..];
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::migration::link::encode_zstd;
+
+    /// A ZSTD frame holding `inner`, claiming `raw_len` bytes inflated.
+    fn zstd_frame(inner: &[u8], raw_len: u32) -> Vec<u8> {
+        let data = zstd::bulk::compress(inner, 1).unwrap();
+        let mut out = Vec::new();
+        encode_zstd(&mut out, raw_len, &data);
+        out
+    }
+
+    async fn all_frames(mut link: &[u8]) -> Result<Vec<LinkFrame>, String> {
+        let mut reader = FrameReader::new();
+        let mut frames = Vec::new();
+        while let Some(f) = reader.next(&mut link).await? {
+            frames.push(f);
+        }
+        Ok(frames)
+    }
+
+    #[tokio::test]
+    async fn zstd_frames_in_a_row_yield_their_inner_frames_in_order() {
+        let a = LinkFrame::Raw(b"first".to_vec());
+        let b = LinkFrame::Dup { ordinal: 7 };
+        let c = LinkFrame::Raw(vec![0x5a; 70_000]);
+        let one = [a.to_bytes(), b.to_bytes()].concat();
+        let two = c.to_bytes();
+        let mut link = zstd_frame(&one, one.len() as u32);
+        link.extend(LinkFrame::Dup { ordinal: 1 }.to_bytes());
+        link.extend(zstd_frame(&two, two.len() as u32));
+        let frames = all_frames(&link).await.unwrap();
+        assert_eq!(frames, vec![a, b, LinkFrame::Dup { ordinal: 1 }, c]);
+    }
+
+    #[tokio::test]
+    async fn a_zstd_frame_that_lies_about_its_size_is_refused() {
+        let inner = LinkFrame::Raw(vec![1; 10_000]).to_bytes();
+        let n = inner.len() as u32;
+        for claimed in [n - 1, n + 1, 0] {
+            let err = all_frames(&zstd_frame(&inner, claimed)).await.unwrap_err();
+            assert!(
+                err.contains("does not inflate") || err.contains("wrong size"),
+                "{claimed}: {err}"
+            );
+        }
+        let err = all_frames(&zstd_frame(&inner, 2 * MAX_FRAME + 1))
+            .await
+            .unwrap_err();
+        assert!(err.contains("inflates too far"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn garbage_and_nested_zstd_frames_are_refused() {
+        let mut garbage = Vec::new();
+        encode_zstd(&mut garbage, 100, &[0xde, 0xad, 0xbe, 0xef]);
+        let err = all_frames(&garbage).await.unwrap_err();
+        assert!(err.contains("does not inflate"), "{err}");
+
+        let inner = LinkFrame::Raw(b"x".to_vec()).to_bytes();
+        let once = zstd_frame(&inner, inner.len() as u32);
+        let err = all_frames(&zstd_frame(&once, once.len() as u32))
+            .await
+            .unwrap_err();
+        assert!(err.contains("nested ZSTD"), "{err}");
     }
 }
