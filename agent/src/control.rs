@@ -167,7 +167,8 @@ impl MigrationReport {
              mapped {} dup {} sent {} fallback {}\n  zstd         {:.1} MiB of frames sent as \
              {:.1} MiB\n  total time   {} ms, downtime {} ms, \
              guest paused {}\n  \
-             hashing {:.0} ms, lookups {:.0} ms, fetching {:.0} ms\n  source {}, target {}\n  \
+             hashing {:.0} ms, lookups in flight {:.0} ms, NAS fetches under way {:.0} ms\n  \
+             source {}, target {}\n  \
              target RAM   {}\n  switchover   judged at {}",
             if self.ok { "completed" } else { "FAILED" },
             mib(self.figures.qemu_bytes),

@@ -1,5 +1,11 @@
 //! Per-migration figures: counted while the stream flows, reported as JSON, text and Prometheus.
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering::Relaxed},
+        Mutex, PoisonError,
+    },
+    time::Instant,
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -17,8 +23,10 @@ pub struct Counters {
     pub zstd_in_bytes: AtomicU64,
     pub zstd_out_bytes: AtomicU64,
     pub hash_ns: AtomicU64,
-    pub lookup_ns: AtomicU64,
-    pub fetch_ns: AtomicU64,
+    /// Index-service lookups in flight.
+    pub lookups: Busy,
+    /// NAS fetch rounds under way.
+    pub fetches: Busy,
 }
 
 impl Counters {
@@ -40,9 +48,50 @@ impl Counters {
             zstd_in_bytes: self.zstd_in_bytes.load(Relaxed),
             zstd_out_bytes: self.zstd_out_bytes.load(Relaxed),
             hash_ms: self.hash_ns.load(Relaxed) as f64 / 1e6,
-            lookup_ms: self.lookup_ns.load(Relaxed) as f64 / 1e6,
-            fetch_ms: self.fetch_ns.load(Relaxed) as f64 / 1e6,
+            lookup_ms: self.lookups.ms(),
+            fetch_ms: self.fetches.ms(),
         }
+    }
+}
+
+/// Wall time during which at least one of some overlapping operations (lookups in flight,
+/// fetch rounds of several fetchers) was under way. The sum of their durations would count
+/// the same moment once per operation and could exceed the migration's own time.
+#[derive(Debug, Default)]
+pub struct Busy {
+    /// Operations under way, and since when at least one has been.
+    state: Mutex<(usize, Option<Instant>)>,
+    /// Finished busy periods.
+    ns: AtomicU64,
+}
+
+impl Busy {
+    /// One more operation is under way.
+    pub fn begin(&self) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if state.0 == 0 {
+            state.1 = Some(Instant::now());
+        }
+        state.0 += 1;
+    }
+
+    /// `n` operations ended.
+    pub fn end(&self, n: usize) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.0 -= n.min(state.0);
+        if state.0 == 0 {
+            if let Some(since) = state.1.take() {
+                self.ns
+                    .fetch_add(since.elapsed().as_nanos() as u64, Relaxed);
+            }
+        }
+    }
+
+    /// Milliseconds busy so far, the current busy period included.
+    pub fn ms(&self) -> f64 {
+        let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let current = state.1.map_or(0, |since| since.elapsed().as_nanos() as u64);
+        (self.ns.load(Relaxed) + current) as f64 / 1e6
     }
 }
 
@@ -69,8 +118,12 @@ pub struct Figures {
     pub zstd_in_bytes: u64,
     #[serde(default)]
     pub zstd_out_bytes: u64,
+    /// Time spent hashing pages.
     pub hash_ms: f64,
+    /// Time during which index-service lookups were in flight (overlapping lookups count
+    /// once).
     pub lookup_ms: f64,
+    /// Time during which NAS fetches were under way (overlapping fetches count once).
     pub fetch_ms: f64,
 }
 
@@ -81,5 +134,32 @@ impl Figures {
             return 0.0;
         }
         100.0 * (1.0 - self.link_bytes as f64 / self.qemu_bytes as f64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn overlapping_operations_count_once() {
+        let busy = Busy::default();
+        busy.begin();
+        busy.begin();
+        std::thread::sleep(Duration::from_millis(20));
+        busy.end(1);
+        std::thread::sleep(Duration::from_millis(20));
+        busy.end(1);
+        let first = busy.ms();
+        // Two operations over ~40 ms: about 40 ms busy, not the ~60 ms their durations sum to.
+        assert!((40.0..55.0).contains(&first), "{first}");
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(busy.ms(), first, "idle time is not busy time");
+        busy.begin();
+        busy.end(5);
+        busy.end(1);
+        assert!(busy.ms() >= first);
     }
 }

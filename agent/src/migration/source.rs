@@ -367,7 +367,6 @@ impl Collector<'_> {
             side: self.side,
             items: self.items,
             lookup: None,
-            sent_at: Instant::now(),
         }
     }
 }
@@ -401,7 +400,6 @@ struct Batch {
     items: Vec<Item>,
     /// Lookup in flight: (request id, indexes of the items it answers).
     lookup: Option<(u32, Vec<usize>)>,
-    sent_at: Instant,
 }
 
 impl Batch {
@@ -906,6 +904,7 @@ where
                         }
                         Err(e) => {
                             lose_index(&mut index, &mut batches, &e);
+                            counters.lookups.end(in_flight);
                             in_flight = 0;
                         }
                     }
@@ -954,9 +953,11 @@ where
                                 Ok(id) => {
                                     batch.lookup = Some((id, wanted));
                                     in_flight += 1;
+                                    counters.lookups.begin();
                                 }
                                 Err(e) => {
                                     lose_index(&mut index, &mut batches, &e);
+                                    counters.lookups.end(in_flight);
                                     in_flight = 0;
                                 }
                             }
@@ -1051,10 +1052,7 @@ fn resolve(
             "lookup reply {id} does not match request {want}"
         )));
     }
-    Counters::add(
-        &counters.lookup_ns,
-        batch.sent_at.elapsed().as_nanos() as u64,
-    );
+    counters.lookups.end(1);
     for (n, f) in indexes.into_iter().zip(found) {
         if let Item::Page { found, .. } = &mut batch.items[n] {
             *found = f;

@@ -13,7 +13,7 @@
 use std::{
     collections::{HashMap, VecDeque},
     sync::{Arc, OnceLock},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use nas_server::{client::nbd::NbdClient, index::multi::hash_present, listener::Listen};
@@ -453,7 +453,7 @@ async fn fetch_loop(
             by_export.entry(f.export).or_default().push(f);
         }
         for (export, fetches) in by_export {
-            let started = Instant::now();
+            counters.fetches.begin();
             let client = match clients.get_mut(&export) {
                 Some(c) => c,
                 None => {
@@ -548,12 +548,13 @@ async fn fetch_loop(
                             .await
                             .is_err()
                         {
+                            counters.fetches.end(1);
                             return;
                         }
                     }
                 }
             }
-            Counters::add(&counters.fetch_ns, started.elapsed().as_nanos() as u64);
+            counters.fetches.end(1);
         }
     }
 }
