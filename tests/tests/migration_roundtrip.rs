@@ -97,15 +97,30 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Throttled<T> {
 }
 
 /// The link between the agents: an in-memory pipe of `buf` bytes, and at most `rate` bytes per
-/// second towards the target when given.
+/// second towards the target when given; `qemu_rate` is how fast the target QEMU takes the
+/// stream, when it is slow.
 struct Link {
     buf: usize,
     rate: Option<u64>,
+    qemu_rate: Option<u64>,
 }
 
 impl From<usize> for Link {
     fn from(buf: usize) -> Self {
-        Link { buf, rate: None }
+        Link {
+            buf,
+            rate: None,
+            qemu_rate: None,
+        }
+    }
+}
+
+fn throttled<T>(inner: T, rate: Option<u64>) -> Throttled<T> {
+    Throttled {
+        inner,
+        rate: rate.unwrap_or(u64::MAX),
+        free_at: None,
+        pause: None,
     }
 }
 
@@ -118,13 +133,9 @@ async fn round_trip(
     let link = link.into();
     let (qemu_src_w, qemu_src_r) = tokio::io::duplex(1 << 16);
     let (link_a, link_b) = tokio::io::duplex(link.buf);
-    let link_b = Throttled {
-        inner: link_b,
-        rate: link.rate.unwrap_or(u64::MAX),
-        free_at: None,
-        pause: None,
-    };
-    let (qemu_dst_w, mut qemu_dst_r) = tokio::io::duplex(1 << 16);
+    let link_b = throttled(link_b, link.rate);
+    let (qemu_dst_w, qemu_dst_r) = tokio::io::duplex(1 << 16);
+    let mut qemu_dst_r = throttled(qemu_dst_r, link.qemu_rate);
     let feeder = tokio::spawn(feed(qemu_src_w, stream.clone(), 7));
     let collector = tokio::spawn(async move {
         let mut out = Vec::new();
@@ -318,6 +329,7 @@ fn real_streams_rebuild_byte_for_byte() {
     let slow = Link {
         buf: 1 << 16,
         rate: Some(40_000_000),
+        qemu_rate: None,
     };
     let auto = source_config(&server);
     assert_eq!(auto.zstd, Compression::Auto);
@@ -334,6 +346,27 @@ fn real_streams_rebuild_byte_for_byte() {
         "auto on a slow link compressed {} into {}",
         f.zstd_in_bytes,
         f.zstd_out_bytes
+    );
+
+    // 6b. A slow target QEMU (40 MB/s) behind a fast link: the stream waits for the target,
+    //     where the bytes have already arrived, so compressing would gain nothing and `auto`
+    //     does not.
+    let slow_target = Link {
+        buf: 1 << 16,
+        rate: None,
+        qemu_rate: Some(40_000_000),
+    };
+    let run = rt.block_on(round_trip(
+        stream.clone(),
+        source_config(&server),
+        TargetConfig::default(),
+        slow_target,
+    ));
+    check(&run, &stream, "slow target QEMU, zstd auto");
+    assert_eq!(
+        (run.source.zstd_in_bytes, run.source.zstd_out_bytes),
+        (0, 0),
+        "auto compressed behind a slow target"
     );
 
     // 7. Compression off: nothing compressed, even behind a tight window.

@@ -511,8 +511,12 @@ async fn acknowledge_all(sock: tokio::net::TcpStream) -> anyhow::Result<u64> {
             other => bail!("unexpected frame from the source: {other:?}"),
         }
         if credit - acked_credit >= ACK_STEP || mapped - acked_mapped >= ACK_MAPPED {
-            wr.write_all(&LinkFrame::Ack { mapped, credit }.to_bytes())
-                .await?;
+            let ack = LinkFrame::Ack {
+                mapped,
+                credit,
+                received: None,
+            };
+            wr.write_all(&ack.to_bytes()).await?;
             (acked_mapped, acked_credit) = (mapped, credit);
         }
     }

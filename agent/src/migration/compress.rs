@@ -5,14 +5,17 @@
 //! compressing no more time than the emitter has spent held up by the link, waiting for the
 //! target's acknowledgements or for the link writer: that time is banked (at most
 //! [`MAX_BUDGET`]), a batch is compressed only when the bank covers what compressing it is
-//! expected to cost (from the rate measured so far), and the time it took is taken from it. On a link that keeps the window from filling
-//! nothing is compressed; on a slow one the emitter compresses until it is as busy as the link.
-//! A batch is sent as a ZSTD frame only if that is shorter than the batch itself; content that
-//! keeps compressing poorly (already compressed or encrypted guest memory) makes `Auto` skip a
-//! growing number of batches before it tries again.
+//! expected to cost (from the rate measured so far), and the time it took is taken from it. On
+//! a link that keeps the window from filling nothing is compressed; on a slow one the emitter
+//! compresses until it is as busy as the link. A batch is sent as a ZSTD frame only if that is
+//! shorter than the batch itself; content that keeps compressing poorly (already compressed or
+//! encrypted guest memory) makes `Auto` skip a growing number of batches before it tries again.
 //!
-//! The window cannot tell a slow link from a slow target: when the target QEMU's loading holds
-//! the window up, `Auto` spends idle source CPU for no gain in time (`--zstd never` avoids it).
+//! The window alone cannot tell a slow link from a slow target (its QEMU loading, the NAS).
+//! A target that reports the link bytes it has read ([`link::CAP_RECEIVED`]) tells them apart:
+//! a wait counts only when at least as many of the bytes not yet delivered are still on the
+//! link as have reached the target (the emitter decides, `Emitter::held_up_since`). With an
+//! older target every wait counts.
 use std::time::{Duration, Instant};
 
 use super::{link, outgoing::Outgoing};
@@ -22,7 +25,7 @@ use super::{link, outgoing::Outgoing};
 pub enum Compression {
     /// Never.
     Never,
-    /// While the link window holds the stream up (the link, or the target, is the bottleneck).
+    /// While the link holds the stream up.
     #[default]
     Auto,
     /// Every batch.

@@ -6,7 +6,7 @@
 //!    |<----------------------------------- HELLO_ACK {v2, caps} ------|
 //!    |-- RAW bytes | PAGE 4 KiB | MAPPED {seq, export, off, hash} --->|  in stream order;
 //!    |-- DUP {ordinal} | ZSTD {inner frames}  ...  ------------------->|  the target rebuilds
-//!    |<-------------- ACK {mapped, credit} | FALLBACK_REQ {seq} ------|  QEMU's bytes from
+//!    |<---- ACK {mapped, credit[, received]} | FALLBACK_REQ {seq} ----|  QEMU's bytes from
 //!    |-- FALLBACK_DATA {seq, 4 KiB} --------------------------------->|  them, in order
 //!    |-- END {source stats} ----------------------------------------->|
 //!    |<------------------------------------- DONE {target stats} -----|
@@ -21,13 +21,18 @@
 //! order (see [`super::dedup`]). A ZSTD frame, sent only to a target that offered [`CAP_ZSTD`],
 //! holds a run of RAW, PAGE, MAPPED and DUP frames (a nested ZSTD is refused); the source
 //! chooses per batch (see [`super::compress`]), so any mix of plain and ZSTD frames is a valid
-//! stream. Decoding is pure and check-then-parse, like the index protocol.
+//! stream. A target that accepted [`CAP_RECEIVED`] adds to every ACK the link bytes it has read
+//! so far, which tells the source whether the bytes it waits on are still crossing the link or
+//! already wait at the target (for its QEMU or the NAS). Decoding is pure and check-then-parse,
+//! like the index protocol.
 use crate::migration::stream::PAGE_SIZE;
 
 pub const VERSION: u16 = 2;
 pub const MAX_FRAME: u32 = 8 << 20;
 /// Capability bit: ZSTD frames may be sent.
 pub const CAP_ZSTD: u32 = 1;
+/// Capability bit: ACKs carry the link bytes the target has received.
+pub const CAP_RECEIVED: u32 = 2;
 /// The target acknowledges at least every `ACK_STEP` bytes of QEMU's stream it delivers (and
 /// every [`ACK_MAPPED`] MAPPED pages): a source may count on an ACK once that much is
 /// outstanding.
@@ -86,10 +91,12 @@ pub enum LinkFrame {
     },
     /// The target delivered the first `mapped` MAPPED pages and the first `credit` bytes of
     /// QEMU's stream to its QEMU: the source may drop those pages' copies and send further.
-    /// Flow control lives here, so fallback data is never stuck behind data.
+    /// Flow control lives here, so fallback data is never stuck behind data. With
+    /// [`CAP_RECEIVED`], `received` is the link bytes the target has read so far.
     Ack {
         mapped: u64,
         credit: u64,
+        received: Option<u64>,
     },
     FallbackReq {
         seq: u64,
@@ -282,6 +289,10 @@ impl LinkFrame {
             T_ACK => LinkFrame::Ack {
                 mapped: r.u64("mapped")?,
                 credit: r.u64("credit")?,
+                received: match r.0.is_empty() {
+                    true => None,
+                    false => Some(r.u64("received")?),
+                },
             },
             T_FALLBACK_REQ => LinkFrame::FallbackReq { seq: r.u64("seq")? },
             T_DONE => {
@@ -359,10 +370,17 @@ impl LinkFrame {
                 out.extend_from_slice(&version.to_be_bytes());
                 out.extend_from_slice(&caps.to_be_bytes());
             }
-            LinkFrame::Ack { mapped, credit } => {
+            LinkFrame::Ack {
+                mapped,
+                credit,
+                received,
+            } => {
                 out.push(T_ACK);
                 out.extend_from_slice(&mapped.to_be_bytes());
                 out.extend_from_slice(&credit.to_be_bytes());
+                if let Some(received) = received {
+                    out.extend_from_slice(&received.to_be_bytes());
+                }
             }
             LinkFrame::FallbackReq { seq } => {
                 out.push(T_FALLBACK_REQ);
@@ -428,6 +446,12 @@ mod tests {
             LinkFrame::Ack {
                 mapped: 9,
                 credit: 1 << 20,
+                received: None,
+            },
+            LinkFrame::Ack {
+                mapped: 9,
+                credit: 1 << 20,
+                received: Some(3 << 20),
             },
             LinkFrame::FallbackReq { seq: 5 },
             LinkFrame::Done {
@@ -500,6 +524,19 @@ mod tests {
         assert_eq!(
             LinkFrame::parse(&[0, 0, 0, 1, 0x55]),
             Err(LinkError::Malformed("unknown frame type"))
+        );
+        // An ACK is 16 bytes, or 24 with the received count: nothing in between or beyond.
+        let mut ack = vec![0, 0, 0, 21, T_ACK];
+        ack.extend_from_slice(&[0; 20]);
+        assert_eq!(
+            LinkFrame::parse(&ack),
+            Err(LinkError::Malformed("received"))
+        );
+        let mut ack = vec![0, 0, 0, 26, T_ACK];
+        ack.extend_from_slice(&[0; 25]);
+        assert_eq!(
+            LinkFrame::parse(&ack),
+            Err(LinkError::Malformed("trailing bytes"))
         );
     }
 }

@@ -37,7 +37,7 @@ use tokio::{
 use super::{
     compress::{Compression, LinkCompressor},
     dedup::ContentCache,
-    link::{self, Hash, Hello, LinkFrame, CAP_ZSTD, VERSION},
+    link::{self, Hash, Hello, LinkFrame, CAP_RECEIVED, CAP_ZSTD, VERSION},
     outgoing::Outgoing,
     report::{Counters, Figures},
     stream::{Sink, StreamParser, PAGE_SIZE},
@@ -282,6 +282,16 @@ struct Flow {
     moved: Notify,
     window: u64,
     wire_window: u64,
+    /// Link bytes the target has read, as its latest ACK says, when it reports them
+    /// ([`CAP_RECEIVED`]); advisory: it only steers compression.
+    received: Option<AtomicU64>,
+}
+
+/// Whether the link holds the stream up, rather than the target: of the link bytes sent and
+/// not yet delivered to the target QEMU (`sent - delivered`), at least as many are still on
+/// their way (`sent - received`) as wait at the target (`received - delivered`).
+fn link_holds_up(sent: u64, received: u64, delivered: u64) -> bool {
+    sent.saturating_sub(received) >= received.saturating_sub(delivered)
 }
 
 /// Where a page's payload is: in the batch's read buffer, or (for a page that straddled two
@@ -577,21 +587,32 @@ impl Emitter {
         }
     }
 
-    /// Banks the time since `held` as time the link (or the target) held the stream up:
-    /// compression may spend it.
+    /// Banks the time since `held` as time the link held the stream up: compression may spend
+    /// it. Not when the bytes waited on had already crossed and wait at the target (for its
+    /// QEMU or the NAS): compressing would not make them go faster.
     fn held_up_since(&mut self, held: Instant) {
-        if let Some(c) = &mut self.compress {
+        if self.compress.is_none() {
+            return;
+        }
+        self.take_acks();
+        let crossing = match &self.flow.received {
+            // No report yet (a report counts at least the HELLO): unknown, so not banked.
+            Some(received) => match received.load(Ordering::Acquire) {
+                0 => false,
+                r => link_holds_up(self.wire_sent, r, self.wire_acked),
+            },
+            // An older target does not say: take the wait as the link's.
+            None => true,
+        };
+        if let (true, Some(c)) = (crossing, &mut self.compress) {
             c.held_up(held.elapsed());
         }
     }
 
-    /// Takes in the ACKs that arrived; whether another frame fits the link window now.
-    fn window_open(&mut self) -> Result<bool, SourceError> {
-        let flow = &*self.flow;
-        if let Some(why) = flow.failed.get() {
-            return Err(SourceError::Link(why.clone()));
-        }
-        let acked = flow.acked.load(Ordering::Acquire);
+    /// Takes in the ACKs that arrived: moves `wire_acked` up to the newest checkpoint they
+    /// cover. Returns the stream bytes acknowledged.
+    fn take_acks(&mut self) -> u64 {
+        let acked = self.flow.acked.load(Ordering::Acquire);
         while let Some(&(stream, wire)) = self.checkpoints.front() {
             if stream > acked {
                 break;
@@ -599,6 +620,16 @@ impl Emitter {
             self.wire_acked = wire;
             self.checkpoints.pop_front();
         }
+        acked
+    }
+
+    /// Takes in the ACKs that arrived; whether another frame fits the link window now.
+    fn window_open(&mut self) -> Result<bool, SourceError> {
+        if let Some(why) = self.flow.failed.get() {
+            return Err(SourceError::Link(why.clone()));
+        }
+        let acked = self.take_acks();
+        let flow = &*self.flow;
         // Never more than sent: the back channel refuses such an ACK.
         let stream_ahead = self.sent.saturating_sub(acked);
         let wire_ahead = self.wire_sent + self.pending.len() as u64 - self.wire_acked;
@@ -731,7 +762,7 @@ where
         caps: if config.zstd == Compression::Never {
             0
         } else {
-            CAP_ZSTD
+            CAP_ZSTD | CAP_RECEIVED
         },
     });
     link_wr
@@ -791,6 +822,7 @@ where
         moved: Notify::new(),
         window: config.link_window,
         wire_window: config.wire_window,
+        received: (caps & CAP_RECEIVED != 0).then(|| AtomicU64::new(0)),
     });
     // Back channel: acks, fallback requests, the final DONE.
     let back_unacked = unacked.clone();
@@ -800,7 +832,11 @@ where
         let outcome = async {
             loop {
                 match frames.next(&mut link_rd).await {
-                    Ok(Some(LinkFrame::Ack { mapped, credit })) => {
+                    Ok(Some(LinkFrame::Ack {
+                        mapped,
+                        credit,
+                        received,
+                    })) => {
                         let framed = back_flow.framed.load(Ordering::Acquire);
                         if credit > framed {
                             return Err(format!(
@@ -808,6 +844,9 @@ where
                             ));
                         }
                         back_unacked.ack(mapped);
+                        if let (Some(bytes), Some(r)) = (&back_flow.received, received) {
+                            bytes.fetch_max(r, Ordering::AcqRel);
+                        }
                         back_flow.acked.fetch_max(credit, Ordering::AcqRel);
                         back_flow.moved.notify_waiters();
                     }
@@ -1095,6 +1134,23 @@ async fn follow_hot_set(addr: Listen, exports: Vec<String>, replica: Arc<Mutex<H
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_wait_is_the_links_when_more_is_crossing_than_waiting_at_the_target() {
+        const MIB: u64 = 1 << 20;
+        // 2 MiB out, the target read 0.5 MiB and delivered all of it: the link is slow.
+        assert!(link_holds_up(
+            10 * MIB,
+            8 * MIB + MIB / 2,
+            8 * MIB + MIB / 2
+        ));
+        // The target read all of it and delivered a quarter: it is slow (its QEMU, the NAS).
+        assert!(!link_holds_up(10 * MIB, 10 * MIB, 8 * MIB + MIB / 2));
+        // Half and half counts as the link's; stale or odd reports never underflow.
+        assert!(link_holds_up(10 * MIB, 9 * MIB, 8 * MIB));
+        assert!(link_holds_up(10 * MIB, 0, 8 * MIB));
+        assert!(!link_holds_up(10 * MIB, 11 * MIB, 8 * MIB));
+    }
+
     fn read(fill: u8, pages: usize) -> Arc<Vec<u8>> {
         let mut buf = vec![0u8; pages * PAGE_SIZE];
         for (i, page) in buf.chunks_exact_mut(PAGE_SIZE).enumerate() {
@@ -1235,6 +1291,7 @@ mod tests {
         let err = source_against(LinkFrame::Ack {
             mapped: 0,
             credit: 1 << 40,
+            received: None,
         })
         .await;
         assert!(err.to_string().contains("acknowledged"), "{err}");

@@ -12,7 +12,10 @@
 //! the writer acknowledges mapped pages as it delivers them, which frees the source's copies.
 use std::{
     collections::{HashMap, VecDeque},
-    sync::{Arc, OnceLock},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, OnceLock,
+    },
     time::Duration,
 };
 
@@ -24,7 +27,7 @@ use tokio::{
 
 use super::{
     dedup::ContentCache,
-    link::{Hash, Hello, LinkFrame, ACK_MAPPED, ACK_STEP, CAP_ZSTD, VERSION},
+    link::{Hash, Hello, LinkFrame, ACK_MAPPED, ACK_STEP, CAP_RECEIVED, CAP_ZSTD, VERSION},
     report::{Counters, Figures},
     stream::PAGE_SIZE,
     wire::FrameReader,
@@ -150,10 +153,13 @@ where
     Q: AsyncWrite + Unpin + Send + 'static,
 {
     let (mut link_rd, mut link_wr) = tokio::io::split(link);
+    let caps = hello.caps & (CAP_ZSTD | CAP_RECEIVED);
     let ack = LinkFrame::HelloAck {
         version: VERSION,
-        caps: hello.caps & CAP_ZSTD,
+        caps,
     };
+    // Link bytes read so far, for the ACKs, when the source asked for them.
+    let received = (caps & CAP_RECEIVED != 0).then(|| Arc::new(AtomicU64::new(0)));
     link_wr
         .write_all(&ack.to_bytes())
         .await
@@ -206,6 +212,7 @@ where
         record,
         back_tx.clone(),
         counters.clone(),
+        received.clone(),
     ));
 
     // The reader runs here: frames in order become slots; fallbacks fill cells.
@@ -242,6 +249,9 @@ where
                 }
             }
         };
+        if let Some(r) = &received {
+            r.store(frames.bytes_read(), Ordering::Relaxed);
+        }
         let frame = match frame {
             Ok(Some(f)) => f,
             Ok(None) => break Err(TargetError::Link("source closed the link early".into())),
@@ -366,6 +376,7 @@ async fn write_loop<Q: AsyncWrite + Unpin>(
     mut record: Option<tokio::fs::File>,
     back: mpsc::Sender<LinkFrame>,
     counters: Arc<Counters>,
+    received: Option<Arc<AtomicU64>>,
 ) -> Result<(), TargetError> {
     let mut out = BufWriter::with_capacity(1 << 20, qemu);
     // Delivered so far: MAPPED pages and stream bytes (the credit); and what was last
@@ -405,7 +416,13 @@ async fn write_loop<Q: AsyncWrite + Unpin>(
             // bytes) and page store (16384 pages), so it never waits for an ack, and far above
             // one frame, so acks stay rare.
             if credit - acked_credit >= ACK_STEP || mapped - acked_mapped >= ACK_MAPPED {
-                let _ = back.send(LinkFrame::Ack { mapped, credit }).await;
+                let received = received.as_ref().map(|r| r.load(Ordering::Relaxed));
+                let ack = LinkFrame::Ack {
+                    mapped,
+                    credit,
+                    received,
+                };
+                let _ = back.send(ack).await;
                 (acked_mapped, acked_credit) = (mapped, credit);
             }
         }

@@ -20,11 +20,18 @@ pub struct FrameReader {
     zstd: Option<zstd::bulk::Decompressor<'static>>,
     /// Where ZSTD frames inflate; it keeps its capacity (at most twice [`MAX_FRAME`]).
     raw: Vec<u8>,
+    /// Bytes read from the link so far.
+    read: u64,
 }
 
 impl FrameReader {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Bytes read from the link so far (whether or not their frames were taken yet).
+    pub fn bytes_read(&self) -> u64 {
+        self.read
     }
 
     /// Whether the next frame is already buffered whole, so [`FrameReader::next`] will not
@@ -69,6 +76,7 @@ impl FrameReader {
                 .read_buf(&mut self.buf)
                 .await
                 .map_err(|e| format!("link read failed: {e}"))?;
+            self.read += n as u64;
             if n == 0 {
                 return if self.buf.is_empty() {
                     Ok(None)
