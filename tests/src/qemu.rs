@@ -188,6 +188,16 @@ impl Guest {
             .find_map(|n| n.trim().parse().ok())
     }
 
+    /// Waits for two more heartbeats than printed so far: the guest runs (panics otherwise).
+    pub fn assert_runs_on(&self) {
+        let before = self.heartbeat().expect("the guest printed a heartbeat");
+        self.wait_line(
+            "QEVAL-HEARTBEAT",
+            before as usize + 2,
+            Duration::from_secs(60),
+        );
+    }
+
     /// Every blob checksum the guest printed, in order.
     pub fn blob_sums(&self) -> Vec<String> {
         self.serial()

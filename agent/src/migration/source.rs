@@ -843,10 +843,18 @@ where
                                 "target acknowledged {credit} stream bytes; {framed} were sent"
                             ));
                         }
-                        back_unacked.ack(mapped);
-                        if let (Some(bytes), Some(r)) = (&back_flow.received, received) {
-                            bytes.fetch_max(r, Ordering::AcqRel);
+                        match (&back_flow.received, received) {
+                            (Some(bytes), Some(r)) => {
+                                bytes.fetch_max(r, Ordering::AcqRel);
+                            }
+                            (None, Some(_)) => {
+                                return Err("target reported link bytes read without \
+                                            CAP_RECEIVED"
+                                    .into())
+                            }
+                            _ => {}
                         }
+                        back_unacked.ack(mapped);
                         back_flow.acked.fetch_max(credit, Ordering::AcqRel);
                         back_flow.moved.notify_waiters();
                     }
@@ -1295,6 +1303,18 @@ mod tests {
         })
         .await;
         assert!(err.to_string().contains("acknowledged"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn an_ack_with_a_received_count_nobody_agreed_on_ends_the_session() {
+        // The HELLO_ACK above accepted no capability.
+        let err = source_against(LinkFrame::Ack {
+            mapped: 0,
+            credit: 0,
+            received: Some(1),
+        })
+        .await;
+        assert!(err.to_string().contains("without CAP_RECEIVED"), "{err}");
     }
 
     #[tokio::test]
