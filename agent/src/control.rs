@@ -42,7 +42,7 @@ use crate::{
         wire::FrameReader,
     },
     qmp::{guest_pause, Qmp, QmpError},
-    settle::{settle, Outcome},
+    settle::{cancel_if_active, settle, Outcome},
     switchover::Switchover,
 };
 
@@ -365,7 +365,7 @@ async fn begin(opts: &MigrateOptions) -> Result<Begun, ControlError> {
         Ok(accepted) => accepted?.0,
         Err(_) => {
             // Its migration must not connect later, to a listener that is gone by then.
-            let _ = src.execute("migrate_cancel", None).await;
+            let _ = cancel_if_active(&mut src).await;
             return Err(ControlError::Refused(
                 "the source QEMU never connected".into(),
             ));
@@ -529,12 +529,7 @@ async fn drive(
 
 /// After a cancel before the stream began: ends a source migration still trying to connect.
 async fn cancel_source(path: &std::path::Path) -> Result<(), QmpError> {
-    let mut src = Qmp::connect(path).await?;
-    let info = src.execute("query-migrate", None).await?;
-    if matches!(info["status"].as_str(), Some("setup" | "active")) {
-        src.execute("migrate_cancel", None).await?;
-    }
-    Ok(())
+    cancel_if_active(&mut Qmp::connect(path).await?).await
 }
 
 async fn free_port() -> std::io::Result<u16> {

@@ -90,10 +90,7 @@ pub async fn settle(
     target_qmp: &Path,
     source_was_running: bool,
 ) -> Result<Settled, ControlError> {
-    let info = src.execute("query-migrate", None).await.map_err(src_err)?;
-    if is_active(&info) {
-        src.execute("migrate_cancel", None).await.map_err(src_err)?;
-    }
+    cancel_if_active(src).await.map_err(src_err)?;
     let info = wait_source_done(src).await.map_err(src_err)?;
     let completed = info["status"] == "completed";
     let (mut target_status, loaded) = if completed {
@@ -134,6 +131,15 @@ pub async fn settle(
         info,
         target_status,
     })
+}
+
+/// Cancels the source's migration (`migrate_cancel`) if it is still going.
+pub async fn cancel_if_active(src: &mut Qmp) -> Result<(), QmpError> {
+    let info = src.execute("query-migrate", None).await?;
+    if is_active(&info) {
+        src.execute("migrate_cancel", None).await?;
+    }
+    Ok(())
 }
 
 /// Whether the migration is still going (and `migrate_cancel` would stop it).

@@ -3,7 +3,7 @@ use std::collections::VecDeque;
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-use super::link::{frame_size, LinkError, LinkFrame, MAX_FRAME};
+use super::link::{frame_size, LinkError, LinkFrame};
 
 /// Bytes asked of the link per read.
 const READ_CHUNK: usize = 256 << 10;
@@ -18,7 +18,7 @@ pub struct FrameReader {
     inflated: VecDeque<LinkFrame>,
     /// One decompression context for the whole link, made at the first ZSTD frame.
     zstd: Option<zstd::bulk::Decompressor<'static>>,
-    /// Where ZSTD frames inflate; it keeps its capacity (at most twice [`MAX_FRAME`]).
+    /// Where ZSTD frames inflate; it keeps its capacity (at most twice [`super::link::MAX_FRAME`]).
     raw: Vec<u8>,
     /// Bytes read from the link so far.
     read: u64,
@@ -88,9 +88,7 @@ impl FrameReader {
     }
 
     fn inflate(&mut self, raw_len: u32, data: &[u8]) -> Result<(), String> {
-        if raw_len > 2 * MAX_FRAME {
-            return Err(format!("ZSTD frame claims {raw_len} bytes"));
-        }
+        // `LinkFrame::parse` already refused a frame claiming more than twice MAX_FRAME.
         let zstd = match &mut self.zstd {
             Some(z) => z,
             None => self.zstd.insert(
@@ -124,7 +122,7 @@ impl FrameReader {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::migration::link::encode_zstd;
+    use crate::migration::link::{encode_zstd, MAX_FRAME};
 
     /// A ZSTD frame holding `inner`, claiming `raw_len` bytes inflated.
     fn zstd_frame(inner: &[u8], raw_len: u32) -> Vec<u8> {
