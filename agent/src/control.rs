@@ -17,7 +17,7 @@ use std::{
     future::Future,
     path::PathBuf,
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, OnceLock},
     time::{Duration, Instant},
 };
 
@@ -34,6 +34,7 @@ use tokio::{
 };
 
 use crate::{
+    bandwidth::Bandwidth,
     migration::{
         compress::Compression,
         report::{Counters, Figures},
@@ -116,7 +117,8 @@ pub struct MigrateOptions {
     pub source_listen: Option<Listen>,
     pub zstd: Compression,
     pub passthrough: bool,
-    /// Source `max-bandwidth` in bytes per second.
+    /// The cap on the agent link for this migration, bytes per second (0: none); `None`
+    /// takes the source QEMU's `max-bandwidth` (see [`crate::bandwidth`]).
     pub max_bandwidth: Option<u64>,
     pub record: Option<PathBuf>,
     pub progress: bool,
@@ -155,6 +157,9 @@ pub struct MigrationReport {
     /// The agent link's rate (bytes/s) last given to the source QEMU for its switchover
     /// decision (`avail-switchover-bandwidth`); `None` when QEMU judged by its own measurement.
     pub switchover_bandwidth: Option<u64>,
+    /// The cap (bytes/s) the agent link was paced to while the guest ran: `--max-bandwidth`,
+    /// or the source QEMU's `max-bandwidth`, lifted from QEMU's stream meanwhile; `None`: none.
+    pub link_bandwidth: Option<u64>,
 }
 
 impl MigrationReport {
@@ -169,7 +174,7 @@ impl MigrationReport {
              guest paused {}\n  \
              hashing {:.0} ms, lookups in flight {:.0} ms, NAS fetches under way {:.0} ms\n  \
              source {}, target {}\n  \
-             target RAM   {}\n  switchover   judged at {}",
+             target RAM   {}\n  link cap     {}\n  switchover   judged at {}",
             if self.ok { "completed" } else { "FAILED" },
             mib(self.figures.qemu_bytes),
             mib(self.figures.link_bytes),
@@ -196,6 +201,12 @@ impl MigrationReport {
                 Some(true) => "preallocated",
                 Some(false) => "allocated on first write",
                 None => "unknown",
+            },
+            match self.link_bandwidth {
+                Some(b) if b < crate::bandwidth::LIFTED => {
+                    format!("{:.1} MB/s until the switchover", b as f64 / 1e6)
+                }
+                _ => "none".to_string(),
             },
             match self.switchover_bandwidth {
                 Some(b) => format!("{:.1} MB/s (the agent link's rate)", b as f64 / 1e6),
@@ -251,11 +262,13 @@ pub async fn migrate(
     cancel: impl Future<Output = ()>,
 ) -> Result<MigrationReport, ControlError> {
     tokio::pin!(cancel);
+    // The source QEMU's max-bandwidth, once `begin` has lifted it.
+    let lifted = OnceLock::new();
     let begun = tokio::select! {
-        r = begin(&opts) => r?,
+        r = begin(&opts, &lifted) => r?,
         () = &mut cancel => {
             // At most the source QEMU is connecting to a listener that is closed now.
-            if let Err(e) = cancel_source(&opts.source_qmp).await {
+            if let Err(e) = cancel_source(&opts.source_qmp, lifted.get().copied()).await {
                 tracing::warn!("cannot cancel the source QEMU's migration: {e}");
             }
             return Err(ControlError::Cancelled);
@@ -270,6 +283,7 @@ struct Begun {
     dst: Qmp,
     source_was_running: bool,
     target_ram_preallocated: Option<bool>,
+    bandwidth: Bandwidth,
     incoming: String,
     link: TcpStream,
     qemu: Box<dyn nas_server::listener::Stream>,
@@ -277,8 +291,9 @@ struct Begun {
 }
 
 /// Checks both QEMUs and the index service, sets up the target, opens the link and starts the
-/// source QEMU's migration into this agent.
-async fn begin(opts: &MigrateOptions) -> Result<Begun, ControlError> {
+/// source QEMU's migration into this agent. `lifted` gets the source's `max-bandwidth` once it
+/// is lifted (see [`crate::bandwidth`]), for a cancel to put back.
+async fn begin(opts: &MigrateOptions, lifted: &OnceLock<u64>) -> Result<Begun, ControlError> {
     let mut src = Qmp::connect(&opts.source_qmp).await.map_err(src_err)?;
     let mut dst = Qmp::connect(&opts.target_qmp).await.map_err(dst_err)?;
     let source_was_running = src.status().await.map_err(src_err)? == "running";
@@ -327,14 +342,6 @@ async fn begin(opts: &MigrateOptions) -> Result<Begun, ControlError> {
              (libvirt: <allocation mode='immediate'/>) does that at its start-up instead"
         );
     }
-    if let Some(bw) = opts.max_bandwidth {
-        src.execute(
-            "migrate-set-parameters",
-            Some(json!({ "max-bandwidth": bw })),
-        )
-        .await
-        .map_err(src_err)?;
-    }
     let incoming = match &opts.incoming {
         Some(i) => i.clone(),
         None => format!("tcp:127.0.0.1:{}", free_port().await?),
@@ -357,18 +364,29 @@ async fn begin(opts: &MigrateOptions) -> Result<Begun, ControlError> {
     .await?;
     listener.set_recv_buffer(QEMU_RECV_BUFFER)?;
     let uri = qemu_uri(&listener.local_addr());
-    let started = Instant::now();
-    src.execute("migrate", Some(json!({ "uri": uri })))
+    let bandwidth = Bandwidth::take_over(&mut src, opts.max_bandwidth)
         .await
         .map_err(src_err)?;
-    let qemu = match tokio::time::timeout(Duration::from_secs(30), listener.accept()).await {
-        Ok(accepted) => accepted?.0,
-        Err(_) => {
+    if let Some(v) = bandwidth.operator() {
+        let _ = lifted.set(v);
+    }
+    let started = Instant::now();
+    let connected = match src.execute("migrate", Some(json!({ "uri": uri }))).await {
+        Ok(_) => tokio::time::timeout(Duration::from_secs(30), listener.accept())
+            .await
+            .map_err(|_| ControlError::Refused("the source QEMU never connected".into()))
+            .and_then(|accepted| Ok(accepted?.0)),
+        Err(e) => Err(src_err(e)),
+    };
+    let qemu = match connected {
+        Ok(qemu) => qemu,
+        Err(e) => {
             // Its migration must not connect later, to a listener that is gone by then.
             let _ = cancel_if_active(&mut src).await;
-            return Err(ControlError::Refused(
-                "the source QEMU never connected".into(),
-            ));
+            if let Err(why) = bandwidth.restore(&mut src).await {
+                tracing::warn!("cannot restore the source's max-bandwidth: {why}");
+            }
+            return Err(e);
         }
     };
     Ok(Begun {
@@ -376,6 +394,7 @@ async fn begin(opts: &MigrateOptions) -> Result<Begun, ControlError> {
         dst,
         source_was_running,
         target_ram_preallocated,
+        bandwidth,
         incoming,
         link,
         qemu,
@@ -395,6 +414,7 @@ async fn drive(
         mut dst,
         source_was_running,
         target_ram_preallocated,
+        mut bandwidth,
         incoming,
         link,
         qemu,
@@ -410,6 +430,7 @@ async fn drive(
     config.zstd = opts.zstd;
     config.rewrite = !opts.passthrough;
     config.record = opts.record.clone();
+    config.link_cap = bandwidth.cap();
     let counters = Arc::new(Counters::default());
     let mut source = tokio::spawn(run_source(qemu, link, config, counters.clone()));
     // From here on every path reaches the restore below.
@@ -436,6 +457,9 @@ async fn drive(
                         tracing::warn!("cannot update the source's switchover bandwidth: {e}");
                     }
                 }
+                if let Err(e) = bandwidth.follow(&mut src).await {
+                    tracing::warn!("cannot follow the source's max-bandwidth: {e}");
+                }
                 if started.elapsed() > opts.timeout {
                     break Err(format!("no completion within {:?}", opts.timeout));
                 }
@@ -451,8 +475,12 @@ async fn drive(
     bar.finish_and_clear();
     let mut report = MigrationReport {
         target_ram_preallocated,
+        link_bandwidth: bandwidth.cap().get(),
         ..MigrationReport::default()
     };
+    if let Err(e) = bandwidth.restore(&mut src).await {
+        tracing::warn!("cannot restore the source's max-bandwidth: {e}");
+    }
     if let Some(s) = switchover {
         report.switchover_bandwidth = Some(s.current());
         if let Err(e) = s.restore(&mut src).await {
@@ -528,8 +556,14 @@ async fn drive(
 }
 
 /// After a cancel before the stream began: ends a source migration still trying to connect.
-async fn cancel_source(path: &std::path::Path) -> Result<(), QmpError> {
-    cancel_if_active(&mut Qmp::connect(path).await?).await
+/// Cancels the source QEMU's migration, and puts back its `max-bandwidth` if it was lifted.
+async fn cancel_source(path: &std::path::Path, lifted: Option<u64>) -> Result<(), QmpError> {
+    let mut src = Qmp::connect(path).await?;
+    cancel_if_active(&mut src).await?;
+    if let Some(v) = lifted {
+        crate::bandwidth::put_back(&mut src, v).await?;
+    }
+    Ok(())
 }
 
 async fn free_port() -> std::io::Result<u16> {

@@ -5,6 +5,7 @@
 //! per-disk and per-process counts with drop counters), and, on top of that, the migration hook
 //! that rewrites QEMU's pre-copy stream into NAS mappings. Data flows kernel -> BPF maps ->
 //! [`telemetry::IoSnapshot`] -> the CLI's report and the Prometheus exporter.
+pub mod bandwidth;
 pub mod control;
 pub mod migration;
 pub mod qmp;

@@ -174,6 +174,19 @@ impl Qmp {
         Ok(r["status"].as_str().unwrap_or("unknown").to_string())
     }
 
+    /// Sets one migration parameter (`migrate-set-parameters`) to a number.
+    pub async fn set_migration_parameter(
+        &mut self,
+        name: &str,
+        value: u64,
+    ) -> Result<(), QmpError> {
+        let mut args = serde_json::Map::new();
+        args.insert(name.to_string(), value.into());
+        self.execute("migrate-set-parameters", Some(Value::Object(args)))
+            .await
+            .map(drop)
+    }
+
     /// Whether every guest RAM backend is allocated up front (`query-memdev`'s `prealloc`);
     /// `None` when QEMU lists no backends.
     pub async fn ram_preallocated(&mut self) -> Result<Option<bool>, QmpError> {

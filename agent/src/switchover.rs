@@ -13,8 +13,6 @@
 //! operator's value back afterwards. An operator who set the parameter keeps it.
 use std::{collections::VecDeque, time::Instant};
 
-use serde_json::json;
-
 use crate::qmp::{Qmp, QmpError};
 
 const PARAMETER: &str = "avail-switchover-bandwidth";
@@ -114,12 +112,7 @@ impl Switchover {
 }
 
 async fn set(src: &mut Qmp, bytes_per_sec: u64) -> Result<(), QmpError> {
-    src.execute(
-        "migrate-set-parameters",
-        Some(json!({ PARAMETER: bytes_per_sec })),
-    )
-    .await
-    .map(drop)
+    src.set_migration_parameter(PARAMETER, bytes_per_sec).await
 }
 
 #[cfg(test)]

@@ -196,6 +196,12 @@ fn ctrl_c_cancels_agent_migrate_and_the_source_runs_on() {
     }
     let _qemu = exclusive();
     let pair = Pair::start("cli-cancel", 256, 64, false, false);
+    let operators = tokio::runtime::Runtime::new().unwrap().block_on(execute(
+        &pair.source.qmp_path,
+        "query-migrate-parameters",
+        None,
+    ))["max-bandwidth"]
+        .clone();
     let link = free_port();
     let mut serve = Running(
         agent()
@@ -226,8 +232,8 @@ fn ctrl_c_cancels_agent_migrate_and_the_source_runs_on() {
             .args(["--export", "disk"])
             .args(["--nas-nbd", &server.addr.to_string()])
             .args(["--nas-index", &server.index_addr.to_string()])
-            // 16 MiB/s: the stream takes several seconds, so Ctrl-C lands half-way.
-            .args(["--max-bandwidth", &(16u64 << 20).to_string(), "--json"])
+            // 4 MiB/s on the link: the stream takes several seconds, so Ctrl-C lands half-way.
+            .args(["--max-bandwidth", &(4u64 << 20).to_string(), "--json"])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -281,5 +287,6 @@ fn ctrl_c_cancels_agent_migrate_and_the_source_runs_on() {
     );
     let params = query("query-migrate-parameters");
     assert_eq!(params["avail-switchover-bandwidth"], 0, "{params}");
+    assert_eq!(params["max-bandwidth"], operators, "{params}");
     pair.source.assert_runs_on();
 }

@@ -23,6 +23,9 @@ pub fn image_dir() -> PathBuf {
 pub struct Guest {
     pub name: String,
     pub qmp_path: PathBuf,
+    /// A second QMP monitor: the operator's (or libvirt's), beside the one `agent migrate`
+    /// holds (QEMU serves one client per monitor).
+    pub operator_qmp_path: PathBuf,
     pub serial_path: PathBuf,
     child: Child,
 }
@@ -84,8 +87,10 @@ impl Guest {
             images.display()
         );
         let qmp_path = dir.join(format!("{}.qmp", spec.name));
+        let operator_qmp_path = dir.join(format!("{}-operator.qmp", spec.name));
         let serial_path = dir.join(format!("{}.serial", spec.name));
         std::fs::remove_file(&qmp_path).ok();
+        std::fs::remove_file(&operator_qmp_path).ok();
         std::fs::write(&serial_path, b"").unwrap();
         let mut cmd = qemu_command(spec.qemu);
         cmd.args([
@@ -109,6 +114,11 @@ impl Guest {
         .arg(format!("file:{}", serial_path.display()))
         .arg("-qmp")
         .arg(format!("unix:{},server=on,wait=off", qmp_path.display()))
+        .arg("-qmp")
+        .arg(format!(
+            "unix:{},server=on,wait=off",
+            operator_qmp_path.display()
+        ))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
@@ -125,10 +135,12 @@ impl Guest {
         let guest = Guest {
             name: spec.name.to_string(),
             qmp_path,
+            operator_qmp_path,
             serial_path,
             child,
         };
         guest.wait_for_file(&guest.qmp_path, Duration::from_secs(30));
+        guest.wait_for_file(&guest.operator_qmp_path, Duration::from_secs(30));
         guest
     }
 

@@ -164,7 +164,7 @@ fn guest_writing_its_disk_during_migration_stays_correct() {
     let report = rt.block_on(async {
         let (agent, _stop, _task) = target_agent(&s.dir.path("target-stream.bin")).await;
         // QEMU hands its stream to the source agent over a unix socket here.
-        let mut options = options(&s, &agent, Some(32 * MIB as u64));
+        let mut options = options(&s, &agent, Some(8 * MIB as u64));
         options.source_listen = Some(Listen::Unix(s.dir.path("source-agent.sock")));
         migrate(options, pending()).await.expect("migrate")
     });
@@ -185,7 +185,7 @@ fn nas_killed_mid_migration_never_corrupts_the_target() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let report = rt.block_on(async {
         let (agent, _stop, _task) = target_agent(&s.dir.path("target-stream.bin")).await;
-        let opts = options(&s, &agent, Some(16 * MIB as u64));
+        let opts = options(&s, &agent, Some(8 * MIB as u64));
         let running = tokio::spawn(migrate(opts, pending()));
         tokio::time::sleep(Duration::from_secs(3)).await;
         // The storage node goes away while pages are still being mapped and fetched.
@@ -215,7 +215,7 @@ fn target_agent_dying_leaves_the_source_running() {
     let report = rt.block_on(async {
         let (agent, _stop, task) = target_agent(&s.dir.path("target-stream.bin")).await;
         let running = tokio::spawn(migrate(
-            options(&s, &agent, Some(16 * MIB as u64)),
+            options(&s, &agent, Some(4 * MIB as u64)),
             pending(),
         ));
         tokio::time::sleep(Duration::from_secs(3)).await;
@@ -305,11 +305,13 @@ fn cancelling_mid_migration_leaves_the_guest_running_on_the_source() {
     let _qemu = exclusive();
     let s = Pair::start("e2e-cancel", 256, 64, false, false);
     let rt = tokio::runtime::Runtime::new().unwrap();
+    let operators = rt.block_on(max_bandwidth(&s.source.qmp_path));
     let report = rt.block_on(async {
         let (agent, _stop, _task) = target_agent(&s.dir.path("target-stream.bin")).await;
-        // At 16 MiB/s the stream takes several seconds: the operator cancels half-way.
+        // At 4 MiB/s on the link the stream takes several seconds: the operator cancels
+        // half-way.
         let cancel = tokio::time::sleep(Duration::from_secs(3));
-        migrate(options(&s, &agent, Some(16 * MIB as u64)), cancel)
+        migrate(options(&s, &agent, Some(4 * MIB as u64)), cancel)
             .await
             .expect("migrate returns a report")
     });
@@ -333,9 +335,77 @@ fn cancelling_mid_migration_leaves_the_guest_running_on_the_source() {
         matches!(info["status"].as_str(), Some("cancelled" | "failed")),
         "{info}"
     );
-    // The switchover bandwidth `agent migrate` managed is the operator's again.
+    // The parameters `agent migrate` managed are the operator's again.
     assert_eq!(params["avail-switchover-bandwidth"], 0, "{params}");
+    assert_eq!(params["max-bandwidth"], operators, "{params}");
     s.source.assert_runs_on();
+}
+
+#[test]
+fn the_operators_bandwidth_cap_moves_from_qemus_stream_onto_the_link() {
+    if !require_root("the_operators_bandwidth_cap_moves_from_qemus_stream_onto_the_link") {
+        return;
+    }
+    let _qemu = exclusive();
+    let s = Pair::start("e2e-bandwidth", 256, 64, false, false);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let report = rt.block_on(async {
+        // The operator caps the migration the usual way, at 4 MiB/s: slow enough that it is
+        // still running when the operator raises the cap below.
+        let mut operator = Qmp::connect(&s.source.operator_qmp_path).await.unwrap();
+        set_max_bandwidth(&mut operator, 4 * MIB as u64).await;
+        let (agent, _stop, _task) = target_agent(&s.dir.path("target-stream.bin")).await;
+        let running = tokio::spawn(migrate(options(&s, &agent, None), pending()));
+        // `agent migrate` lifts QEMU's own cap: the stream to the local agent is not held to it.
+        let start = std::time::Instant::now();
+        loop {
+            let params = operator
+                .execute("query-migrate-parameters", None)
+                .await
+                .unwrap();
+            if params["max-bandwidth"] == agent::bandwidth::LIFTED {
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(60), "{params}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let info = operator.execute("query-migrate", None).await.unwrap();
+        assert_eq!(
+            info["status"], "active",
+            "finished before the operator acted"
+        );
+        // The operator raises the cap mid-migration, as `virsh migrate-setspeed` does.
+        set_max_bandwidth(&mut operator, 64 * MIB as u64).await;
+        running.await.unwrap().expect("migrate returns a report")
+    });
+    eprintln!("{}", report.text());
+    assert!(report.ok, "{report:?}");
+    assert_eq!(report.link_bandwidth, Some(64 * MIB as u64), "the new cap");
+    assert_same_stream(&s);
+    assert_guest_continues(&s);
+    // QEMU has the operator's latest value back.
+    assert_eq!(
+        rt.block_on(max_bandwidth(&s.source.qmp_path)),
+        64 * MIB as u64
+    );
+}
+
+async fn max_bandwidth(qmp: &Path) -> u64 {
+    let mut q = Qmp::connect(qmp).await.unwrap();
+    let params = q.execute("query-migrate-parameters", None).await.unwrap();
+    params["max-bandwidth"]
+        .as_u64()
+        .expect("QEMU has max-bandwidth")
+}
+
+async fn set_max_bandwidth(q: &mut Qmp, bytes_per_sec: u64) {
+    q.execute(
+        "migrate-set-parameters",
+        Some(serde_json::json!({ "max-bandwidth": bytes_per_sec })),
+    )
+    .await
+    .unwrap();
 }
 
 #[test]

@@ -11,6 +11,7 @@ use std::{
 
 use agent::migration::{
     compress::Compression,
+    pace::{Cap, BURST},
     report::{Counters, Figures},
     source::{run_source, SourceConfig},
     target::{read_hello, run_target, TargetConfig},
@@ -395,6 +396,30 @@ fn real_streams_rebuild_byte_for_byte() {
     ));
     check(&run, &stream, "no index");
     assert_eq!(run.source.pages_mapped, 0);
+
+    // 9. A bandwidth cap holds the link to it: forwarded verbatim (so the cap holds to the
+    //    end; with pages rewritten it is lifted at the switchover), the stream cannot cross
+    //    faster than the cap allows, give or take one burst and one batch.
+    const CAP: u64 = 40_000_000;
+    let mut capped = source_config(&server);
+    capped.rewrite = false;
+    capped.link_cap = Arc::new(Cap::new(Some(CAP)));
+    let start = std::time::Instant::now();
+    let run = rt.block_on(round_trip(
+        stream.clone(),
+        capped,
+        TargetConfig::default(),
+        1 << 16,
+    ));
+    let took = start.elapsed();
+    check(&run, &stream, "link capped");
+    let slack = (1 << 20) as f64 + CAP as f64 * BURST.as_secs_f64();
+    let fastest = (run.source.link_bytes as f64 - slack) / CAP as f64;
+    assert!(
+        took.as_secs_f64() >= fastest,
+        "{} link bytes crossed in {took:?}: faster than {CAP} bytes/s",
+        run.source.link_bytes
+    );
 }
 
 /// Debian bookworm's QEMU 7.2 writes the same layout: its streams are parsed and rebuilt too.

@@ -28,7 +28,10 @@
 //!
 //! For the plain runs the relay sits between the two QEMUs; for the agents it sits between the
 //! source agent and the target agent (QEMU to the local agent is host-local). QEMU's own
-//! bandwidth cap is lifted everywhere so the link is the only limit.
+//! bandwidth cap is lifted in those runs so the link is the only limit. One more pair of runs
+//! has no relay and caps the migration the way operators do, with the source QEMU's
+//! `max-bandwidth` at 1 Gbit/s: plain QEMU holds its stream to it; `agent migrate` holds the
+//! agent link to it instead (`agent::bandwidth`).
 use std::{
     collections::HashSet,
     path::Path,
@@ -66,9 +69,11 @@ const PLAIN_PREALLOC: &str = "plain QEMU, target RAM preallocated";
 const AGENTS_PREALLOC: &str = "agents, target RAM preallocated";
 const PLAIN_WARM: &str = "plain QEMU, target host memory warm";
 const AGENTS_WARM: &str = "agents, target host memory warm";
+const PLAIN_CAPPED: &str = "plain QEMU, max-bandwidth 1 Gbit/s, no relay";
+const AGENTS_CAPPED: &str = "agents, QEMU's max-bandwidth 1 Gbit/s, no relay";
 /// The ratios printed: label, our run, the run it is against, and whether the targets
 /// (which are against plain QEMU) apply.
-const COMPARISONS: [(&str, &str, &str, bool); 5] = [
+const COMPARISONS: [(&str, &str, &str, bool); 6] = [
     ("agents vs plain", AGENTS, PLAIN, true),
     ("agents, --zstd never vs plain", AGENTS_NEVER, PLAIN, true),
     ("agents vs multifd+zstd", AGENTS, MULTIFD, false),
@@ -83,6 +88,14 @@ const COMPARISONS: [(&str, &str, &str, bool); 5] = [
         AGENTS_WARM,
         PLAIN_WARM,
         true,
+    ),
+    // Not the setting: no link limits these two, so plain QEMU's final iteration,
+    // which its cap does not hold back, crosses at loopback speed, as no 1 Gbit/s link allows.
+    (
+        "agents vs plain, capped by QEMU's max-bandwidth",
+        AGENTS_CAPPED,
+        PLAIN_CAPPED,
+        false,
     ),
 ];
 
@@ -224,23 +237,27 @@ fn round(
         Ok(())
     };
     use TargetRam::*;
-    for (name, multifd, limited, ram) in [
-        (PLAIN, false, true, OnDemand),
-        (MULTIFD, true, true, OnDemand),
+    // Name, multifd, through the relay, target RAM, QEMU's max-bandwidth.
+    for (name, multifd, limited, ram, cap) in [
+        (PLAIN, false, true, OnDemand, UNCAPPED),
+        (MULTIFD, true, true, OnDemand, UNCAPPED),
         (
             "plain QEMU, no link limit (QEMU's own rate)",
             false,
             false,
             OnDemand,
+            UNCAPPED,
         ),
-        (PLAIN_PREALLOC, false, true, Prealloc),
+        (PLAIN_PREALLOC, false, true, Prealloc, UNCAPPED),
         (
             "plain QEMU, no link limit, target RAM preallocated",
             false,
             false,
             Prealloc,
+            UNCAPPED,
         ),
-        (PLAIN_WARM, false, true, Warm),
+        (PLAIN_WARM, false, true, Warm, UNCAPPED),
+        (PLAIN_CAPPED, false, false, OnDemand, LINK),
     ] {
         let pair = Pair::boot(
             dir,
@@ -260,7 +277,7 @@ fn round(
             let mut dst = pair.target.qmp().await;
             src.execute(
                 "migrate-set-parameters",
-                Some(json!({ "max-bandwidth": UNCAPPED })),
+                Some(json!({ "max-bandwidth": cap })),
             )
             .await?;
             if multifd {
@@ -319,8 +336,22 @@ fn round(
         (AGENTS_NEVER, "agents-never", true, OnDemand, "never"),
         (AGENTS_PREALLOC, "agents-prealloc", true, Prealloc, "auto"),
         (AGENTS_WARM, "agents-warm", true, Warm, "auto"),
+        (AGENTS_CAPPED, "agents-capped", false, OnDemand, "auto"),
     ] {
         let pair = Pair::boot(dir, tag, uri, mem_mb, read_mb, ram == Prealloc)?;
+        // The capped run: the operator's cap is the source QEMU's max-bandwidth, which
+        // `agent migrate` carries on the link. Every other run has no cap but the relay's.
+        let capped = name == AGENTS_CAPPED;
+        if capped {
+            rt.block_on(async {
+                let mut src = pair.source.qmp().await;
+                src.execute(
+                    "migrate-set-parameters",
+                    Some(json!({ "max-bandwidth": LINK })),
+                )
+                .await
+            })?;
+        }
         let relay = if limited {
             Some(Relay::start(AGENT_PORT, LINK)?)
         } else {
@@ -333,10 +364,13 @@ fn round(
         }
         let mut agent = Command::new(lab::release_bin("agent"));
         agent.args(["migrate", "--zstd", zstd]);
-        if !limited {
+        if tag == "agents-unlimited" {
             // QEMU's exact stream, for the offline ideal. Not in the timed run: writing it
             // costs the source agent CPU that plain QEMU does not spend.
             agent.arg("--record").arg(&stream);
+        }
+        if !capped {
+            agent.args(["--max-bandwidth", "0"]);
         }
         let meter = CpuMeter::start(&pair, lab)?;
         let out = agent
@@ -348,7 +382,6 @@ fn round(
             .args(["--export", "disk"])
             .args(["--nas-nbd", &format!("127.0.0.1:{NBD_PORT}")])
             .args(["--nas-index", &format!("127.0.0.1:{INDEX_PORT}")])
-            .args(["--max-bandwidth", &UNCAPPED.to_string()])
             .arg("--json")
             .stderr(Stdio::inherit())
             .output()?;
@@ -358,8 +391,19 @@ fn round(
             this["ok"] == true && pair.verify(),
             "{tag}: migration or guest check failed"
         );
-        if !limited {
+        if tag == "agents-unlimited" {
             report = this.clone();
+        }
+        if capped {
+            // The cap went onto the link, and QEMU has the operator's value back.
+            let params = rt.block_on(async {
+                let mut src = pair.source.qmp().await;
+                src.execute("query-migrate-parameters", None).await
+            })?;
+            anyhow::ensure!(
+                this["link_bandwidth"] == LINK && params["max-bandwidth"] == LINK,
+                "{tag}: the cap was not carried on the link and put back: {params}"
+            );
         }
         eprintln!("bench: {tag}: {this}");
         rows.push(Row {

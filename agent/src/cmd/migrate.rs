@@ -25,7 +25,9 @@ pub struct Args {
     /// unix:PATH (default: a free loopback port).
     #[arg(long, value_parser = super::parse_qemu_listen)]
     qemu_listen: Option<nas_server::listener::Listen>,
-    /// Source QEMU max-bandwidth, bytes per second.
+    /// Cap the agent link at this many bytes per second until the switchover (0: no cap).
+    /// Default: the source QEMU's own max-bandwidth, which the agent carries on the link
+    /// instead, lifting it from QEMU's stream to this agent for the migration.
     #[arg(long)]
     max_bandwidth: Option<u64>,
     /// Print the report as JSON.

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use agent::control::qemu_uri;
 use agent::migration::{
+    pace::Cap,
     report::Counters,
     source::{run_source, SourceConfig, QEMU_RECV_BUFFER},
 };
@@ -28,6 +29,11 @@ pub struct Args {
     /// host (with libvirt and `--migrateuri tcp:127.0.0.1:P`, that is `tcp:127.0.0.1:P`).
     #[arg(long)]
     incoming: String,
+    /// Cap the agent link at this many bytes per second until the switchover. QEMU's own
+    /// max-bandwidth still holds its stream to this agent; with a link cap here, lift that
+    /// (libvirt: leave `--bandwidth` unset).
+    #[arg(long)]
+    max_bandwidth: Option<u64>,
     #[command(flatten)]
     stream: super::StreamArgs,
 }
@@ -58,6 +64,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     config.zstd = s.zstd;
     config.rewrite = !s.passthrough;
     config.record = s.record;
+    config.link_cap = Arc::new(Cap::new(args.max_bandwidth));
     let report = run_source(qemu, link, config, Arc::new(Counters::default())).await?;
     println!("{}", serde_json::to_string_pretty(&report.source)?);
     Ok(())

@@ -3,11 +3,13 @@
 //!
 //! [`stream`] finds page payloads in QEMU's stream; [`link`] is the agent-to-agent protocol;
 //! [`dedup`] is the content cache both ends keep in step for DUP frames; [`outgoing`] batches
-//! the source's frames for gathered writes.
+//! the source's frames for gathered writes; [`pace`] holds the link to the migration's
+//! bandwidth cap.
 pub mod compress;
 pub mod dedup;
 pub mod link;
 pub mod outgoing;
+pub mod pace;
 pub mod report;
 pub mod source;
 pub mod stream;

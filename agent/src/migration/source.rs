@@ -13,7 +13,8 @@
 //! mapped page's content is kept (in place, in the read buffer it arrived in) until the target
 //! acknowledges it, at most `unacked_pages` pages in at most [`KEPT_READS`] buffers; past that
 //! the source stops reading QEMU (backpressure) until acks arrive. A FALLBACK_REQ is answered
-//! from that store, ahead of normal traffic.
+//! from that store, ahead of normal traffic. The link writer paces its writes to the
+//! migration's bandwidth cap until the stream reaches the switchover ([`super::pace`]).
 use std::{
     collections::VecDeque,
     sync::{
@@ -39,6 +40,7 @@ use super::{
     dedup::ContentCache,
     link::{self, Hash, Hello, LinkFrame, CAP_RECEIVED, CAP_ZSTD, VERSION},
     outgoing::Outgoing,
+    pace::{Cap, Pacer},
     report::{Counters, Figures},
     stream::{Sink, StreamParser, PAGE_SIZE},
     wire::FrameReader,
@@ -71,6 +73,9 @@ pub struct SourceConfig {
     /// Also write QEMU's exact stream to this file (for verification).
     pub record: Option<std::path::PathBuf>,
     pub dedup_capacity: usize,
+    /// The migration's bandwidth cap, paced on the link until the switchover (see
+    /// [`super::pace`]); it may change while the migration runs.
+    pub link_cap: Arc<Cap>,
 }
 
 impl SourceConfig {
@@ -90,6 +95,7 @@ impl SourceConfig {
             rewrite: true,
             record: None,
             dedup_capacity: super::dedup::DEFAULT_CAPACITY,
+            link_cap: Arc::new(Cap::default()),
         }
     }
 }
@@ -793,13 +799,22 @@ where
     let (urgent_tx, mut urgent_rx) = mpsc::channel::<Vec<u8>>(64);
     let writer_counters = counters.clone();
     let writer_spare = spare_tx.clone();
+    // Set by the reader once the stream reaches the switchover: the cap no longer applies.
+    let switched_over = Arc::new(AtomicBool::new(false));
+    let writer_switched_over = switched_over.clone();
+    let link_cap = config.link_cap.clone();
     let writer = tokio::spawn(async move {
+        let mut pacer = Pacer::default();
         loop {
             let mut batch = tokio::select! {
                 biased;
                 Some(b) = urgent_rx.recv() => Outgoing::from(b),
                 b = data_rx.recv() => match b { Some(b) => b, None => break },
             };
+            let cap = link_cap
+                .get()
+                .filter(|_| !writer_switched_over.load(Ordering::Relaxed));
+            pacer.pace(batch.len(), cap).await;
             Counters::add(&writer_counters.link_bytes, batch.len() as u64);
             batch.write_to(&mut link_wr).await?;
             batch.clear(|read| recycle(read, &writer_spare));
@@ -981,6 +996,9 @@ where
                     };
                     if config.rewrite {
                         parser.feed(&input, &mut sink);
+                        if parser.switched_over() {
+                            switched_over.store(true, Ordering::Relaxed);
+                        }
                     } else {
                         sink.verbatim(&input);
                     }

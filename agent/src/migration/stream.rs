@@ -129,6 +129,8 @@ pub struct StreamParser {
     subsection: String,
     stats: StreamStats,
     passthrough_reason: Option<String>,
+    /// A section END came: QEMU has paused the guest for the final iteration.
+    switched_over: bool,
 }
 
 impl Default for StreamParser {
@@ -155,6 +157,7 @@ impl StreamParser {
             subsection: String::new(),
             stats: StreamStats::default(),
             passthrough_reason: None,
+            switched_over: false,
         }
     }
 
@@ -172,6 +175,13 @@ impl StreamParser {
     /// is paused: work done per page there adds to downtime.
     pub fn in_final_ram_section(&self) -> bool {
         self.section_kind == SEC_END && self.state != State::Passthrough
+    }
+
+    /// Whether the stream has reached the switchover: QEMU sends a section END only once it has
+    /// paused the guest, so everything from the first one on is the final iteration and the
+    /// device state. Stays `false` when the parser stopped looking before that point.
+    pub fn switched_over(&self) -> bool {
+        self.switched_over
     }
 
     /// Consumes `input`, calling `sink` for every verbatim run and page payload, in order.
@@ -450,6 +460,7 @@ impl StreamParser {
 
     fn on_section_type(&mut self, kind: u8) -> State {
         self.section_kind = kind;
+        self.switched_over |= kind == SEC_END;
         match kind {
             SEC_START | SEC_FULL => self.next_field(Step::SectionId { full_header: true }),
             SEC_PART | SEC_END => self.next_field(Step::SectionId { full_header: false }),
@@ -678,7 +689,8 @@ mod tests {
         p
     }
 
-    fn sample() -> Vec<u8> {
+    /// [`sample`] up to the section END that carries the final iteration.
+    fn sample_before_end() -> Builder {
         let mut b = Builder::new();
         b.ram_start(&[("pc.ram", 1 << 20), ("pc.bios", 1 << 16)]);
         b.ram_part(false);
@@ -688,6 +700,11 @@ mod tests {
         b.u64(0x200); // MULTIFD_FLUSH
         b.eos_footer();
         b.command(11, &[]);
+        b
+    }
+
+    fn sample() -> Vec<u8> {
+        let mut b = sample_before_end();
         b.ram_part(true);
         // CONTINUE across the section boundary: still pc.ram.
         b.page(None, 0x4000, &page(3));
@@ -722,6 +739,19 @@ mod tests {
                 "{:?}",
                 p.passthrough_reason()
             );
+        }
+    }
+
+    #[test]
+    fn the_switchover_is_the_first_section_end() {
+        let stream = sample();
+        let end = sample_before_end().bytes.len();
+        assert_eq!(stream[end], SEC_END);
+        let mut p = StreamParser::new();
+        let mut c = Collect::default();
+        for (at, byte) in stream.iter().enumerate() {
+            p.feed(&[*byte], &mut c);
+            assert_eq!(p.switched_over(), at >= end, "after byte {at}");
         }
     }
 
