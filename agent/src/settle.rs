@@ -166,15 +166,19 @@ async fn wait_source_done(src: &mut Qmp) -> Result<Value, QmpError> {
 
 /// The target's state once the source completed, and whether it loaded the whole stream: its
 /// QEMU status, or "gone: ..." when its QEMU is certainly not running (its monitor is closed
-/// and cannot be reopened).
+/// and cannot be reopened). A session that broke is replaced in `dst` by the one reopened, so
+/// a `cont` after this goes to the target QEMU still there.
 async fn target_status(dst: &mut Qmp, path: &Path) -> (String, bool) {
     match wait_loaded(dst).await {
         Ok(seen) => seen,
         Err(first) => match Qmp::connect(path).await {
-            Ok(mut again) => match wait_loaded(&mut again).await {
-                Ok(seen) => seen,
-                Err(e) => (format!("unknown: {e}"), false),
-            },
+            Ok(again) => {
+                *dst = again;
+                match wait_loaded(dst).await {
+                    Ok(seen) => seen,
+                    Err(e) => (format!("unknown: {e}"), false),
+                }
+            }
             Err(e) => (format!("gone: {first}; {e}"), false),
         },
     }

@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 
 use super::{
     loader::{load_object, require_root, spawn_logger, ObjectSource, TelemetryError},
-    tracefs::Format,
+    tracefs::{self, Format},
 };
 
 const CATEGORY: &str = "block";
@@ -89,6 +89,7 @@ impl BlockIoProbe {
     /// Needs a tokio runtime for the log forwarder.
     pub fn attach(source: &ObjectSource) -> Result<Self, TelemetryError> {
         require_root()?;
+        tracefs::ensure_mounted()?;
         let format = Format::read(CATEGORY, TRACEPOINT)?;
         let dev = format.field("dev")?;
         let bytes = format.field("bytes")?;

@@ -21,12 +21,53 @@ pub enum TracefsError {
     /// The format file exists but could not be read.
     #[error("cannot read {path}: {source}")]
     Read { path: PathBuf, source: io::Error },
+    /// tracefs is mounted nowhere, and mounting it failed.
+    #[error("tracefs is not mounted and mounting it on {path} failed: {source}")]
+    Mount { path: PathBuf, source: io::Error },
     /// A `field:` line did not have the expected shape.
     #[error("malformed field line in tracepoint format: {line:?}")]
     Malformed { line: String },
     /// The record lacks a field the program needs.
     #[error("tracepoint {tracepoint} has no field {field:?}")]
     MissingField { tracepoint: String, field: String },
+}
+
+/// Mounts tracefs on `/sys/kernel/tracing` when no usual place has it (a host where nothing
+/// has mounted it yet, as systemd does on first use); returns whether it did. Needs root.
+pub fn ensure_mounted() -> Result<bool, TracefsError> {
+    if TRACEFS_ROOTS
+        .iter()
+        .any(|root| PathBuf::from(root).join("events").is_dir())
+    {
+        return Ok(false);
+    }
+    let path = PathBuf::from(TRACEFS_ROOTS[0]);
+    let mount = |path: &PathBuf| -> io::Result<()> {
+        use std::os::unix::ffi::OsStrExt;
+        let target = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+        // SAFETY: every pointer is a NUL-terminated string that outlives the call; tracefs
+        // takes no data argument.
+        let rc = unsafe {
+            libc::mount(
+                c"nodev".as_ptr(),
+                target.as_ptr(),
+                c"tracefs".as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    };
+    mount(&path).map_err(|source| TracefsError::Mount {
+        path: path.clone(),
+        source,
+    })?;
+    tracing::info!("mounted tracefs on {}", path.display());
+    Ok(true)
 }
 
 /// Offset and size of one field in a tracepoint record.
