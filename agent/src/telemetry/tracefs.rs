@@ -41,31 +41,22 @@ pub fn ensure_mounted() -> Result<bool, TracefsError> {
     {
         return Ok(false);
     }
-    let path = PathBuf::from(TRACEFS_ROOTS[0]);
-    let mount = |path: &PathBuf| -> io::Result<()> {
-        use std::os::unix::ffi::OsStrExt;
-        let target = std::ffi::CString::new(path.as_os_str().as_bytes())?;
-        // SAFETY: every pointer is a NUL-terminated string that outlives the call; tracefs
-        // takes no data argument.
-        let rc = unsafe {
-            libc::mount(
-                c"nodev".as_ptr(),
-                target.as_ptr(),
-                c"tracefs".as_ptr(),
-                0,
-                std::ptr::null(),
-            )
-        };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
+    // SAFETY: every pointer is a NUL-terminated string literal; tracefs takes no data.
+    let rc = unsafe {
+        libc::mount(
+            c"nodev".as_ptr(),
+            c"/sys/kernel/tracing".as_ptr(),
+            c"tracefs".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
     };
-    mount(&path).map_err(|source| TracefsError::Mount {
-        path: path.clone(),
-        source,
-    })?;
+    // Read before anything else can touch errno.
+    let failed = (rc != 0).then(io::Error::last_os_error);
+    let path = PathBuf::from(TRACEFS_ROOTS[0]);
+    if let Some(source) = failed {
+        return Err(TracefsError::Mount { path, source });
+    }
     tracing::info!("mounted tracefs on {}", path.display());
     Ok(true)
 }
