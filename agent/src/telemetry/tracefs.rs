@@ -33,13 +33,13 @@ pub enum TracefsError {
 }
 
 /// Mounts tracefs on `/sys/kernel/tracing` when no usual place has it (a host where nothing
-/// has mounted it yet, as systemd does on first use); returns whether it did. Needs root.
-pub fn ensure_mounted() -> Result<bool, TracefsError> {
+/// has mounted it yet, as systemd does on first use). Needs root.
+pub fn ensure_mounted() -> Result<(), TracefsError> {
     if TRACEFS_ROOTS
         .iter()
         .any(|root| PathBuf::from(root).join("events").is_dir())
     {
-        return Ok(false);
+        return Ok(());
     }
     // SAFETY: every pointer is a NUL-terminated string literal; tracefs takes no data.
     let rc = unsafe {
@@ -58,7 +58,7 @@ pub fn ensure_mounted() -> Result<bool, TracefsError> {
         return Err(TracefsError::Mount { path, source });
     }
     tracing::info!("mounted tracefs on {}", path.display());
-    Ok(true)
+    Ok(())
 }
 
 /// Offset and size of one field in a tracepoint record.
