@@ -171,7 +171,8 @@ impl MigrationReport {
              (saved {:.1}%)\n  NAS fetched  {:>10.1} MiB\n  pages        full {} zero {} \
              mapped {} dup {} sent {} fallback {}\n  zstd         {:.1} MiB of frames sent as \
              {:.1} MiB\n  total time   {} ms, downtime {} ms, \
-             guest paused {}\n  \
+             guest paused {}\n  paused for   {:.1} MiB of QEMU's stream, {:.1} MiB on the \
+             link\n  \
              hashing {:.0} ms, lookups in flight {:.0} ms, NAS fetches under way {:.0} ms\n  \
              source {}, target {}\n  \
              target RAM   {}\n  link cap     {}\n  switchover   judged at {}",
@@ -192,6 +193,8 @@ impl MigrationReport {
             self.downtime_ms,
             self.guest_paused_ms
                 .map_or("unknown".to_string(), |ms| format!("{ms} ms")),
+            mib(self.figures.paused_qemu_bytes),
+            mib(self.figures.paused_link_bytes),
             self.figures.hash_ms,
             self.figures.lookup_ms,
             self.figures.fetch_ms,
@@ -233,6 +236,10 @@ impl MigrationReport {
             .increment(self.figures.zstd_in_bytes);
         metrics::counter!("agent_migration_zstd_out_bytes_total")
             .increment(self.figures.zstd_out_bytes);
+        metrics::counter!("agent_migration_paused_qemu_bytes_total")
+            .increment(self.figures.paused_qemu_bytes);
+        metrics::counter!("agent_migration_paused_link_bytes_total")
+            .increment(self.figures.paused_link_bytes);
         for (kind, n) in [
             ("full", self.figures.pages_full),
             ("zero", self.figures.pages_zero),

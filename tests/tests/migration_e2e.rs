@@ -143,6 +143,13 @@ fn live_migration_through_the_agents() {
         q.execute("query-migrate-parameters", None).await.unwrap()
     });
     assert_eq!(params["avail-switchover-bandwidth"], 0, "{params}");
+    // What crossed while the guest was paused: at least the device state, never more than
+    // the whole stream.
+    let f = &report.figures;
+    assert!(
+        (1..f.qemu_bytes).contains(&f.paused_qemu_bytes) && f.paused_link_bytes <= f.link_bytes,
+        "{report:?}"
+    );
     assert_same_stream(&s);
     assert_guest_continues(&s);
     let pct = 100.0 * report.figures.link_bytes as f64 / report.figures.qemu_bytes as f64;

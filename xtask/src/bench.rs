@@ -25,10 +25,11 @@ pub struct Args {
     /// Image size in MiB.
     #[arg(long, default_value_t = 1024)]
     image_mib: u64,
-    /// `nbd`: repeat each row this many times and keep the best. `migration`: run the whole
-    /// comparison this many times and report each figure's median and range.
-    #[arg(long, default_value_t = 3)]
-    repeat: u32,
+    /// `nbd`: repeat each row this many times and keep the best (default 3). `migration`: run
+    /// the whole comparison this many times and report each figure's median and range
+    /// (default 3). `downtime`: pairs of runs (default 10).
+    #[arg(long)]
+    repeat: Option<u32>,
     /// Synthetic stream size in MiB (`pipeline`).
     #[arg(long, default_value_t = 2048)]
     stream_mib: u64,
@@ -42,6 +43,8 @@ enum Target {
     Migration,
     /// Each side of the migration hook alone, on a synthetic multi-GiB stream.
     Pipeline,
+    /// The guest's pause, plain QEMU vs the agents, over many runs of the 1 Gbit/s setting.
+    Downtime,
 }
 
 struct Row {
@@ -87,8 +90,12 @@ const ROWS: &[Row] = &[
 const PORT: u16 = 10_950;
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    let repeat = args.repeat.unwrap_or(3);
     if let Target::Migration = args.target {
-        return crate::bench_migration::run(512, 200, args.repeat);
+        return crate::bench_migration::run(512, 200, repeat);
+    }
+    if let Target::Downtime = args.target {
+        return crate::bench_downtime::run(512, 200, args.repeat.unwrap_or(10));
     }
     if let Target::Pipeline = args.target {
         return crate::bench_pipeline::run(args.stream_mib);
@@ -113,7 +120,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             wait_for_port(PORT)?;
             for (r, row) in ROWS.iter().enumerate() {
                 let mut best = 0f64;
-                for _ in 0..args.repeat {
+                for _ in 0..repeat {
                     best = best.max(qemu_img_bench(row, "bench")?);
                 }
                 eprintln!("bench: {server:<10} {:<20} {best:>10.0} req/s", row.name);
@@ -125,7 +132,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                         continue;
                     }
                     let mut best = 0f64;
-                    for _ in 0..args.repeat {
+                    for _ in 0..repeat {
                         best = best.max(qemu_img_bench(row, "bench-noindex")?);
                     }
                     unindexed.push((r, best));

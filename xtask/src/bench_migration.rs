@@ -32,13 +32,7 @@
 //! has no relay and caps the migration the way operators do, with the source QEMU's
 //! `max-bandwidth` at 1 Gbit/s: plain QEMU holds its stream to it; `agent migrate` holds the
 //! agent link to it instead (`agent::bandwidth`).
-use std::{
-    collections::HashSet,
-    path::Path,
-    process::{Command, Stdio},
-    sync::atomic::Ordering,
-    time::Duration,
-};
+use std::{collections::HashSet, path::Path, sync::atomic::Ordering, time::Duration};
 
 use agent::migration::stream::{Sink, StreamParser, PAGE_SIZE};
 use anyhow::Context;
@@ -47,13 +41,13 @@ use serde_json::{json, Value};
 use crate::{
     cpu::{process_cpu, ChildrenCpu},
     guest, hostmem,
-    lab::{self, plain_migration, Lab, Pair, AGENT_PORT, INDEX_PORT, NBD_PORT},
+    lab::{self, plain_migration, Lab, Pair, AGENT_PORT},
     relay::Relay,
     sh,
 };
 
 /// 1 Gbit/s in bytes per second.
-const LINK: u64 = 125_000_000;
+pub const LINK: u64 = 125_000_000;
 /// A MAPPED frame on the link: length, type, seq, export, offset, hash.
 const MAPPED_FRAME: u64 = 4 + 1 + 8 + 4 + 8 + 32;
 /// A DUP frame: length, type, ordinal.
@@ -362,31 +356,19 @@ fn round(
         if ram == Warm {
             warm()?;
         }
-        let mut agent = Command::new(lab::release_bin("agent"));
-        agent.args(["migrate", "--zstd", zstd]);
+        let mut args = vec!["--zstd", zstd];
+        let record = stream.to_string_lossy();
         if tag == "agents-unlimited" {
             // QEMU's exact stream, for the offline ideal. Not in the timed run: writing it
             // costs the source agent CPU that plain QEMU does not spend.
-            agent.arg("--record").arg(&stream);
+            args.extend(["--record", &record]);
         }
         if !capped {
-            agent.args(["--max-bandwidth", "0"]);
+            args.extend(["--max-bandwidth", "0"]);
         }
         let meter = CpuMeter::start(&pair, lab)?;
-        let out = agent
-            .arg("--source-qmp")
-            .arg(&pair.source.qmp_path)
-            .arg("--target-qmp")
-            .arg(&pair.target.qmp_path)
-            .args(["--target-agent", &format!("127.0.0.1:{target_port}")])
-            .args(["--export", "disk"])
-            .args(["--nas-nbd", &format!("127.0.0.1:{NBD_PORT}")])
-            .args(["--nas-index", &format!("127.0.0.1:{INDEX_PORT}")])
-            .arg("--json")
-            .stderr(Stdio::inherit())
-            .output()?;
+        let this = lab::agent_migrate(&pair, target_port, &args)?;
         let cpu = meter.stop()?;
-        let this: Value = serde_json::from_slice(&out.stdout).context("agent migrate report")?;
         anyhow::ensure!(
             this["ok"] == true && pair.verify(),
             "{tag}: migration or guest check failed"

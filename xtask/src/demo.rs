@@ -5,17 +5,14 @@
 //! 200 MiB of its disk twice: once plainly (QEMU to QEMU) and once through the agents
 //! (`agent migrate`). After each it checks that the target guest carries on (its heartbeat
 //! continues and its RAM checksum is unchanged) and prints the comparison.
-use std::{
-    path::PathBuf,
-    process::{Command, Stdio},
-};
+use std::path::PathBuf;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use serde_json::{json, Value};
 
 use crate::{
     ebpf, guest,
-    lab::{self, plain_migration, Lab, Pair, AGENT_PORT, INDEX_PORT, NBD_PORT},
+    lab::{self, plain_migration, Lab, Pair, AGENT_PORT},
     sh,
 };
 
@@ -41,7 +38,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let dir = sh::workspace_root().join("target/xtask/demo");
     let lab = Lab::start(&dir)?;
-    let bin = lab::release_bin;
     let uri = lab.disk_uri();
     let rt = tokio::runtime::Runtime::new()?;
 
@@ -61,26 +57,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     eprintln!("demo: run 2/2: through the agents");
     let agents = {
         let pair = Pair::boot(&dir, "agents", &uri, args.mem_mb, args.read_mb, false)?;
-        let out = Command::new(bin("agent"))
-            .arg("migrate")
-            .arg("--source-qmp")
-            .arg(&pair.source.qmp_path)
-            .arg("--target-qmp")
-            .arg(&pair.target.qmp_path)
-            .args(["--target-agent", &format!("127.0.0.1:{AGENT_PORT}")])
-            .args(["--export", "disk", "--vm", "demo"])
-            .args(["--nas-nbd", &format!("127.0.0.1:{NBD_PORT}")])
-            .args(["--nas-index", &format!("127.0.0.1:{INDEX_PORT}")])
-            .arg("--json")
-            .stderr(Stdio::inherit())
-            .output()
-            .context("cannot run agent migrate")?;
-        let report: Value = serde_json::from_slice(&out.stdout).with_context(|| {
-            format!(
-                "agent migrate printed no report: {}",
-                String::from_utf8_lossy(&out.stdout)
-            )
-        })?;
+        let report = lab::agent_migrate(&pair, AGENT_PORT, &["--vm", "demo"])?;
         let verified = report["ok"] == true && pair.verify();
         let mut r = report.clone();
         r["guest_verified"] = json!(verified);

@@ -6,7 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agent::qmp::guest_pause;
+use agent::qmp::{guest_pause, last_event_time};
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
 use tests::qemu::{Guest, GuestSpec};
@@ -153,6 +153,8 @@ pub struct PlainMigration {
     pub info: Value,
     /// From the source's STOP event to the target's RESUME event.
     pub guest_paused_ms: Option<u64>,
+    /// The source's STOP event (wall clock, since the epoch).
+    pub stopped_at: Option<Duration>,
 }
 
 /// QEMU to QEMU without the agents; `via` maps the target's port to the one the source uses
@@ -199,10 +201,38 @@ pub async fn plain_migration(
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let guest_paused_ms = guest_pause(&src.events(), &dst.events()).map(|d| d.as_millis() as u64);
+    let src_events = src.events();
+    let guest_paused_ms = guest_pause(&src_events, &dst.events()).map(|d| d.as_millis() as u64);
     Ok(PlainMigration {
         info,
         guest_paused_ms,
+        stopped_at: last_event_time(&src_events, "STOP"),
+    })
+}
+
+/// `agent migrate` from `pair`'s source to its target, through the target agent at
+/// `127.0.0.1:target_port`, with the lab's NAS and `args` added; its JSON report.
+pub fn agent_migrate(pair: &Pair, target_port: u16, args: &[&str]) -> anyhow::Result<Value> {
+    let out = Command::new(release_bin("agent"))
+        .arg("migrate")
+        .args(args)
+        .arg("--source-qmp")
+        .arg(&pair.source.qmp_path)
+        .arg("--target-qmp")
+        .arg(&pair.target.qmp_path)
+        .args(["--target-agent", &format!("127.0.0.1:{target_port}")])
+        .args(["--export", "disk"])
+        .args(["--nas-nbd", &format!("127.0.0.1:{NBD_PORT}")])
+        .args(["--nas-index", &format!("127.0.0.1:{INDEX_PORT}")])
+        .arg("--json")
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("cannot run agent migrate")?;
+    serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "agent migrate printed no report: {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
     })
 }
 

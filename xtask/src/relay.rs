@@ -1,5 +1,7 @@
 //! A loopback TCP relay that limits the forward direction of all its connections together to a
-//! fixed rate: the "1 Gbit/s link" of the migration benchmark. It counts the bytes it carries.
+//! fixed rate: the "1 Gbit/s link" of the migration benchmark. It counts the bytes it carries,
+//! and keeps when it carried them, so a benchmark can tell how many crossed after a moment
+//! (the guest's STOP).
 use std::{
     io::{Read, Write},
     net::{Shutdown, TcpListener, TcpStream},
@@ -8,8 +10,11 @@ use std::{
         Arc, Mutex,
     },
     thread,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
+
+/// Forwarded chunks remembered (up to 64 KiB each): 64 GiB of traffic, far more than a run.
+const TIMELINE: usize = 1 << 20;
 
 /// A shared token bucket, in bytes.
 struct Bucket {
@@ -45,6 +50,8 @@ impl Bucket {
 pub struct Relay {
     pub port: u16,
     pub bytes: Arc<AtomicU64>,
+    /// (wall-clock time since the epoch, bytes forwarded by then), one entry per chunk.
+    timeline: Arc<Mutex<Vec<(Duration, u64)>>>,
 }
 
 impl Relay {
@@ -54,11 +61,12 @@ impl Relay {
         let listener = TcpListener::bind("127.0.0.1:0")?;
         let port = listener.local_addr()?.port();
         let bytes = Arc::new(AtomicU64::new(0));
+        let timeline = Arc::new(Mutex::new(Vec::new()));
         let bucket = Arc::new(Bucket {
             rate: rate as f64,
             state: Mutex::new((0.0, Instant::now())),
         });
-        let counted = bytes.clone();
+        let (counted, logged) = (bytes.clone(), timeline.clone());
         thread::spawn(move || {
             for client in listener.incoming().flatten() {
                 let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
@@ -66,7 +74,7 @@ impl Relay {
                 };
                 client.set_nodelay(true).ok();
                 server.set_nodelay(true).ok();
-                let (bucket, counted) = (bucket.clone(), counted.clone());
+                let (bucket, counted, logged) = (bucket.clone(), counted.clone(), logged.clone());
                 let (mut c_rd, mut s_wr) =
                     (client.try_clone().unwrap(), server.try_clone().unwrap());
                 thread::spawn(move || {
@@ -76,9 +84,17 @@ impl Relay {
                             break;
                         }
                         bucket.take(n);
-                        counted.fetch_add(n as u64, Ordering::Relaxed);
                         if s_wr.write_all(&buf[..n]).is_err() {
                             break;
+                        }
+                        // Counted under the lock, so the timeline stays in order across
+                        // connections.
+                        let mut log = logged
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner);
+                        let total = counted.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
+                        if log.len() < TIMELINE {
+                            log.push((since_epoch(), total));
                         }
                     }
                     s_wr.shutdown(Shutdown::Write).ok();
@@ -90,6 +106,28 @@ impl Relay {
                 });
             }
         });
-        Ok(Self { port, bytes })
+        Ok(Self {
+            port,
+            bytes,
+            timeline,
+        })
     }
+
+    /// Bytes forwarded after `at` (wall-clock time since the epoch, as QMP event timestamps
+    /// give it).
+    pub fn bytes_after(&self, at: Duration) -> u64 {
+        let log = self
+            .timeline
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let before = log.partition_point(|&(t, _)| t <= at);
+        let by_then = before.checked_sub(1).map_or(0, |i| log[i].1);
+        self.bytes.load(Ordering::Relaxed) - by_then
+    }
+}
+
+fn since_epoch() -> Duration {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
 }

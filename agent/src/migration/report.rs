@@ -23,6 +23,9 @@ pub struct Counters {
     pub zstd_in_bytes: AtomicU64,
     pub zstd_out_bytes: AtomicU64,
     pub hash_ns: AtomicU64,
+    /// QEMU and link bytes counted when the source saw the switchover (see
+    /// [`Counters::switched_over`]); `None` before.
+    switchover: Mutex<Option<(u64, u64)>>,
     /// Index-service lookups in flight.
     pub lookups: Busy,
     /// NAS fetch rounds under way.
@@ -34,10 +37,28 @@ impl Counters {
         counter.fetch_add(n, Relaxed);
     }
 
+    /// Marks the switchover: what QEMU sends from here on, it sends with the guest paused.
+    /// Only the first call counts.
+    pub fn switched_over(&self) {
+        let mut at = self
+            .switchover
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        at.get_or_insert_with(|| (self.qemu_bytes.load(Relaxed), self.link_bytes.load(Relaxed)));
+    }
+
     pub fn snapshot(&self) -> Figures {
+        let (qemu_bytes, link_bytes) =
+            (self.qemu_bytes.load(Relaxed), self.link_bytes.load(Relaxed));
+        let at = *self
+            .switchover
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         Figures {
-            qemu_bytes: self.qemu_bytes.load(Relaxed),
-            link_bytes: self.link_bytes.load(Relaxed),
+            qemu_bytes,
+            link_bytes,
+            paused_qemu_bytes: at.map_or(0, |(q, _)| qemu_bytes - q),
+            paused_link_bytes: at.map_or(0, |(_, l)| link_bytes - l),
             nas_bytes: self.nas_bytes.load(Relaxed),
             pages_full: self.pages_full.load(Relaxed),
             pages_zero: 0,
@@ -118,6 +139,14 @@ pub struct Figures {
     pub zstd_in_bytes: u64,
     #[serde(default)]
     pub zstd_out_bytes: u64,
+    /// QEMU bytes that came from the read holding the switchover on (the final iteration and
+    /// the device state, sent while the guest is paused), and the link bytes sent from then
+    /// on (those, and the backlog the switchover found in the source agent): what the guest's
+    /// pause waits for. 0 when the stream never reached a switchover the parser could see.
+    #[serde(default)]
+    pub paused_qemu_bytes: u64,
+    #[serde(default)]
+    pub paused_link_bytes: u64,
     /// Time spent hashing pages.
     pub hash_ms: f64,
     /// Time during which index-service lookups were in flight (overlapping lookups count
@@ -142,6 +171,25 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[test]
+    fn bytes_while_paused_count_from_the_first_switchover() {
+        let c = Counters::default();
+        Counters::add(&c.qemu_bytes, 1000);
+        Counters::add(&c.link_bytes, 300);
+        let before = c.snapshot();
+        assert_eq!((before.paused_qemu_bytes, before.paused_link_bytes), (0, 0));
+        c.switched_over();
+        Counters::add(&c.qemu_bytes, 50);
+        Counters::add(&c.link_bytes, 20);
+        // A later call (the parser says it every read from then on) moves nothing.
+        c.switched_over();
+        Counters::add(&c.qemu_bytes, 7);
+        Counters::add(&c.link_bytes, 3);
+        let after = c.snapshot();
+        assert_eq!((after.qemu_bytes, after.link_bytes), (1057, 323));
+        assert_eq!((after.paused_qemu_bytes, after.paused_link_bytes), (57, 23));
+    }
 
     #[test]
     fn overlapping_operations_count_once() {

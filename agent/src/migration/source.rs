@@ -996,8 +996,8 @@ where
                     };
                     if config.rewrite {
                         parser.feed(&input, &mut sink);
-                        if parser.switched_over() {
-                            switched_over.store(true, Ordering::Relaxed);
+                        if parser.switched_over() && !switched_over.swap(true, Ordering::Relaxed) {
+                            counters.switched_over();
                         }
                     } else {
                         sink.verbatim(&input);
