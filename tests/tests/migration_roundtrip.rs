@@ -1,6 +1,6 @@
 //! Source agent then target agent rebuild a real QEMU migration stream byte for byte: with the
-//! NAS present, absent, serving changed blocks, and with the link and QEMU's stream split at
-//! arbitrary points. The stream is recorded from a real TCG guest booted on the NAS export.
+//! NAS present, absent, serving changed blocks, with the link and QEMU's stream split at
+//! arbitrary points, and from a stream QEMU ended mid-record. The stream is recorded from a real TCG guest booted on the NAS export.
 use std::{
     future::Future,
     pin::Pin,
@@ -14,6 +14,7 @@ use agent::migration::{
     pace::{Cap, BURST},
     report::{Counters, Figures},
     source::{run_source, SourceConfig},
+    stream::{Sink, StreamParser, PAGE_SIZE},
     target::{read_hello, run_target, TargetConfig},
     wire::FrameReader,
 };
@@ -202,6 +203,34 @@ fn recorded(
             qemu,
         ));
     Arc::new(std::fs::read(&path).unwrap())
+}
+
+/// An offset inside the payload of the first PAGE record at or after `from`.
+fn inside_a_page(stream: &[u8], from: usize) -> usize {
+    struct Payloads {
+        at: usize,
+        starts: Vec<usize>,
+    }
+    impl Sink for Payloads {
+        fn verbatim(&mut self, bytes: &[u8]) {
+            self.at += bytes.len();
+        }
+        fn page(&mut self, _: &[u8; PAGE_SIZE]) {
+            self.starts.push(self.at);
+            self.at += PAGE_SIZE;
+        }
+    }
+    let mut p = Payloads {
+        at: 0,
+        starts: Vec::new(),
+    };
+    StreamParser::new().feed(stream, &mut p);
+    let start = p
+        .starts
+        .into_iter()
+        .find(|&s| s >= from)
+        .expect("a page after the middle of the stream");
+    start + 1234
 }
 
 fn check(run: &Run, stream: &[u8], what: &str) {
@@ -396,6 +425,17 @@ fn real_streams_rebuild_byte_for_byte() {
     ));
     check(&run, &stream, "no index");
     assert_eq!(run.source.pages_mapped, 0);
+
+    // 8b. A stream QEMU ended mid-record (as a failed migration's ends): every byte it sent
+    //     still arrives, the record cut short included. The cut lands inside a page payload.
+    let cut = Arc::new(stream[..inside_a_page(&stream, stream.len() / 2)].to_vec());
+    let run = rt.block_on(round_trip(
+        cut.clone(),
+        source_config(&server),
+        TargetConfig::default(),
+        1 << 16,
+    ));
+    check(&run, &cut, "stream cut mid-record");
 
     // 9. A bandwidth cap holds the link to it: forwarded verbatim (so the cap holds to the
     //    end; with pages rewritten it is lifted at the switchover), the stream cannot cross

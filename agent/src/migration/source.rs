@@ -981,6 +981,21 @@ where
                     let n = n.map_err(SourceError::Qemu)?;
                     if n == 0 {
                         eof = true;
+                        if config.rewrite {
+                            // A stream QEMU ended mid-record: what the parser holds of it goes
+                            // on too, so the target gets every byte QEMU sent.
+                            let mut sink = Collector {
+                                items: Vec::new(),
+                                side: Vec::new(),
+                                counters: &counters,
+                                replica: None,
+                                remote: false,
+                            };
+                            parser.finish(&mut sink);
+                            if !sink.items.is_empty() {
+                                batches.push_back(sink.finish(Vec::new()));
+                            }
+                        }
                         continue;
                     }
                     Counters::add(&counters.qemu_bytes, n as u64);

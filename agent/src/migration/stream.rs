@@ -241,6 +241,23 @@ impl StreamParser {
         }
     }
 
+    /// Ends the stream: hands on, verbatim, what a record cut short by the end of the input
+    /// left buffered (a field or a page payload begun but not whole), so that everything fed
+    /// comes out exactly, even from a stream QEMU ended mid-record. Later input is passed
+    /// through.
+    pub fn finish(&mut self, sink: &mut impl Sink) {
+        match self.state {
+            State::Field(..) if !self.field.is_empty() => sink.verbatim(&self.field),
+            State::Page if self.page_fill > 0 => sink.verbatim(&self.page[..self.page_fill]),
+            _ => {}
+        }
+        self.field.clear();
+        self.page_fill = 0;
+        if self.state != State::Passthrough {
+            self.state = self.passthrough("the stream ended".into());
+        }
+    }
+
     /// The state that reads the field for `step`.
     fn next_field(&self, step: Step) -> State {
         let n = match step {
@@ -739,6 +756,22 @@ mod tests {
                 "{:?}",
                 p.passthrough_reason()
             );
+        }
+    }
+
+    #[test]
+    fn a_stream_ended_anywhere_comes_out_whole() {
+        let s = sample();
+        for cut in 0..=s.len() {
+            let mut p = StreamParser::new();
+            let mut c = Collect::default();
+            p.feed(&s[..cut], &mut c);
+            p.finish(&mut c);
+            assert_eq!(c.out, &s[..cut], "cut at byte {cut}");
+            // Whatever follows is passed through.
+            p.feed(&s[cut..], &mut c);
+            assert_eq!(c.out, s, "cut at byte {cut}, then the rest");
+            assert!(p.passthrough_reason().is_some());
         }
     }
 
