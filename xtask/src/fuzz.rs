@@ -1,9 +1,12 @@
 //! `cargo xtask fuzz`: record real sessions as seeds, then run every cargo-fuzz target.
 //!
-//! Seeds are the bytes real clients send: nbdinfo and qemu-io talking to a live nas-server, and
-//! the library's index client talking to its index service, each through a recording proxy.
-//! They are written under `target/fuzz-corpus/` (never committed) and each target then runs for
-//! `--seconds`. A crash fails the command and leaves its input in `nas-server/fuzz/artifacts/`.
+//! nas-server's targets (`nas-server/fuzz`) are seeded with the bytes real clients send:
+//! nbdinfo and qemu-io talking to a live nas-server, and the library's index client talking to
+//! its index service, each through a recording proxy. The agent's (`agent/fuzz`) are seeded
+//! with the start of a real QEMU migration stream, a synthetic stream with every record kind,
+//! and one agent-link frame of every kind (a ZSTD frame among them). Seeds are written under
+//! `target/fuzz-corpus/` (never committed) and each target then runs for `--seconds`. A crash
+//! fails the command and leaves its input in that crate's `fuzz/artifacts/`.
 use std::{
     io::{Read, Write},
     net::{TcpListener, TcpStream},
@@ -17,7 +20,13 @@ use anyhow::{bail, Context};
 
 use crate::sh;
 
-const TARGETS: [&str; 2] = ["nbd_session", "index_frame"];
+/// Each target, and the crate whose `fuzz/` holds it.
+const TARGETS: [(&str, &str); 4] = [
+    ("nas-server", "nbd_session"),
+    ("nas-server", "index_frame"),
+    ("agent", "link_frames"),
+    ("agent", "stream_parser"),
+];
 const NBD_PORT: u16 = 10_970;
 const INDEX_PORT: u16 = 10_971;
 
@@ -33,20 +42,132 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     sh::run(sh::cargo().args(["build", "--release", "-p", "nas-server"]))?;
     let corpus = sh::workspace_root().join("target/fuzz-corpus");
     record_seeds(&corpus)?;
-    for target in TARGETS {
+    agent_seeds(&corpus)?;
+    for (krate, target) in TARGETS {
         let dir = corpus.join(target);
         std::fs::create_dir_all(&dir)?;
         sh::run(
             sh::cargo()
-                .current_dir(sh::workspace_root().join("nas-server"))
+                .current_dir(sh::workspace_root().join(krate))
                 .args(["+nightly", "fuzz", "run", target])
                 .arg(&dir)
                 .arg("--")
                 .arg(format!("-max_total_time={}", args.seconds))
                 .arg("-rss_limit_mb=2048"),
         )
-        .with_context(|| format!("fuzz target {target} failed; see nas-server/fuzz/artifacts"))?;
+        .with_context(|| format!("fuzz target {target} failed; see {krate}/fuzz/artifacts"))?;
     }
+    Ok(())
+}
+
+/// Seeds for the agent's targets. The stream parser's begin with the chunk size byte its
+/// target reads first (0: the whole input at once).
+fn agent_seeds(corpus: &Path) -> anyhow::Result<()> {
+    use agent::migration::{
+        link::{self, Hello, LinkFrame},
+        stream::{synthetic::Builder, PAGE_SIZE},
+    };
+    let streams = corpus.join("stream_parser");
+    std::fs::create_dir_all(&streams)?;
+    // A real stream: a 32 MiB machine that never ran (its ROMs are full pages, the rest zero
+    // pages, then its devices). Its first 128 KiB: the header, the configuration, the ram
+    // START and the first pages.
+    let recorded = sh::workspace_root().join("target/xtask/fuzz/paused-stream.bin");
+    std::fs::create_dir_all(recorded.parent().expect("a parent"))?;
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(tests::qemu::record_paused_stream(
+            recorded.parent().expect("a parent"),
+            &recorded,
+            None,
+        ));
+    let real = std::fs::read(&recorded)?;
+    let mut seed = vec![0];
+    seed.extend_from_slice(&real[..real.len().min(128 << 10)]);
+    std::fs::write(streams.join("qemu-start"), seed)?;
+    // A whole small stream in QEMU 10's layout: pages, zero pages, a command, devices, EOF.
+    let mut b = Builder::new();
+    b.ram_start(&[("pc.ram", 1 << 20)]);
+    b.ram_part(false);
+    b.page(Some("pc.ram"), 0, &[0x11; PAGE_SIZE]);
+    b.zero(None, 0x1000);
+    b.page(None, 0x2000, &[0x22; PAGE_SIZE]);
+    b.eos_footer();
+    b.command(11, &[]);
+    b.ram_part(true);
+    b.page(None, 0x3000, &[0x33; PAGE_SIZE]);
+    b.eos_footer();
+    b.devices_and_eof();
+    for step in [0u8, 1, 7] {
+        let mut seed = vec![step];
+        seed.extend_from_slice(&b.bytes);
+        std::fs::write(streams.join(format!("synthetic-{step}")), seed)?;
+    }
+
+    let links = corpus.join("link_frames");
+    std::fs::create_dir_all(&links)?;
+    let page = Box::new([0x5a; PAGE_SIZE]);
+    let hello = LinkFrame::Hello(Hello {
+        version: link::VERSION,
+        vm: "vm1".into(),
+        exports: vec![(1, "disk".into())],
+        nas: "127.0.0.1:10809".into(),
+        incoming: "tcp:127.0.0.1:4444".into(),
+        caps: link::CAP_ZSTD | link::CAP_RECEIVED,
+    });
+    let mut inner = LinkFrame::Raw(b"QEVM\0\0\0\x03".to_vec()).to_bytes();
+    inner.extend(LinkFrame::Page(page.clone()).to_bytes());
+    let packed = zstd::bulk::compress(&inner, 1)?;
+    let mut zstd_frame = Vec::new();
+    link::encode_zstd(&mut zstd_frame, inner.len() as u32, &packed);
+    let frames = [
+        hello,
+        LinkFrame::HelloAck {
+            version: link::VERSION,
+            caps: link::CAP_ZSTD,
+        },
+        LinkFrame::Raw(vec![1, 2, 3]),
+        LinkFrame::Page(page.clone()),
+        LinkFrame::Mapped {
+            seq: 0,
+            export: 1,
+            offset: 8192,
+            hash: *blake3::hash(&page[..]).as_bytes(),
+        },
+        LinkFrame::Dup { ordinal: 0 },
+        LinkFrame::Ack {
+            mapped: 1,
+            credit: 1 << 20,
+            received: Some(4096),
+        },
+        LinkFrame::Ack {
+            mapped: 1,
+            credit: 1 << 20,
+            received: None,
+        },
+        LinkFrame::FallbackReq { seq: 0 },
+        LinkFrame::FallbackData { seq: 0, page },
+        LinkFrame::End {
+            stats: "{\"qemu_bytes\":1}".into(),
+        },
+        LinkFrame::Done {
+            ok: true,
+            stats: "{}".into(),
+        },
+        LinkFrame::Error {
+            message: "refused".into(),
+        },
+    ];
+    let mut session = Vec::new();
+    for (n, frame) in frames.iter().enumerate() {
+        let bytes = frame.to_bytes();
+        session.extend_from_slice(&bytes);
+        std::fs::write(links.join(format!("frame-{n}")), bytes)?;
+    }
+    session.extend_from_slice(&zstd_frame);
+    std::fs::write(links.join("zstd"), &zstd_frame)?;
+    std::fs::write(links.join("session"), session)?;
     Ok(())
 }
 

@@ -29,12 +29,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     guest::qemu72()?;
     sh::run(&mut ebpf::nightly_cargo("build"))?;
     sh::run(sh::cargo().args(["fmt", "--all", "--check"]))?;
-    sh::run(sh::cargo().args([
-        "fmt",
-        "--check",
-        "--manifest-path",
-        "nas-server/fuzz/Cargo.toml",
-    ]))?;
+    for fuzz in ["nas-server/fuzz/Cargo.toml", "agent/fuzz/Cargo.toml"] {
+        sh::run(sh::cargo().args(["fmt", "--check", "--manifest-path", fuzz]))?;
+    }
     sh::run(sh::cargo().args([
         "clippy",
         "--workspace",
