@@ -171,8 +171,7 @@ impl MigrationReport {
              (saved {:.1}%)\n  NAS fetched  {:>10.1} MiB\n  pages        full {} zero {} \
              mapped {} dup {} sent {} fallback {}\n  zstd         {:.1} MiB of frames sent as \
              {:.1} MiB\n  total time   {} ms, downtime {} ms, \
-             guest paused {}\n  paused for   {:.1} MiB of QEMU's stream, {:.1} MiB on the \
-             link\n  \
+             guest paused {}\n  while paused {:.1} MiB of QEMU's stream, {:.1} MiB on the link\n  \
              hashing {:.0} ms, lookups in flight {:.0} ms, NAS fetches under way {:.0} ms\n  \
              source {}, target {}\n  \
              target RAM   {}\n  link cap     {}\n  switchover   judged at {}",
@@ -542,14 +541,8 @@ async fn drive(
     }
     match run {
         Some(r) => {
-            let (s, t) = (r.source, r.target);
-            report.figures = Figures {
-                nas_bytes: t.nas_bytes,
-                fallbacks: t.fallbacks,
-                fetch_ms: t.fetch_ms,
-                ..s
-            };
-            report.savings_pct = s.savings_pct();
+            report.figures = r.figures();
+            report.savings_pct = r.source.savings_pct();
             report.passthrough_reason = r.passthrough_reason;
         }
         None => {

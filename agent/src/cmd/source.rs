@@ -1,12 +1,13 @@
 //! `agent source`: the source side alone, for when something else drives QEMU (libvirt's
 //! `virsh migrate --migrateuri`, or a QMP script). It accepts one migration connection from
-//! the local QEMU, proxies it to the target agent, and prints the report.
+//! the local QEMU, proxies it to the target agent, and prints the report: the figures of
+//! `agent migrate`'s report that the agents know (QMP's times and states are the driver's).
 use std::sync::Arc;
 
 use agent::control::qemu_uri;
 use agent::migration::{
     pace::Cap,
-    report::Counters,
+    report::{Counters, Figures},
     source::{run_source, SourceConfig, QEMU_RECV_BUFFER},
 };
 use anyhow::Context;
@@ -64,8 +65,26 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     config.zstd = s.zstd;
     config.rewrite = !s.passthrough;
     config.record = s.record;
-    config.link_cap = Arc::new(Cap::new(args.max_bandwidth));
+    let cap = Arc::new(Cap::new(args.max_bandwidth));
+    config.link_cap = cap.clone();
     let report = run_source(qemu, link, config, Arc::new(Counters::default())).await?;
-    println!("{}", serde_json::to_string_pretty(&report.source)?);
+    let summary = Summary {
+        figures: report.figures(),
+        savings_pct: report.source.savings_pct(),
+        link_bandwidth: cap.get(),
+        passthrough_reason: report.passthrough_reason,
+    };
+    println!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(())
+}
+
+/// What `agent source` prints: named as in `agent migrate --json`.
+#[derive(serde::Serialize)]
+struct Summary {
+    #[serde(flatten)]
+    figures: Figures,
+    savings_pct: f64,
+    /// The cap the link was paced to until the switchover (`--max-bandwidth`); `None`: none.
+    link_bandwidth: Option<u64>,
+    passthrough_reason: Option<String>,
 }

@@ -123,6 +123,19 @@ pub struct SourceReport {
     pub passthrough_reason: Option<String>,
 }
 
+impl SourceReport {
+    /// The migration's figures: the source's, with what only the target knows (NAS bytes it
+    /// fetched, the fallbacks it asked for, its fetch time).
+    pub fn figures(&self) -> Figures {
+        Figures {
+            nas_bytes: self.target.nas_bytes,
+            fallbacks: self.target.fallbacks,
+            fetch_ms: self.target.fetch_ms,
+            ..self.source
+        }
+    }
+}
+
 /// Mapped pages awaiting the target's acknowledgement, bounded. Sequence numbers are given
 /// out in order and acknowledged as a prefix, so a queue ordered by them is enough. A page is
 /// kept without a copy, as a share of the read buffer it arrived in; a buffer goes back to the
