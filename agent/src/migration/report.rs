@@ -48,17 +48,18 @@ impl Counters {
     }
 
     pub fn snapshot(&self) -> Figures {
-        let (qemu_bytes, link_bytes) =
-            (self.qemu_bytes.load(Relaxed), self.link_bytes.load(Relaxed));
+        // The mark before the counters, which only grow: it never exceeds what they say then.
         let at = *self
             .switchover
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
+        let (qemu_bytes, link_bytes) =
+            (self.qemu_bytes.load(Relaxed), self.link_bytes.load(Relaxed));
         Figures {
             qemu_bytes,
             link_bytes,
-            paused_qemu_bytes: at.map_or(0, |(q, _)| qemu_bytes - q),
-            paused_link_bytes: at.map_or(0, |(_, l)| link_bytes - l),
+            paused_qemu_bytes: at.map_or(0, |(q, _)| qemu_bytes.saturating_sub(q)),
+            paused_link_bytes: at.map_or(0, |(_, l)| link_bytes.saturating_sub(l)),
             nas_bytes: self.nas_bytes.load(Relaxed),
             pages_full: self.pages_full.load(Relaxed),
             pages_zero: 0,
