@@ -28,7 +28,6 @@ use nas_server::{
 use serde::Serialize;
 use serde_json::json;
 use tokio::{
-    io::{AsyncRead, AsyncWrite},
     net::{TcpListener, TcpStream},
     sync::watch,
 };
@@ -37,6 +36,8 @@ use crate::{
     bandwidth::Bandwidth,
     migration::{
         compress::Compression,
+        incoming,
+        link::LinkFrame,
         report::{Counters, Figures},
         source::{run_source, SourceConfig, QEMU_RECV_BUFFER},
         target::{read_hello, run_target, TargetConfig},
@@ -598,25 +599,55 @@ fn update_bar(bar: &indicatif::ProgressBar, counters: &Counters) {
     bar.tick();
 }
 
-/// `agent serve`: accepts agent links until `shutdown`, one target-side migration each.
+/// `agent serve`: accepts agent links until `shutdown`, one target-side migration each, at
+/// most `config.max_sessions` at once (a link beyond that is answered with ERROR and closed).
+/// Each session's outcome and figures go to the log and to the Prometheus counters
+/// `agent_serve_*`.
 pub async fn serve(
     listener: TcpListener,
     config: TargetConfig,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
+    let sessions = Arc::new(tokio::sync::Semaphore::new(config.max_sessions.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
     loop {
         let (link, peer) = tokio::select! {
             _ = shutdown.wait_for(|s| *s) => break,
             a = listener.accept() => a?,
         };
+        let Ok(permit) = sessions.clone().try_acquire_owned() else {
+            let message = format!(
+                "busy: {} migration(s) under way, this agent's limit (--max-sessions); try \
+                 again later",
+                config.max_sessions
+            );
+            tracing::warn!(%peer, "{message}");
+            // Best effort, without waiting on a peer that does not read.
+            let _ = link.try_write(&LinkFrame::Error { message }.to_bytes());
+            metrics::counter!("agent_serve_migrations_total", "result" => "refused").increment(1);
+            continue;
+        };
         link.set_nodelay(true)?;
         let config = config.clone();
         tasks.spawn(async move {
-            match serve_one(link, config).await {
-                Ok(report) => tracing::info!(%peer, "migration delivered: {report}"),
-                Err(e) => tracing::warn!(%peer, "migration failed: {e}"),
-            }
+            let _permit = permit;
+            let counters = Arc::new(Counters::default());
+            let result = match serve_one(link, config, counters.clone()).await {
+                Session::Delivered => {
+                    let f = counters.snapshot();
+                    tracing::info!(%peer, "migration delivered: {}", serde_json::json!(f));
+                    "ok"
+                }
+                Session::Refused(why) => {
+                    tracing::warn!(%peer, "migration refused: {why}");
+                    "refused"
+                }
+                Session::Failed(why) => {
+                    tracing::warn!(%peer, "migration failed: {why}");
+                    "failed"
+                }
+            };
+            export_served(result, &counters.snapshot());
         });
         while tasks.try_join_next().is_some() {}
     }
@@ -624,68 +655,60 @@ pub async fn serve(
     Ok(())
 }
 
-async fn serve_one(mut link: TcpStream, config: TargetConfig) -> Result<String, String> {
-    let mut frames = FrameReader::new();
-    let hello = read_hello(&mut link, &mut frames)
-        .await
-        .map_err(|e| e.to_string())?;
-    tracing::info!(vm = %hello.vm, incoming = %hello.incoming, "incoming migration");
-    let counters = Arc::new(Counters::default());
-    let qemu = match connect_incoming(&hello.incoming).await {
-        Ok(q) => q,
-        Err(e) => {
-            let msg = format!("cannot reach the target QEMU at {}: {e}", hello.incoming);
-            use tokio::io::AsyncWriteExt;
-            let _ = link
-                .write_all(
-                    &crate::migration::link::LinkFrame::Error {
-                        message: msg.clone(),
-                    }
-                    .to_bytes(),
-                )
-                .await;
-            return Err(msg);
-        }
-    };
-    let figures = run_target(link, frames, hello, qemu, config, counters)
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(serde_json::to_string(&figures).unwrap_or_default())
+/// How one `agent serve` session ended.
+enum Session {
+    Delivered,
+    /// Before anything was connected: a HELLO it cannot serve, or an incoming address its
+    /// policy refuses or it cannot reach.
+    Refused(String),
+    Failed(String),
 }
 
-trait Conn: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn for T {}
+async fn serve_one(mut link: TcpStream, config: TargetConfig, counters: Arc<Counters>) -> Session {
+    let mut frames = FrameReader::new();
+    let hello = match read_hello(&mut link, &mut frames).await {
+        Ok(h) => h,
+        Err(e) => return Session::Refused(refuse(&mut link, e.to_string()).await),
+    };
+    tracing::info!(vm = %hello.vm, incoming = %hello.incoming, "incoming migration");
+    let qemu = match config.incoming.check(&hello.incoming) {
+        Ok(incoming) => incoming::connect(&incoming).await,
+        Err(refused) => Err(refused),
+    };
+    let qemu = match qemu {
+        Ok(q) => q,
+        Err(e) => return Session::Refused(refuse(&mut link, e.to_string()).await),
+    };
+    match run_target(link, frames, hello, qemu, config, counters).await {
+        Ok(_) => Session::Delivered,
+        Err(e) => Session::Failed(e.to_string()),
+    }
+}
+
+/// Answers a session this agent will not serve with the link's ERROR frame (best effort: the
+/// source may be gone); returns the reason.
+async fn refuse(link: &mut TcpStream, message: String) -> String {
+    use tokio::io::AsyncWriteExt;
+    let frame = LinkFrame::Error {
+        message: message.clone(),
+    };
+    let _ = link.write_all(&frame.to_bytes()).await;
+    message
+}
+
+/// Adds one served session to the target side's Prometheus counters: what it delivered even
+/// when it failed half-way.
+fn export_served(result: &'static str, f: &Figures) {
+    metrics::counter!("agent_serve_migrations_total", "result" => result).increment(1);
+    metrics::counter!("agent_serve_qemu_bytes_total").increment(f.qemu_bytes);
+    metrics::counter!("agent_serve_nas_bytes_total").increment(f.nas_bytes);
+    metrics::counter!("agent_serve_fallback_pages_total").increment(f.fallbacks);
+}
 
 /// A listening address as a QEMU migration URI.
 pub fn qemu_uri(listen: &Listen) -> String {
     match listen {
         Listen::Tcp(addr) => format!("tcp:{addr}"),
         Listen::Unix(path) => format!("unix:{}", path.display()),
-    }
-}
-
-/// Connects to QEMU's incoming address, retrying briefly while it starts listening.
-async fn connect_incoming(uri: &str) -> std::io::Result<Box<dyn Conn>> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let attempt: std::io::Result<Box<dyn Conn>> = if let Some(addr) = uri.strip_prefix("tcp:") {
-            TcpStream::connect(addr)
-                .await
-                .map(|s| Box::new(s) as Box<dyn Conn>)
-        } else if let Some(path) = uri.strip_prefix("unix:") {
-            tokio::net::UnixStream::connect(path)
-                .await
-                .map(|s| Box::new(s) as Box<dyn Conn>)
-        } else {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!("unsupported incoming address {uri:?} (use tcp:HOST:PORT or unix:PATH)"),
-            ));
-        };
-        match attempt {
-            Ok(c) => return Ok(c),
-            Err(e) if Instant::now() > deadline => return Err(e),
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
     }
 }

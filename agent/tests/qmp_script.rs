@@ -69,6 +69,21 @@ fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// The Prometheus text `agent serve --metrics` serves on `port`.
+fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics endpoint");
+    // HTTP/1.0: the whole body, not chunked, then the server closes.
+    c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut response = String::new();
+    c.read_to_string(&mut response).unwrap();
+    assert!(
+        response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"),
+        "{response}"
+    );
+    response
+}
+
 async fn execute(qmp: &Path, command: &str, args: Option<Value>) -> Value {
     let mut q = Qmp::connect(qmp).await.expect("QMP");
     q.execute(command, args)
@@ -83,10 +98,11 @@ fn agent_source_and_agent_serve_migrate_a_guest_driven_over_qmp() {
     }
     let _qemu = exclusive();
     let pair = Pair::start("qmp-script", 256, 64, false, false);
-    let (link, incoming) = (free_port(), free_port());
+    let (link, incoming, metrics) = (free_port(), free_port(), free_port());
     let _serve = Running(
         agent()
             .args(["serve", "--link-listen", &format!("127.0.0.1:{link}")])
+            .args(["--metrics", &format!("127.0.0.1:{metrics}")])
             .stdout(Stdio::null())
             .spawn()
             .expect("start agent serve"),
@@ -165,6 +181,26 @@ fn agent_source_and_agent_serve_migrate_a_guest_driven_over_qmp() {
         (1..figure("qemu_bytes")).contains(&figure("paused_qemu_bytes")),
         "{report}"
     );
+    // `agent serve` counts the session for Prometheus: one delivered migration, every byte of
+    // QEMU's stream, and the NAS bytes the report names.
+    // It counts once the session has ended, which may be just after `agent source` exits.
+    wait_for(
+        "agent serve counting the session",
+        Duration::from_secs(10),
+        || scrape(metrics).contains("agent_serve_migrations_total"),
+    );
+    let scraped = scrape(metrics);
+    for (line, value) in [
+        ("agent_serve_migrations_total{result=\"ok\"}", 1),
+        ("agent_serve_qemu_bytes_total", figure("qemu_bytes")),
+        ("agent_serve_nas_bytes_total", figure("nas_bytes")),
+        ("agent_serve_fallback_pages_total", 0),
+    ] {
+        assert!(
+            scraped.lines().any(|l| l == format!("{line} {value}")),
+            "no `{line} {value}` in:\n{scraped}"
+        );
+    }
     assert!(
         figure("link_bytes") <= figure("qemu_bytes") - figure("pages_mapped") * 4032,
         "{report}"

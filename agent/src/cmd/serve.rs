@@ -1,8 +1,14 @@
 //! `agent serve`: the target-side daemon. Accepts agent links and rebuilds each migration into
 //! the target QEMU the source agent names.
-use std::net::SocketAddr;
+use std::{net::SocketAddr, path::PathBuf};
 
-use agent::{control::serve, migration::target::TargetConfig};
+use agent::{
+    control::serve,
+    migration::{
+        incoming::IncomingPolicy,
+        target::{TargetConfig, MAX_SESSIONS},
+    },
+};
 use anyhow::Context;
 use nas_server::listener::Listen;
 
@@ -17,6 +23,18 @@ pub struct Args {
     /// Serve Prometheus metrics on this address.
     #[arg(long)]
     metrics: Option<SocketAddr>,
+    /// Deliver to target QEMUs listening on unix sockets in this directory (repeatable). A
+    /// source names the socket; without this, unix sockets are refused.
+    #[arg(long = "incoming-dir", value_name = "DIR")]
+    incoming_dirs: Vec<PathBuf>,
+    /// Deliver to target QEMUs on TCP addresses other than loopback too. By default only
+    /// loopback is accepted: the target QEMU runs on this host, and the address comes from the
+    /// network.
+    #[arg(long)]
+    incoming_any_host: bool,
+    /// Migrations served at once; a source connecting beyond that is refused.
+    #[arg(long, default_value_t = MAX_SESSIONS)]
+    max_sessions: usize,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
@@ -37,6 +55,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     });
     let config = TargetConfig {
         nas_override: args.nas,
+        incoming: IncomingPolicy {
+            unix_dirs: args.incoming_dirs,
+            any_host: args.incoming_any_host,
+        },
+        max_sessions: args.max_sessions,
         ..TargetConfig::default()
     };
     serve(listener, config, stop_rx).await?;

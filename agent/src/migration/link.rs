@@ -23,8 +23,10 @@
 //! chooses per batch (see [`super::compress`]), so any mix of plain and ZSTD frames is a valid
 //! stream. A target that accepted [`CAP_RECEIVED`] adds to every ACK the link bytes it has read
 //! so far, which tells the source whether the bytes it waits on are still crossing the link or
-//! already wait at the target (for its QEMU or the NAS). Decoding is pure and check-then-parse,
-//! like the index protocol.
+//! already wait at the target (for its QEMU or the NAS). The target answers a HELLO it will not
+//! serve (another version, or an `incoming` address its policy refuses, see
+//! [`super::incoming`]) with ERROR instead of HELLO_ACK. Decoding is pure and
+//! check-then-parse, like the index protocol.
 use crate::migration::stream::PAGE_SIZE;
 
 pub const VERSION: u16 = 2;

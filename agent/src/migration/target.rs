@@ -27,6 +27,7 @@ use tokio::{
 
 use super::{
     dedup::ContentCache,
+    incoming::IncomingPolicy,
     link::{Hash, Hello, LinkFrame, ACK_MAPPED, ACK_STEP, CAP_RECEIVED, CAP_ZSTD, VERSION},
     report::{Counters, Figures},
     stream::PAGE_SIZE,
@@ -49,6 +50,10 @@ pub struct TargetConfig {
     pub dedup_capacity: usize,
     /// Also write the rebuilt stream to this file (for verification).
     pub record: Option<std::path::PathBuf>,
+    /// Which target QEMU addresses a source may name (see [`super::incoming`]).
+    pub incoming: IncomingPolicy,
+    /// `agent serve`: migrations served at once; a link beyond that is refused with ERROR.
+    pub max_sessions: usize,
 }
 
 impl Default for TargetConfig {
@@ -61,9 +66,19 @@ impl Default for TargetConfig {
             fetchers: 4,
             dedup_capacity: super::dedup::DEFAULT_CAPACITY,
             record: None,
+            incoming: IncomingPolicy::default(),
+            max_sessions: MAX_SESSIONS,
         }
     }
 }
+
+/// `agent serve`'s default for [`TargetConfig::max_sessions`].
+pub const MAX_SESSIONS: usize = 16;
+
+/// Stream bytes a source may send beyond what this side has delivered to its QEMU: four times
+/// the source's window (16 MiB of stream, plus one frame). Past it the session ends, so a
+/// source that ignores its window cannot make this side buffer without bound.
+pub const MAX_AHEAD: u64 = 64 << 20;
 
 /// Why the target side failed.
 #[derive(Debug, thiserror::Error)]
@@ -194,9 +209,9 @@ where
         ));
     }
 
-    // Unbounded here, bounded in fact: the source never runs more than its window ahead of
-    // the credit this side returns. The reader must never block, or a fallback answer could
-    // wait behind data that waits for it.
+    // Not bounded by the channel: the reader must never block, or a fallback answer could wait
+    // behind data that waits for it. Bounded instead by what the source may send ahead of the
+    // credit this side returns, which the reader enforces ([`MAX_AHEAD`]).
     let (slot_tx, slot_rx) = mpsc::unbounded_channel::<Vec<Slot>>();
     let record = match &config.record {
         Some(path) => Some(
@@ -228,6 +243,8 @@ where
     let mut writer = Some(writer);
     // Slots go to the writer in batches: one hand-off per run of frames already buffered.
     let mut slots: Vec<Slot> = Vec::new();
+    // Stream bytes the frames read so far stand for.
+    let mut taken = 0u64;
     let outcome: Result<(), TargetError> = loop {
         if !slots.is_empty() && (!frames.has_buffered() || slots.len() >= 1024) {
             let Some(tx) = &slot_tx else {
@@ -341,6 +358,17 @@ where
         };
         if slot_tx.is_none() {
             break Err(TargetError::Protocol("data after END".into()));
+        }
+        taken += match &slot {
+            Slot::Bytes(b) => b.len() as u64,
+            Slot::Content { .. } => PAGE_SIZE as u64,
+        };
+        let ahead = taken - counters.qemu_bytes.load(Ordering::Relaxed);
+        if ahead > MAX_AHEAD {
+            break Err(TargetError::Protocol(format!(
+                "the source sent {ahead} bytes of stream beyond what this side delivered, more \
+                 than any source's window allows ({MAX_AHEAD})"
+            )));
         }
         slots.push(slot);
     };
@@ -573,5 +601,50 @@ async fn fetch_loop(
             }
             counters.fetches.end(1);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_source_that_ignores_its_window_is_cut_off() {
+        use tokio::io::AsyncWriteExt;
+        let (mut source, link) = tokio::io::duplex(1 << 20);
+        // A target QEMU that reads nothing: every slot the reader takes stays undelivered.
+        let (qemu, _stalled) = tokio::io::duplex(64 << 10);
+        let hello = Hello {
+            version: VERSION,
+            vm: "vm".into(),
+            exports: Vec::new(),
+            nas: "127.0.0.1:1".into(),
+            incoming: String::new(),
+            caps: 0,
+        };
+        let target = tokio::spawn(run_target(
+            link,
+            FrameReader::new(),
+            hello,
+            qemu,
+            TargetConfig::default(),
+            Arc::new(Counters::default()),
+        ));
+        // Far more than MAX_AHEAD of RAW frames, never waiting for an ACK.
+        let raw = LinkFrame::Raw(vec![0x5a; 256 << 10]).to_bytes();
+        let mut sent = 0u64;
+        while sent < 4 * MAX_AHEAD && source.write_all(&raw).await.is_ok() {
+            sent += raw.len() as u64;
+        }
+        assert!(sent < 4 * MAX_AHEAD, "the target kept reading {sent} bytes");
+        let err = tokio::time::timeout(Duration::from_secs(30), target)
+            .await
+            .expect("the target ends")
+            .expect("no panic")
+            .expect_err("the session fails");
+        assert!(
+            matches!(&err, TargetError::Protocol(m) if m.contains("beyond what this side delivered")),
+            "{err}"
+        );
     }
 }
