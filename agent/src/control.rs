@@ -633,8 +633,7 @@ pub async fn serve(
             let _permit = permit;
             let counters = Arc::new(Counters::default());
             let result = match serve_one(link, config, counters.clone()).await {
-                Session::Delivered => {
-                    let f = counters.snapshot();
+                Session::Delivered(f) => {
                     tracing::info!(%peer, "migration delivered: {}", serde_json::json!(f));
                     "ok"
                 }
@@ -657,7 +656,8 @@ pub async fn serve(
 
 /// How one `agent serve` session ended.
 enum Session {
-    Delivered,
+    /// With the target's figures, as sent in its DONE.
+    Delivered(Figures),
     /// Before anything was connected: a HELLO it cannot serve, or an incoming address its
     /// policy refuses or it cannot reach.
     Refused(String),
@@ -680,7 +680,7 @@ async fn serve_one(mut link: TcpStream, config: TargetConfig, counters: Arc<Coun
         Err(e) => return Session::Refused(refuse(&mut link, e.to_string()).await),
     };
     match run_target(link, frames, hello, qemu, config, counters).await {
-        Ok(_) => Session::Delivered,
+        Ok(figures) => Session::Delivered(figures),
         Err(e) => Session::Failed(e.to_string()),
     }
 }
