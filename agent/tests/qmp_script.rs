@@ -6,33 +6,18 @@
 //! migrate` as an operator runs it, interrupted with Ctrl-C half-way.
 use std::{
     path::Path,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use agent::qmp::Qmp;
 use serde_json::{json, Value};
 use tests::{
+    free_port,
     nbd_fixture::NbdFixture,
     qemu::{carried_on, exclusive, Pair},
-    require_root, Scratch,
+    require_root, Running, Scratch,
 };
-
-/// A loopback port nobody listens on right now.
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
-/// Kills the child on drop, so a failed assertion leaves no agent behind.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn agent() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_agent"));

@@ -8,28 +8,12 @@ use std::{
     net::{TcpListener, TcpStream},
     os::unix::net::UnixListener,
     path::Path,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use agent::migration::link::{Hello, LinkFrame, CAP_ZSTD, VERSION};
-
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use tests::{free_port, Running, Scratch};
 
 /// `agent serve` on a free loopback port, with `args`; the port.
 fn serve(args: &[&str]) -> (Running, u16) {
@@ -93,8 +77,8 @@ fn refusal(link: &mut TcpStream) -> String {
 
 #[test]
 fn incoming_addresses_off_loopback_or_outside_allowed_directories_are_refused() {
-    let dir = std::env::temp_dir().join(format!("serve-incoming-{}", std::process::id()));
-    let (allowed, elsewhere) = (dir.join("allowed"), dir.join("elsewhere"));
+    let dir = Scratch::new("serve-incoming");
+    let (allowed, elsewhere) = (dir.path("allowed"), dir.path("elsewhere"));
     for d in [&allowed, &elsewhere] {
         std::fs::create_dir_all(d).unwrap();
     }
@@ -132,7 +116,6 @@ fn incoming_addresses_off_loopback_or_outside_allowed_directories_are_refused() 
         .unwrap();
     let mut byte = [0u8; 1];
     assert!(matches!(qemu.read(&mut byte), Err(_) | Ok(0)));
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

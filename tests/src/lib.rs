@@ -90,6 +90,22 @@ pub fn run_ok(cmd: &mut std::process::Command) -> String {
     stdout
 }
 
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
+    l.local_addr().expect("a bound address").port()
+}
+
+/// A child process killed on drop, so a failed assertion leaves nothing running behind it.
+pub struct Running(pub std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A fresh scratch directory under the test target dir, removed on drop.
 pub struct Scratch(pub std::path::PathBuf);
 

@@ -176,8 +176,8 @@ mod tests {
 
     #[test]
     fn unix_sockets_only_in_allowed_directories() {
-        let base = std::env::temp_dir().join(format!("incoming-policy-{}", std::process::id()));
-        let (allowed, other) = (base.join("allowed"), base.join("other"));
+        let base = ::tests::Scratch::new("incoming-policy");
+        let (allowed, other) = (base.path("allowed"), base.path("other"));
         for d in [&allowed, &other] {
             std::fs::create_dir_all(d).unwrap();
         }
@@ -216,6 +216,5 @@ mod tests {
                 bad.display()
             );
         }
-        std::fs::remove_dir_all(&base).unwrap();
     }
 }
