@@ -19,7 +19,7 @@ use anyhow::Context;
 use serde_json::json;
 
 use crate::{
-    bench_migration::LINK,
+    bench_migration::{LINK, UNCAPPED},
     guest,
     lab::{self, plain_migration, Lab, Pair, AGENT_PORT},
     relay::Relay,
@@ -76,7 +76,8 @@ fn plain_run(rt: &tokio::runtime::Runtime, pair: &Pair) -> anyhow::Result<Run> {
     let relay = std::cell::RefCell::new(None);
     let done = rt.block_on(async {
         let mut src = pair.source.qmp().await;
-        src.set_migration_parameter("max-bandwidth", LIFTED).await?;
+        src.set_migration_parameter("max-bandwidth", UNCAPPED)
+            .await?;
         drop(src);
         let via = |port: u16| -> anyhow::Result<u16> {
             let r = Relay::start(port, LINK)?;
@@ -125,9 +126,6 @@ fn agents_run(rt: &tokio::runtime::Runtime, pair: &Pair) -> anyhow::Result<Run> 
 
 /// A figure of the summary: its name, how to read it off a run, its unit.
 type Figure = (&'static str, fn(&Run) -> u64, &'static str);
-
-/// QEMU's `max-bandwidth` "unlimited", so the relay is the only limit.
-const LIFTED: u64 = 100_000_000_000;
 
 /// The value at fraction `q` of the sorted `values` (nearest rank).
 fn quantile(values: &[u64], q: f64) -> u64 {

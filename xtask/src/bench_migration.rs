@@ -52,7 +52,8 @@ pub const LINK: u64 = 125_000_000;
 const MAPPED_FRAME: u64 = 4 + 1 + 8 + 4 + 8 + 32;
 /// A DUP frame: length, type, ordinal.
 const DUP_FRAME: u64 = 4 + 1 + 8;
-const UNCAPPED: u64 = 100_000_000_000;
+/// QEMU's `max-bandwidth` set this high is "unlimited": the relay is then the only limit.
+pub const UNCAPPED: u64 = 100_000_000_000;
 
 // The runs the ratios compare.
 const PLAIN: &str = "plain QEMU";
