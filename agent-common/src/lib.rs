@@ -99,8 +99,8 @@ mod tests {
 
     #[test]
     fn layouts_have_no_padding() {
-        assert_eq!(core::mem::size_of::<IoKey>(), 8);
-        assert_eq!(core::mem::size_of::<IoCount>(), 16);
+        assert_eq!(size_of::<IoKey>(), 8);
+        assert_eq!(size_of::<IoCount>(), 16);
     }
 
     #[test]

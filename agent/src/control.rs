@@ -21,10 +21,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use nas_server::{
-    client::index::{IndexClient, IndexClientError},
-    listener::{Bound, Listen},
-};
+use nas_client::index::{IndexClient, IndexClientError};
+use nas_proto::{net::Bound, Endpoint};
 use serde::Serialize;
 use serde_json::json;
 use tokio::{
@@ -110,12 +108,12 @@ pub struct MigrateOptions {
     pub vm: String,
     pub exports: Vec<String>,
     pub nas_nbd: String,
-    pub nas_index: Option<Listen>,
+    pub nas_index: Option<Endpoint>,
     /// Where the target QEMU listens (`tcp:HOST:PORT`); default a free loopback port.
     pub incoming: Option<String>,
     /// Where this agent takes the source QEMU's stream (`HOST:PORT` or `unix:PATH`); default
     /// a free loopback TCP port.
-    pub source_listen: Option<Listen>,
+    pub source_listen: Option<Endpoint>,
     pub zstd: Compression,
     pub passthrough: bool,
     /// The cap on the agent link for this migration, bytes per second (0: none); `None`
@@ -293,7 +291,7 @@ struct Begun {
     bandwidth: Bandwidth,
     incoming: String,
     link: TcpStream,
-    qemu: Box<dyn nas_server::listener::Stream>,
+    qemu: Box<dyn nas_proto::net::Stream>,
     started: Instant,
 }
 
@@ -366,7 +364,7 @@ async fn begin(opts: &MigrateOptions, lifted: &OnceLock<u64>) -> Result<Begun, C
     let listener = Bound::bind(
         opts.source_listen
             .as_ref()
-            .unwrap_or(&Listen::Tcp(([127, 0, 0, 1], 0).into())),
+            .unwrap_or(&Endpoint::Tcp(([127, 0, 0, 1], 0).into())),
     )
     .await?;
     listener.set_recv_buffer(QEMU_RECV_BUFFER)?;
@@ -706,9 +704,9 @@ fn export_served(result: &'static str, f: &Figures) {
 }
 
 /// A listening address as a QEMU migration URI.
-pub fn qemu_uri(listen: &Listen) -> String {
+pub fn qemu_uri(listen: &Endpoint) -> String {
     match listen {
-        Listen::Tcp(addr) => format!("tcp:{addr}"),
-        Listen::Unix(path) => format!("unix:{}", path.display()),
+        Endpoint::Tcp(addr) => format!("tcp:{addr}"),
+        Endpoint::Unix(path) => format!("unix:{}", path.display()),
     }
 }

@@ -12,7 +12,7 @@ use std::{
 
 use agent::qmp::Qmp;
 use serde_json::{json, Value};
-use tests::{
+use testkit::{
     free_port,
     nbd_fixture::NbdFixture,
     qemu::{carried_on, exclusive, Pair},

@@ -13,7 +13,7 @@ use std::{
 };
 
 use agent::migration::link::{Hello, LinkFrame, CAP_ZSTD, VERSION};
-use tests::{free_port, Running, Scratch};
+use testkit::{free_port, Running, Scratch};
 
 /// `agent serve` on a free loopback port, with `args`; the port.
 fn serve(args: &[&str]) -> (Running, u16) {

@@ -18,7 +18,7 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use serde::Deserialize;
 
-use crate::server::Listen;
+use nas_proto::Endpoint;
 
 /// Default NBD listener: the IANA port, loopback only.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
@@ -129,14 +129,14 @@ struct FileConfig {
 /// The effective configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
-    pub listen: Vec<Listen>,
+    pub listen: Vec<Endpoint>,
     pub exports: Vec<ExportSpec>,
     pub metrics: Option<SocketAddr>,
     pub max_connections: usize,
     /// Where the block index is persisted; `None` keeps it in memory only.
     pub index_dir: Option<PathBuf>,
     /// Where the index service listens.
-    pub index_listen: Vec<Listen>,
+    pub index_listen: Vec<Endpoint>,
     /// Capacity of each export's hot set, in 4 KiB blocks.
     pub hot_blocks: usize,
 }
@@ -149,12 +149,12 @@ pub const DEFAULT_HOT_BLOCKS: usize = 262_144;
 /// Settings given on the command line, which win over the file.
 #[derive(Clone, Debug, Default)]
 pub struct Overrides {
-    pub listen: Vec<Listen>,
+    pub listen: Vec<Endpoint>,
     pub exports: Vec<ExportSpec>,
     pub metrics: Option<SocketAddr>,
     pub max_connections: Option<usize>,
     pub index_dir: Option<PathBuf>,
-    pub index_listen: Vec<Listen>,
+    pub index_listen: Vec<Endpoint>,
     pub hot_blocks: Option<usize>,
 }
 
@@ -224,7 +224,7 @@ impl Config {
             path: path.into(),
             source,
         })?;
-        let parse = |values: &[String]| -> Result<Vec<Listen>, ConfigError> {
+        let parse = |values: &[String]| -> Result<Vec<Endpoint>, ConfigError> {
             values
                 .iter()
                 .map(|l| {
@@ -309,7 +309,7 @@ mod tests {
             ..Overrides::default()
         };
         let c = Config::build(Some(&path), flags(&["b=/b,ro"])).unwrap();
-        assert_eq!(c.listen, vec![Listen::Unix("/tmp/x.sock".into())]);
+        assert_eq!(c.listen, vec![Endpoint::Unix("/tmp/x.sock".into())]);
         assert_eq!(c.exports.len(), 2);
         assert_eq!(c.max_connections, 1024);
         let dup = Config::build(Some(&path), flags(&["a=/c"]));
@@ -331,12 +331,12 @@ mod tests {
         let c = Config::build(None, one).unwrap();
         assert_eq!(
             c.listen,
-            vec![Listen::Tcp("127.0.0.1:10809".parse().unwrap())]
+            vec![Endpoint::Tcp("127.0.0.1:10809".parse().unwrap())]
         );
         assert_eq!(c.index_dir, None);
         assert_eq!(
             c.index_listen,
-            vec![Listen::Tcp("127.0.0.1:10810".parse().unwrap())]
+            vec![Endpoint::Tcp("127.0.0.1:10810".parse().unwrap())]
         );
         assert_eq!(c.hot_blocks, DEFAULT_HOT_BLOCKS);
         assert!(matches!(

@@ -5,15 +5,13 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use anyhow::Context;
 use clap::Parser;
+use nas_proto::{index::ExportInfo, Endpoint};
 use nas_server::{
     config::{Config, ExportSpec, Overrides},
     export::{file::FileExport, hashing::HashingExport, Export, ExportEntry, Exports},
     index::{build::hash_file, hot::HotSet, store::IndexStore, BlockIndex},
-    server::{Listen, NbdServer},
-    service::{
-        frame::ExportInfo,
-        server::{CatalogEntry, IndexService},
-    },
+    server::NbdServer,
+    service::server::{CatalogEntry, IndexService},
 };
 use tokio::signal::unix::{signal, SignalKind};
 use tracing_subscriber::EnvFilter;
@@ -26,7 +24,7 @@ use tracing_subscriber::EnvFilter;
 struct Cli {
     /// Listen on HOST:PORT or unix:PATH (repeatable). Default 127.0.0.1:10809.
     #[arg(long)]
-    listen: Vec<Listen>,
+    listen: Vec<Endpoint>,
     /// Serve a raw image: NAME=PATH[,ro] (repeatable).
     #[arg(long)]
     export: Vec<ExportSpec>,
@@ -44,7 +42,7 @@ struct Cli {
     max_connections: Option<usize>,
     /// Index service listener, HOST:PORT or unix:PATH (repeatable). Default 127.0.0.1:10810.
     #[arg(long)]
-    index_listen: Vec<Listen>,
+    index_listen: Vec<Endpoint>,
     /// Hot-set capacity per export, in 4 KiB blocks (about the VM's RAM). 0 disables it.
     #[arg(long)]
     hot_blocks: Option<usize>,

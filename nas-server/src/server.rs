@@ -12,10 +12,13 @@ use tokio::{
     task::JoinSet,
 };
 
-pub use crate::listener::Listen;
+use nas_proto::{
+    net::{Accepted, BindError, Bound},
+    Endpoint,
+};
+
 use crate::{
     export::Exports,
-    listener::{Accepted, BindError, Bound},
     nbd::{handshake, transmission},
 };
 
@@ -40,7 +43,7 @@ impl NbdServer {
     /// Binds every listener. A stale unix socket file is replaced.
     pub async fn bind(
         exports: Exports,
-        listen: &[Listen],
+        listen: &[Endpoint],
         max_connections: usize,
     ) -> Result<Self, ServerError> {
         let bound = Bound::bind_all(listen).await?;
@@ -52,7 +55,7 @@ impl NbdServer {
     }
 
     /// The addresses actually bound (TCP port 0 resolved).
-    pub fn local_addrs(&self) -> Vec<Listen> {
+    pub fn local_addrs(&self) -> Vec<Endpoint> {
         self.bound.iter().map(Bound::local_addr).collect()
     }
 

@@ -633,12 +633,12 @@ struct StreamContent {
 
 /// Hashes every PAGE record of `stream` against the blocks of `disk` and against the pages
 /// before it.
-fn stream_content(stream: &[u8], disk: &std::path::Path) -> anyhow::Result<StreamContent> {
+fn stream_content(stream: &[u8], disk: &Path) -> anyhow::Result<StreamContent> {
     let disk = std::fs::read(disk)?;
     let blocks: HashSet<[u8; 32]> = disk
         .chunks_exact(PAGE_SIZE)
         .filter(|b| b.iter().any(|&x| x != 0))
-        .map(|b| *blake3::hash(b).as_bytes())
+        .map(blockhash::hash)
         .collect();
     struct Count<'a> {
         blocks: &'a HashSet<[u8; 32]>,
@@ -648,7 +648,7 @@ fn stream_content(stream: &[u8], disk: &std::path::Path) -> anyhow::Result<Strea
     impl Sink for Count<'_> {
         fn verbatim(&mut self, _: &[u8]) {}
         fn page(&mut self, p: &[u8; PAGE_SIZE]) {
-            let hash = *blake3::hash(p).as_bytes();
+            let hash = blockhash::hash(p);
             let on_nas = self.blocks.contains(&hash);
             let repeat = !self.seen.insert(hash);
             let c = &mut self.content;

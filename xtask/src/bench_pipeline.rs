@@ -37,7 +37,8 @@ use agent::migration::{
     wire::FrameReader,
 };
 use anyhow::bail;
-use nas_server::{client::nbd::NbdClient, listener::Listen};
+use nas_client::nbd::NbdClient;
+use nas_proto::Endpoint;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::{
@@ -66,14 +67,14 @@ pub fn run(stream_mib: u64) -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let disk_path = dir.join("disk.raw");
-    let disk = tests::pattern(4242, (DISK_MIB << 20) as usize);
+    let disk = testkit::pattern(4242, (DISK_MIB << 20) as usize);
     std::fs::write(&disk_path, &disk)?;
     let nas = crate::lab::nas_server(&dir, &disk_path, NBD_PORT, INDEX_PORT)?;
     for port in [NBD_PORT, INDEX_PORT] {
         crate::lab::wait_port(port)?;
     }
-    let nbd: Listen = format!("127.0.0.1:{NBD_PORT}").parse().expect("valid");
-    let index: Listen = format!("127.0.0.1:{INDEX_PORT}").parse().expect("valid");
+    let nbd: Endpoint = format!("127.0.0.1:{NBD_PORT}").parse().expect("valid");
+    let index: Endpoint = format!("127.0.0.1:{INDEX_PORT}").parse().expect("valid");
     warm_hot_set(&nbd)?;
     // Let the hot set's updates settle before the source subscribes.
     std::thread::sleep(Duration::from_millis(500));
@@ -157,7 +158,7 @@ pub fn run(stream_mib: u64) -> anyhow::Result<()> {
 }
 
 /// Reads the whole disk once, as the guest would have: the NAS hot set then holds its blocks.
-fn warm_hot_set(nbd: &Listen) -> anyhow::Result<()> {
+fn warm_hot_set(nbd: &Endpoint) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -183,7 +184,7 @@ fn warm_hot_set(nbd: &Listen) -> anyhow::Result<()> {
 /// `len` bytes of pages: per 8, 4 disk blocks, 3 unique, 1 repeat.
 fn synthetic_stream(disk: &[u8], len: u64) -> Vec<u8> {
     let disk_blocks = disk.len() / PAGE_SIZE;
-    let pool = tests::pattern(77, 16 << 20);
+    let pool = testkit::pattern(77, 16 << 20);
     let mut last_unique = 0u64;
     Builder::ram_stream(len / PAGE_SIZE as u64, |i| match i % 8 {
         0 | 2 | 4 | 6 => {
@@ -219,7 +220,7 @@ struct Both {
     dup: u64,
 }
 
-fn both_sides(stream: Arc<Vec<u8>>, nbd: &Listen, index: &Listen) -> anyhow::Result<Both> {
+fn both_sides(stream: Arc<Vec<u8>>, nbd: &Endpoint, index: &Endpoint) -> anyhow::Result<Both> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     let addr: SocketAddr = listener.local_addr()?;
     listener.set_nonblocking(true)?;
@@ -310,8 +311,8 @@ fn join<T>(thread: JoinHandle<anyhow::Result<(T, Cpu)>>) -> anyhow::Result<(T, C
 fn source_on_one_core(
     name: &str,
     stream: Arc<Vec<u8>>,
-    nbd: &Listen,
-    index: &Listen,
+    nbd: &Endpoint,
+    index: &Endpoint,
     addr: SocketAddr,
 ) -> anyhow::Result<JoinHandle<anyhow::Result<(SourceReport, Cpu)>>> {
     let (nbd, index) = (nbd.to_string(), index.clone());
@@ -324,7 +325,7 @@ fn source_on_one_core(
 }
 
 /// Replays recorded link bytes into the target on [`one_core`]; returns its wall time.
-fn target_alone(link: Arc<Vec<u8>>, nbd: &Listen, expect: u64) -> anyhow::Result<Duration> {
+fn target_alone(link: Arc<Vec<u8>>, nbd: &Endpoint, expect: u64) -> anyhow::Result<Duration> {
     let nas = nbd.clone();
     let replay = one_core("bench-replay", move || async move {
         let started = Instant::now();
@@ -454,7 +455,7 @@ impl AsyncWrite for Replay {
 /// run on other hosts): the link's far end is a consumer that parses every frame and
 /// acknowledges it on receipt, as a target whose NAS and QEMU never lag would. The NAS still
 /// answers the source's lookups and streams its hot set. Returns the source thread's CPU time.
-fn source_alone(stream: Arc<Vec<u8>>, nbd: &Listen, index: &Listen) -> anyhow::Result<Cpu> {
+fn source_alone(stream: Arc<Vec<u8>>, nbd: &Endpoint, index: &Endpoint) -> anyhow::Result<Cpu> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     let addr: SocketAddr = listener.local_addr()?;
     listener.set_nonblocking(true)?;

@@ -77,7 +77,7 @@ fn agent_seeds(corpus: &Path) -> anyhow::Result<()> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?
-        .block_on(tests::qemu::record_paused_stream(
+        .block_on(testkit::qemu::record_paused_stream(
             recorded.parent().expect("a parent"),
             &recorded,
             None,
@@ -133,7 +133,7 @@ fn agent_seeds(corpus: &Path) -> anyhow::Result<()> {
             seq: 0,
             export: 1,
             offset: 8192,
-            hash: *blake3::hash(&page[..]).as_bytes(),
+            hash: blockhash::hash(&page[..]),
         },
         LinkFrame::Dup { ordinal: 0 },
         LinkFrame::Ack {
@@ -221,14 +221,15 @@ fn record_seeds(corpus: &Path) -> anyhow::Result<()> {
 
 /// A real index-service session through the library's client.
 fn index_session(port: u16) -> anyhow::Result<()> {
-    use nas_server::{client::index::IndexClient, listener::Listen};
+    use nas_client::index::IndexClient;
+    use nas_proto::Endpoint;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let addr = Listen::Tcp(([127, 0, 0, 1], port).into());
+        let addr = Endpoint::Tcp(([127, 0, 0, 1], port).into());
         let mut c = IndexClient::connect(&addr, &["seed".into()]).await?;
-        c.lookup(&[[0x11; 32], *blake3::hash(&[0x5a; 4096]).as_bytes()])
+        c.lookup(&[[0x11; 32], blockhash::hash(&[0x5a; 4096])])
             .await?;
         c.block_hashes(1, 0, 4).await?;
         c.subscribe_hot().await?;

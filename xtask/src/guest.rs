@@ -74,7 +74,10 @@ pub fn build() -> anyhow::Result<()> {
     let out = dir();
     fs::create_dir_all(&out)?;
     let package = kernel_package()?;
-    let stamp = format!("{package}\n{}", blake3::hash(INIT.as_bytes()).to_hex());
+    let stamp = format!(
+        "{package}\n{}",
+        blockhash::hex(&blockhash::hash(INIT.as_bytes()))
+    );
     let stamp_file = out.join("stamp");
     if fs::read_to_string(&stamp_file).is_ok_and(|s| s == stamp)
         && out.join("vmlinuz").is_file()

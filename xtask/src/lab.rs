@@ -9,7 +9,7 @@ use std::{
 use agent::qmp::{guest_pause, last_event_time};
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
-use tests::qemu::{Guest, GuestSpec};
+use testkit::qemu::{Guest, GuestSpec};
 
 use crate::sh;
 
@@ -59,7 +59,7 @@ impl Lab {
         let _ = std::fs::remove_dir_all(dir);
         std::fs::create_dir_all(dir)?;
         let disk = dir.join("disk.raw");
-        std::fs::write(&disk, tests::pattern(2026, 256 << 20))?;
+        std::fs::write(&disk, testkit::pattern(2026, 256 << 20))?;
         let nas = nas_server(dir, &disk, NBD_PORT, INDEX_PORT)?;
         let agent = Daemon(
             Command::new(release_bin("agent"))
@@ -137,7 +137,7 @@ impl Pair {
 
     /// The target's heartbeat continues past the source's and its RAM checksum is unchanged.
     pub fn verify(&self) -> bool {
-        match tests::qemu::carried_on(&self.source, &self.target, &self.blob) {
+        match testkit::qemu::carried_on(&self.source, &self.target, &self.blob) {
             Ok(()) => true,
             Err(e) => {
                 eprintln!("guest check failed: {e}");

@@ -24,7 +24,7 @@ pub struct Args {
     /// Where this agent takes the source QEMU's stream: HOST:PORT, tcp:HOST:PORT or
     /// unix:PATH (default: a free loopback port).
     #[arg(long, value_parser = super::parse_qemu_listen)]
-    qemu_listen: Option<nas_server::listener::Listen>,
+    qemu_listen: Option<nas_proto::Endpoint>,
     /// Cap the agent link at this many bytes per second until the switchover (0: no cap).
     /// Default: the source QEMU's own max-bandwidth, which the agent carries on the link
     /// instead, lifting it from QEMU's stream to this agent for the migration.

@@ -8,7 +8,7 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use agent::migration::compress::Compression;
 use anyhow::Context;
-use nas_server::listener::Listen;
+use nas_proto::Endpoint;
 
 /// What the source side needs to know about a VM's stream, shared by `migrate` and `source`.
 #[derive(Debug, clap::Args)]
@@ -21,7 +21,7 @@ pub struct StreamArgs {
     pub nas_nbd: String,
     /// The NAS's index service; without it every page is sent in full.
     #[arg(long, default_value = "127.0.0.1:10810")]
-    pub nas_index: Listen,
+    pub nas_index: Endpoint,
     /// Name of the VM, for logs.
     #[arg(long, default_value = "vm")]
     pub vm: String,
@@ -40,7 +40,7 @@ pub struct StreamArgs {
 
 /// Where the local QEMU sends its migration stream: `HOST:PORT`, `tcp:HOST:PORT` (QEMU's own
 /// spelling) or `unix:PATH`.
-pub fn parse_qemu_listen(s: &str) -> Result<Listen, String> {
+pub fn parse_qemu_listen(s: &str) -> Result<Endpoint, String> {
     s.strip_prefix("tcp:").unwrap_or(s).parse()
 }
 

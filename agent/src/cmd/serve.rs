@@ -10,7 +10,7 @@ use agent::{
     },
 };
 use anyhow::Context;
-use nas_server::listener::Listen;
+use nas_proto::Endpoint;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -19,7 +19,7 @@ pub struct Args {
     link_listen: SocketAddr,
     /// Read the NAS here instead of the address the source announces.
     #[arg(long)]
-    nas: Option<Listen>,
+    nas: Option<Endpoint>,
     /// Serve Prometheus metrics on this address.
     #[arg(long)]
     metrics: Option<SocketAddr>,

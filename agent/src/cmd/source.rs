@@ -11,10 +11,8 @@ use agent::migration::{
     source::{run_source, SourceConfig, QEMU_RECV_BUFFER},
 };
 use anyhow::Context;
-use nas_server::{
-    client::index::IndexClient,
-    listener::{Bound, Listen},
-};
+use nas_client::index::IndexClient;
+use nas_proto::{net::Bound, Endpoint};
 use tokio::net::TcpStream;
 
 #[derive(Debug, clap::Args)]
@@ -22,7 +20,7 @@ pub struct Args {
     /// Where the local QEMU connects (`migrate` / `--migrateuri`): HOST:PORT, tcp:HOST:PORT or
     /// unix:PATH.
     #[arg(long, default_value = "127.0.0.1:4444", value_parser = super::parse_qemu_listen)]
-    listen: Listen,
+    listen: Endpoint,
     /// The target host's agent (`agent serve`), HOST:PORT.
     #[arg(long)]
     target_agent: String,

@@ -1,7 +1,7 @@
 //! The content cache both agents keep in step, so the source can send DUP for a page whose
 //! content the target already holds.
 //!
-//! It is a bounded LRU ([`nas_server::lru::Lru`]). Both sides apply the same operations in the
+//! It is a bounded LRU ([`lockstep_lru::Lru`]). Both sides apply the same operations in the
 //! same order — insert for every PAGE and MAPPED frame, touch for every DUP — so with the same
 //! capacity they evict the same entries, and the source knows exactly which contents the
 //! target still has without ever asking. Content frames are numbered in link order (their
@@ -14,4 +14,4 @@
 pub const DEFAULT_CAPACITY: usize = 16_384;
 
 /// The cache: an LRU whose evictions depend only on the operations applied.
-pub type ContentCache<K, V> = nas_server::lru::Lru<K, V>;
+pub type ContentCache<K, V> = lockstep_lru::Lru<K, V>;

@@ -176,7 +176,7 @@ mod tests {
 
     #[test]
     fn unix_sockets_only_in_allowed_directories() {
-        let base = ::tests::Scratch::new("incoming-policy");
+        let base = ::testkit::Scratch::new("incoming-policy");
         let (allowed, other) = (base.path("allowed"), base.path("other"));
         for d in [&allowed, &other] {
             std::fs::create_dir_all(d).unwrap();

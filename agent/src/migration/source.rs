@@ -24,11 +24,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use nas_server::{
-    client::index::{HotReplica, IndexClient, IndexClientError},
-    index::multi::hash_blocks,
-    listener::Listen,
-    service::frame::{Found, Frame},
+use blockhash::multi::hash_blocks;
+use nas_client::index::{HotReplica, IndexClient, IndexClientError};
+use nas_proto::{
+    index::{Found, Frame},
+    Endpoint,
 };
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
@@ -55,7 +55,7 @@ pub struct SourceConfig {
     /// The NAS NBD address the target should read from.
     pub nas_nbd: String,
     /// The index service; `None` sends every page in full.
-    pub nas_index: Option<Listen>,
+    pub nas_index: Option<Endpoint>,
     /// Where the target agent delivers the stream (`tcp:HOST:PORT` or `unix:PATH`).
     pub incoming: String,
     /// When to compress non-mapped data on the link (see [`super::compress`]).
@@ -79,7 +79,7 @@ pub struct SourceConfig {
 }
 
 impl SourceConfig {
-    pub fn new(vm: &str, exports: Vec<String>, nas_nbd: &str, nas_index: Option<Listen>) -> Self {
+    pub fn new(vm: &str, exports: Vec<String>, nas_nbd: &str, nas_index: Option<Endpoint>) -> Self {
         Self {
             vm: vm.to_string(),
             exports,
@@ -495,7 +495,7 @@ const EMIT_QUEUE: usize = 2;
 /// The kernel receive buffer for QEMU's connection (see [`Bound::set_recv_buffer`]): without
 /// a cap it grows to several MiB, all of it backlog when QEMU stops the guest.
 ///
-/// [`Bound::set_recv_buffer`]: nas_server::listener::Bound::set_recv_buffer
+/// [`Bound::set_recv_buffer`]: nas_proto::net::Bound::set_recv_buffer
 pub const QEMU_RECV_BUFFER: usize = 256 << 10;
 /// Reads held while their lookups are answered: with the emitter queue and the link window,
 /// all the backlog the source QEMU's final iteration can find ahead of it.
@@ -1156,7 +1156,7 @@ fn resolve(
 
 /// Keeps `replica` in step with the hot sets of `exports` until aborted. Failures only cost
 /// savings (misses go to batched lookups), so they are logged, not fatal.
-async fn follow_hot_set(addr: Listen, exports: Vec<String>, replica: Arc<Mutex<HotReplica>>) {
+async fn follow_hot_set(addr: Endpoint, exports: Vec<String>, replica: Arc<Mutex<HotReplica>>) {
     let mut client = match IndexClient::connect(&addr, &exports).await {
         Ok(c) => c,
         Err(e) => {

@@ -19,7 +19,9 @@ use std::{
     time::Duration,
 };
 
-use nas_server::{client::nbd::NbdClient, index::multi::hash_present, listener::Listen};
+use blockhash::multi::hash_present;
+use nas_client::nbd::NbdClient;
+use nas_proto::Endpoint;
 use tokio::{
     io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter},
     sync::{mpsc, Notify},
@@ -38,7 +40,7 @@ use super::{
 #[derive(Clone, Debug)]
 pub struct TargetConfig {
     /// Read the NAS here instead of the address the source announced.
-    pub nas_override: Option<Listen>,
+    pub nas_override: Option<Endpoint>,
     /// Mapped pages queued for fetching ahead of what QEMU has received.
     pub read_ahead: usize,
     /// NBD reads in flight per fetch round.
@@ -190,7 +192,7 @@ where
 
     let nas = match &config.nas_override {
         Some(l) => Some(l.clone()),
-        None => hello.nas.parse::<Listen>().ok(),
+        None => hello.nas.parse::<Endpoint>().ok(),
     };
     let names: HashMap<u32, String> = hello.exports.iter().cloned().collect();
     let (fetch_tx, fetch_rx) = mpsc::channel::<Fetch>(config.read_ahead.max(1));
@@ -336,7 +338,7 @@ where
                 match waiting.binary_search_by_key(&seq, |(s, _, _)| *s) {
                     Ok(i) => {
                         let (_, hash, cell) = &waiting[i];
-                        if blake3::hash(&page[..]).as_bytes() != hash {
+                        if &blockhash::hash(&page[..]) != hash {
                             tracing::warn!(seq, "fallback content does not match its hash");
                         }
                         cell.set(page);
@@ -471,7 +473,7 @@ async fn write_loop<Q: AsyncWrite + Unpin>(
 /// get or verify.
 async fn fetch_loop(
     requests: Arc<tokio::sync::Mutex<mpsc::Receiver<Fetch>>>,
-    nas: Option<Listen>,
+    nas: Option<Endpoint>,
     names: HashMap<u32, String>,
     back: mpsc::Sender<LinkFrame>,
     counters: Arc<Counters>,

@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use nas_server::service::frame::Frame;
+use nas_proto::index::Frame;
 
 fuzz_target!(|data: &[u8]| {
     let mut rest = data;

@@ -12,7 +12,7 @@ use std::{
 };
 
 use super::{Export, Extent};
-use crate::nbd::proto::{STATE_HOLE, STATE_ZERO};
+use nas_proto::nbd::{STATE_HOLE, STATE_ZERO};
 
 /// A raw image file.
 #[derive(Debug)]

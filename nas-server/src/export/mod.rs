@@ -10,7 +10,7 @@ pub mod file;
 pub mod hashing;
 
 /// One extent of a block-status answer: `length` bytes with `flags`
-/// ([`crate::nbd::proto::STATE_HOLE`] | [`crate::nbd::proto::STATE_ZERO`]).
+/// ([`nas_proto::nbd::STATE_HOLE`] | [`nas_proto::nbd::STATE_ZERO`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Extent {
     pub length: u64,

@@ -5,7 +5,8 @@
 //! and are skipped like any all-zero block.
 use std::{fs::File, io, os::unix::fs::FileExt, thread, time::Instant};
 
-use super::{multi::hash_block_run, Hash, BLOCK};
+use super::{Hash, BLOCK};
+use blockhash::multi::hash_block_run;
 
 const READ_CHUNK: u64 = 1 << 20;
 

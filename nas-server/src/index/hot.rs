@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use tokio::sync::broadcast;
 
 use super::{ExportId, Hash};
-use crate::lru::Lru;
+use lockstep_lru::Lru;
 
 /// One change: `block` of `export` holds `hash`, or left the set (`None`); `was` is what it
 /// held in the set before (`None` if it was not in the set, and in snapshots).

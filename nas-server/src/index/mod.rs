@@ -13,14 +13,10 @@ use std::{
 pub mod build;
 pub mod hot;
 pub mod journal;
-pub mod multi;
 pub mod store;
 
-/// Indexed block size.
-pub const BLOCK: u64 = 4096;
-
-/// A BLAKE3 digest of one block.
-pub type Hash = [u8; 32];
+/// Block size, digest type and hashing: the index is defined over them.
+pub use blockhash::{hash_block, is_zero, Hash, BLOCK};
 
 /// Identifies an export inside the index.
 pub type ExportId = u32;
@@ -31,22 +27,6 @@ pub struct Location {
     pub export: ExportId,
     /// Block number (byte offset / 4096).
     pub block: u64,
-}
-
-/// Whether a block is all zeroes: such blocks are never indexed.
-pub fn is_zero(data: &[u8]) -> bool {
-    data.iter().all(|&b| b == 0)
-}
-
-/// BLAKE3 of a 4 KiB block, or `None` for an all-zero block (never indexed: every sparse
-/// region would match it, and a zero page is sent as a ZERO record anyway).
-pub fn hash_block(data: &[u8]) -> Option<Hash> {
-    debug_assert_eq!(data.len() as u64, BLOCK);
-    if is_zero(data) {
-        None
-    } else {
-        Some(*blake3::hash(data).as_bytes())
-    }
 }
 
 #[derive(Default)]

@@ -103,7 +103,7 @@ impl IndexStore {
 
     fn journal_path(&self, export: &str) -> PathBuf {
         // Export names may hold any characters; the file name is derived, not copied.
-        let tag = blake3::hash(export.as_bytes()).to_hex();
+        let tag = blockhash::hex(&blockhash::hash(export.as_bytes()));
         self.dir.join(format!("{}.journal", &tag[..16]))
     }
 

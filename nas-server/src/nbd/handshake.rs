@@ -17,8 +17,8 @@ use std::{io, sync::Arc};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::proto::*;
 use crate::export::{ExportEntry, Exports};
+use nas_proto::nbd::*;
 
 /// Options accepted before the client must pick an export; more is treated as abuse.
 const MAX_OPTIONS: usize = 256;

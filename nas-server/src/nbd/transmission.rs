@@ -19,8 +19,9 @@ use tokio::{
     sync::{mpsc, watch, Semaphore},
 };
 
-use super::{handshake::Negotiated, proto::*};
+use super::handshake::Negotiated;
 use crate::export::{Export, Extent};
+use nas_proto::nbd::*;
 
 /// Budget of a connection, in 4 KiB units: 64 MiB of payload plus room for small requests.
 const BUDGET_UNITS: u32 = (64 << 20) / 4096 + 256;

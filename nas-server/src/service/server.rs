@@ -14,16 +14,18 @@ use tokio::{
     task::JoinSet,
 };
 
-use super::frame::{
-    ErrorCode, ExportInfo, Found, Frame, FrameError, HotEntry, MAX_BATCH, MAX_FRAME,
-    MAX_HOT_ENTRIES, VERSION,
-};
-use crate::{
+use nas_proto::{
     index::{
-        hot::{HotChange, HotSet},
-        BlockIndex, ExportId, BLOCK,
+        ErrorCode, ExportInfo, Found, Frame, FrameError, HotEntry, MAX_BATCH, MAX_FRAME,
+        MAX_HOT_ENTRIES, VERSION,
     },
-    listener::{Accepted, BindError, Bound, Listen},
+    net::{Accepted, BindError, Bound},
+    Endpoint,
+};
+
+use crate::index::{
+    hot::{HotChange, HotSet},
+    BlockIndex, ExportId, BLOCK,
 };
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -59,7 +61,7 @@ impl IndexService {
     pub async fn bind(
         catalog: Vec<CatalogEntry>,
         index: Arc<BlockIndex>,
-        listen: &[Listen],
+        listen: &[Endpoint],
         max_connections: usize,
     ) -> Result<Self, BindError> {
         let bound = Bound::bind_all(listen).await?;
@@ -71,7 +73,7 @@ impl IndexService {
         })
     }
 
-    pub fn local_addrs(&self) -> Vec<Listen> {
+    pub fn local_addrs(&self) -> Vec<Endpoint> {
         self.bound.iter().map(Bound::local_addr).collect()
     }
 
@@ -148,7 +150,7 @@ fn error(id: u32, code: ErrorCode, message: impl Into<String>) -> Vec<u8> {
 }
 
 async fn session(
-    stream: Box<dyn crate::listener::Stream>,
+    stream: Box<dyn nas_proto::net::Stream>,
     catalog: &[CatalogEntry],
     index: &Arc<BlockIndex>,
     mut shutdown: watch::Receiver<bool>,

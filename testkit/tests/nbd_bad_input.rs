@@ -7,7 +7,7 @@ use std::{
     time::Duration,
 };
 
-use tests::{nbd_fixture::NbdFixture, pattern, Scratch};
+use testkit::{nbd_fixture::NbdFixture, pattern, Scratch};
 
 const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
 const OPT_GO: u32 = 7;

@@ -1,4 +1,4 @@
-//! Shared helpers for the end-to-end tests in `tests/tests/`: privilege checks that fail loudly
+//! Shared helpers for the end-to-end tests in `testkit/tests/`: privilege checks that fail loudly
 //! instead of skipping silently, and real I/O generators.
 //!
 //! The tests run against real peers: the running kernel (eBPF), real NBD clients and real QEMU

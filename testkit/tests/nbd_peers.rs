@@ -6,7 +6,7 @@ use std::{
     process::Command,
 };
 
-use tests::{nbd_fixture::NbdFixture, pattern, require_tool, run_ok, Scratch};
+use testkit::{nbd_fixture::NbdFixture, pattern, require_tool, run_ok, Scratch};
 
 const MIB: u64 = 1 << 20;
 

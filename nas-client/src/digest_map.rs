@@ -12,7 +12,7 @@
 //! keeps them from aiming blocks at the same run of slots.
 use std::hash::BuildHasher;
 
-use crate::index::Hash;
+use blockhash::Hash;
 
 /// Lookups prefetched ahead of the one being answered.
 const AHEAD: usize = 8;

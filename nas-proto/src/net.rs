@@ -1,53 +1,34 @@
-//! Listening sockets, TCP or unix, shared by the NBD server and the index service.
+//! Sockets of both kinds on tokio: [`connect`] for clients, [`Bound`] for listeners (with
+//! connection slots and a stop signal), shared by the NBD server, the index service and the
+//! agents. This is the one module of the crate that does I/O.
 use std::{
     io,
-    net::SocketAddr,
     path::{Path, PathBuf},
     sync::Arc,
 };
 
+use crate::Endpoint;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::{TcpListener, UnixListener},
     sync::{watch, OwnedSemaphorePermit, Semaphore},
 };
 
-/// Where to listen: `HOST:PORT` or `unix:PATH`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Listen {
-    Tcp(SocketAddr),
-    Unix(PathBuf),
-}
-
-impl std::str::FromStr for Listen {
-    type Err = String;
-
-    /// `HOST:PORT` or `unix:PATH`.
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if let Some(path) = s.strip_prefix("unix:") {
-            if path.is_empty() {
-                return Err("unix: needs a socket path".into());
-            }
-            return Ok(Self::Unix(path.into()));
-        }
-        s.parse()
-            .map(Self::Tcp)
-            .map_err(|e| format!("{s:?} is neither HOST:PORT nor unix:PATH: {e}"))
-    }
-}
-
-impl std::fmt::Display for Listen {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Tcp(a) => write!(f, "{a}"),
-            Self::Unix(p) => write!(f, "unix:{}", p.display()),
-        }
-    }
-}
-
 /// A byte stream of either socket kind.
 pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for T {}
+
+/// Connects to `addr`; TCP connections carry small frames, so Nagle is off.
+pub async fn connect(addr: &Endpoint) -> io::Result<Box<dyn Stream>> {
+    Ok(match addr {
+        Endpoint::Tcp(a) => {
+            let s = tokio::net::TcpStream::connect(a).await?;
+            s.set_nodelay(true)?;
+            Box::new(s)
+        }
+        Endpoint::Unix(p) => Box::new(tokio::net::UnixStream::connect(p).await?),
+    })
+}
 
 /// A bound listener. A unix socket's file is removed when it is dropped.
 pub enum Bound {
@@ -57,10 +38,10 @@ pub enum Bound {
 
 impl Bound {
     /// Binds `listen`; a stale unix socket file is replaced, any other file is left alone.
-    pub async fn bind(listen: &Listen) -> io::Result<Self> {
+    pub async fn bind(listen: &Endpoint) -> io::Result<Self> {
         match listen {
-            Listen::Tcp(addr) => Ok(Self::Tcp(TcpListener::bind(addr).await?)),
-            Listen::Unix(path) => {
+            Endpoint::Tcp(addr) => Ok(Self::Tcp(TcpListener::bind(addr).await?)),
+            Endpoint::Unix(path) => {
                 if is_socket(path) {
                     std::fs::remove_file(path)?;
                 }
@@ -83,7 +64,7 @@ impl Bound {
                 libc::SOL_SOCKET,
                 libc::SO_RCVBUF,
                 (&value as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                size_of::<libc::c_int>() as libc::socklen_t,
             )
         };
         if rc == 0 {
@@ -94,10 +75,10 @@ impl Bound {
     }
 
     /// The address actually bound (a TCP port 0 resolved).
-    pub fn local_addr(&self) -> Listen {
+    pub fn local_addr(&self) -> Endpoint {
         match self {
-            Self::Tcp(l) => Listen::Tcp(l.local_addr().expect("a bound socket has an address")),
-            Self::Unix(_, p) => Listen::Unix(p.clone()),
+            Self::Tcp(l) => Endpoint::Tcp(l.local_addr().expect("a bound socket has an address")),
+            Self::Unix(_, p) => Endpoint::Unix(p.clone()),
         }
     }
 
@@ -121,7 +102,7 @@ impl Bound {
 #[derive(Debug, thiserror::Error)]
 #[error("cannot listen on {listen}: {source}")]
 pub struct BindError {
-    pub listen: Listen,
+    pub listen: Endpoint,
     pub source: io::Error,
 }
 
@@ -134,7 +115,7 @@ pub struct Accepted {
 
 impl Bound {
     /// Binds every address in `listen`, or says which one failed.
-    pub async fn bind_all(listen: &[Listen]) -> Result<Vec<Self>, BindError> {
+    pub async fn bind_all(listen: &[Endpoint]) -> Result<Vec<Self>, BindError> {
         let mut bound = Vec::with_capacity(listen.len());
         for l in listen {
             bound.push(Self::bind(l).await.map_err(|source| BindError {
@@ -186,23 +167,4 @@ impl Drop for Bound {
 fn is_socket(path: &Path) -> bool {
     std::fs::symlink_metadata(path)
         .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_listen_addresses() {
-        assert_eq!(
-            "127.0.0.1:10809".parse::<Listen>().unwrap(),
-            Listen::Tcp("127.0.0.1:10809".parse().unwrap())
-        );
-        assert_eq!(
-            "unix:/run/nas.sock".parse::<Listen>().unwrap(),
-            Listen::Unix("/run/nas.sock".into())
-        );
-        assert!("unix:".parse::<Listen>().is_err());
-        assert!("nowhere".parse::<Listen>().is_err());
-    }
 }

@@ -18,8 +18,8 @@ use agent::migration::{
     target::{read_hello, run_target, TargetConfig},
     wire::FrameReader,
 };
-use nas_server::listener::Listen;
-use tests::{nbd_fixture::NbdFixture, pattern, qemu::record_stream, require_root, Scratch};
+use nas_proto::Endpoint;
+use testkit::{nbd_fixture::NbdFixture, pattern, qemu::record_stream, require_root, Scratch};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 const DISK: usize = 128 << 20;
@@ -247,7 +247,7 @@ fn real_streams_rebuild_byte_for_byte() {
     if !require_root("real_streams_rebuild_byte_for_byte") {
         return;
     }
-    let _qemu = tests::qemu::exclusive();
+    let _qemu = testkit::qemu::exclusive();
     let dir = Scratch::new("roundtrip");
     let disk = dir.path("disk.raw");
     std::fs::write(&disk, pattern(11, DISK)).unwrap();
@@ -288,7 +288,7 @@ fn real_streams_rebuild_byte_for_byte() {
 
     // 2. NAS unreachable from the target: every mapped page comes back from the source.
     let gone = TargetConfig {
-        nas_override: Some(Listen::Tcp("127.0.0.1:1".parse().unwrap())),
+        nas_override: Some(Endpoint::Tcp("127.0.0.1:1".parse().unwrap())),
         ..TargetConfig::default()
     };
     let run = rt.block_on(round_trip(
@@ -468,12 +468,12 @@ fn qemu_7_2_streams_rebuild_byte_for_byte() {
     if !require_root("qemu_7_2_streams_rebuild_byte_for_byte") {
         return;
     }
-    let _qemu = tests::qemu::exclusive();
+    let _qemu = testkit::qemu::exclusive();
     let dir = Scratch::new("roundtrip-7.2");
     let disk = dir.path("disk.raw");
     std::fs::write(&disk, pattern(13, 64 << 20)).unwrap();
     let server = NbdFixture::start(&[("disk", &disk, false)]);
-    let binary = tests::qemu::qemu72_binary();
+    let binary = testkit::qemu::qemu72_binary();
     let stream = recorded(&dir, &server, 128, 16, Some(&binary));
     let rt = tokio::runtime::Runtime::new().unwrap();
     let run = rt.block_on(round_trip(

@@ -4,7 +4,7 @@
 //! and the payload and is at most [`MAX_FRAME`]). [`Frame::parse`] looks at a buffer and
 //! returns [`FrameError::Incomplete`] until a whole frame is there, so it can be fed any
 //! chunking of a byte stream. See `docs/index-protocol.md` for the conversation.
-use crate::index::Hash;
+use blockhash::Hash;
 
 /// Protocol version spoken by this build.
 pub const VERSION: u16 = 2;

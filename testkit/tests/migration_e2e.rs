@@ -11,8 +11,8 @@ use agent::{
     migration::{link::LinkFrame, target::TargetConfig, wire::FrameReader},
     qmp::Qmp,
 };
-use nas_server::listener::Listen;
-use tests::{
+use nas_proto::Endpoint;
+use testkit::{
     qemu::{carried_on, exclusive, Pair},
     require_root,
 };
@@ -172,7 +172,7 @@ fn guest_writing_its_disk_during_migration_stays_correct() {
         let (agent, _stop, _task) = target_agent(&s.dir.path("target-stream.bin")).await;
         // QEMU hands its stream to the source agent over a unix socket here.
         let mut options = options(&s, &agent, Some(8 * MIB as u64));
-        options.source_listen = Some(Listen::Unix(s.dir.path("source-agent.sock")));
+        options.source_listen = Some(Endpoint::Unix(s.dir.path("source-agent.sock")));
         migrate(options, pending()).await.expect("migrate")
     });
     eprintln!("{}", report.text());

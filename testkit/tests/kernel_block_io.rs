@@ -9,7 +9,7 @@ const WRITES: u64 = 64;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn block_probe_counts_direct_writes() {
-    if !tests::require_root("block_probe_counts_direct_writes") {
+    if !testkit::require_root("block_probe_counts_direct_writes") {
         return;
     }
     let probe = BlockIoProbe::attach(&ObjectSource::Embedded)
@@ -17,7 +17,7 @@ async fn block_probe_counts_direct_writes() {
 
     let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
     let path = dir.join(format!("block-probe-{}.bin", std::process::id()));
-    let file = tests::open_direct(&path)
+    let file = testkit::open_direct(&path)
         .unwrap_or_else(|e| panic!("{} does not support O_DIRECT: {e}", path.display()));
     let dev = device::whole_disk(device::kernel_dev_from_st_dev(
         file.metadata().expect("stat scratch file").dev(),
@@ -25,7 +25,7 @@ async fn block_probe_counts_direct_writes() {
     .expect("resolve the scratch file's disk");
 
     let before = probe.snapshot().expect("read the probe's maps");
-    tests::direct_writes(&file, WRITES).expect("O_DIRECT writes");
+    testkit::direct_writes(&file, WRITES).expect("O_DIRECT writes");
     file.sync_all().expect("fsync");
     let after = probe.snapshot().expect("read the probe's maps");
     std::fs::remove_file(&path).ok();

@@ -3,15 +3,13 @@
 //! version, and the async NBD client's coalesced, pipelined reads.
 use std::time::Duration;
 
-use nas_server::{
-    client::{
-        index::{HotReplica, IndexClient, IndexClientError},
-        nbd::NbdClient,
-    },
-    index::hash_block,
-    service::frame::{ErrorCode, Found, Frame, VERSION},
+use blockhash::hash_block;
+use nas_client::{
+    index::{HotReplica, IndexClient, IndexClientError},
+    nbd::NbdClient,
 };
-use tests::{
+use nas_proto::index::{ErrorCode, Found, Frame, VERSION};
+use testkit::{
     nbd_fixture::{ExportConf, NbdFixture},
     pattern, Scratch,
 };
@@ -151,7 +149,7 @@ fn lookups_see_writes_immediately() {
         let h = hash_block(&fresh).unwrap();
         let old = hash_block(block(&w.vm1, 3)).unwrap();
         assert_eq!(c.lookup(&[h]).await.unwrap()[0], None);
-        tests::run_ok(
+        testkit::run_ok(
             std::process::Command::new("qemu-io")
                 .args(["-f", "raw", "-c", "write -P 0 12288 4096"])
                 .arg(w.server.uri("vm1")),
@@ -176,7 +174,7 @@ fn lookups_see_writes_immediately() {
 fn a_client_of_another_protocol_version_is_refused_with_the_version_error() {
     use std::io::{Read, Write};
     let w = world();
-    let nas_server::listener::Listen::Tcp(addr) = w.server.index_addr else {
+    let nas_proto::Endpoint::Tcp(addr) = w.server.index_addr else {
         panic!("the fixture's index service listens on TCP");
     };
     let mut tcp = std::net::TcpStream::connect(addr).unwrap();
@@ -249,7 +247,7 @@ fn hot_set_streams_reads_and_writes() {
         // hash it replaces, so the replica forgets both old contents and learns the new one.
         let old6 = hash_block(block(&w.vm1, 256 + 6)).unwrap();
         let new5 = hash_block(&[0x5a; 4096]).unwrap();
-        tests::run_ok(
+        testkit::run_ok(
             std::process::Command::new("qemu-io")
                 .args(["-f", "raw"])
                 .args(["-c", &format!("write -P 0x5a {} 4096", MIB + 5 * 4096)])

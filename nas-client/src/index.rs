@@ -2,13 +2,14 @@
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter, ReadHalf, WriteHalf};
 
-use super::{connect, Socket};
-use crate::{
-    digest_map::DigestMap,
-    index::Hash,
-    listener::Listen,
-    service::frame::{ErrorCode, ExportInfo, Found, Frame, FrameError, MAX_BATCH, VERSION},
+use blockhash::Hash;
+use nas_proto::{
+    index::{ErrorCode, ExportInfo, Found, Frame, FrameError, MAX_BATCH, VERSION},
+    net::{connect, Stream},
+    Endpoint,
 };
+
+use crate::digest_map::DigestMap;
 
 /// Errors of the index client.
 #[derive(Debug, thiserror::Error)]
@@ -27,8 +28,8 @@ pub enum IndexClientError {
 
 /// A session with the index service, scoped to the exports named at connect.
 pub struct IndexClient {
-    reader: BufReader<ReadHalf<Box<dyn Socket>>>,
-    writer: BufWriter<WriteHalf<Box<dyn Socket>>>,
+    reader: BufReader<ReadHalf<Box<dyn Stream>>>,
+    writer: BufWriter<WriteHalf<Box<dyn Stream>>>,
     buf: Vec<u8>,
     next_id: u32,
     scope: Vec<ExportInfo>,
@@ -36,7 +37,7 @@ pub struct IndexClient {
 
 impl IndexClient {
     /// Connects and says HELLO with `exports`; the server adds its shared exports.
-    pub async fn connect(addr: &Listen, exports: &[String]) -> Result<Self, IndexClientError> {
+    pub async fn connect(addr: &Endpoint, exports: &[String]) -> Result<Self, IndexClientError> {
         let (reader, writer) = tokio::io::split(connect(addr).await?);
         let mut c = Self {
             reader: BufReader::new(reader),
@@ -240,14 +241,14 @@ impl HotReplica {
 fn found((export, block): (u32, u64)) -> Found {
     Found {
         export,
-        offset: block * crate::index::BLOCK,
+        offset: block * blockhash::BLOCK,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::service::frame::HotEntry;
+    use nas_proto::index::HotEntry;
 
     #[test]
     fn replica_follows_changes_and_resets() {

@@ -14,7 +14,7 @@
 //! crate's manifest, and why the tests compare every result with `blake3::hash`.
 use blake3::{platform::Platform, IncrementCounter};
 
-use super::{is_zero, Hash, BLOCK};
+use crate::{is_zero, Hash, BLOCK};
 
 /// Bytes in a block.
 pub const BLOCK_BYTES: usize = BLOCK as usize;
@@ -58,7 +58,7 @@ pub fn hash_present(blocks: &[Option<&[u8; BLOCK_BYTES]>], out: &mut Vec<Option<
     out.extend(blocks.iter().map(|b| b.and_then(|_| hashes.next())));
 }
 
-/// Like [`super::hash_block`] for each full block of `data`: the digest, or `None` for an
+/// Like [`crate::hash_block`] for each full block of `data`: the digest, or `None` for an
 /// all-zero block. A short tail is ignored.
 pub fn hash_block_run(data: &[u8], out: &mut Vec<Option<Hash>>) {
     let blocks: Vec<Option<&[u8; BLOCK_BYTES]>> = data
@@ -201,7 +201,7 @@ mod tests {
         hash_block_run(&data, &mut out);
         let want: Vec<Option<Hash>> = data
             .chunks_exact(BLOCK_BYTES)
-            .map(super::super::hash_block)
+            .map(crate::hash_block)
             .collect();
         assert_eq!(out, want);
         assert_eq!(out[1], None);

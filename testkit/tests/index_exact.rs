@@ -3,8 +3,9 @@
 //! recomputed from the image file, block for block.
 use std::{fs::File, process::Command, thread};
 
-use nas_server::index::{build::hash_file, hash_block};
-use tests::{nbd_fixture::NbdFixture, pattern, require_tool, run_ok, Scratch};
+use blockhash::hash_block;
+use nas_server::index::build::hash_file;
+use testkit::{nbd_fixture::NbdFixture, pattern, require_tool, run_ok, Scratch};
 
 const SIZE: u64 = 8 << 20;
 

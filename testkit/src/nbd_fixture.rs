@@ -4,14 +4,12 @@
 //! start, wrapped in the hashing layer, each with a hot set.
 use std::{net::SocketAddr, path::Path, sync::Arc, thread};
 
+use nas_proto::{index::ExportInfo, Endpoint};
 use nas_server::{
     export::{file::FileExport, hashing::HashingExport, Export, ExportEntry, Exports},
     index::{build::hash_file, hot::HotSet, BlockIndex},
-    server::{Listen, NbdServer},
-    service::{
-        frame::ExportInfo,
-        server::{CatalogEntry, IndexService},
-    },
+    server::NbdServer,
+    service::server::{CatalogEntry, IndexService},
 };
 use tokio::sync::watch;
 
@@ -26,7 +24,7 @@ pub struct ExportConf<'a> {
 /// A running server; dropping it shuts it down and waits for the drain.
 pub struct NbdFixture {
     pub addr: SocketAddr,
-    pub index_addr: Listen,
+    pub index_addr: Endpoint,
     /// The block index; export `i` of the list has id `i + 1`.
     pub index: Arc<BlockIndex>,
     stop: watch::Sender<bool>,
@@ -81,7 +79,7 @@ impl NbdFixture {
             .enable_all()
             .build()
             .expect("tokio runtime");
-        let loopback = [Listen::Tcp("127.0.0.1:0".parse().unwrap())];
+        let loopback = [Endpoint::Tcp("127.0.0.1:0".parse().unwrap())];
         let (server, service) = runtime.block_on(async {
             (
                 NbdServer::bind(Exports::new(entries), &loopback, 64)
@@ -92,7 +90,7 @@ impl NbdFixture {
                     .expect("bind the index service on loopback"),
             )
         });
-        let Listen::Tcp(addr) = server.local_addrs()[0].clone() else {
+        let Endpoint::Tcp(addr) = server.local_addrs()[0].clone() else {
             unreachable!("bound TCP")
         };
         let index_addr = service.local_addrs()[0].clone();
@@ -117,8 +115,8 @@ impl NbdFixture {
     }
 
     /// The NBD listener as a [`Listen`], for the library's clients.
-    pub fn listen(&self) -> Listen {
-        Listen::Tcp(self.addr)
+    pub fn listen(&self) -> Endpoint {
+        Endpoint::Tcp(self.addr)
     }
 }
 

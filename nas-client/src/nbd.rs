@@ -5,8 +5,11 @@ use std::collections::HashMap;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter, ReadHalf, WriteHalf};
 
-use super::{connect, Socket};
-use crate::{listener::Listen, nbd::proto::*};
+use nas_proto::{
+    nbd::*,
+    net::{connect, Stream},
+    Endpoint,
+};
 
 /// Errors that end the client's connection.
 #[derive(Debug, thiserror::Error)]
@@ -25,8 +28,8 @@ pub enum NbdClientError {
 
 /// A connected export.
 pub struct NbdClient {
-    reader: BufReader<ReadHalf<Box<dyn Socket>>>,
-    writer: BufWriter<WriteHalf<Box<dyn Socket>>>,
+    reader: BufReader<ReadHalf<Box<dyn Stream>>>,
+    writer: BufWriter<WriteHalf<Box<dyn Stream>>>,
     size: u64,
     max_payload: u32,
     next_cookie: u64,
@@ -37,7 +40,7 @@ const MAX_COALESCED: u32 = 1 << 20;
 
 impl NbdClient {
     /// Connects and selects `export` with NBD_OPT_GO.
-    pub async fn connect(addr: &Listen, export: &str) -> Result<Self, NbdClientError> {
+    pub async fn connect(addr: &Endpoint, export: &str) -> Result<Self, NbdClientError> {
         let (reader, writer) = tokio::io::split(connect(addr).await?);
         let mut c = Self {
             reader: BufReader::with_capacity(256 << 10, reader),

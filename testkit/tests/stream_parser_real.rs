@@ -5,7 +5,7 @@
 //! zero pages, every device's state), small enough to split this many ways; the round-trip
 //! tests cover large streams of booted guests with random splits.
 use agent::migration::stream::{Sink, StreamParser, StreamStats, PAGE_SIZE};
-use tests::{
+use testkit::{
     qemu::{qemu72_binary, record_paused_stream},
     Scratch,
 };
