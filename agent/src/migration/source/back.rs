@@ -1,0 +1,76 @@
+//! The back channel: what the target sends the source. ACKs move the windows and release
+//! unacked pages, FALLBACK_REQ is answered from the unacked store ahead of normal traffic, and
+//! DONE ends the session.
+use std::sync::{atomic::Ordering, Arc};
+
+use tokio::{io::AsyncRead, sync::mpsc};
+
+use super::{flow::Flow, store::Unacked};
+use crate::migration::{link::LinkFrame, report::Counters, wire::FrameReader};
+
+/// Reads the target's frames until DONE: `(ok, the target's figures as JSON)`. On any other
+/// end it marks the flow failed, so whatever waits for an ACK stops, and says why.
+pub(super) async fn back_channel<R: AsyncRead + Unpin>(
+    mut frames: FrameReader,
+    mut link: R,
+    unacked: Arc<Unacked>,
+    flow: Arc<Flow>,
+    counters: Arc<Counters>,
+    urgent: mpsc::Sender<Vec<u8>>,
+) -> Result<(bool, String), String> {
+    let outcome = async {
+        loop {
+            match frames.next(&mut link).await {
+                Ok(Some(LinkFrame::Ack {
+                    mapped,
+                    credit,
+                    received,
+                })) => {
+                    let framed = flow.framed.load(Ordering::Acquire);
+                    if credit > framed {
+                        return Err(format!(
+                            "target acknowledged {credit} stream bytes; {framed} were sent"
+                        ));
+                    }
+                    match (&flow.received, received) {
+                        (Some(bytes), Some(r)) => {
+                            bytes.fetch_max(r, Ordering::AcqRel);
+                        }
+                        (None, Some(_)) => {
+                            return Err(
+                                "target reported link bytes read without CAP_RECEIVED".into()
+                            )
+                        }
+                        _ => {}
+                    }
+                    unacked.ack(mapped);
+                    flow.acked.fetch_max(credit, Ordering::AcqRel);
+                    flow.moved.notify_waiters();
+                }
+                Ok(Some(LinkFrame::FallbackReq { seq })) => {
+                    Counters::add(&counters.fallbacks, 1);
+                    let Some(page) = unacked.get(seq) else {
+                        return Err(format!("target asked for unknown page {seq}"));
+                    };
+                    let frame = LinkFrame::FallbackData { seq, page }.to_bytes();
+                    if urgent.send(frame).await.is_err() {
+                        return Err("link writer stopped".into());
+                    }
+                }
+                Ok(Some(LinkFrame::Done { ok, stats })) => return Ok((ok, stats)),
+                Ok(Some(LinkFrame::Error { message })) => return Err(message),
+                Ok(Some(other)) => return Err(format!("unexpected frame from target: {other:?}")),
+                Ok(None) => return Err("target closed the link".into()),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    .await;
+    // Ended early: nothing will ack again, so whatever waits for an ack must stop.
+    if let Err(why) = &outcome {
+        let _ = flow.failed.set(why.clone());
+        flow.moved.notify_waiters();
+        unacked.close();
+    }
+    outcome
+}

@@ -1,0 +1,149 @@
+//! The collect stage: the parser's output for one read of QEMU's stream becomes a [`Batch`]
+//! of items (verbatim ranges and pages), its pages hashed together and resolved against the
+//! hot-set replica where it can.
+use std::{
+    sync::{Arc, Mutex, PoisonError},
+    time::Instant,
+};
+
+use blockhash::multi::hash_blocks;
+use nas_client::index::HotReplica;
+use nas_proto::index::Found;
+
+use crate::migration::{
+    link::Hash,
+    report::Counters,
+    stream::{Sink, PAGE_SIZE},
+};
+
+/// Where a page's payload is: in the batch's read buffer, or (for a page that straddled two
+/// reads) in its side buffer.
+#[derive(Clone, Copy)]
+pub(super) enum At {
+    Input(usize),
+    Side(usize),
+}
+
+pub(super) enum Item {
+    /// Verbatim bytes, a range of the batch's side buffer.
+    Raw(std::ops::Range<usize>),
+    Page {
+        hash: Hash,
+        at: At,
+        found: Option<Found>,
+        needs_lookup: bool,
+    },
+}
+
+/// Collects parser output into items; [`Collector::finish`] then hashes the read's pages
+/// together. Payloads are referred to, not copied, wherever they lie whole in the read.
+pub(super) struct Collector<'a> {
+    pub(super) items: Vec<Item>,
+    pub(super) side: Vec<u8>,
+    pub(super) counters: &'a Counters,
+    pub(super) replica: Option<&'a Mutex<HotReplica>>,
+    pub(super) remote: bool,
+}
+
+impl Collector<'_> {
+    pub(super) fn add_page(&mut self, at: At) {
+        self.items.push(Item::Page {
+            hash: [0; 32],
+            at,
+            needs_lookup: false,
+            found: None,
+        });
+    }
+
+    /// Hashes every page of the read (several per SIMD pass), then resolves what the hot-set
+    /// replica knows and marks the rest for a lookup.
+    pub(super) fn finish(mut self, input: Vec<u8>) -> Batch {
+        let started = Instant::now();
+        let mut hashes = Vec::new();
+        {
+            let pages: Vec<&[u8; PAGE_SIZE]> = self
+                .items
+                .iter()
+                .filter_map(|item| match item {
+                    Item::Page { at, .. } => Some(page_at(&input, &self.side, *at)),
+                    Item::Raw(_) => None,
+                })
+                .collect();
+            hash_blocks(&pages, &mut hashes);
+        }
+        Counters::add(&self.counters.hash_ns, started.elapsed().as_nanos() as u64);
+        Counters::add(&self.counters.pages_full, hashes.len() as u64);
+        let mut places = Vec::with_capacity(hashes.len());
+        match self.replica.filter(|_| !hashes.is_empty()) {
+            Some(replica) => replica
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get_many(&hashes, &mut places),
+            None => places.resize(hashes.len(), None),
+        }
+        let mut resolved = hashes.into_iter().zip(places);
+        for item in &mut self.items {
+            if let Item::Page {
+                hash,
+                found,
+                needs_lookup,
+                ..
+            } = item
+            {
+                (*hash, *found) = resolved.next().expect("one digest per page");
+                *needs_lookup = found.is_none() && self.remote;
+            }
+        }
+        Batch {
+            input: Arc::new(input),
+            side: self.side,
+            items: self.items,
+            lookup: None,
+        }
+    }
+}
+
+impl Sink for Collector<'_> {
+    fn verbatim(&mut self, bytes: &[u8]) {
+        let start = self.side.len();
+        self.side.extend_from_slice(bytes);
+        match self.items.last_mut() {
+            Some(Item::Raw(range)) if range.end == start => range.end = self.side.len(),
+            _ => self.items.push(Item::Raw(start..self.side.len())),
+        }
+    }
+
+    fn page(&mut self, payload: &[u8; PAGE_SIZE]) {
+        let at = At::Side(self.side.len());
+        self.side.extend_from_slice(payload);
+        self.add_page(at);
+    }
+
+    fn page_in_input(&mut self, offset: usize, _payload: &[u8; PAGE_SIZE]) {
+        self.add_page(At::Input(offset));
+    }
+}
+
+/// One read from QEMU and what the parser found in it.
+pub(super) struct Batch {
+    /// Shared with the unacked store, which keeps mapped pages in place.
+    pub(super) input: Arc<Vec<u8>>,
+    pub(super) side: Vec<u8>,
+    pub(super) items: Vec<Item>,
+    /// Lookup in flight: (request id, indexes of the items it answers).
+    pub(super) lookup: Option<(u32, Vec<usize>)>,
+}
+
+impl Batch {
+    pub(super) fn page(&self, at: At) -> &[u8; PAGE_SIZE] {
+        page_at(&self.input, &self.side, at)
+    }
+}
+
+pub(super) fn page_at<'a>(input: &'a [u8], side: &'a [u8], at: At) -> &'a [u8; PAGE_SIZE] {
+    let bytes = match at {
+        At::Input(o) => &input[o..o + PAGE_SIZE],
+        At::Side(o) => &side[o..o + PAGE_SIZE],
+    };
+    bytes.try_into().expect("a page is PAGE_SIZE bytes")
+}

@@ -1,0 +1,568 @@
+//! The source side of the hook: QEMU's outgoing stream in, agent-link frames out.
+//!
+//! ```text
+//! QEMU --bytes--> parser --pages--> blake3 --> hot-set replica hit?  -> MAPPED
+//!                   |                          miss: batched LOOKUP  -> MAPPED / PAGE
+//!                   +--verbatim--------------------------------------> RAW
+//!                 (in stream order; DUP when the target's cache holds the content)
+//! ```
+//! A read's pages are hashed together, several per SIMD pass ([`hash_blocks`]).
+//! Lookups for misses go out in batches, several batches in flight, so the stream never waits
+//! a round trip per page. Pages in the final `ram` END section (sent while the guest is
+//! paused) are never looked up remotely: a round trip there would add to downtime. Every
+//! mapped page's content is kept (in place, in the read buffer it arrived in) until the target
+//! acknowledges it, at most `unacked_pages` pages in at most [`KEPT_READS`] buffers; past that
+//! the source stops reading QEMU (backpressure) until acks arrive. A FALLBACK_REQ is answered
+//! from that store, ahead of normal traffic. The link writer paces its writes to the
+//! migration's bandwidth cap until the stream reaches the switchover ([`super::pace`]).
+//!
+//! Stages, each a module owning its channel ends:
+//! - the reader (here, [`run_source`]): reads QEMU, feeds the parser, sends lookups;
+//! - [`collect`]: one read's parser output as a batch, its pages hashed together;
+//! - [`lookup`]: batched index lookups and the hot-set follower;
+//! - [`emit`]: resolved batches as link frames, within the windows of [`flow`];
+//! - [`writer`]: the paced link writer, fallback answers first;
+//! - [`back`]: ACKs, fallback requests and DONE from the target;
+//! - [`store`]: the unacked pages a fallback may still need.
+//!
+//! ```text
+//! QEMU -> reader -> collect -> lookup -> emit -> writer -> link
+//!                                          ^                 |
+//!                              flow/store  +------ back <----+
+//! ```
+mod back;
+mod collect;
+mod emit;
+mod flow;
+mod lookup;
+mod store;
+mod writer;
+
+use std::{
+    collections::VecDeque,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex, OnceLock,
+    },
+    time::Duration,
+};
+
+use nas_client::index::{HotReplica, IndexClient, IndexClientError};
+use nas_proto::Endpoint;
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    sync::{mpsc, Notify},
+};
+
+use self::{
+    collect::{Batch, Collector, Item},
+    emit::{emit_loop, Emitter, Tally, ZSTD_BATCH},
+    flow::Flow,
+    lookup::{follow_hot_set, lose_index, resolve},
+    store::Unacked,
+};
+use super::{
+    compress::{Compression, LinkCompressor},
+    dedup::ContentCache,
+    link::{Hello, LinkFrame, CAP_RECEIVED, CAP_ZSTD, VERSION},
+    outgoing::Outgoing,
+    pace::Cap,
+    report::{Counters, Figures},
+    stream::{Sink, StreamParser, PAGE_SIZE},
+    wire::FrameReader,
+};
+
+/// Source settings.
+#[derive(Clone, Debug)]
+pub struct SourceConfig {
+    pub vm: String,
+    /// The VM's NAS exports (NBD export names); lookups never leave them (plus shared ones).
+    pub exports: Vec<String>,
+    /// The NAS NBD address the target should read from.
+    pub nas_nbd: String,
+    /// The index service; `None` sends every page in full.
+    pub nas_index: Option<Endpoint>,
+    /// Where the target agent delivers the stream (`tcp:HOST:PORT` or `unix:PATH`).
+    pub incoming: String,
+    /// When to compress non-mapped data on the link (see [`super::compress`]).
+    pub zstd: Compression,
+    pub hot_replica: bool,
+    /// Lookups in flight at once (each covers one read of up to 1 MiB from QEMU).
+    pub lookup_window: usize,
+    pub unacked_pages: usize,
+    /// Bytes of QEMU's stream allowed in flight ahead of the target's acknowledgement.
+    pub link_window: u64,
+    /// Bytes on the agent link allowed in flight ahead of the target's acknowledgement.
+    pub wire_window: u64,
+    /// Rewrite pages (the product); `false` forwards QEMU's bytes verbatim (`--passthrough`).
+    pub rewrite: bool,
+    /// Also write QEMU's exact stream to this file (for verification).
+    pub record: Option<std::path::PathBuf>,
+    pub dedup_capacity: usize,
+    /// The migration's bandwidth cap, paced on the link until the switchover (see
+    /// [`super::pace`]); it may change while the migration runs.
+    pub link_cap: Arc<Cap>,
+}
+
+impl SourceConfig {
+    pub fn new(vm: &str, exports: Vec<String>, nas_nbd: &str, nas_index: Option<Endpoint>) -> Self {
+        Self {
+            vm: vm.to_string(),
+            exports,
+            nas_nbd: nas_nbd.to_string(),
+            nas_index,
+            incoming: String::new(),
+            zstd: Compression::Auto,
+            hot_replica: true,
+            lookup_window: 8,
+            unacked_pages: 16_384,
+            link_window: 16 << 20,
+            wire_window: 2 << 20,
+            rewrite: true,
+            record: None,
+            dedup_capacity: super::dedup::DEFAULT_CAPACITY,
+            link_cap: Arc::new(Cap::default()),
+        }
+    }
+}
+
+/// Why the source side failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("reading QEMU's migration stream failed: {0}")]
+    Qemu(std::io::Error),
+    #[error("agent link failed: {0}")]
+    Link(String),
+    #[error("the target agent refused: {0}")]
+    Refused(String),
+    #[error("the target agent reported failure: {0}")]
+    TargetFailed(String),
+    #[error("index service: {0}")]
+    Index(#[from] IndexClientError),
+}
+
+/// Outcome of the source side.
+#[derive(Clone, Debug, Default)]
+pub struct SourceReport {
+    pub source: Figures,
+    pub target: Figures,
+    pub passthrough_reason: Option<String>,
+}
+
+impl SourceReport {
+    /// The migration's figures: the source's, with what only the target knows (NAS bytes it
+    /// fetched, the fallbacks it asked for, its fetch time).
+    pub fn figures(&self) -> Figures {
+        Figures {
+            nas_bytes: self.target.nas_bytes,
+            fallbacks: self.target.fallbacks,
+            fetch_ms: self.target.fetch_ms,
+            ..self.source
+        }
+    }
+}
+
+/// Bytes asked of QEMU per read. Small enough that the reads queued in the source (the
+/// backlog the rest of the stream finds when QEMU stops the guest, which then crosses the link
+/// inside the guest's pause) stay a few MiB; large enough that a lookup covers 64 pages.
+const READ_SIZE: usize = 256 << 10;
+/// Resolved batches (reads) queued for the emitter.
+const EMIT_QUEUE: usize = 2;
+/// The kernel receive buffer for QEMU's connection (see [`Bound::set_recv_buffer`]): without
+/// a cap it grows to several MiB, all of it backlog when QEMU stops the guest.
+///
+/// [`Bound::set_recv_buffer`]: nas_proto::net::Bound::set_recv_buffer
+pub const QEMU_RECV_BUFFER: usize = 256 << 10;
+/// Reads held while their lookups are answered: with the emitter queue and the link window,
+/// all the backlog the source QEMU's final iteration can find ahead of it.
+const MAX_BATCHES: usize = 16;
+
+/// Runs the source side: reads `qemu` to its end, drives `link`, and returns once the target
+/// reports that it delivered everything.
+pub async fn run_source<Q, L>(
+    mut qemu: Q,
+    link: L,
+    config: SourceConfig,
+    counters: Arc<Counters>,
+) -> Result<SourceReport, SourceError>
+where
+    Q: AsyncRead + Unpin,
+    L: AsyncRead + AsyncWrite + Send + 'static,
+{
+    // Index service: the lookup session, and a second one streaming the hot set.
+    let mut index = match &config.nas_index {
+        Some(addr) => Some(IndexClient::connect(addr, &config.exports).await?),
+        None => None,
+    };
+    let scope: Vec<(u32, String)> = index
+        .as_ref()
+        .map(|c| c.scope().iter().map(|e| (e.id, e.name.clone())).collect())
+        .unwrap_or_default();
+    let replica = Arc::new(Mutex::new(HotReplica::default()));
+    let hot_task = match (&config.nas_index, config.hot_replica) {
+        (Some(addr), true) => Some(tokio::spawn(follow_hot_set(
+            addr.clone(),
+            config.exports.clone(),
+            replica.clone(),
+        ))),
+        _ => None,
+    };
+
+    let (mut link_rd, mut link_wr) = tokio::io::split(link);
+    let hello = LinkFrame::Hello(Hello {
+        version: VERSION,
+        vm: config.vm.clone(),
+        exports: scope.clone(),
+        nas: config.nas_nbd.clone(),
+        incoming: config.incoming.clone(),
+        caps: if config.zstd == Compression::Never {
+            0
+        } else {
+            CAP_ZSTD | CAP_RECEIVED
+        },
+    });
+    link_wr
+        .write_all(&hello.to_bytes())
+        .await
+        .map_err(|e| SourceError::Link(e.to_string()))?;
+    let mut frames = FrameReader::new();
+    let ack = tokio::time::timeout(Duration::from_secs(30), frames.next(&mut link_rd))
+        .await
+        .map_err(|_| SourceError::Link("no HELLO_ACK within 30 s".into()))?
+        .map_err(SourceError::Link)?;
+    let caps = match ack {
+        Some(LinkFrame::HelloAck { caps, .. }) => caps,
+        Some(LinkFrame::Error { message }) => return Err(SourceError::Refused(message)),
+        other => {
+            return Err(SourceError::Link(format!(
+                "expected HELLO_ACK, got {other:?}"
+            )))
+        }
+    };
+
+    // Read buffers come back to the reader for reuse, from whoever held them last: the
+    // emitter, the link writer or the unacked store.
+    let (spare_tx, mut spare_rx) = mpsc::channel::<Vec<u8>>(MAX_BATCHES);
+    // Writer: urgent fallback data first, then the stream.
+    let (data_tx, data_rx) = mpsc::channel::<Outgoing>(32);
+    let (spent_tx, spent_rx) = mpsc::channel::<Outgoing>(32);
+    let (urgent_tx, urgent_rx) = mpsc::channel::<Vec<u8>>(64);
+    // Set by the reader once the stream reaches the switchover: the cap no longer applies.
+    let switched_over = Arc::new(AtomicBool::new(false));
+    let writer = tokio::spawn(writer::write_loop(writer::Writer {
+        link: link_wr,
+        urgent: urgent_rx,
+        data: data_rx,
+        spent: spent_tx,
+        spare: spare_tx.clone(),
+        cap: config.link_cap.clone(),
+        switched_over: switched_over.clone(),
+        counters: counters.clone(),
+    }));
+
+    let unacked = Arc::new(Unacked::new(config.unacked_pages, spare_tx.clone()));
+    let flow = Arc::new(Flow {
+        acked: AtomicU64::new(0),
+        framed: AtomicU64::new(0),
+        failed: OnceLock::new(),
+        moved: Notify::new(),
+        window: config.link_window,
+        wire_window: config.wire_window,
+        received: (caps & CAP_RECEIVED != 0).then(|| AtomicU64::new(0)),
+    });
+    // Back channel: acks, fallback requests, the final DONE.
+    let back = tokio::spawn(back::back_channel(
+        frames,
+        link_rd,
+        unacked.clone(),
+        flow.clone(),
+        counters.clone(),
+        urgent_tx,
+    ));
+
+    let emitter = Emitter {
+        cache: ContentCache::new(config.dedup_capacity),
+        next_ordinal: 0,
+        next_seq: 0,
+        compress: match caps & CAP_ZSTD {
+            0 => None,
+            _ => LinkCompressor::new(config.zstd).map_err(|e| SourceError::Link(e.to_string()))?,
+        },
+        spare: spare_tx,
+        pending: Outgoing::with_capacity(ZSTD_BATCH + 2 * PAGE_SIZE),
+        spent: spent_rx,
+        out: data_tx,
+        unacked,
+        flow,
+        sent: 0,
+        wire_sent: 0,
+        wire_acked: 0,
+        checkpoints: VecDeque::new(),
+        counters: counters.clone(),
+        tally: Tally::default(),
+        export_ids: scope.iter().map(|(id, _)| *id).collect(),
+    };
+    // Framing and sending run in their own task, so reading and hashing QEMU's stream go on
+    // (on another core, where there is one) while the link is busy; at most EMIT_QUEUE
+    // resolved batches wait between the two.
+    let (emit_tx, emit_rx) = mpsc::channel::<Batch>(EMIT_QUEUE);
+    let emit_task = tokio::spawn(emit_loop(emitter, emit_rx));
+    let mut parser = StreamParser::new();
+    let mut batches: VecDeque<Batch> = VecDeque::new();
+    let mut in_flight = 0usize;
+    let mut eof = false;
+    let mut record = match &config.record {
+        Some(path) => Some(
+            tokio::fs::File::create(path)
+                .await
+                .map_err(SourceError::Qemu)?,
+        ),
+        None => None,
+    };
+    let result: Result<(), SourceError> = async {
+        loop {
+            // Hand every resolved batch at the front to the emitter, in order.
+            while batches.front().is_some_and(|b| b.lookup.is_none()) {
+                let batch = batches.pop_front().expect("front exists");
+                if emit_tx.send(batch).await.is_err() {
+                    // Its error is collected below.
+                    return Ok(());
+                }
+            }
+            if eof && batches.is_empty() {
+                return Ok(());
+            }
+            let can_read = !eof && in_flight < config.lookup_window && batches.len() < MAX_BATCHES;
+            tokio::select! {
+                reply = async { index.as_mut().expect("in flight implies a client").recv().await },
+                    if in_flight > 0 => {
+                    match reply {
+                        Ok(frame) => {
+                            resolve(&mut batches, frame, &counters)?;
+                            in_flight -= 1;
+                        }
+                        Err(e) => {
+                            lose_index(&mut index, &mut batches, &e);
+                            counters.lookups.end(in_flight);
+                            in_flight = 0;
+                        }
+                    }
+                }
+                n = async {
+                    let mut input = spare_rx.try_recv().unwrap_or_default();
+                    input.clear();
+                    input.reserve(READ_SIZE);
+                    (qemu.read_buf(&mut input).await, input)
+                }, if can_read => {
+                    let (n, input) = n;
+                    let n = n.map_err(SourceError::Qemu)?;
+                    if n == 0 {
+                        eof = true;
+                        if config.rewrite {
+                            // A stream QEMU ended mid-record: what the parser holds of it goes
+                            // on too, so the target gets every byte QEMU sent.
+                            let mut sink = Collector {
+                                items: Vec::new(),
+                                side: Vec::new(),
+                                counters: &counters,
+                                replica: None,
+                                remote: false,
+                            };
+                            parser.finish(&mut sink);
+                            if !sink.items.is_empty() {
+                                batches.push_back(sink.finish(Vec::new()));
+                            }
+                        }
+                        continue;
+                    }
+                    Counters::add(&counters.qemu_bytes, n as u64);
+                    if let Some(file) = record.as_mut() {
+                        file.write_all(&input).await.map_err(SourceError::Qemu)?;
+                    }
+                    let mut sink = Collector {
+                        items: Vec::new(),
+                        side: Vec::new(),
+                        counters: &counters,
+                        replica: config.hot_replica.then_some(&*replica),
+                        remote: index.is_some() && !parser.in_final_ram_section(),
+                    };
+                    if config.rewrite {
+                        parser.feed(&input, &mut sink);
+                        if parser.switched_over() && !switched_over.swap(true, Ordering::Relaxed) {
+                            counters.switched_over();
+                        }
+                    } else {
+                        sink.verbatim(&input);
+                    }
+                    let mut batch = sink.finish(input);
+                    if let Some(client) = index.as_mut() {
+                        // One lookup per read: at most ~256 pages, well inside a LOOKUP.
+                        let wanted: Vec<usize> = batch.items.iter().enumerate()
+                            .filter(|(_, i)| matches!(i, Item::Page { needs_lookup: true, .. }))
+                            .map(|(n, _)| n)
+                            .collect();
+                        if !wanted.is_empty() {
+                            let hashes = wanted.iter().map(|&n| match &batch.items[n] {
+                                Item::Page { hash, .. } => *hash,
+                                Item::Raw(_) => unreachable!("only pages are looked up"),
+                            }).collect();
+                            match client.send_lookup(hashes).await {
+                                Ok(id) => {
+                                    batch.lookup = Some((id, wanted));
+                                    in_flight += 1;
+                                    counters.lookups.begin();
+                                }
+                                Err(e) => {
+                                    lose_index(&mut index, &mut batches, &e);
+                                    counters.lookups.end(in_flight);
+                                    in_flight = 0;
+                                }
+                            }
+                        }
+                    }
+                    batches.push_back(batch);
+                }
+            }
+        }
+    }
+    .await;
+    if let Some(t) = hot_task {
+        t.abort();
+    }
+    drop(emit_tx);
+    if let Err(e) = result {
+        emit_task.abort();
+        return Err(e);
+    }
+    // It ends once the queued batches are sent (or with the error that stopped it).
+    let mut emitter = emit_task
+        .await
+        .map_err(|e| SourceError::Link(format!("emitter task: {e}")))??;
+    if let Some(mut file) = record {
+        file.flush().await.map_err(SourceError::Qemu)?;
+    }
+    let mut source = counters.snapshot();
+    source.pages_zero = parser.stats().zero_pages;
+    if let Some(reason) = parser.passthrough_reason() {
+        tracing::info!("stream tail forwarded verbatim: {reason}");
+    }
+    emitter
+        .frame(
+            0,
+            &LinkFrame::End {
+                stats: serde_json::to_string(&source).expect("figures serialise"),
+            },
+        )
+        .await?;
+    emitter.flush().await?;
+    drop(emitter);
+    let (ok, stats) = back
+        .await
+        .map_err(|e| SourceError::Link(e.to_string()))?
+        .map_err(SourceError::Link)?;
+    let _ = writer.await;
+    let target: Figures = serde_json::from_str(&stats).unwrap_or_default();
+    if !ok {
+        return Err(SourceError::TargetFailed(stats));
+    }
+    let mut source = counters.snapshot();
+    source.pages_zero = parser.stats().zero_pages;
+    Ok(SourceReport {
+        source,
+        target,
+        passthrough_reason: parser.passthrough_reason().map(str::to_string),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 16 MiB of distinct pages in QEMU 10's layout.
+    fn unique_stream() -> Vec<u8> {
+        crate::migration::stream::synthetic::Builder::ram_stream(4096, |i| {
+            let mut page = [0x33u8; PAGE_SIZE];
+            page[..8].copy_from_slice(&i.to_le_bytes());
+            page
+        })
+    }
+
+    /// Runs the source against a target that greets, takes frames until the source nears its
+    /// 2 MiB link window (it then waits for an ACK), sends `frame`, and keeps taking frames as
+    /// a live target would. Returns how the source ended.
+    async fn source_against(frame: LinkFrame) -> SourceError {
+        use tokio::io::AsyncWriteExt;
+        let stream = unique_stream();
+        let (mut qemu_w, qemu_r) = tokio::io::duplex(1 << 20);
+        tokio::spawn(async move {
+            let _ = qemu_w.write_all(&stream).await;
+        });
+        let (source_link, target_link) = tokio::io::duplex(1 << 16);
+        let config = SourceConfig::new("vm", vec![], "127.0.0.1:1", None);
+        let source = tokio::spawn(run_source(
+            qemu_r,
+            source_link,
+            config,
+            Arc::new(Counters::default()),
+        ));
+        let (mut rd, mut wr) = tokio::io::split(target_link);
+        let mut frames = FrameReader::new();
+        let hello = frames.next(&mut rd).await.unwrap();
+        assert!(matches!(hello, Some(LinkFrame::Hello(_))));
+        let ack = LinkFrame::HelloAck {
+            version: VERSION,
+            caps: 0,
+        };
+        wr.write_all(&ack.to_bytes()).await.unwrap();
+        let mut received = 0usize;
+        while received < 3 << 19 {
+            match frames.next(&mut rd).await.unwrap() {
+                Some(LinkFrame::Page(_)) => received += PAGE_SIZE,
+                Some(_) => {}
+                None => panic!("the source closed the link early"),
+            }
+        }
+        let drain =
+            tokio::spawn(async move { while let Ok(Some(_)) = frames.next(&mut rd).await {} });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        wr.write_all(&frame.to_bytes()).await.unwrap();
+        let outcome = tokio::time::timeout(Duration::from_secs(10), source)
+            .await
+            .expect("the source stopped waiting for ACKs")
+            .unwrap();
+        drop(wr);
+        drain.abort();
+        outcome.expect_err("the session must end with an error")
+    }
+
+    #[tokio::test]
+    async fn an_ack_beyond_what_was_sent_ends_the_session() {
+        let err = source_against(LinkFrame::Ack {
+            mapped: 0,
+            credit: 1 << 40,
+            received: None,
+        })
+        .await;
+        assert!(err.to_string().contains("acknowledged"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn an_ack_with_a_received_count_nobody_agreed_on_ends_the_session() {
+        // The HELLO_ACK above accepted no capability.
+        let err = source_against(LinkFrame::Ack {
+            mapped: 0,
+            credit: 0,
+            received: Some(1),
+        })
+        .await;
+        assert!(err.to_string().contains("without CAP_RECEIVED"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_back_channel_failure_ends_a_source_waiting_for_acks() {
+        // No page was mapped, so a fallback request is a protocol violation that ends the
+        // back channel while the source waits for an ACK that will now never come.
+        let err = source_against(LinkFrame::FallbackReq { seq: 999 }).await;
+        assert!(err.to_string().contains("unknown page 999"), "{err}");
+    }
+}
