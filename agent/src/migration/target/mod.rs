@@ -10,27 +10,35 @@
 //! Nothing reaches QEMU out of order or unverified: a mapped page is written only once its
 //! content is known to hash to what the source hashed. Read-ahead is bounded by the slot queue;
 //! the writer acknowledges mapped pages as it delivers them, which frees the source's copies.
+//!
+//! Stages: the reader (here, [`run_target`]) turns frames into slots and fetch requests;
+//! [`fetch`] reads and verifies mapped pages; [`deliver`] writes slots to QEMU in order.
 use std::{
     collections::{HashMap, VecDeque},
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc, OnceLock,
+        Arc,
     },
     time::Duration,
 };
 
-use blockhash::multi::hash_present;
-use nas_client::nbd::NbdClient;
 use nas_proto::Endpoint;
 use tokio::{
-    io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter},
-    sync::{mpsc, Notify},
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt},
+    sync::mpsc,
 };
 
+mod deliver;
+mod fetch;
+
+use self::{
+    deliver::{write_loop, Cell, Slot},
+    fetch::{fetch_loop, Fetch},
+};
 use super::{
     dedup::ContentCache,
     incoming::IncomingPolicy,
-    link::{Hash, Hello, LinkFrame, ACK_MAPPED, ACK_STEP, CAP_RECEIVED, CAP_ZSTD, VERSION},
+    link::{Hash, Hello, LinkFrame, CAP_RECEIVED, CAP_ZSTD, VERSION},
     report::{Counters, Figures},
     stream::PAGE_SIZE,
     wire::FrameReader,
@@ -91,50 +99,6 @@ pub enum TargetError {
     Protocol(String),
     #[error("writing to the target QEMU failed: {0}")]
     Qemu(std::io::Error),
-}
-
-/// A page's content, filled once by the fetcher or by a fallback.
-#[derive(Default)]
-struct Cell {
-    value: OnceLock<Box<[u8; PAGE_SIZE]>>,
-    ready: Notify,
-}
-
-impl Cell {
-    fn ready(page: Box<[u8; PAGE_SIZE]>) -> Arc<Self> {
-        let c = Arc::new(Self::default());
-        c.set(page);
-        c
-    }
-
-    fn set(&self, page: Box<[u8; PAGE_SIZE]>) {
-        if self.value.set(page).is_ok() {
-            self.ready.notify_waiters();
-        }
-    }
-
-    async fn get(&self) -> &[u8; PAGE_SIZE] {
-        loop {
-            let notified = self.ready.notified();
-            if let Some(v) = self.value.get() {
-                return v;
-            }
-            notified.await;
-        }
-    }
-}
-
-enum Slot {
-    Bytes(Vec<u8>),
-    Content { cell: Arc<Cell>, seq: Option<u64> },
-}
-
-struct Fetch {
-    seq: u64,
-    export: u32,
-    offset: u64,
-    hash: Hash,
-    cell: Arc<Cell>,
 }
 
 /// Reads the source's HELLO: the session parameters, before anything is connected.
@@ -397,213 +361,6 @@ where
     drop(back_tx);
     let _ = back_writer.await;
     outcome.map(|()| figures)
-}
-
-/// Delivers slots to QEMU in order and acknowledges delivered mapped pages.
-async fn write_loop<Q: AsyncWrite + Unpin>(
-    mut slots: mpsc::UnboundedReceiver<Vec<Slot>>,
-    qemu: Q,
-    mut record: Option<tokio::fs::File>,
-    back: mpsc::Sender<LinkFrame>,
-    counters: Arc<Counters>,
-    received: Option<Arc<AtomicU64>>,
-) -> Result<(), TargetError> {
-    let mut out = BufWriter::with_capacity(1 << 20, qemu);
-    // Delivered so far: MAPPED pages and stream bytes (the credit); and what was last
-    // acknowledged.
-    let (mut mapped, mut credit) = (0u64, 0u64);
-    let (mut acked_mapped, mut acked_credit) = (0u64, 0u64);
-    while let Some(batch) = slots.recv().await {
-        let mut delivered = 0u64;
-        for slot in batch {
-            let n = match slot {
-                Slot::Bytes(b) => {
-                    out.write_all(&b).await.map_err(TargetError::Qemu)?;
-                    if let Some(f) = record.as_mut() {
-                        f.write_all(&b).await.map_err(TargetError::Qemu)?;
-                    }
-                    b.len()
-                }
-                Slot::Content { cell, seq } => {
-                    if cell.value.get().is_none() {
-                        // Waiting for the NAS: let QEMU have what is ready meanwhile.
-                        out.flush().await.map_err(TargetError::Qemu)?;
-                    }
-                    let page = cell.get().await;
-                    out.write_all(page).await.map_err(TargetError::Qemu)?;
-                    if let Some(f) = record.as_mut() {
-                        f.write_all(page).await.map_err(TargetError::Qemu)?;
-                    }
-                    if let Some(seq) = seq {
-                        mapped = seq + 1;
-                    }
-                    PAGE_SIZE
-                }
-            };
-            credit += n as u64;
-            delivered += n as u64;
-            // Ack in steps: below the source's windows (16 MiB of stream, 2 MiB of link
-            // bytes) and page store (16384 pages), so it never waits for an ack, and far above
-            // one frame, so acks stay rare.
-            if credit - acked_credit >= ACK_STEP || mapped - acked_mapped >= ACK_MAPPED {
-                let received = received.as_ref().map(|r| r.load(Ordering::Relaxed));
-                let ack = LinkFrame::Ack {
-                    mapped,
-                    credit,
-                    received,
-                };
-                let _ = back.send(ack).await;
-                (acked_mapped, acked_credit) = (mapped, credit);
-            }
-        }
-        Counters::add(&counters.qemu_bytes, delivered);
-        if slots.is_empty() {
-            out.flush().await.map_err(TargetError::Qemu)?;
-        }
-    }
-    out.flush().await.map_err(TargetError::Qemu)?;
-    out.shutdown().await.map_err(TargetError::Qemu)?;
-    if let Some(mut f) = record {
-        f.flush().await.map_err(TargetError::Qemu)?;
-    }
-    Ok(())
-}
-
-/// Fetches mapped pages from the NAS, verifies them, and asks the source for any it cannot
-/// get or verify.
-async fn fetch_loop(
-    requests: Arc<tokio::sync::Mutex<mpsc::Receiver<Fetch>>>,
-    nas: Option<Endpoint>,
-    names: HashMap<u32, String>,
-    back: mpsc::Sender<LinkFrame>,
-    counters: Arc<Counters>,
-    config: TargetConfig,
-) {
-    let mut clients: HashMap<u32, Option<NbdClient>> = HashMap::new();
-    loop {
-        let round = {
-            let mut queue = requests.lock().await;
-            let Some(first) = queue.recv().await else {
-                return;
-            };
-            let mut round = vec![first];
-            while round.len() < 256 {
-                match queue.try_recv() {
-                    Ok(f) => round.push(f),
-                    Err(_) => break,
-                }
-            }
-            round
-        };
-        let mut by_export: HashMap<u32, Vec<Fetch>> = HashMap::new();
-        for f in round {
-            by_export.entry(f.export).or_default().push(f);
-        }
-        for (export, fetches) in by_export {
-            counters.fetches.begin();
-            let client = match clients.get_mut(&export) {
-                Some(c) => c,
-                None => {
-                    let c = match (&nas, names.get(&export)) {
-                        (Some(addr), Some(name)) => {
-                            match tokio::time::timeout(
-                                config.fetch_timeout,
-                                NbdClient::connect(addr, name),
-                            )
-                            .await
-                            {
-                                Ok(Ok(c)) => Some(c),
-                                Ok(Err(e)) => {
-                                    tracing::warn!("NAS export {name}: {e}; using fallbacks");
-                                    None
-                                }
-                                Err(_) => {
-                                    tracing::warn!("NAS export {name}: connect timed out");
-                                    None
-                                }
-                            }
-                        }
-                        _ => None,
-                    };
-                    clients.entry(export).or_insert(c)
-                }
-            };
-            let results = match client.as_mut() {
-                Some(c) => {
-                    let ranges: Vec<(u64, u32)> = fetches
-                        .iter()
-                        .map(|f| (f.offset, PAGE_SIZE as u32))
-                        .collect();
-                    match tokio::time::timeout(
-                        config.fetch_timeout,
-                        c.read_many(&ranges, config.fetch_window),
-                    )
-                    .await
-                    {
-                        Ok(Ok(r)) => Some(r),
-                        Ok(Err(e)) => {
-                            tracing::warn!(export, "NAS read failed: {e}; using fallbacks");
-                            None
-                        }
-                        Err(_) => {
-                            tracing::warn!(export, "NAS read timed out; using fallbacks");
-                            None
-                        }
-                    }
-                }
-                None => None,
-            };
-            if results.is_none() {
-                // A broken connection is not reused.
-                clients.insert(export, None);
-            }
-            // Every page that arrived whole is hashed, the round's pages together.
-            let mut data: Vec<Option<Vec<u8>>> = results
-                .map(|r| {
-                    r.into_iter()
-                        .map(|d| d.ok().filter(|d| d.len() == PAGE_SIZE))
-                })
-                .into_iter()
-                .flatten()
-                .collect();
-            let mut hashes = Vec::new();
-            {
-                let whole: Vec<Option<&[u8; PAGE_SIZE]>> = data
-                    .iter()
-                    .map(|d| {
-                        d.as_deref()
-                            .map(|d| d.try_into().expect("kept only whole pages"))
-                    })
-                    .collect();
-                hash_present(&whole, &mut hashes);
-            }
-            for (i, f) in fetches.into_iter().enumerate() {
-                let verified = data
-                    .get_mut(i)
-                    .and_then(Option::take)
-                    .filter(|_| hashes[i] == Some(f.hash))
-                    .and_then(|d| Box::<[u8; PAGE_SIZE]>::try_from(d).ok());
-                match verified {
-                    Some(page) => {
-                        Counters::add(&counters.nas_bytes, PAGE_SIZE as u64);
-                        f.cell.set(page);
-                    }
-                    None => {
-                        Counters::add(&counters.fallbacks, 1);
-                        if back
-                            .send(LinkFrame::FallbackReq { seq: f.seq })
-                            .await
-                            .is_err()
-                        {
-                            counters.fetches.end(1);
-                            return;
-                        }
-                    }
-                }
-            }
-            counters.fetches.end(1);
-        }
-    }
 }
 
 #[cfg(test)]
