@@ -1,14 +1,22 @@
-//! The hypervisor-host agent.
+//! The hypervisor-host agent: everything of the product that runs on a QEMU/KVM host.
 //!
-//! It owns everything that runs on a QEMU/KVM host: kernel telemetry on guests through eBPF
-//! ([`telemetry`]: it loads `agent-ebpf`, attaches its tracepoints and turns their maps into
-//! per-disk and per-process counts with drop counters), and, on top of that, the migration hook
-//! that rewrites QEMU's pre-copy stream into NAS mappings. Data flows kernel -> BPF maps ->
-//! [`telemetry::IoSnapshot`] -> the CLI's report and the Prometheus exporter.
-pub mod bandwidth;
-pub mod control;
+//! Modules:
+//! - [`telemetry`]: loads `agent-ebpf`, attaches its tracepoints and turns their maps into
+//!   per-disk and per-process counts with drop counters (kernel -> BPF maps ->
+//!   [`telemetry::IoSnapshot`] -> `agent telemetry` and Prometheus).
+//! - [`migration`]: the migration hook's data path. The source side parses QEMU's pre-copy
+//!   stream ([`migration::stream`]) and rewrites pages whose content is on the storage into
+//!   MAPPED frames on the agent link ([`migration::link`]); the target side fetches and
+//!   verifies them and hands its QEMU the exact stream the source QEMU produced.
+//! - [`orchestrate`]: `agent migrate` on the source host: both QEMUs over [`qmp`], the link,
+//!   the bandwidth cap, the switchover, settling where the guest runs, and the report.
+//! - [`serve`]: `agent serve` on the target host: accepts agent links, one session each.
+//! - [`qmp`]: the QMP client both use.
+//!
+//! Data flows source QEMU -> [`migration::source`] -> agent link -> [`serve`] ->
+//! [`migration::target`] -> target QEMU, with [`orchestrate`] driving both QEMUs around it.
 pub mod migration;
+pub mod orchestrate;
 pub mod qmp;
-pub mod settle;
-pub mod switchover;
+pub mod serve;
 pub mod telemetry;

@@ -1,5 +1,5 @@
 //! End to end with real QEMU (TCG): a guest on a nas-server export migrates live through two
-//! agents (`agent::control::migrate` and `agent::control::serve`, the code behind `agent
+//! agents (`agent::orchestrate::migrate` and `agent::serve::serve`, the code behind `agent
 //! migrate` and `agent serve`). The target guest must carry on where the source stopped, the
 //! target QEMU must receive exactly the source QEMU's bytes, and faults must never corrupt the
 //! target or kill the source. An index service that refuses the session stops the migration
@@ -7,9 +7,10 @@
 use std::{future::pending, path::Path, time::Duration};
 
 use agent::{
-    control::{migrate, serve, MigrateOptions, MigrationReport},
     migration::{link::LinkFrame, target::TargetConfig, wire::FrameReader},
+    orchestrate::{migrate, MigrateOptions, MigrationReport},
     qmp::Qmp,
+    serve::serve,
 };
 use nas_proto::Endpoint;
 use testkit::{
@@ -40,7 +41,7 @@ fn options(s: &Pair, agent: &str, max_bandwidth: Option<u64>) -> MigrateOptions 
         passthrough: false,
         max_bandwidth,
         record: Some(s.dir.path("source-stream.bin")),
-        progress: false,
+        progress: None,
         timeout: Duration::from_secs(600),
     }
 }
@@ -370,7 +371,7 @@ fn the_operators_bandwidth_cap_moves_from_qemus_stream_onto_the_link() {
                 .execute("query-migrate-parameters", None)
                 .await
                 .unwrap();
-            if params["max-bandwidth"] == agent::bandwidth::LIFTED {
+            if params["max-bandwidth"] == agent::orchestrate::bandwidth::LIFTED {
                 break;
             }
             assert!(start.elapsed() < Duration::from_secs(60), "{params}");

@@ -31,7 +31,7 @@
 //! bandwidth cap is lifted in those runs so the link is the only limit. One more pair of runs
 //! has no relay and caps the migration the way operators do, with the source QEMU's
 //! `max-bandwidth` at 1 Gbit/s: plain QEMU holds its stream to it; `agent migrate` holds the
-//! agent link to it instead (`agent::bandwidth`).
+//! agent link to it instead (`agent::orchestrate::bandwidth`).
 use std::{collections::HashSet, path::Path, sync::atomic::Ordering, time::Duration};
 
 use agent::migration::stream::{Sink, StreamParser, PAGE_SIZE};

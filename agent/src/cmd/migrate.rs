@@ -1,8 +1,11 @@
 //! `agent migrate`: one live migration through the agents, with progress and a report.
-//! Ctrl-C or SIGTERM cancels it cleanly (see [`agent::control::migrate`]); a second one exits.
+//! Ctrl-C or SIGTERM cancels it cleanly (see [`agent::orchestrate::migrate`]); a second one exits.
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use agent::control::{migrate, MigrateOptions};
+use agent::{
+    migration::report::Figures,
+    orchestrate::{migrate, MigrateOptions},
+};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
 #[derive(Debug, clap::Args)]
@@ -57,6 +60,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             std::process::exit(130);
         });
     };
+    // The library reports progress on a channel; the bar is this command's.
+    let progress = (!args.json).then(|| {
+        let (tx, rx) = tokio::sync::watch::channel(Figures::default());
+        (tx, tokio::spawn(draw_progress(rx)))
+    });
     let report = migrate(
         MigrateOptions {
             source_qmp: args.source_qmp,
@@ -72,12 +80,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             passthrough: args.stream.passthrough,
             max_bandwidth: args.max_bandwidth,
             record: args.stream.record,
-            progress: !args.json,
+            progress: progress.as_ref().map(|(tx, _)| tx.clone()),
             timeout: Duration::from_secs(args.timeout),
         },
         cancel,
     )
-    .await?;
+    .await;
+    if let Some((tx, bar)) = progress {
+        drop(tx);
+        let _ = bar.await;
+    }
+    let report = report?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -97,4 +110,28 @@ async fn signalled(interrupt: &mut Signal, terminate: &mut Signal) {
         _ = interrupt.recv() => {}
         _ = terminate.recv() => {}
     }
+}
+
+/// Draws the migration's figures as a one-line spinner until the channel closes.
+async fn draw_progress(mut figures: tokio::sync::watch::Receiver<Figures>) {
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}")
+            .expect("valid template"),
+    );
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    while figures.changed().await.is_ok() {
+        let f = *figures.borrow_and_update();
+        bar.set_message(format!(
+            "QEMU {:.1} MiB -> link {:.1} MiB | mapped {} dup {} sent {} | saved {:.1}%",
+            mib(f.qemu_bytes),
+            mib(f.link_bytes),
+            f.pages_mapped,
+            f.pages_dup,
+            f.pages_sent,
+            f.savings_pct()
+        ));
+        bar.tick();
+    }
+    bar.finish_and_clear();
 }

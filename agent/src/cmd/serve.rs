@@ -3,11 +3,11 @@
 use std::{net::SocketAddr, path::PathBuf};
 
 use agent::{
-    control::serve,
     migration::{
         incoming::IncomingPolicy,
         target::{TargetConfig, MAX_SESSIONS},
     },
+    serve::serve,
 };
 use anyhow::Context;
 use nas_proto::Endpoint;

@@ -4,12 +4,12 @@
 //! `agent migrate`'s report that the agents know (QMP's times and states are the driver's).
 use std::sync::Arc;
 
-use agent::control::qemu_uri;
 use agent::migration::{
     pace::Cap,
     report::{Counters, Figures},
     source::{run_source, SourceConfig, QEMU_RECV_BUFFER},
 };
+use agent::orchestrate::qemu_uri;
 use anyhow::Context;
 use nas_client::index::IndexClient;
 use nas_proto::{net::Bound, Endpoint};

@@ -32,10 +32,8 @@ use std::{
 
 use serde_json::Value;
 
-use crate::{
-    control::{dst_err, src_err, ControlError},
-    qmp::{Qmp, QmpError},
-};
+use super::error::{dst_err, src_err, ControlError};
+use crate::qmp::{Qmp, QmpError};
 
 /// How long the target may take to start running once the source completed.
 const TARGET_START: Duration = Duration::from_secs(60);

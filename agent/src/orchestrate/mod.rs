@@ -1,5 +1,5 @@
-//! Orchestration: `agent migrate` (drive both QEMUs over QMP through the agents) and
-//! `agent serve` (the target-side daemon that accepts agent links).
+//! Orchestration of one migration from the source host: `agent migrate` drives both QEMUs over
+//! QMP through the agents (and `agent source` reuses its set-up for libvirt).
 //!
 //! ```text
 //! agent migrate (source host)                         agent serve (target host)
@@ -11,8 +11,13 @@
 //! ```
 //! Failure is always clean: if anything breaks before the target confirms delivery (or the
 //! operator cancels), the source QEMU's connection is dropped, so its migration fails and the
-//! guest keeps running; [`crate::settle`] then decides which QEMU runs the guest, and never
+//! guest keeps running; [`settle`] then decides which QEMU runs the guest, and never
 //! resumes a source whose whole stream the target may have loaded.
+//!
+//! Modules: [`bandwidth`] (the operator's cap moved from QEMU's stream to the agent link),
+//! [`switchover`] (the link's rate given to QEMU for its switchover decision), [`settle`]
+//! (where the guest runs afterwards), [`report`] (the report and its counters). Progress goes
+//! out on a `watch` channel of [`Figures`]; the command layer draws it.
 use std::{
     future::Future,
     path::PathBuf,
@@ -21,29 +26,34 @@ use std::{
     time::{Duration, Instant},
 };
 
-use nas_client::index::{IndexClient, IndexClientError};
+use nas_client::index::IndexClient;
 use nas_proto::{net::Bound, Endpoint};
-use serde::Serialize;
 use serde_json::json;
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::watch,
 };
 
-use crate::{
+pub mod bandwidth;
+pub mod error;
+pub mod report;
+pub mod settle;
+pub mod switchover;
+
+use self::{
     bandwidth::Bandwidth,
-    migration::{
-        compress::Compression,
-        incoming,
-        link::LinkFrame,
-        report::{Counters, Figures},
-        source::{run_source, SourceConfig, QEMU_RECV_BUFFER},
-        target::{read_hello, run_target, TargetConfig},
-        wire::FrameReader,
-    },
-    qmp::{guest_pause, Qmp, QmpError},
+    error::{dst_err, src_err},
     settle::{cancel_if_active, settle, Outcome},
     switchover::Switchover,
+};
+pub use self::{error::ControlError, report::MigrationReport};
+use crate::{
+    migration::{
+        compress::Compression,
+        report::{Counters, Figures},
+        source::{run_source, SourceConfig, QEMU_RECV_BUFFER},
+    },
+    qmp::{guest_pause, Qmp, QmpError},
 };
 
 /// Capabilities whose streams cannot go through a one-way, single-connection proxy.
@@ -58,46 +68,6 @@ const UNPROXYABLE: &[&str] = &[
 ];
 /// Capabilities that change the stream in ways the rewriter does not parse.
 const NOT_REWRITABLE: &[&str] = &["mapped-ram", "background-snapshot", "x-ignore-shared"];
-
-/// Errors of `agent migrate`.
-#[derive(Debug, thiserror::Error)]
-pub enum ControlError {
-    #[error("{which} QEMU: {source}")]
-    Qmp {
-        which: &'static str,
-        source: QmpError,
-    },
-    #[error("{0}")]
-    Refused(String),
-    #[error("cancelled before the source QEMU's stream began; the source QEMU runs on")]
-    Cancelled,
-    #[error("index service at {addr}: {source}")]
-    Index {
-        addr: String,
-        source: IndexClientError,
-    },
-    #[error("cannot reach the target agent at {addr}: {source}")]
-    Link {
-        addr: String,
-        source: std::io::Error,
-    },
-    #[error("{0}")]
-    Io(#[from] std::io::Error),
-}
-
-pub(crate) fn src_err(source: QmpError) -> ControlError {
-    ControlError::Qmp {
-        which: "source",
-        source,
-    }
-}
-
-pub(crate) fn dst_err(source: QmpError) -> ControlError {
-    ControlError::Qmp {
-        which: "target",
-        source,
-    }
-}
 
 /// What `agent migrate` needs.
 #[derive(Clone, Debug)]
@@ -120,141 +90,9 @@ pub struct MigrateOptions {
     /// takes the source QEMU's `max-bandwidth` (see [`crate::bandwidth`]).
     pub max_bandwidth: Option<u64>,
     pub record: Option<PathBuf>,
-    pub progress: bool,
+    /// Where the migration's figures go every 250 ms while it runs, for a progress display.
+    pub progress: Option<watch::Sender<Figures>>,
     pub timeout: Duration,
-}
-
-/// The per-migration report.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct MigrationReport {
-    /// The target QEMU runs the guest after the source QEMU completed.
-    pub ok: bool,
-    /// Why not.
-    pub error: Option<String>,
-    /// What went wrong although the guest moved (the agents failed after the target QEMU had
-    /// the whole stream: the target's own figures are then missing from the report).
-    pub warning: Option<String>,
-    /// The source's figures, with what only the target knows: NAS bytes, fallbacks, fetch time.
-    #[serde(flatten)]
-    pub figures: Figures,
-    pub savings_pct: f64,
-    /// QEMU's `total-time`; for a migration that failed, from `migrate` until it ended.
-    pub total_time_ms: u64,
-    /// QEMU's own figure: from stopping the guest until the source QEMU had written the rest of
-    /// its stream.
-    pub downtime_ms: u64,
-    /// What the guest noticed: from the source QEMU stopping it to the target QEMU resuming it
-    /// (QMP STOP and RESUME events, two hosts' clocks; see [`crate::qmp::guest_pause`]).
-    pub guest_paused_ms: Option<u64>,
-    pub passthrough_reason: Option<String>,
-    pub source_status: String,
-    pub target_status: String,
-    /// Whether the target QEMU had all its guest RAM allocated before the stream came
-    /// (`-mem-prealloc`); otherwise it zeroes a fresh page at the first write to each one while
-    /// loading, which can bound the migration's time. `None`: QEMU did not say.
-    pub target_ram_preallocated: Option<bool>,
-    /// The agent link's rate (bytes/s) last given to the source QEMU for its switchover
-    /// decision (`avail-switchover-bandwidth`); `None` when QEMU judged by its own measurement.
-    pub switchover_bandwidth: Option<u64>,
-    /// The cap (bytes/s) the agent link was paced to while the guest ran: `--max-bandwidth`,
-    /// or the source QEMU's `max-bandwidth`, lifted from QEMU's stream meanwhile; `None`: none.
-    pub link_bandwidth: Option<u64>,
-}
-
-impl MigrationReport {
-    /// A human summary.
-    pub fn text(&self) -> String {
-        let mib = |b: u64| b as f64 / (1 << 20) as f64;
-        let mut s = format!(
-            "migration {}\n  QEMU bytes   {:>10.1} MiB\n  link bytes   {:>10.1} MiB  \
-             (saved {:.1}%)\n  NAS fetched  {:>10.1} MiB\n  pages        full {} zero {} \
-             mapped {} dup {} sent {} fallback {}\n  zstd         {:.1} MiB of frames sent as \
-             {:.1} MiB\n  total time   {} ms, downtime {} ms, \
-             guest paused {}\n  while paused {:.1} MiB of QEMU's stream, {:.1} MiB on the link\n  \
-             hashing {:.0} ms, lookups in flight {:.0} ms, NAS fetches under way {:.0} ms\n  \
-             source {}, target {}\n  \
-             target RAM   {}\n  link cap     {}\n  switchover   judged at {}",
-            if self.ok { "completed" } else { "FAILED" },
-            mib(self.figures.qemu_bytes),
-            mib(self.figures.link_bytes),
-            self.savings_pct,
-            mib(self.figures.nas_bytes),
-            self.figures.pages_full,
-            self.figures.pages_zero,
-            self.figures.pages_mapped,
-            self.figures.pages_dup,
-            self.figures.pages_sent,
-            self.figures.fallbacks,
-            mib(self.figures.zstd_in_bytes),
-            mib(self.figures.zstd_out_bytes),
-            self.total_time_ms,
-            self.downtime_ms,
-            self.guest_paused_ms
-                .map_or("unknown".to_string(), |ms| format!("{ms} ms")),
-            mib(self.figures.paused_qemu_bytes),
-            mib(self.figures.paused_link_bytes),
-            self.figures.hash_ms,
-            self.figures.lookup_ms,
-            self.figures.fetch_ms,
-            self.source_status,
-            self.target_status,
-            match self.target_ram_preallocated {
-                Some(true) => "preallocated",
-                Some(false) => "allocated on first write",
-                None => "unknown",
-            },
-            match self.link_bandwidth {
-                Some(b) if b < crate::bandwidth::LIFTED => {
-                    format!("{:.1} MB/s until the switchover", b as f64 / 1e6)
-                }
-                _ => "none".to_string(),
-            },
-            match self.switchover_bandwidth {
-                Some(b) => format!("{:.1} MB/s (the agent link's rate)", b as f64 / 1e6),
-                None => "QEMU's own stream rate".to_string(),
-            },
-        );
-        if let Some(e) = &self.error {
-            s.push_str(&format!("\n  error: {e}"));
-        }
-        if let Some(w) = &self.warning {
-            s.push_str(&format!("\n  warning: {w}"));
-        }
-        s
-    }
-
-    /// Adds this migration to the Prometheus counters.
-    pub fn export_metrics(&self) {
-        let result = if self.ok { "ok" } else { "failed" };
-        metrics::counter!("agent_migrations_total", "result" => result).increment(1);
-        metrics::counter!("agent_migration_qemu_bytes_total").increment(self.figures.qemu_bytes);
-        metrics::counter!("agent_migration_link_bytes_total").increment(self.figures.link_bytes);
-        metrics::counter!("agent_migration_nas_bytes_total").increment(self.figures.nas_bytes);
-        metrics::counter!("agent_migration_zstd_in_bytes_total")
-            .increment(self.figures.zstd_in_bytes);
-        metrics::counter!("agent_migration_zstd_out_bytes_total")
-            .increment(self.figures.zstd_out_bytes);
-        metrics::counter!("agent_migration_paused_qemu_bytes_total")
-            .increment(self.figures.paused_qemu_bytes);
-        metrics::counter!("agent_migration_paused_link_bytes_total")
-            .increment(self.figures.paused_link_bytes);
-        for (kind, n) in [
-            ("full", self.figures.pages_full),
-            ("zero", self.figures.pages_zero),
-            ("mapped", self.figures.pages_mapped),
-            ("dup", self.figures.pages_dup),
-            ("sent", self.figures.pages_sent),
-            ("fallback", self.figures.fallbacks),
-        ] {
-            metrics::counter!("agent_migration_pages_total", "kind" => kind).increment(n);
-        }
-        let ms = |v: u64| v as f64 / 1e3;
-        metrics::histogram!("agent_migration_seconds").record(ms(self.total_time_ms));
-        metrics::histogram!("agent_migration_downtime_seconds").record(ms(self.downtime_ms));
-        if let Some(p) = self.guest_paused_ms {
-            metrics::histogram!("agent_migration_guest_paused_seconds").record(ms(p));
-        }
-    }
 }
 
 /// Runs one migration from the source QEMU to the target QEMU through the agents.
@@ -451,12 +289,13 @@ async fn drive(
             None
         }
     };
-    let bar = progress_bar(opts.progress);
     let outcome = loop {
         tokio::select! {
             r = &mut source => break r.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())),
             _ = tokio::time::sleep(Duration::from_millis(250)) => {
-                update_bar(&bar, &counters);
+                if let Some(p) = &opts.progress {
+                    p.send_replace(counters.snapshot());
+                }
                 if let Some(s) = switchover.as_mut() {
                     if let Err(e) = s.update(&mut src, link_so_far()).await {
                         tracing::warn!("cannot update the source's switchover bandwidth: {e}");
@@ -477,7 +316,6 @@ async fn drive(
         source.abort();
         let _ = (&mut source).await;
     }
-    bar.finish_and_clear();
     let mut report = MigrationReport {
         target_ram_preallocated,
         link_bandwidth: bandwidth.cap().get(),
@@ -560,7 +398,7 @@ async fn cancel_source(path: &std::path::Path, lifted: Option<u64>) -> Result<()
     let mut src = Qmp::connect(path).await?;
     cancel_if_active(&mut src).await?;
     if let Some(v) = lifted {
-        crate::bandwidth::put_back(&mut src, v).await?;
+        bandwidth::put_back(&mut src, v).await?;
     }
     Ok(())
 }
@@ -568,139 +406,6 @@ async fn cancel_source(path: &std::path::Path, lifted: Option<u64>) -> Result<()
 async fn free_port() -> std::io::Result<u16> {
     let l = TcpListener::bind("127.0.0.1:0").await?;
     Ok(l.local_addr()?.port())
-}
-
-fn progress_bar(enabled: bool) -> indicatif::ProgressBar {
-    if !enabled {
-        return indicatif::ProgressBar::hidden();
-    }
-    let bar = indicatif::ProgressBar::new_spinner();
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}")
-            .expect("valid template"),
-    );
-    bar
-}
-
-fn update_bar(bar: &indicatif::ProgressBar, counters: &Counters) {
-    let f = counters.snapshot();
-    let mib = |b: u64| b as f64 / (1 << 20) as f64;
-    bar.set_message(format!(
-        "QEMU {:.1} MiB -> link {:.1} MiB | mapped {} dup {} sent {} | saved {:.1}%",
-        mib(f.qemu_bytes),
-        mib(f.link_bytes),
-        f.pages_mapped,
-        f.pages_dup,
-        f.pages_sent,
-        f.savings_pct()
-    ));
-    bar.tick();
-}
-
-/// `agent serve`: accepts agent links until `shutdown`, one target-side migration each, at
-/// most `config.max_sessions` at once (a link beyond that is answered with ERROR and closed).
-/// Each session's outcome and figures go to the log and to the Prometheus counters
-/// `agent_serve_*`.
-pub async fn serve(
-    listener: TcpListener,
-    config: TargetConfig,
-    mut shutdown: watch::Receiver<bool>,
-) -> std::io::Result<()> {
-    let sessions = Arc::new(tokio::sync::Semaphore::new(config.max_sessions.max(1)));
-    let mut tasks = tokio::task::JoinSet::new();
-    loop {
-        let (link, peer) = tokio::select! {
-            _ = shutdown.wait_for(|s| *s) => break,
-            a = listener.accept() => a?,
-        };
-        let Ok(permit) = sessions.clone().try_acquire_owned() else {
-            let message = format!(
-                "busy: {} migration(s) under way, this agent's limit (--max-sessions); try \
-                 again later",
-                config.max_sessions
-            );
-            tracing::warn!(%peer, "{message}");
-            // Best effort, without waiting on a peer that does not read.
-            let _ = link.try_write(&LinkFrame::Error { message }.to_bytes());
-            metrics::counter!("agent_serve_migrations_total", "result" => "refused").increment(1);
-            continue;
-        };
-        link.set_nodelay(true)?;
-        let config = config.clone();
-        tasks.spawn(async move {
-            let _permit = permit;
-            let counters = Arc::new(Counters::default());
-            let result = match serve_one(link, config, counters.clone()).await {
-                Session::Delivered(f) => {
-                    tracing::info!(%peer, "migration delivered: {}", serde_json::json!(f));
-                    "ok"
-                }
-                Session::Refused(why) => {
-                    tracing::warn!(%peer, "migration refused: {why}");
-                    "refused"
-                }
-                Session::Failed(why) => {
-                    tracing::warn!(%peer, "migration failed: {why}");
-                    "failed"
-                }
-            };
-            export_served(result, &counters.snapshot());
-        });
-        while tasks.try_join_next().is_some() {}
-    }
-    tasks.shutdown().await;
-    Ok(())
-}
-
-/// How one `agent serve` session ended.
-enum Session {
-    /// With the target's figures, as sent in its DONE.
-    Delivered(Figures),
-    /// Before anything was connected: a HELLO it cannot serve, or an incoming address its
-    /// policy refuses or it cannot reach.
-    Refused(String),
-    Failed(String),
-}
-
-async fn serve_one(mut link: TcpStream, config: TargetConfig, counters: Arc<Counters>) -> Session {
-    let mut frames = FrameReader::new();
-    let hello = match read_hello(&mut link, &mut frames).await {
-        Ok(h) => h,
-        Err(e) => return Session::Refused(refuse(&mut link, e.to_string()).await),
-    };
-    tracing::info!(vm = %hello.vm, incoming = %hello.incoming, "incoming migration");
-    let qemu = match config.incoming.check(&hello.incoming) {
-        Ok(incoming) => incoming::connect(&incoming).await,
-        Err(refused) => Err(refused),
-    };
-    let qemu = match qemu {
-        Ok(q) => q,
-        Err(e) => return Session::Refused(refuse(&mut link, e.to_string()).await),
-    };
-    match run_target(link, frames, hello, qemu, config, counters).await {
-        Ok(figures) => Session::Delivered(figures),
-        Err(e) => Session::Failed(e.to_string()),
-    }
-}
-
-/// Answers a session this agent will not serve with the link's ERROR frame (best effort: the
-/// source may be gone); returns the reason.
-async fn refuse(link: &mut TcpStream, message: String) -> String {
-    use tokio::io::AsyncWriteExt;
-    let frame = LinkFrame::Error {
-        message: message.clone(),
-    };
-    let _ = link.write_all(&frame.to_bytes()).await;
-    message
-}
-
-/// Adds one served session to the target side's Prometheus counters: what it delivered even
-/// when it failed half-way.
-fn export_served(result: &'static str, f: &Figures) {
-    metrics::counter!("agent_serve_migrations_total", "result" => result).increment(1);
-    metrics::counter!("agent_serve_qemu_bytes_total").increment(f.qemu_bytes);
-    metrics::counter!("agent_serve_nas_bytes_total").increment(f.nas_bytes);
-    metrics::counter!("agent_serve_fallback_pages_total").increment(f.fallbacks);
 }
 
 /// A listening address as a QEMU migration URI.
