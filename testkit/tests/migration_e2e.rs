@@ -8,7 +8,7 @@ use std::{future::pending, path::Path, time::Duration};
 
 use agent::{
     migration::{link::LinkFrame, target::TargetConfig, wire::FrameReader},
-    orchestrate::{migrate, MigrateOptions, MigrationReport},
+    orchestrate::{migrate, MigrateOptions, MigrationReport, StreamSpec},
     qmp::Qmp,
     serve::serve,
 };
@@ -31,16 +31,18 @@ fn options(s: &Pair, agent: &str, max_bandwidth: Option<u64>) -> MigrateOptions 
         source_qmp: s.source.qmp_path.clone(),
         target_qmp: s.target.qmp_path.clone(),
         target_agent: agent.to_string(),
-        vm: "e2e".into(),
-        exports: vec!["disk".into()],
-        nas_nbd: server.addr.to_string(),
-        nas_index: Some(server.index_addr.clone()),
+        stream: StreamSpec {
+            vm: "e2e".into(),
+            exports: vec!["disk".into()],
+            nas_nbd: server.addr.to_string(),
+            nas_index: Some(server.index_addr.clone()),
+            zstd: agent::migration::compress::Compression::default(),
+            passthrough: false,
+            record: Some(s.dir.path("source-stream.bin")),
+        },
         incoming: None,
         source_listen: None,
-        zstd: agent::migration::compress::Compression::default(),
-        passthrough: false,
         max_bandwidth,
-        record: Some(s.dir.path("source-stream.bin")),
         progress: None,
         timeout: Duration::from_secs(600),
     }
@@ -250,7 +252,7 @@ fn an_index_service_refusal_stops_the_migration_before_either_qemu_is_told() {
     let err = rt.block_on(async {
         // No target agent listens there: the refusal must come before the link is opened.
         let mut opts = options(&s, "127.0.0.1:9", None);
-        opts.exports = vec!["not-on-this-nas".into()];
+        opts.stream.exports = vec!["not-on-this-nas".into()];
         migrate(opts, pending())
             .await
             .expect_err("an export the NAS does not serve is refused")

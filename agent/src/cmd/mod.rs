@@ -6,7 +6,7 @@ pub mod telemetry;
 
 use std::{net::SocketAddr, path::PathBuf};
 
-use agent::migration::compress::Compression;
+use agent::{migration::compress::Compression, orchestrate::StreamSpec};
 use anyhow::Context;
 use nas_proto::Endpoint;
 
@@ -36,6 +36,20 @@ pub struct StreamArgs {
     /// Also write QEMU's exact stream here.
     #[arg(long)]
     pub record: Option<PathBuf>,
+}
+
+impl From<StreamArgs> for StreamSpec {
+    fn from(a: StreamArgs) -> Self {
+        Self {
+            vm: a.vm,
+            exports: a.exports,
+            nas_nbd: a.nas_nbd,
+            nas_index: Some(a.nas_index),
+            zstd: a.zstd,
+            passthrough: a.passthrough,
+            record: a.record,
+        }
+    }
 }
 
 /// Where the local QEMU sends its migration stream: `HOST:PORT`, `tcp:HOST:PORT` (QEMU's own

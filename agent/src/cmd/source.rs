@@ -4,16 +4,19 @@
 //! `agent migrate`'s report that the agents know (QMP's times and states are the driver's).
 use std::sync::Arc;
 
-use agent::migration::{
-    pace::Cap,
-    report::{Counters, Figures},
-    source::{run_source, SourceConfig, QEMU_RECV_BUFFER},
+use agent::{
+    migration::{
+        pace::Cap,
+        report::{Counters, Figures},
+        source::run_source,
+    },
+    orchestrate::{
+        qemu_uri,
+        source_setup::{connect_link, listen_for_qemu},
+        StreamSpec,
+    },
 };
-use agent::orchestrate::qemu_uri;
-use anyhow::Context;
-use nas_client::index::IndexClient;
-use nas_proto::{net::Bound, Endpoint};
-use tokio::net::TcpStream;
+use nas_proto::Endpoint;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -38,33 +41,14 @@ pub struct Args {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let s = args.stream;
-    // Before QEMU is pointed here: an index service of another protocol version, or one that
-    // does not serve the VM's exports, refuses now rather than once the migration runs.
-    if !s.passthrough {
-        IndexClient::connect(&s.nas_index, &s.exports)
-            .await
-            .with_context(|| format!("index service at {}", s.nas_index))?;
-    }
-    let listener = Bound::bind(&args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
-    listener
-        .set_recv_buffer(QEMU_RECV_BUFFER)
-        .context("cannot size the receive buffer")?;
+    let spec = StreamSpec::from(args.stream);
+    spec.check_index().await?;
+    let listener = listen_for_qemu(&args.listen).await?;
     tracing::info!("waiting for QEMU on {}", qemu_uri(&args.listen));
     let (qemu, _) = listener.accept().await?;
-    let link = TcpStream::connect(&args.target_agent)
-        .await
-        .with_context(|| format!("cannot reach the target agent at {}", args.target_agent))?;
-    link.set_nodelay(true)?;
-    let mut config = SourceConfig::new(&s.vm, s.exports, &s.nas_nbd, Some(s.nas_index));
-    config.incoming = args.incoming;
-    config.zstd = s.zstd;
-    config.rewrite = !s.passthrough;
-    config.record = s.record;
+    let link = connect_link(&args.target_agent).await?;
     let cap = Arc::new(Cap::new(args.max_bandwidth));
-    config.link_cap = cap.clone();
+    let config = spec.config(args.incoming, cap.clone());
     let report = run_source(qemu, link, config, Arc::new(Counters::default())).await?;
     let summary = Summary {
         figures: report.figures(),

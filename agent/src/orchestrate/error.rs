@@ -20,6 +20,11 @@ pub enum ControlError {
         addr: String,
         source: IndexClientError,
     },
+    #[error("cannot listen for the source QEMU on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("cannot reach the target agent at {addr}: {source}")]
     Link {
         addr: String,

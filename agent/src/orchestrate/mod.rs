@@ -26,8 +26,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use nas_client::index::IndexClient;
-use nas_proto::{net::Bound, Endpoint};
+use nas_proto::Endpoint;
 use serde_json::json;
 use tokio::{
     net::{TcpListener, TcpStream},
@@ -38,20 +37,21 @@ pub mod bandwidth;
 pub mod error;
 pub mod report;
 pub mod settle;
+pub mod source_setup;
 pub mod switchover;
 
 use self::{
     bandwidth::Bandwidth,
     error::{dst_err, src_err},
     settle::{cancel_if_active, settle, Outcome},
+    source_setup::{connect_link, listen_for_qemu},
     switchover::Switchover,
 };
-pub use self::{error::ControlError, report::MigrationReport};
+pub use self::{error::ControlError, report::MigrationReport, source_setup::StreamSpec};
 use crate::{
     migration::{
-        compress::Compression,
         report::{Counters, Figures},
-        source::{run_source, SourceConfig, QEMU_RECV_BUFFER},
+        source::run_source,
     },
     qmp::{guest_pause, Qmp, QmpError},
 };
@@ -75,21 +75,16 @@ pub struct MigrateOptions {
     pub source_qmp: PathBuf,
     pub target_qmp: PathBuf,
     pub target_agent: String,
-    pub vm: String,
-    pub exports: Vec<String>,
-    pub nas_nbd: String,
-    pub nas_index: Option<Endpoint>,
+    /// The VM's stream, as the source side needs it.
+    pub stream: StreamSpec,
     /// Where the target QEMU listens (`tcp:HOST:PORT`); default a free loopback port.
     pub incoming: Option<String>,
     /// Where this agent takes the source QEMU's stream (`HOST:PORT` or `unix:PATH`); default
     /// a free loopback TCP port.
     pub source_listen: Option<Endpoint>,
-    pub zstd: Compression,
-    pub passthrough: bool,
     /// The cap on the agent link for this migration, bytes per second (0: none); `None`
     /// takes the source QEMU's `max-bandwidth` (see [`crate::bandwidth`]).
     pub max_bandwidth: Option<u64>,
-    pub record: Option<PathBuf>,
     /// Where the migration's figures go every 250 ms while it runs, for a progress display.
     pub progress: Option<watch::Sender<Figures>>,
     pub timeout: Duration,
@@ -157,7 +152,7 @@ async fn begin(opts: &MigrateOptions, lifted: &OnceLock<u64>) -> Result<Begun, C
                  agents; turn it off"
             )));
         }
-        if !opts.passthrough {
+        if !opts.stream.passthrough {
             if let Some(c) = caps.iter().find(|c| NOT_REWRITABLE.contains(&c.as_str())) {
                 return Err(ControlError::Refused(format!(
                     "capability {c:?} is on in the {which} QEMU: the agents cannot rewrite \
@@ -166,16 +161,8 @@ async fn begin(opts: &MigrateOptions, lifted: &OnceLock<u64>) -> Result<Begun, C
             }
         }
     }
-    // Before either QEMU is told anything: an index service of another protocol version, or
-    // one that does not serve the VM's exports, refuses here, not mid-stream.
-    if let (Some(addr), false) = (&opts.nas_index, opts.passthrough) {
-        IndexClient::connect(addr, &opts.exports)
-            .await
-            .map_err(|source| ControlError::Index {
-                addr: addr.to_string(),
-                source,
-            })?;
-    }
+    // Before either QEMU is told anything.
+    opts.stream.check_index().await?;
     // Advice only: an older QEMU without query-memdev migrates all the same.
     let target_ram_preallocated = dst.ram_preallocated().await.ok().flatten();
     if target_ram_preallocated == Some(false) {
@@ -192,20 +179,13 @@ async fn begin(opts: &MigrateOptions, lifted: &OnceLock<u64>) -> Result<Begun, C
     dst.execute("migrate-incoming", Some(json!({ "uri": incoming })))
         .await
         .map_err(dst_err)?;
-    let link = TcpStream::connect(&opts.target_agent)
-        .await
-        .map_err(|source| ControlError::Link {
-            addr: opts.target_agent.clone(),
-            source,
-        })?;
-    link.set_nodelay(true)?;
-    let listener = Bound::bind(
+    let link = connect_link(&opts.target_agent).await?;
+    let listener = listen_for_qemu(
         opts.source_listen
             .as_ref()
             .unwrap_or(&Endpoint::Tcp(([127, 0, 0, 1], 0).into())),
     )
     .await?;
-    listener.set_recv_buffer(QEMU_RECV_BUFFER)?;
     let uri = qemu_uri(&listener.local_addr());
     let bandwidth = Bandwidth::take_over(&mut src, opts.max_bandwidth)
         .await
@@ -263,17 +243,7 @@ async fn drive(
         qemu,
         started,
     } = begun;
-    let mut config = SourceConfig::new(
-        &opts.vm,
-        opts.exports.clone(),
-        &opts.nas_nbd,
-        opts.nas_index.clone(),
-    );
-    config.incoming = incoming;
-    config.zstd = opts.zstd;
-    config.rewrite = !opts.passthrough;
-    config.record = opts.record.clone();
-    config.link_cap = bandwidth.cap();
+    let config = opts.stream.config(incoming, bandwidth.cap());
     let counters = Arc::new(Counters::default());
     let mut source = tokio::spawn(run_source(qemu, link, config, counters.clone()));
     // From here on every path reaches the restore below.
