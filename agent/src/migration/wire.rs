@@ -1,9 +1,30 @@
 //! Reading agent-link frames from a byte stream, with ZSTD frames inflated in place.
-use std::collections::VecDeque;
+use std::{collections::VecDeque, io};
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use super::link::{frame_size, LinkError, LinkFrame};
+
+/// Why no frame could be read from a link.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("link read failed: {0}")]
+    Read(io::Error),
+    #[error("link closed inside a frame")]
+    ClosedInFrame,
+    #[error(transparent)]
+    Frame(LinkError),
+    #[error("cannot make a ZSTD context: {0}")]
+    ZstdContext(io::Error),
+    #[error("ZSTD frame does not inflate: {0}")]
+    Inflate(io::Error),
+    #[error("ZSTD frame inflates to the wrong size")]
+    InflatedSize,
+    #[error("inside ZSTD: {0}")]
+    InsideZstd(LinkError),
+    #[error("nested ZSTD frame")]
+    NestedZstd,
+}
 
 /// Bytes asked of the link per read.
 const READ_CHUNK: usize = 256 << 10;
@@ -46,7 +67,7 @@ impl FrameReader {
     pub async fn next<R: AsyncRead + Unpin>(
         &mut self,
         reader: &mut R,
-    ) -> Result<Option<LinkFrame>, String> {
+    ) -> Result<Option<LinkFrame>, WireError> {
         if let Some(f) = self.inflated.pop_front() {
             return Ok(Some(f));
         }
@@ -64,7 +85,7 @@ impl FrameReader {
                     return Ok(Some(frame));
                 }
                 Err(LinkError::Incomplete) => {}
-                Err(e) => return Err(e.to_string()),
+                Err(e) => return Err(WireError::Frame(e)),
             }
             if self.start > 0 {
                 self.buf.drain(..self.start);
@@ -75,26 +96,25 @@ impl FrameReader {
             let n = reader
                 .read_buf(&mut self.buf)
                 .await
-                .map_err(|e| format!("link read failed: {e}"))?;
+                .map_err(WireError::Read)?;
             self.read += n as u64;
             if n == 0 {
                 return if self.buf.is_empty() {
                     Ok(None)
                 } else {
-                    Err("link closed inside a frame".into())
+                    Err(WireError::ClosedInFrame)
                 };
             }
         }
     }
 
-    fn inflate(&mut self, raw_len: u32, data: &[u8]) -> Result<(), String> {
+    fn inflate(&mut self, raw_len: u32, data: &[u8]) -> Result<(), WireError> {
         // `LinkFrame::parse` already refused a frame claiming more than twice MAX_FRAME.
         let zstd = match &mut self.zstd {
             Some(z) => z,
-            None => self.zstd.insert(
-                zstd::bulk::Decompressor::new()
-                    .map_err(|e| format!("cannot make a ZSTD context: {e}"))?,
-            ),
+            None => self
+                .zstd
+                .insert(zstd::bulk::Decompressor::new().map_err(WireError::ZstdContext)?),
         };
         // Inflating stops at the buffer's capacity: a frame that claims less than it holds
         // cannot grow it.
@@ -102,15 +122,15 @@ impl FrameReader {
         self.raw.reserve(raw_len as usize);
         let n = zstd
             .decompress_to_buffer(data, &mut self.raw)
-            .map_err(|e| format!("ZSTD frame does not inflate: {e}"))?;
+            .map_err(WireError::Inflate)?;
         if n != raw_len as usize {
-            return Err("ZSTD frame inflates to the wrong size".into());
+            return Err(WireError::InflatedSize);
         }
         let mut rest = &self.raw[..];
         while !rest.is_empty() {
-            let (frame, used) = LinkFrame::parse(rest).map_err(|e| format!("inside ZSTD: {e}"))?;
+            let (frame, used) = LinkFrame::parse(rest).map_err(WireError::InsideZstd)?;
             if matches!(frame, LinkFrame::Zstd { .. }) {
-                return Err("nested ZSTD frame".into());
+                return Err(WireError::NestedZstd);
             }
             self.inflated.push_back(frame);
             rest = &rest[used..];
@@ -135,7 +155,7 @@ mod tests {
     async fn all_frames(mut link: &[u8]) -> Result<Vec<LinkFrame>, String> {
         let mut reader = FrameReader::new();
         let mut frames = Vec::new();
-        while let Some(f) = reader.next(&mut link).await? {
+        while let Some(f) = reader.next(&mut link).await.map_err(|e| e.to_string())? {
             frames.push(f);
         }
         Ok(frames)

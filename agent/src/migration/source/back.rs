@@ -6,7 +6,33 @@ use std::sync::{atomic::Ordering, Arc};
 use tokio::{io::AsyncRead, sync::mpsc};
 
 use super::{flow::Flow, store::Unacked};
-use crate::migration::{link::LinkFrame, report::Counters, wire::FrameReader};
+use crate::migration::{
+    link::LinkFrame,
+    report::Counters,
+    wire::{FrameReader, WireError},
+};
+
+/// Why the back channel ended before DONE.
+#[derive(Debug, thiserror::Error)]
+pub enum BackError {
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error("target acknowledged {credit} stream bytes; {framed} were sent")]
+    OverAcked { credit: u64, framed: u64 },
+    #[error("target reported link bytes read without CAP_RECEIVED")]
+    ReceivedWithoutCap,
+    #[error("target asked for unknown page {0}")]
+    UnknownPage(u64),
+    #[error("link writer stopped")]
+    WriterStopped,
+    /// The target's own ERROR frame.
+    #[error("{0}")]
+    Peer(String),
+    #[error("unexpected frame from target: {0}")]
+    Unexpected(String),
+    #[error("target closed the link")]
+    Closed,
+}
 
 /// Reads the target's frames until DONE: `(ok, the target's figures as JSON)`. On any other
 /// end it marks the flow failed, so whatever waits for an ACK stops, and says why.
@@ -17,7 +43,7 @@ pub(super) async fn back_channel<R: AsyncRead + Unpin>(
     flow: Arc<Flow>,
     counters: Arc<Counters>,
     urgent: mpsc::Sender<Vec<u8>>,
-) -> Result<(bool, String), String> {
+) -> Result<(bool, String), Arc<BackError>> {
     let outcome = async {
         loop {
             match frames.next(&mut link).await {
@@ -28,19 +54,13 @@ pub(super) async fn back_channel<R: AsyncRead + Unpin>(
                 })) => {
                     let framed = flow.framed.load(Ordering::Acquire);
                     if credit > framed {
-                        return Err(format!(
-                            "target acknowledged {credit} stream bytes; {framed} were sent"
-                        ));
+                        return Err(BackError::OverAcked { credit, framed });
                     }
                     match (&flow.received, received) {
                         (Some(bytes), Some(r)) => {
                             bytes.fetch_max(r, Ordering::AcqRel);
                         }
-                        (None, Some(_)) => {
-                            return Err(
-                                "target reported link bytes read without CAP_RECEIVED".into()
-                            )
-                        }
+                        (None, Some(_)) => return Err(BackError::ReceivedWithoutCap),
                         _ => {}
                     }
                     unacked.ack(mapped);
@@ -50,22 +70,23 @@ pub(super) async fn back_channel<R: AsyncRead + Unpin>(
                 Ok(Some(LinkFrame::FallbackReq { seq })) => {
                     Counters::add(&counters.fallbacks, 1);
                     let Some(page) = unacked.get(seq) else {
-                        return Err(format!("target asked for unknown page {seq}"));
+                        return Err(BackError::UnknownPage(seq));
                     };
                     let frame = LinkFrame::FallbackData { seq, page }.to_bytes();
                     if urgent.send(frame).await.is_err() {
-                        return Err("link writer stopped".into());
+                        return Err(BackError::WriterStopped);
                     }
                 }
                 Ok(Some(LinkFrame::Done { ok, stats })) => return Ok((ok, stats)),
-                Ok(Some(LinkFrame::Error { message })) => return Err(message),
-                Ok(Some(other)) => return Err(format!("unexpected frame from target: {other:?}")),
-                Ok(None) => return Err("target closed the link".into()),
-                Err(e) => return Err(e),
+                Ok(Some(LinkFrame::Error { message })) => return Err(BackError::Peer(message)),
+                Ok(Some(other)) => return Err(BackError::Unexpected(format!("{other:?}"))),
+                Ok(None) => return Err(BackError::Closed),
+                Err(e) => return Err(e.into()),
             }
         }
     }
-    .await;
+    .await
+    .map_err(Arc::new);
     // Ended early: nothing will ack again, so whatever waits for an ack must stop.
     if let Err(why) = &outcome {
         let _ = flow.failed.set(why.clone());

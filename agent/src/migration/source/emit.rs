@@ -13,7 +13,7 @@ use super::{
     collect::{At, Batch, Item},
     flow::{link_holds_up, Flow},
     store::{recycle, Kept, Unacked},
-    SourceError,
+    LinkFailure, SourceError,
 };
 use crate::migration::{
     compress::LinkCompressor,
@@ -210,7 +210,7 @@ impl Emitter {
     /// Takes in the ACKs that arrived; whether another frame fits the link window now.
     pub(super) fn window_open(&mut self) -> Result<bool, SourceError> {
         if let Some(why) = self.flow.failed.get() {
-            return Err(SourceError::Link(why.clone()));
+            return Err(LinkFailure::Back(why.clone()).into());
         }
         let acked = self.take_acks();
         let flow = &*self.flow;
@@ -264,7 +264,7 @@ impl Emitter {
             let raw = bytes.len() as u64;
             if compress
                 .apply(&mut bytes, |read| recycle(read, spare))
-                .map_err(|e| SourceError::Link(e.to_string()))?
+                .map_err(LinkFailure::Compress)?
             {
                 Counters::add(&self.counters.zstd_in_bytes, raw);
                 Counters::add(&self.counters.zstd_out_bytes, bytes.len() as u64);
@@ -278,7 +278,7 @@ impl Emitter {
         } else {
             self.checkpoints.push_back(point);
         }
-        let stopped = || SourceError::Link("the link writer stopped".into());
+        let stopped = || SourceError::Link(LinkFailure::WriterStopped);
         match self.out.try_send(bytes) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Closed(_)) => Err(stopped()),

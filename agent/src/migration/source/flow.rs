@@ -1,8 +1,10 @@
 //! Flow control shared by the emitter and the back channel: what the target acknowledged,
 //! how much may be in flight, and whether the link or the target holds the stream up.
-use std::sync::{atomic::AtomicU64, OnceLock};
+use std::sync::{atomic::AtomicU64, Arc, OnceLock};
 
 use tokio::sync::Notify;
+
+use super::back::BackError;
 
 /// Link flow control. Everything in flight is backlog the source QEMU's final iteration (its
 /// downtime) waits behind, so it is bounded twice: at most `window` bytes of QEMU's stream
@@ -15,7 +17,7 @@ pub(super) struct Flow {
     /// Stream bytes framed so far: no honest ACK carries more credit.
     pub(super) framed: AtomicU64,
     /// Why the back channel ended early, if it did: no ACK will come any more.
-    pub(super) failed: OnceLock<String>,
+    pub(super) failed: OnceLock<Arc<BackError>>,
     pub(super) moved: Notify,
     pub(super) window: u64,
     pub(super) wire_window: u64,

@@ -36,17 +36,17 @@ pub(super) fn resolve(
     counters: &Counters,
 ) -> Result<(), SourceError> {
     let Frame::LookupReply { id, found } = reply else {
-        return Err(SourceError::Link(format!(
+        return Err(SourceError::IndexReply(format!(
             "unexpected index frame {reply:?}"
         )));
     };
     let batch = batches
         .iter_mut()
         .find(|b| b.lookup.is_some())
-        .ok_or_else(|| SourceError::Link("lookup reply without a request".into()))?;
+        .ok_or_else(|| SourceError::IndexReply("lookup reply without a request".into()))?;
     let (want, indexes) = batch.lookup.take().expect("found above");
     if want != id || indexes.len() != found.len() {
-        return Err(SourceError::Link(format!(
+        return Err(SourceError::IndexReply(format!(
             "lookup reply {id} does not match request {want}"
         )));
     }

@@ -54,6 +54,7 @@ use tokio::{
     sync::{mpsc, Notify},
 };
 
+pub use self::back::BackError;
 use self::{
     collect::{Batch, Collector, Item},
     emit::{emit_loop, Emitter, Tally, ZSTD_BATCH},
@@ -62,14 +63,14 @@ use self::{
     store::Unacked,
 };
 use super::{
-    compress::{Compression, LinkCompressor},
+    compress::{CompressError, Compression, LinkCompressor},
     dedup::ContentCache,
     link::{Hello, LinkFrame, CAP_RECEIVED, CAP_ZSTD, VERSION},
     outgoing::Outgoing,
     pace::Cap,
     report::{Counters, Figures},
     stream::{Sink, StreamParser, PAGE_SIZE},
-    wire::FrameReader,
+    wire::{FrameReader, WireError},
 };
 
 /// Source settings.
@@ -132,13 +133,40 @@ pub enum SourceError {
     #[error("reading QEMU's migration stream failed: {0}")]
     Qemu(std::io::Error),
     #[error("agent link failed: {0}")]
-    Link(String),
+    Link(#[from] LinkFailure),
+    /// The index service answered out of turn; the migration stops rather than guess.
+    #[error("index service broke the protocol: {0}")]
+    IndexReply(String),
     #[error("the target agent refused: {0}")]
     Refused(String),
     #[error("the target agent reported failure: {0}")]
     TargetFailed(String),
     #[error("index service: {0}")]
     Index(#[from] IndexClientError),
+}
+
+/// What broke the agent link, as the source saw it.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkFailure {
+    #[error("{0}")]
+    Write(std::io::Error),
+    #[error(transparent)]
+    Read(#[from] WireError),
+    #[error("no HELLO_ACK within 30 s")]
+    NoHelloAck,
+    #[error("expected HELLO_ACK, got {0}")]
+    Unexpected(String),
+    /// The back channel ended before DONE (shared: the emitter and the reader both see it).
+    #[error("{0}")]
+    Back(Arc<BackError>),
+    #[error("the link writer stopped")]
+    WriterStopped,
+    #[error("{0}")]
+    Compress(#[from] CompressError),
+    #[error("emitter task: {0}")]
+    EmitterTask(tokio::task::JoinError),
+    #[error("{0}")]
+    BackTask(tokio::task::JoinError),
 }
 
 /// Outcome of the source side.
@@ -224,20 +252,16 @@ where
     link_wr
         .write_all(&hello.to_bytes())
         .await
-        .map_err(|e| SourceError::Link(e.to_string()))?;
+        .map_err(LinkFailure::Write)?;
     let mut frames = FrameReader::new();
     let ack = tokio::time::timeout(Duration::from_secs(30), frames.next(&mut link_rd))
         .await
-        .map_err(|_| SourceError::Link("no HELLO_ACK within 30 s".into()))?
-        .map_err(SourceError::Link)?;
+        .map_err(|_| LinkFailure::NoHelloAck)?
+        .map_err(LinkFailure::Read)?;
     let caps = match ack {
         Some(LinkFrame::HelloAck { caps, .. }) => caps,
         Some(LinkFrame::Error { message }) => return Err(SourceError::Refused(message)),
-        other => {
-            return Err(SourceError::Link(format!(
-                "expected HELLO_ACK, got {other:?}"
-            )))
-        }
+        other => return Err(LinkFailure::Unexpected(format!("{other:?}")).into()),
     };
 
     // Read buffers come back to the reader for reuse, from whoever held them last: the
@@ -286,7 +310,7 @@ where
         next_seq: 0,
         compress: match caps & CAP_ZSTD {
             0 => None,
-            _ => LinkCompressor::new(config.zstd).map_err(|e| SourceError::Link(e.to_string()))?,
+            _ => LinkCompressor::new(config.zstd).map_err(LinkFailure::Compress)?,
         },
         spare: spare_tx,
         pending: Outgoing::with_capacity(ZSTD_BATCH + 2 * PAGE_SIZE),
@@ -435,9 +459,7 @@ where
         return Err(e);
     }
     // It ends once the queued batches are sent (or with the error that stopped it).
-    let mut emitter = emit_task
-        .await
-        .map_err(|e| SourceError::Link(format!("emitter task: {e}")))??;
+    let mut emitter = emit_task.await.map_err(LinkFailure::EmitterTask)??;
     if let Some(mut file) = record {
         file.flush().await.map_err(SourceError::Qemu)?;
     }
@@ -458,8 +480,8 @@ where
     drop(emitter);
     let (ok, stats) = back
         .await
-        .map_err(|e| SourceError::Link(e.to_string()))?
-        .map_err(SourceError::Link)?;
+        .map_err(LinkFailure::BackTask)?
+        .map_err(LinkFailure::Back)?;
     let _ = writer.await;
     let target: Figures = serde_json::from_str(&stats).unwrap_or_default();
     if !ok {

@@ -41,7 +41,7 @@ use super::{
     link::{Hash, Hello, LinkFrame, CAP_RECEIVED, CAP_ZSTD, VERSION},
     report::{Counters, Figures},
     stream::PAGE_SIZE,
-    wire::FrameReader,
+    wire::{FrameReader, WireError},
 };
 
 /// Target settings.
@@ -94,11 +94,55 @@ pub const MAX_AHEAD: u64 = 64 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum TargetError {
     #[error("agent link failed: {0}")]
-    Link(String),
+    Link(#[from] LinkFailure),
     #[error("the source agent broke the protocol: {0}")]
-    Protocol(String),
+    Protocol(#[from] Violation),
     #[error("writing to the target QEMU failed: {0}")]
     Qemu(std::io::Error),
+}
+
+/// What broke the agent link, as the target saw it.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkFailure {
+    #[error("no HELLO within 30 s")]
+    NoHello,
+    #[error(transparent)]
+    Read(#[from] WireError),
+    #[error("{0}")]
+    Write(std::io::Error),
+    #[error("writer task: {0}")]
+    WriterTask(tokio::task::JoinError),
+    #[error("source closed the link early")]
+    ClosedEarly,
+    #[error("fetcher stopped")]
+    FetcherStopped,
+    /// The source's own ERROR frame.
+    #[error("{0}")]
+    Peer(String),
+}
+
+/// How a source broke the link protocol.
+#[derive(Debug, thiserror::Error)]
+pub enum Violation {
+    #[error("source speaks version {0}, this agent {VERSION}")]
+    Version(u16),
+    #[error("expected HELLO, got {0}")]
+    NoHello(String),
+    #[error("data after END")]
+    DataAfterEnd,
+    #[error("MAPPED sequence {0} out of order")]
+    MappedOutOfOrder(u64),
+    #[error("MAPPED after END")]
+    MappedAfterEnd,
+    #[error("DUP of content frame {0}, which is not in the cache")]
+    UnknownDup(u64),
+    #[error("unexpected frame {0}")]
+    Unexpected(String),
+    #[error(
+        "the source sent {0} bytes of stream beyond what this side delivered, more than any \
+         source's window allows ({MAX_AHEAD})"
+    )]
+    TooFarAhead(u64),
 }
 
 /// Reads the source's HELLO: the session parameters, before anything is connected.
@@ -107,16 +151,11 @@ pub async fn read_hello<R: AsyncRead + Unpin>(
     frames: &mut FrameReader,
 ) -> Result<Hello, TargetError> {
     match tokio::time::timeout(Duration::from_secs(30), frames.next(link)).await {
-        Err(_) => Err(TargetError::Link("no HELLO within 30 s".into())),
-        Ok(Err(e)) => Err(TargetError::Link(e)),
+        Err(_) => Err(LinkFailure::NoHello.into()),
+        Ok(Err(e)) => Err(LinkFailure::Read(e).into()),
         Ok(Ok(Some(LinkFrame::Hello(h)))) if h.version == VERSION => Ok(h),
-        Ok(Ok(Some(LinkFrame::Hello(h)))) => Err(TargetError::Protocol(format!(
-            "source speaks version {}, this agent {VERSION}",
-            h.version
-        ))),
-        Ok(Ok(other)) => Err(TargetError::Protocol(format!(
-            "expected HELLO, got {other:?}"
-        ))),
+        Ok(Ok(Some(LinkFrame::Hello(h)))) => Err(Violation::Version(h.version).into()),
+        Ok(Ok(other)) => Err(Violation::NoHello(format!("{other:?}")).into()),
     }
 }
 
@@ -144,7 +183,7 @@ where
     link_wr
         .write_all(&ack.to_bytes())
         .await
-        .map_err(|e| TargetError::Link(e.to_string()))?;
+        .map_err(LinkFailure::Write)?;
     let (back_tx, mut back_rx) = mpsc::channel::<LinkFrame>(256);
     let back_writer = tokio::spawn(async move {
         while let Some(frame) = back_rx.recv().await {
@@ -214,7 +253,7 @@ where
     let outcome: Result<(), TargetError> = loop {
         if !slots.is_empty() && (!frames.has_buffered() || slots.len() >= 1024) {
             let Some(tx) = &slot_tx else {
-                break Err(TargetError::Protocol("data after END".into()));
+                break Err(Violation::DataAfterEnd.into());
             };
             if tx.send(std::mem::take(&mut slots)).is_err() {
                 // The writer failed; its error is collected below.
@@ -228,7 +267,7 @@ where
                 match done {
                     Ok(Ok(())) => break Ok(()),
                     Ok(Err(e)) => break Err(e),
-                    Err(e) => break Err(TargetError::Link(format!("writer task: {e}"))),
+                    Err(e) => break Err(LinkFailure::WriterTask(e).into()),
                 }
             }
         };
@@ -237,8 +276,8 @@ where
         }
         let frame = match frame {
             Ok(Some(f)) => f,
-            Ok(None) => break Err(TargetError::Link("source closed the link early".into())),
-            Err(e) => break Err(TargetError::Link(e)),
+            Ok(None) => break Err(LinkFailure::ClosedEarly.into()),
+            Err(e) => break Err(LinkFailure::Read(e).into()),
         };
         let slot = match frame {
             LinkFrame::Raw(bytes) => Slot::Bytes(bytes),
@@ -264,9 +303,7 @@ where
                     waiting.pop_front();
                 }
                 if waiting.back().is_some_and(|(last, _, _)| *last >= seq) {
-                    break Err(TargetError::Protocol(format!(
-                        "MAPPED sequence {seq} out of order"
-                    )));
+                    break Err(Violation::MappedOutOfOrder(seq).into());
                 }
                 waiting.push_back((seq, hash, cell.clone()));
                 let fetch = Fetch {
@@ -277,10 +314,10 @@ where
                     cell: cell.clone(),
                 };
                 let Some(tx) = &fetch_tx else {
-                    break Err(TargetError::Protocol("MAPPED after END".into()));
+                    break Err(Violation::MappedAfterEnd.into());
                 };
                 if tx.send(fetch).await.is_err() {
-                    break Err(TargetError::Link("fetcher stopped".into()));
+                    break Err(LinkFailure::FetcherStopped.into());
                 }
                 Slot::Content {
                     cell,
@@ -292,11 +329,7 @@ where
                     cell: cell.clone(),
                     seq: None,
                 },
-                None => {
-                    break Err(TargetError::Protocol(format!(
-                        "DUP of content frame {ordinal}, which is not in the cache"
-                    )))
-                }
+                None => break Err(Violation::UnknownDup(ordinal).into()),
             },
             LinkFrame::FallbackData { seq, page } => {
                 match waiting.binary_search_by_key(&seq, |(s, _, _)| *s) {
@@ -319,11 +352,11 @@ where
                 fetch_tx = None;
                 continue;
             }
-            LinkFrame::Error { message } => break Err(TargetError::Link(message)),
-            other => break Err(TargetError::Protocol(format!("unexpected frame {other:?}"))),
+            LinkFrame::Error { message } => break Err(LinkFailure::Peer(message).into()),
+            other => break Err(Violation::Unexpected(format!("{other:?}")).into()),
         };
         if slot_tx.is_none() {
-            break Err(TargetError::Protocol("data after END".into()));
+            break Err(Violation::DataAfterEnd.into());
         }
         taken += match &slot {
             Slot::Bytes(b) => b.len() as u64,
@@ -331,10 +364,7 @@ where
         };
         let ahead = taken - counters.qemu_bytes.load(Ordering::Relaxed);
         if ahead > MAX_AHEAD {
-            break Err(TargetError::Protocol(format!(
-                "the source sent {ahead} bytes of stream beyond what this side delivered, more \
-                 than any source's window allows ({MAX_AHEAD})"
-            )));
+            break Err(Violation::TooFarAhead(ahead).into());
         }
         slots.push(slot);
     };
@@ -402,7 +432,7 @@ mod tests {
             .expect("no panic")
             .expect_err("the session fails");
         assert!(
-            matches!(&err, TargetError::Protocol(m) if m.contains("beyond what this side delivered")),
+            matches!(&err, TargetError::Protocol(m) if m.to_string().contains("beyond what this side delivered")),
             "{err}"
         );
     }
