@@ -109,7 +109,13 @@ fn assert_same_stream(s: &Pair) {
 }
 
 async fn status(path: &Path) -> String {
-    Qmp::connect(path).await.unwrap().status().await.unwrap()
+    Qmp::connect(path)
+        .await
+        .unwrap()
+        .status()
+        .await
+        .unwrap()
+        .to_string()
 }
 
 #[test]

@@ -3,7 +3,7 @@
 //! Operators cap what a migration may take of the network with QEMU's `max-bandwidth`. Through
 //! the agents QEMU's stream only goes to the local agent; what crosses the network is the agent
 //! link. So the cap belongs on the link: `agent migrate` lifts QEMU's own cap for the migration
-//! and paces the link to it instead (`crate::bandwidth`), and QEMU's stream runs as much
+//! and paces the link to it instead (`crate::orchestrate::bandwidth`), and QEMU's stream runs as much
 //! faster as the agents shrink it.
 //!
 //! Like QEMU's own limit, which holds while the guest runs and not for the final iteration

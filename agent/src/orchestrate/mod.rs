@@ -53,7 +53,7 @@ use crate::{
         report::{Counters, Figures},
         source::run_source,
     },
-    qmp::{guest_pause, Qmp, QmpError},
+    qmp::{guest_pause, Qmp, QmpError, RunState},
 };
 
 /// Capabilities whose streams cannot go through a one-way, single-connection proxy.
@@ -83,7 +83,7 @@ pub struct MigrateOptions {
     /// a free loopback TCP port.
     pub source_listen: Option<Endpoint>,
     /// The cap on the agent link for this migration, bytes per second (0: none); `None`
-    /// takes the source QEMU's `max-bandwidth` (see [`crate::bandwidth`]).
+    /// takes the source QEMU's `max-bandwidth` (see [`bandwidth`]).
     pub max_bandwidth: Option<u64>,
     /// Where the migration's figures go every 250 ms while it runs, for a progress display.
     pub progress: Option<watch::Sender<Figures>>,
@@ -130,16 +130,17 @@ struct Begun {
 
 /// Checks both QEMUs and the index service, sets up the target, opens the link and starts the
 /// source QEMU's migration into this agent. `lifted` gets the source's `max-bandwidth` once it
-/// is lifted (see [`crate::bandwidth`]), for a cancel to put back.
+/// is lifted (see [`bandwidth`]), for a cancel to put back.
 async fn begin(opts: &MigrateOptions, lifted: &OnceLock<u64>) -> Result<Begun, ControlError> {
     let mut src = Qmp::connect(&opts.source_qmp).await.map_err(src_err)?;
     let mut dst = Qmp::connect(&opts.target_qmp).await.map_err(dst_err)?;
-    let source_was_running = src.status().await.map_err(src_err)? == "running";
+    let source_was_running = src.status().await.map_err(src_err)? == RunState::Running;
     let dst_status = dst.status().await.map_err(dst_err)?;
-    if dst_status != "inmigrate" {
+    if dst_status != RunState::InMigrate {
         return Err(ControlError::Refused(format!(
-            "the target QEMU is {dst_status:?}, not waiting for a migration (start it with \
-             -incoming defer)"
+            "the target QEMU is {:?}, not waiting for a migration (start it with -incoming \
+             defer)",
+            dst_status.as_str()
         )));
     }
     for (which, caps) in [
@@ -313,7 +314,7 @@ async fn drive(
         .as_u64()
         .unwrap_or(started.elapsed().as_millis() as u64);
     report.downtime_ms = settled.info["downtime"].as_u64().unwrap_or(0);
-    report.target_status = settled.target_status;
+    report.target_status = settled.target_status.to_string();
     report.ok = settled.outcome == Outcome::Target;
     match (&settled.outcome, report.error.take()) {
         (Outcome::Target, None) => {}
@@ -357,7 +358,7 @@ async fn drive(
             report.savings_pct = report.figures.savings_pct();
         }
     }
-    report.source_status = src.status().await.map_err(src_err)?;
+    report.source_status = src.status().await.map_err(src_err)?.to_string();
     report.export_metrics();
     Ok(report)
 }

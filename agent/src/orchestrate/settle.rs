@@ -33,7 +33,7 @@ use std::{
 use serde_json::Value;
 
 use super::error::{dst_err, src_err, ControlError};
-use crate::qmp::{Qmp, QmpError};
+use crate::qmp::{MigrationStatus, Qmp, QmpError, RunState};
 
 /// How long the target may take to start running once the source completed.
 const TARGET_START: Duration = Duration::from_secs(60);
@@ -54,25 +54,50 @@ pub enum Outcome {
     Undecided,
 }
 
+/// The target QEMU as [`settle`] found it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TargetState {
+    /// Its monitor answered with this run state.
+    Is(RunState),
+    /// Certainly not running: its monitor is closed and cannot be reopened.
+    Gone(String),
+    /// Its monitor was reopened but did not answer.
+    Unknown(String),
+}
+
+impl std::fmt::Display for TargetState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Is(s) => write!(f, "{s}"),
+            Self::Gone(why) => write!(f, "gone: {why}"),
+            Self::Unknown(why) => write!(f, "unknown: {why}"),
+        }
+    }
+}
+
 /// What [`settle`] found.
 #[derive(Debug)]
 pub struct Settled {
     pub outcome: Outcome,
     /// The source's `query-migrate` once it left the active states.
     pub info: Value,
-    /// The target QEMU's status (after `cont`, if [`settle`] resumed it), or "gone: ...".
-    pub target_status: String,
+    /// The target QEMU's state (after `cont`, if [`settle`] resumed it).
+    pub target_status: TargetState,
 }
 
 /// Which QEMU may run the guest, from the source QEMU's final migration status, the target
 /// QEMU's status and whether the target loaded the whole stream (the table in the module
 /// doc).
-pub fn decide(source_migration: &str, target_status: &str, target_loaded: bool) -> Outcome {
-    if source_migration != "completed" {
+pub fn decide(
+    source_migration: &MigrationStatus,
+    target: &TargetState,
+    target_loaded: bool,
+) -> Outcome {
+    if *source_migration != MigrationStatus::Completed {
         Outcome::Source
     } else if target_loaded {
         Outcome::Target
-    } else if target_status.starts_with("gone") {
+    } else if matches!(target, TargetState::Gone(_)) {
         Outcome::Source
     } else {
         Outcome::Undecided
@@ -89,37 +114,36 @@ pub async fn settle(
     source_was_running: bool,
 ) -> Result<Settled, ControlError> {
     cancel_if_active(src).await.map_err(src_err)?;
-    let info = wait_source_done(src).await.map_err(src_err)?;
-    let completed = info["status"] == "completed";
+    let (status, info) = wait_source_done(src).await.map_err(src_err)?;
+    let completed = status == MigrationStatus::Completed;
     let (mut target_status, loaded) = if completed {
         target_status(dst, target_qmp).await
     } else {
         match dst.status().await {
-            Ok(s) => (s, false),
-            Err(e) => (format!("gone: {e}"), false),
+            Ok(s) => (TargetState::Is(s), false),
+            Err(e) => (TargetState::Gone(e.to_string()), false),
         }
     };
-    let outcome = decide(
-        info["status"].as_str().unwrap_or(""),
-        &target_status,
-        loaded,
-    );
-    if outcome == Outcome::Target && target_status != "running" && source_was_running {
+    let outcome = decide(&status, &target_status, loaded);
+    if outcome == Outcome::Target
+        && target_status != TargetState::Is(RunState::Running)
+        && source_was_running
+    {
         // Started with -S: the target holds the guest now, and the guest was running.
         tracing::info!("the target QEMU loaded the stream and is {target_status}: resuming it");
         dst.execute("cont", None).await.map_err(dst_err)?;
-        target_status = dst.status().await.map_err(dst_err)?;
+        target_status = TargetState::Is(dst.status().await.map_err(dst_err)?);
     }
     if outcome == Outcome::Source && source_was_running {
         // QEMU resumes a guest itself once its migration failed or was cancelled; a moment
         // may pass between that status and the guest running.
         let deadline = Instant::now() + SELF_RESUME;
         let mut status = src.status().await.map_err(src_err)?;
-        while status != "running" && !completed && Instant::now() < deadline {
+        while status != RunState::Running && !completed && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
             status = src.status().await.map_err(src_err)?;
         }
-        if status != "running" {
+        if status != RunState::Running {
             tracing::warn!("source QEMU is {status} after a failed migration: resuming it");
             src.execute("cont", None).await.map_err(src_err)?;
         }
@@ -133,51 +157,43 @@ pub async fn settle(
 
 /// Cancels the source's migration (`migrate_cancel`) if it is still going.
 pub async fn cancel_if_active(src: &mut Qmp) -> Result<(), QmpError> {
-    let info = src.execute("query-migrate", None).await?;
-    if is_active(&info) {
+    if src.migration().await?.0.is_active() {
         src.execute("migrate_cancel", None).await?;
     }
     Ok(())
 }
 
-/// Whether the migration is still going (and `migrate_cancel` would stop it).
-fn is_active(info: &Value) -> bool {
-    matches!(
-        info["status"].as_str(),
-        Some("active" | "device" | "pre-switchover" | "setup" | "wait-unplug")
-    )
-}
-
-/// Waits until the source's migration has ended (cancelling included); returns
-/// `query-migrate`.
-async fn wait_source_done(src: &mut Qmp) -> Result<Value, QmpError> {
+/// Waits until the source's migration has ended (cancelling included); returns its status
+/// and `query-migrate`.
+async fn wait_source_done(src: &mut Qmp) -> Result<(MigrationStatus, Value), QmpError> {
     let deadline = Instant::now() + SOURCE_DONE;
     loop {
-        let info = src.execute("query-migrate", None).await?;
-        let ending = info["status"] == "cancelling";
-        if !(is_active(&info) || ending) || Instant::now() > deadline {
-            return Ok(info);
+        let (status, info) = src.migration().await?;
+        let ending = status == MigrationStatus::Cancelling;
+        if !(status.is_active() || ending) || Instant::now() > deadline {
+            return Ok((status, info));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
-/// The target's state once the source completed, and whether it loaded the whole stream: its
-/// QEMU status, or "gone: ..." when its QEMU is certainly not running (its monitor is closed
-/// and cannot be reopened). A session that broke is replaced in `dst` by the one reopened, so
-/// a `cont` after this goes to the target QEMU still there.
-async fn target_status(dst: &mut Qmp, path: &Path) -> (String, bool) {
+/// The target's state once the source completed, and whether it loaded the whole stream:
+/// [`TargetState::Gone`] when its QEMU is certainly not running (its monitor is closed and
+/// cannot be reopened). A session that broke is replaced in `dst` by the one reopened, so a
+/// `cont` after this goes to the target QEMU still there.
+async fn target_status(dst: &mut Qmp, path: &Path) -> (TargetState, bool) {
+    let seen = |(s, loaded)| (TargetState::Is(s), loaded);
     match wait_loaded(dst).await {
-        Ok(seen) => seen,
+        Ok(s) => seen(s),
         Err(first) => match Qmp::connect(path).await {
             Ok(again) => {
                 *dst = again;
                 match wait_loaded(dst).await {
-                    Ok(seen) => seen,
-                    Err(e) => (format!("unknown: {e}"), false),
+                    Ok(s) => seen(s),
+                    Err(e) => (TargetState::Unknown(e.to_string()), false),
                 }
             }
-            Err(e) => (format!("gone: {first}; {e}"), false),
+            Err(e) => (TargetState::Gone(format!("{first}; {e}")), false),
         },
     }
 }
@@ -185,18 +201,15 @@ async fn target_status(dst: &mut Qmp, path: &Path) -> (String, bool) {
 /// Waits for the target to have loaded the stream: running (it starts by itself after an
 /// incoming migration), or out of `inmigrate` with its incoming migration completed (started
 /// with `-S`). Returns its status and whether it loaded the stream.
-async fn wait_loaded(dst: &mut Qmp) -> Result<(String, bool), QmpError> {
+async fn wait_loaded(dst: &mut Qmp) -> Result<(RunState, bool), QmpError> {
     let deadline = Instant::now() + TARGET_START;
     loop {
         let status = dst.status().await?;
-        if status == "running" {
+        if status == RunState::Running {
             return Ok((status, true));
         }
-        if status != "inmigrate" {
-            let incoming = dst.execute("query-migrate", None).await?;
-            if incoming["status"] == "completed" {
-                return Ok((status, true));
-            }
+        if status != RunState::InMigrate && dst.migration().await?.0 == MigrationStatus::Completed {
+            return Ok((status, true));
         }
         if Instant::now() > deadline {
             return Ok((status, false));
@@ -209,13 +222,26 @@ async fn wait_loaded(dst: &mut Qmp) -> Result<(String, bool), QmpError> {
 mod tests {
     use super::*;
 
+    fn is(state: &str) -> TargetState {
+        TargetState::Is(RunState::parse(state))
+    }
+
+    fn migration_status(s: &str) -> MigrationStatus {
+        MigrationStatus::parse(s)
+    }
+
     #[test]
     fn a_source_that_did_not_complete_keeps_the_guest() {
         for migration in ["failed", "cancelled", "active", ""] {
-            for target in ["running", "inmigrate", "gone: closed", "paused"] {
+            for target in [
+                is("running"),
+                is("inmigrate"),
+                TargetState::Gone("closed".into()),
+                is("paused"),
+            ] {
                 for loaded in [false, true] {
                     assert_eq!(
-                        decide(migration, target, loaded),
+                        decide(&migration_status(migration), &target, loaded),
                         Outcome::Source,
                         "{migration} {target} {loaded}"
                     );
@@ -226,16 +252,26 @@ mod tests {
 
     #[test]
     fn after_a_completed_source_only_a_gone_target_gives_the_guest_back() {
-        assert_eq!(decide("completed", "running", true), Outcome::Target);
+        let completed = MigrationStatus::Completed;
+        assert_eq!(decide(&completed, &is("running"), true), Outcome::Target);
         // Started with -S: loaded, and paused until told to run.
-        assert_eq!(decide("completed", "paused", true), Outcome::Target);
+        assert_eq!(decide(&completed, &is("paused"), true), Outcome::Target);
         assert_eq!(
-            decide("completed", "gone: QMP connection closed; refused", false),
+            decide(
+                &completed,
+                &TargetState::Gone("QMP connection closed; refused".into()),
+                false
+            ),
             Outcome::Source
         );
-        for target in ["inmigrate", "paused", "postmigrate", "unknown: timed out"] {
+        for target in [
+            is("inmigrate"),
+            is("paused"),
+            is("postmigrate"),
+            TargetState::Unknown("timed out".into()),
+        ] {
             assert_eq!(
-                decide("completed", target, false),
+                decide(&completed, &target, false),
                 Outcome::Undecided,
                 "{target}"
             );

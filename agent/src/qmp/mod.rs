@@ -2,7 +2,11 @@
 //!
 //! QMP is line-delimited JSON. After the greeting the client sends `qmp_capabilities`; each
 //! command then gets one `return` or `error` reply, while asynchronous `event` messages may
-//! arrive at any time. Events are kept (bounded) for callers that wait for one.
+//! arrive at any time. Events are kept (bounded) for callers that wait for one. [`state`]
+//! types the run and migration states the replies carry.
+mod state;
+
+pub use self::state::{MigrationStatus, RunState};
 use std::{collections::VecDeque, path::Path, time::Duration};
 
 use serde_json::{json, Value};
@@ -168,10 +172,16 @@ impl Qmp {
         self.events.drain(..).collect()
     }
 
-    /// `query-status`'s `status` (e.g. "running", "postmigrate", "inmigrate").
-    pub async fn status(&mut self) -> Result<String, QmpError> {
+    /// `query-status`'s `status` (e.g. running, postmigrate, inmigrate).
+    pub async fn status(&mut self) -> Result<RunState, QmpError> {
         let r = self.execute("query-status", None).await?;
-        Ok(r["status"].as_str().unwrap_or("unknown").to_string())
+        Ok(RunState::parse(r["status"].as_str().unwrap_or("unknown")))
+    }
+
+    /// `query-migrate`'s `status`, with the whole reply.
+    pub async fn migration(&mut self) -> Result<(MigrationStatus, Value), QmpError> {
+        let info = self.execute("query-migrate", None).await?;
+        Ok((MigrationStatus::of(&info), info))
     }
 
     /// Sets one migration parameter (`migrate-set-parameters`) to a number.
