@@ -344,8 +344,8 @@ fn real_streams_rebuild_byte_for_byte() {
     // 5. Tight flow control: the link-byte window binds on nearly every frame and the stream
     //    window often; the transfer must neither stall nor change a byte.
     let mut tight = source_config(&server);
-    tight.wire_window = 16 << 10;
-    tight.link_window = 3 << 20;
+    tight.link_window_bytes = 16 << 10;
+    tight.stream_window_bytes = 3 << 20;
     let run = rt.block_on(round_trip(
         stream.clone(),
         tight,
@@ -401,7 +401,7 @@ fn real_streams_rebuild_byte_for_byte() {
 
     // 7. Compression off: nothing compressed, even behind a tight window.
     let mut never = source_config(&server);
-    never.wire_window = 16 << 10;
+    never.link_window_bytes = 16 << 10;
     never.zstd = Compression::Never;
     let run = rt.block_on(round_trip(
         stream.clone(),

@@ -218,8 +218,8 @@ impl Emitter {
         let stream_ahead = self.sent.saturating_sub(acked);
         let wire_ahead = self.wire_sent + self.pending.len() as u64 - self.wire_acked;
         // Below two ACK steps of stream the target may not ack again: never wait there.
-        Ok(stream_ahead <= flow.window
-            && (wire_ahead <= flow.wire_window || stream_ahead < 2 * link::ACK_STEP))
+        Ok(stream_ahead <= flow.stream_window_bytes
+            && (wire_ahead <= flow.link_window_bytes || stream_ahead < 2 * link::ACK_STEP))
     }
 
     /// Appends one frame written by `encode`, which stands for `stream_bytes` of QEMU's

@@ -7,9 +7,9 @@ use tokio::sync::Notify;
 use super::back::BackError;
 
 /// Link flow control. Everything in flight is backlog the source QEMU's final iteration (its
-/// downtime) waits behind, so it is bounded twice: at most `window` bytes of QEMU's stream
+/// downtime) waits behind, so it is bounded twice: at most `stream_window_bytes` bytes of QEMU's stream
 /// ahead of what the target has delivered to its QEMU (a 57-byte MAPPED frame still costs the
-/// target a 4 KiB fetch), and at most `wire_window` bytes of link frames (a backlog of whole
+/// target a 4 KiB fetch), and at most `link_window_bytes` bytes of link frames (a backlog of whole
 /// pages costs link time). ACKs carry stream credit; the emitter maps it to link bytes through
 /// its flush checkpoints.
 pub(super) struct Flow {
@@ -19,8 +19,8 @@ pub(super) struct Flow {
     /// Why the back channel ended early, if it did: no ACK will come any more.
     pub(super) failed: OnceLock<Arc<BackError>>,
     pub(super) moved: Notify,
-    pub(super) window: u64,
-    pub(super) wire_window: u64,
+    pub(super) stream_window_bytes: u64,
+    pub(super) link_window_bytes: u64,
     /// Link bytes the target has read, as its latest ACK says, when it reports them
     /// ([`CAP_RECEIVED`]); advisory: it only steers compression.
     pub(super) received: Option<AtomicU64>,

@@ -92,9 +92,9 @@ pub struct SourceConfig {
     pub lookup_window: usize,
     pub unacked_pages: usize,
     /// Bytes of QEMU's stream allowed in flight ahead of the target's acknowledgement.
-    pub link_window: u64,
+    pub stream_window_bytes: u64,
     /// Bytes on the agent link allowed in flight ahead of the target's acknowledgement.
-    pub wire_window: u64,
+    pub link_window_bytes: u64,
     /// Rewrite pages (the product); `false` forwards QEMU's bytes verbatim (`--passthrough`).
     pub rewrite: bool,
     /// Also write QEMU's exact stream to this file (for verification).
@@ -117,8 +117,8 @@ impl SourceConfig {
             hot_replica: true,
             lookup_window: 8,
             unacked_pages: 16_384,
-            link_window: 16 << 20,
-            wire_window: 2 << 20,
+            stream_window_bytes: 16 << 20,
+            link_window_bytes: 2 << 20,
             rewrite: true,
             record: None,
             dedup_capacity: super::dedup::DEFAULT_CAPACITY,
@@ -290,8 +290,8 @@ where
         framed: AtomicU64::new(0),
         failed: OnceLock::new(),
         moved: Notify::new(),
-        window: config.link_window,
-        wire_window: config.wire_window,
+        stream_window_bytes: config.stream_window_bytes,
+        link_window_bytes: config.link_window_bytes,
         received: (caps & CAP_RECEIVED != 0).then(|| AtomicU64::new(0)),
     });
     // Back channel: acks, fallback requests, the final DONE.
