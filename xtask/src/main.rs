@@ -17,6 +17,7 @@ mod fuzz;
 mod guest;
 mod hostmem;
 mod lab;
+mod modules;
 mod relay;
 mod setup;
 mod sh;
@@ -43,6 +44,8 @@ enum Command {
     Bench(bench::Args),
     /// Record real sessions as seeds and run every fuzz target.
     Fuzz(fuzz::Args),
+    /// Check that no two sibling modules of any crate depend on each other.
+    CheckModules,
     /// Build the test guest (Debian kernel + busybox initramfs) and unpack QEMU 7.2 for tests.
     GuestImage,
 }
@@ -55,6 +58,7 @@ fn main() -> anyhow::Result<()> {
         Command::Demo(args) => demo::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Fuzz(args) => fuzz::run(args),
+        Command::CheckModules => modules::run(),
         Command::GuestImage => guest::build().and_then(|()| guest::qemu72()),
     }
 }

@@ -1,6 +1,7 @@
 //! `cargo xtask test`: the whole suite, as CI runs it.
 //!
-//! Order: setup, the guest image, the eBPF object, rustfmt, clippy over user space, clippy over the eBPF crate
+//! Order: setup, the guest image, the eBPF object, rustfmt, the module-cycle check, clippy over
+//! user space, clippy over the eBPF crate
 //! for its own target (two passes, so the no_std crate is never unified with std deps), then
 //! every unit, integration and kernel test, then a short run of every fuzz target. Kernel and
 //! QEMU tests need root; run without it, they fail and say why.
@@ -32,6 +33,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     for fuzz in ["nas-server/fuzz/Cargo.toml", "agent/fuzz/Cargo.toml"] {
         sh::run(sh::cargo().args(["fmt", "--check", "--manifest-path", fuzz]))?;
     }
+    crate::modules::run()?;
     sh::run(sh::cargo().args([
         "clippy",
         "--workspace",

@@ -5,34 +5,8 @@ use std::sync::{atomic::Ordering, Arc};
 
 use tokio::{io::AsyncRead, sync::mpsc};
 
-use super::{flow::Flow, store::Unacked};
-use crate::migration::{
-    link::LinkFrame,
-    report::Counters,
-    wire::{FrameReader, WireError},
-};
-
-/// Why the back channel ended before DONE.
-#[derive(Debug, thiserror::Error)]
-pub enum BackError {
-    #[error(transparent)]
-    Wire(#[from] WireError),
-    #[error("target acknowledged {credit} stream bytes; {framed} were sent")]
-    OverAcked { credit: u64, framed: u64 },
-    #[error("target reported link bytes read without CAP_RECEIVED")]
-    ReceivedWithoutCap,
-    #[error("target asked for unknown page {0}")]
-    UnknownPage(u64),
-    #[error("link writer stopped")]
-    WriterStopped,
-    /// The target's own ERROR frame.
-    #[error("{0}")]
-    Peer(String),
-    #[error("unexpected frame from target: {0}")]
-    Unexpected(String),
-    #[error("target closed the link")]
-    Closed,
-}
+use super::{error::BackError, flow::Flow, store::Unacked};
+use crate::migration::{link::LinkFrame, report::Counters, wire::FrameReader};
 
 /// Reads the target's frames until DONE: `(ok, the target's figures as JSON)`. On any other
 /// end it marks the flow failed, so whatever waits for an ACK stops, and says why.

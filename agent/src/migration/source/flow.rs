@@ -4,7 +4,7 @@ use std::sync::{atomic::AtomicU64, Arc, OnceLock};
 
 use tokio::sync::Notify;
 
-use super::back::BackError;
+use super::error::BackError;
 
 /// Link flow control. Everything in flight is backlog the source QEMU's final iteration (its
 /// downtime) waits behind, so it is bounded twice: at most `stream_window_bytes` bytes of QEMU's stream

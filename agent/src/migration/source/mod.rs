@@ -33,6 +33,7 @@
 mod back;
 mod collect;
 mod emit;
+mod error;
 mod flow;
 mod lookup;
 mod store;
@@ -47,14 +48,14 @@ use std::{
     time::Duration,
 };
 
-use nas_client::index::{HotReplica, IndexClient, IndexClientError};
+use nas_client::index::{HotReplica, IndexClient};
 use nas_proto::Endpoint;
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     sync::{mpsc, Notify},
 };
 
-pub use self::back::BackError;
+pub use self::error::{BackError, LinkFailure, SourceError};
 use self::{
     collect::{Batch, Collector, Item},
     emit::{emit_loop, Emitter, Tally, ZSTD_BATCH},
@@ -63,14 +64,14 @@ use self::{
     store::Unacked,
 };
 use super::{
-    compress::{CompressError, Compression, LinkCompressor},
+    compress::{Compression, LinkCompressor},
     dedup::ContentCache,
     link::{Hello, LinkFrame, CAP_RECEIVED, CAP_ZSTD, VERSION},
     outgoing::Outgoing,
     pace::Cap,
     report::{Counters, Figures},
     stream::{Sink, StreamParser, PAGE_SIZE},
-    wire::{FrameReader, WireError},
+    wire::FrameReader,
 };
 
 /// Source settings.
@@ -125,48 +126,6 @@ impl SourceConfig {
             link_cap: Arc::new(Cap::default()),
         }
     }
-}
-
-/// Why the source side failed.
-#[derive(Debug, thiserror::Error)]
-pub enum SourceError {
-    #[error("reading QEMU's migration stream failed: {0}")]
-    Qemu(std::io::Error),
-    #[error("agent link failed: {0}")]
-    Link(#[from] LinkFailure),
-    /// The index service answered out of turn; the migration stops rather than guess.
-    #[error("index service broke the protocol: {0}")]
-    IndexReply(String),
-    #[error("the target agent refused: {0}")]
-    Refused(String),
-    #[error("the target agent reported failure: {0}")]
-    TargetFailed(String),
-    #[error("index service: {0}")]
-    Index(#[from] IndexClientError),
-}
-
-/// What broke the agent link, as the source saw it.
-#[derive(Debug, thiserror::Error)]
-pub enum LinkFailure {
-    #[error("{0}")]
-    Write(std::io::Error),
-    #[error(transparent)]
-    Read(#[from] WireError),
-    #[error("no HELLO_ACK within 30 s")]
-    NoHelloAck,
-    #[error("expected HELLO_ACK, got {0}")]
-    Unexpected(String),
-    /// The back channel ended before DONE (shared: the emitter and the reader both see it).
-    #[error("{0}")]
-    Back(Arc<BackError>),
-    #[error("the link writer stopped")]
-    WriterStopped,
-    #[error("{0}")]
-    Compress(#[from] CompressError),
-    #[error("emitter task: {0}")]
-    EmitterTask(tokio::task::JoinError),
-    #[error("{0}")]
-    BackTask(tokio::task::JoinError),
 }
 
 /// Outcome of the source side.
