@@ -1,6 +1,6 @@
 //! The agent binaries as operators and scripts run them.
 //!
-//! The path the README gives libvirt and QMP scripts: `agent serve` on the target host, `agent
+//! The path docs/operating.md gives libvirt and QMP scripts: `agent serve` on the target host, `agent
 //! source` on the source host, and the test driving both QEMUs over QMP as a script (or
 //! libvirt) would: `migrate-incoming` on the target, `migrate` on the source. And `agent
 //! migrate` as an operator runs it, interrupted with Ctrl-C half-way.

@@ -32,8 +32,8 @@ pub enum Compression {
     Always,
 }
 
-/// zstd level: the fastest regular one. Level 1 compresses guest memory at about 500 MB/s per
-/// core here, four times a 1 Gbit/s link.
+/// zstd level: the fastest regular one, several times a 1 Gbit/s link per core on guest
+/// memory (docs/benchmarks.md).
 const LEVEL: i32 = 1;
 /// A compressed batch must come to at most this share (in 1/16ths) of its size to count as
 /// compressing well; poorer ones start or extend a back-off.

@@ -2,7 +2,7 @@
 //!
 //! QEMU stops the guest for the final iteration once what is left to send fits in its
 //! `downtime-limit` at the bandwidth it measured: its own stream bytes per second. Through the
-//! agents that is the link's rate times the reduction (3-4x in the benchmarks), so QEMU may stop
+//! agents that is the link's rate times the reduction (3-4x, docs/benchmarks.md), so QEMU may stop
 //! the guest with several times more left than the link can carry in the limit, and what is
 //! left need not reduce as well as the average (a guest's own recent writes are not on the
 //! NAS): the final iteration then crosses the link at link speed, inside the downtime.

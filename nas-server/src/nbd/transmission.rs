@@ -285,7 +285,7 @@ const INLINE_WRITE_MAX: u32 = 64 << 10;
 /// Whether `req` is a small buffered write: a copy into the page cache (plus hashing its
 /// blocks), cheaper than the hand-off to the blocking pool that dominates its latency. At depth
 /// it also beats the pool: parallel buffered writes to one file only contend for its inode
-/// lock (measured: `cargo xtask bench nbd`, 4k write qd32). It can still wait when the kernel
+/// lock (docs/benchmarks.md, `cargo xtask bench nbd`, 4k write qd32). It can still wait when the kernel
 /// throttles dirty pages; that holds this connection's task (whose requests queue behind it
 /// anyway) and one runtime worker, while the others keep serving.
 /// FUA writes, which wait for the disk, always go to the blocking pool.
