@@ -32,9 +32,12 @@
 //! has no relay and caps the migration the way operators do, with the source QEMU's
 //! `max-bandwidth` at 1 Gbit/s: plain QEMU holds its stream to it; `agent migrate` holds the
 //! agent link to it instead (`agent::orchestrate::bandwidth`).
-use std::{collections::HashSet, path::Path, sync::atomic::Ordering, time::Duration};
+mod ideal;
+mod summary;
 
-use agent::migration::stream::{Sink, StreamParser, PAGE_SIZE};
+use std::{path::Path, sync::atomic::Ordering, time::Duration};
+
+use agent::migration::stream::PAGE_SIZE;
 use anyhow::Context;
 use serde_json::{json, Value};
 
@@ -45,6 +48,8 @@ use crate::{
     relay::Relay,
     sh,
 };
+
+use self::{ideal::stream_content, summary::summary};
 
 /// 1 Gbit/s in bytes per second.
 pub const LINK: u64 = 125_000_000;
@@ -525,148 +530,4 @@ fn round(
         ideal_pct: pct(ideal),
         ideal_dup_pct: pct(ideal_dup),
     })
-}
-
-/// Median and range over the rounds: of every run's time and downtime, of the ratios the
-/// issue's targets are about (with how many rounds met them), and of the link bytes.
-fn summary(rounds: &[Round]) {
-    let spread = |mut v: Vec<f64>, unit: &str, digits: usize| {
-        v.sort_by(f64::total_cmp);
-        let (lo, mid, hi) = (v[0], v[v.len() / 2], v[v.len() - 1]);
-        format!("{mid:.digits$}{unit} ({lo:.digits$} to {hi:.digits$})")
-    };
-    // Total time, downtime and guest pause of one run.
-    let of = |round: &Round, name: &str| -> [f64; 3] {
-        let r = row(&round.rows, name);
-        [r.total_ms, r.downtime_ms, r.paused_ms].map(|v| v as f64)
-    };
-    // One of those figures over the rounds.
-    let each =
-        |name: &str, i: usize| -> Vec<f64> { rounds.iter().map(|x| of(x, name)[i]).collect() };
-    println!();
-    println!("Over {} rounds: median (lowest to highest).", rounds.len());
-    println!();
-    println!("| run | total time | downtime | guest paused |");
-    println!("| --- | ---: | ---: | ---: |");
-    for r in &rounds[0].rows {
-        println!(
-            "| {} | {} | {} | {} |",
-            r.name,
-            spread(each(r.name, 0), " ms", 0),
-            spread(each(r.name, 1), " ms", 0),
-            spread(each(r.name, 2), " ms", 0)
-        );
-    }
-    println!();
-    println!("| ratio | total time | downtime | guest paused | rounds with time <= 0.45x | rounds with downtime <= 1.1x |");
-    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
-    for (label, ours, theirs, targets) in COMPARISONS {
-        let ratios = |i: usize| -> Vec<f64> {
-            rounds
-                .iter()
-                .map(|x| of(x, ours)[i] / of(x, theirs)[i].max(1.0))
-                .collect()
-        };
-        let (time, down, paused) = (ratios(0), ratios(1), ratios(2));
-        let met = |v: &[f64], limit: f64| match targets {
-            true => format!(
-                "{} of {}",
-                v.iter().filter(|&&x| x <= limit).count(),
-                v.len()
-            ),
-            false => "-".to_string(),
-        };
-        println!(
-            "| {label} | {} | {} | {} | {} | {} |",
-            spread(time.clone(), "x", 2),
-            spread(down.clone(), "x", 2),
-            spread(paused, "x", 2),
-            met(&time, 0.45),
-            met(&down, 1.1),
-        );
-    }
-    let ms = |f: fn(&Round) -> Duration| {
-        spread(
-            rounds.iter().map(|r| f(r).as_secs_f64() * 1e3).collect(),
-            " ms",
-            0,
-        )
-    };
-    println!();
-    println!(
-        "Touching twice the guest's RAM of fresh memory: {}; again right after freeing it: {}.",
-        ms(|r| r.touch.first),
-        ms(|r| r.touch.again),
-    );
-    let pcts = |f: fn(&Round) -> f64| spread(rounds.iter().map(f).collect(), "%", 1);
-    let points = |f: fn(&Round) -> f64| {
-        spread(
-            rounds.iter().map(|r| r.link_pct - f(r)).collect(),
-            " points",
-            2,
-        )
-    };
-    println!();
-    println!(
-        "Link bytes (unlimited runs): {} of QEMU's before compression, {} as sent; against the \
-         ideal from NAS pages ({}): {}; against the ideal from NAS pages and repeats ({}): {} \
-         (before compression; negative: below the ideal).",
-        pcts(|r| r.link_pct),
-        pcts(|r| r.sent_pct),
-        pcts(|r| r.ideal_pct),
-        points(|r| r.ideal_pct),
-        pcts(|r| r.ideal_dup_pct),
-        points(|r| r.ideal_dup_pct),
-    );
-}
-
-/// What the offline ideal needs to know of a recorded stream.
-struct StreamContent {
-    bytes: u64,
-    /// PAGE records whose content is a 4 KiB block of the disk.
-    on_nas: u64,
-    /// PAGE records whose content an earlier PAGE record of the stream already carried.
-    repeats: u64,
-    /// Of those, the ones whose content is not on the disk.
-    repeats_off_nas: u64,
-}
-
-/// Hashes every PAGE record of `stream` against the blocks of `disk` and against the pages
-/// before it.
-fn stream_content(stream: &[u8], disk: &Path) -> anyhow::Result<StreamContent> {
-    let disk = std::fs::read(disk)?;
-    let blocks: HashSet<[u8; 32]> = disk
-        .chunks_exact(PAGE_SIZE)
-        .filter(|b| b.iter().any(|&x| x != 0))
-        .map(blockhash::hash)
-        .collect();
-    struct Count<'a> {
-        blocks: &'a HashSet<[u8; 32]>,
-        seen: HashSet<[u8; 32]>,
-        content: StreamContent,
-    }
-    impl Sink for Count<'_> {
-        fn verbatim(&mut self, _: &[u8]) {}
-        fn page(&mut self, p: &[u8; PAGE_SIZE]) {
-            let hash = blockhash::hash(p);
-            let on_nas = self.blocks.contains(&hash);
-            let repeat = !self.seen.insert(hash);
-            let c = &mut self.content;
-            c.on_nas += u64::from(on_nas);
-            c.repeats += u64::from(repeat);
-            c.repeats_off_nas += u64::from(repeat && !on_nas);
-        }
-    }
-    let mut count = Count {
-        blocks: &blocks,
-        seen: HashSet::new(),
-        content: StreamContent {
-            bytes: stream.len() as u64,
-            on_nas: 0,
-            repeats: 0,
-            repeats_off_nas: 0,
-        },
-    };
-    StreamParser::new().feed(stream, &mut count);
-    Ok(count.content)
 }
