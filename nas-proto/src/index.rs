@@ -6,6 +6,8 @@
 //! chunking of a byte stream. See `docs/index-protocol.md` for the conversation.
 use blockhash::Hash;
 
+use crate::cursor::{Cursor, Malformed};
+
 /// Protocol version spoken by this build.
 pub const VERSION: u16 = 2;
 /// Largest frame (type byte + payload).
@@ -152,50 +154,9 @@ pub enum FrameError {
     Malformed(&'static str),
 }
 
-struct Reader<'a>(&'a [u8]);
-
-impl<'a> Reader<'a> {
-    fn bytes(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], FrameError> {
-        if self.0.len() < n {
-            return Err(FrameError::Malformed(what));
-        }
-        let (a, b) = self.0.split_at(n);
-        self.0 = b;
-        Ok(a)
-    }
-    fn u8(&mut self, what: &'static str) -> Result<u8, FrameError> {
-        Ok(self.bytes(1, what)?[0])
-    }
-    fn u16(&mut self, what: &'static str) -> Result<u16, FrameError> {
-        Ok(u16::from_be_bytes(self.bytes(2, what)?.try_into().unwrap()))
-    }
-    fn u32(&mut self, what: &'static str) -> Result<u32, FrameError> {
-        Ok(u32::from_be_bytes(self.bytes(4, what)?.try_into().unwrap()))
-    }
-    fn u64(&mut self, what: &'static str) -> Result<u64, FrameError> {
-        Ok(u64::from_be_bytes(self.bytes(8, what)?.try_into().unwrap()))
-    }
-    fn hash(&mut self, what: &'static str) -> Result<Hash, FrameError> {
-        Ok(self.bytes(32, what)?.try_into().unwrap())
-    }
-    fn string(&mut self, what: &'static str) -> Result<String, FrameError> {
-        let n = self.u16(what)? as usize;
-        String::from_utf8(self.bytes(n, what)?.to_vec()).map_err(|_| FrameError::Malformed(what))
-    }
-    /// A count whose items take `item` bytes each, checked against what is left.
-    fn count(&mut self, max: u32, item: usize, what: &'static str) -> Result<u32, FrameError> {
-        let n = self.u32(what)?;
-        if n > max || (n as usize).saturating_mul(item) > self.0.len() {
-            return Err(FrameError::Malformed(what));
-        }
-        Ok(n)
-    }
-    fn end(&self) -> Result<(), FrameError> {
-        if self.0.is_empty() {
-            Ok(())
-        } else {
-            Err(FrameError::Malformed("trailing bytes"))
-        }
+impl From<Malformed> for FrameError {
+    fn from(m: Malformed) -> Self {
+        FrameError::Malformed(m.0)
     }
 }
 
@@ -223,7 +184,7 @@ impl Frame {
             return Err(FrameError::Incomplete);
         }
         let kind = buf[4];
-        let mut r = Reader(&buf[5..total]);
+        let mut r = Cursor::new(&buf[5..total]);
         let frame = match kind {
             T_HELLO => {
                 let version = r.u16("version")?;
@@ -232,7 +193,7 @@ impl Frame {
                     return Err(FrameError::Malformed("too many exports"));
                 }
                 let exports = (0..n)
-                    .map(|_| r.string("export name"))
+                    .map(|_| r.string_u16("export name"))
                     .collect::<Result<_, _>>()?;
                 Frame::Hello { version, exports }
             }
@@ -244,7 +205,7 @@ impl Frame {
                     let id = r.u32("export id")?;
                     let size = r.u64("export size")?;
                     let shared = r.u8("export flags")? & 1 != 0;
-                    let name = r.string("export name")?;
+                    let name = r.string_u16("export name")?;
                     exports.push(ExportInfo {
                         id,
                         size,
@@ -257,7 +218,9 @@ impl Frame {
             T_LOOKUP => {
                 let id = r.u32("request id")?;
                 let n = r.count(MAX_BATCH, 32, "hash count")?;
-                let hashes = (0..n).map(|_| r.hash("hash")).collect::<Result<_, _>>()?;
+                let hashes = (0..n)
+                    .map(|_| r.array::<32>("hash"))
+                    .collect::<Result<_, _>>()?;
                 Frame::Lookup { id, hashes }
             }
             T_LOOKUP_REPLY => {
@@ -284,7 +247,7 @@ impl Frame {
                 let mut hashes = Vec::with_capacity(n as usize);
                 for _ in 0..n {
                     let present = r.u8("present")?;
-                    let hash = r.hash("hash")?;
+                    let hash = r.array::<32>("hash")?;
                     hashes.push((present == 1).then_some(hash));
                 }
                 Frame::BlockHashesReply { id, hashes }
@@ -309,10 +272,10 @@ impl Frame {
                         return Err(FrameError::Malformed("unknown entry flags"));
                     }
                     let hash = (flags & HOT_HASH != 0)
-                        .then(|| r.hash("hash"))
+                        .then(|| r.array::<32>("hash"))
                         .transpose()?;
                     let was = (flags & HOT_WAS != 0)
-                        .then(|| r.hash("previous hash"))
+                        .then(|| r.array::<32>("previous hash"))
                         .transpose()?;
                     entries.push(HotEntry { block, hash, was });
                 }
@@ -326,7 +289,7 @@ impl Frame {
                 let id = r.u32("request id")?;
                 let code = ErrorCode::from_u16(r.u16("error code")?)
                     .ok_or(FrameError::Malformed("unknown error code"))?;
-                let message = r.string("message")?;
+                let message = r.string_u16("message")?;
                 Frame::Error { id, code, message }
             }
             _ => return Err(FrameError::Malformed("unknown frame type")),

@@ -1,6 +1,8 @@
 //! The storage side's wire formats, shared by the server (`nas-server`) and its clients
 //! (`nas-client`, the agents, the tests).
 //!
+//! - [`cursor`]: the byte cursor every check-then-parse reader shares (this crate's, nas-server's
+//!   NBD option parser, the agent link's).
 //! - [`nbd`]: NBD constants, limits and the protocol's error values (pure).
 //! - [`index`]: index-service frames, encoded and parsed as pure functions over bytes
 //!   (check-then-parse: [`index::FrameError::Incomplete`] until a whole frame is there).
@@ -10,6 +12,7 @@
 //!
 //! Bytes from a socket flow through [`net`] into the parsers here and out as typed frames;
 //! nothing here keeps state across frames.
+pub mod cursor;
 pub mod endpoint;
 pub mod index;
 pub mod nbd;

@@ -27,6 +27,8 @@
 //! serve (another version, or an `incoming` address its policy refuses, see
 //! [`super::incoming`]) with ERROR instead of HELLO_ACK. Decoding is pure and
 //! check-then-parse, like the index protocol.
+use nas_proto::cursor::{Cursor, Malformed};
+
 use crate::migration::stream::PAGE_SIZE;
 
 pub const VERSION: u16 = 2;
@@ -137,41 +139,17 @@ pub enum LinkError {
     Malformed(&'static str),
 }
 
-struct Reader<'a>(&'a [u8]);
+impl From<Malformed> for LinkError {
+    fn from(m: Malformed) -> Self {
+        LinkError::Malformed(m.0)
+    }
+}
 
-impl<'a> Reader<'a> {
-    fn bytes(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], LinkError> {
-        if self.0.len() < n {
-            return Err(LinkError::Malformed(what));
-        }
-        let (a, b) = self.0.split_at(n);
-        self.0 = b;
-        Ok(a)
-    }
-    fn u16(&mut self, w: &'static str) -> Result<u16, LinkError> {
-        Ok(u16::from_be_bytes(self.bytes(2, w)?.try_into().unwrap()))
-    }
-    fn u32(&mut self, w: &'static str) -> Result<u32, LinkError> {
-        Ok(u32::from_be_bytes(self.bytes(4, w)?.try_into().unwrap()))
-    }
-    fn u64(&mut self, w: &'static str) -> Result<u64, LinkError> {
-        Ok(u64::from_be_bytes(self.bytes(8, w)?.try_into().unwrap()))
-    }
-    fn string(&mut self, w: &'static str) -> Result<String, LinkError> {
-        let n = self.u32(w)? as usize;
-        String::from_utf8(self.bytes(n, w)?.to_vec()).map_err(|_| LinkError::Malformed(w))
-    }
-    fn page(&mut self) -> Result<Box<[u8; PAGE_SIZE]>, LinkError> {
-        let mut p = Box::new([0u8; PAGE_SIZE]);
-        p.copy_from_slice(self.bytes(PAGE_SIZE, "page")?);
-        Ok(p)
-    }
-    fn hash(&mut self) -> Result<Hash, LinkError> {
-        Ok(self.bytes(32, "hash")?.try_into().unwrap())
-    }
-    fn rest(&mut self) -> Vec<u8> {
-        std::mem::take(&mut self.0).to_vec()
-    }
+/// A page payload, boxed.
+fn page(r: &mut Cursor<'_>) -> Result<Box<[u8; PAGE_SIZE]>, Malformed> {
+    let mut p = Box::new([0u8; PAGE_SIZE]);
+    p.copy_from_slice(r.bytes(PAGE_SIZE, "page")?);
+    Ok(p)
 }
 
 /// Appends a RAW frame carrying `data`, without building a [`LinkFrame::Raw`].
@@ -234,18 +212,18 @@ impl LinkFrame {
         if buf.len() < total {
             return Err(LinkError::Incomplete);
         }
-        let mut r = Reader(&buf[5..total]);
+        let mut r = Cursor::new(&buf[5..total]);
         let frame = match buf[4] {
             T_HELLO => {
                 let version = r.u16("version")?;
-                let vm = r.string("vm")?;
+                let vm = r.string_u32("vm")?;
                 let n = r.u16("export count")?;
                 let mut exports = Vec::new();
                 for _ in 0..n {
-                    exports.push((r.u32("export id")?, r.string("export name")?));
+                    exports.push((r.u32("export id")?, r.string_u32("export name")?));
                 }
-                let nas = r.string("nas")?;
-                let incoming = r.string("incoming")?;
+                let nas = r.string_u32("nas")?;
+                let incoming = r.string_u32("incoming")?;
                 let caps = r.u32("caps")?;
                 LinkFrame::Hello(Hello {
                     version,
@@ -256,13 +234,13 @@ impl LinkFrame {
                     caps,
                 })
             }
-            T_RAW => LinkFrame::Raw(r.rest()),
-            T_PAGE => LinkFrame::Page(r.page()?),
+            T_RAW => LinkFrame::Raw(r.rest().to_vec()),
+            T_PAGE => LinkFrame::Page(page(&mut r)?),
             T_MAPPED => LinkFrame::Mapped {
                 seq: r.u64("seq")?,
                 export: r.u32("export")?,
                 offset: r.u64("offset")?,
-                hash: r.hash()?,
+                hash: r.array::<32>("hash")?,
             },
             T_DUP => LinkFrame::Dup {
                 ordinal: r.u64("ordinal")?,
@@ -274,15 +252,15 @@ impl LinkFrame {
                 }
                 LinkFrame::Zstd {
                     raw_len,
-                    data: r.rest(),
+                    data: r.rest().to_vec(),
                 }
             }
             T_FALLBACK_DATA => LinkFrame::FallbackData {
                 seq: r.u64("seq")?,
-                page: r.page()?,
+                page: page(&mut r)?,
             },
             T_END => LinkFrame::End {
-                stats: r.string("stats")?,
+                stats: r.string_u32("stats")?,
             },
             T_HELLO_ACK => LinkFrame::HelloAck {
                 version: r.u16("version")?,
@@ -291,7 +269,7 @@ impl LinkFrame {
             T_ACK => LinkFrame::Ack {
                 mapped: r.u64("mapped")?,
                 credit: r.u64("credit")?,
-                received: match r.0.is_empty() {
+                received: match r.remaining() == 0 {
                     true => None,
                     false => Some(r.u64("received")?),
                 },
@@ -301,17 +279,15 @@ impl LinkFrame {
                 let ok = r.bytes(1, "ok")?[0] != 0;
                 LinkFrame::Done {
                     ok,
-                    stats: r.string("stats")?,
+                    stats: r.string_u32("stats")?,
                 }
             }
             T_ERROR => LinkFrame::Error {
-                message: r.string("message")?,
+                message: r.string_u32("message")?,
             },
             _ => return Err(LinkError::Malformed("unknown frame type")),
         };
-        if !r.0.is_empty() {
-            return Err(LinkError::Malformed("trailing bytes"));
-        }
+        r.end()?;
         Ok((frame, total))
     }
 

@@ -18,7 +18,10 @@ use std::{io, sync::Arc};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::export::{ExportEntry, Exports};
-use nas_proto::nbd::*;
+use nas_proto::{
+    cursor::{Cursor, Malformed},
+    nbd::*,
+};
 
 /// Options accepted before the client must pick an export; more is treated as abuse.
 const MAX_OPTIONS: usize = 256;
@@ -81,49 +84,25 @@ pub struct MetaRequest {
     pub queries: Vec<String>,
 }
 
-/// Reads big-endian fields from an option payload, checking length first.
-struct Fields<'a>(&'a [u8]);
-
-impl<'a> Fields<'a> {
-    fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], BadOption> {
-        if self.0.len() < n {
-            return Err(BadOption(what));
-        }
-        let (head, tail) = self.0.split_at(n);
-        self.0 = tail;
-        Ok(head)
+impl From<Malformed> for BadOption {
+    fn from(m: Malformed) -> Self {
+        BadOption(m.0)
     }
+}
 
-    fn u16(&mut self, what: &'static str) -> Result<u16, BadOption> {
-        Ok(u16::from_be_bytes(self.take(2, what)?.try_into().unwrap()))
+/// An option payload's string: `u32 length`, at most [`MAX_STRING`] bytes of UTF-8.
+fn string(f: &mut Cursor<'_>, what: &'static str) -> Result<String, BadOption> {
+    let len = f.u32(what)? as usize;
+    if len > MAX_STRING {
+        return Err(BadOption("string longer than 4096 bytes"));
     }
-
-    fn u32(&mut self, what: &'static str) -> Result<u32, BadOption> {
-        Ok(u32::from_be_bytes(self.take(4, what)?.try_into().unwrap()))
-    }
-
-    fn string(&mut self, what: &'static str) -> Result<String, BadOption> {
-        let len = self.u32(what)? as usize;
-        if len > MAX_STRING {
-            return Err(BadOption("string longer than 4096 bytes"));
-        }
-        String::from_utf8(self.take(len, what)?.to_vec())
-            .map_err(|_| BadOption("string is not UTF-8"))
-    }
-
-    fn end(&self) -> Result<(), BadOption> {
-        if self.0.is_empty() {
-            Ok(())
-        } else {
-            Err(BadOption("trailing bytes"))
-        }
-    }
+    String::from_utf8(f.bytes(len, what)?.to_vec()).map_err(|_| BadOption("string is not UTF-8"))
 }
 
 /// `u32 name length, name, u16 count, count x u16 info type`.
 pub fn parse_info_request(data: &[u8]) -> Result<InfoRequest, BadOption> {
-    let mut f = Fields(data);
-    let name = f.string("export name")?;
+    let mut f = Cursor::new(data);
+    let name = string(&mut f, "export name")?;
     let count = f.u16("info count")?;
     let infos = (0..count)
         .map(|_| f.u16("info type"))
@@ -134,12 +113,12 @@ pub fn parse_info_request(data: &[u8]) -> Result<InfoRequest, BadOption> {
 
 /// `u32 export length, export, u32 count, count x (u32 length, query)`.
 pub fn parse_meta_request(data: &[u8]) -> Result<MetaRequest, BadOption> {
-    let mut f = Fields(data);
-    let export = f.string("export name")?;
+    let mut f = Cursor::new(data);
+    let export = string(&mut f, "export name")?;
     let count = f.u32("query count")?;
     let mut queries = Vec::new();
     for _ in 0..count {
-        queries.push(f.string("query")?);
+        queries.push(string(&mut f, "query")?);
     }
     f.end()?;
     Ok(MetaRequest { export, queries })
