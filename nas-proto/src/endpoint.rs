@@ -9,20 +9,35 @@ pub enum Endpoint {
     Unix(PathBuf),
 }
 
+/// Why a string is not an [`Endpoint`].
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum EndpointError {
+    #[error("unix: needs a socket path")]
+    NoPath,
+    #[error("{given:?} is neither HOST:PORT nor unix:PATH: {reason}")]
+    Neither {
+        given: String,
+        reason: std::net::AddrParseError,
+    },
+}
+
 impl std::str::FromStr for Endpoint {
-    type Err = String;
+    type Err = EndpointError;
 
     /// `HOST:PORT` or `unix:PATH`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         if let Some(path) = s.strip_prefix("unix:") {
             if path.is_empty() {
-                return Err("unix: needs a socket path".into());
+                return Err(EndpointError::NoPath);
             }
             return Ok(Self::Unix(path.into()));
         }
         s.parse()
             .map(Self::Tcp)
-            .map_err(|e| format!("{s:?} is neither HOST:PORT nor unix:PATH: {e}"))
+            .map_err(|reason| EndpointError::Neither {
+                given: s.to_string(),
+                reason,
+            })
     }
 }
 

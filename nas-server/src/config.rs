@@ -50,7 +50,7 @@ pub enum ConfigError {
     Listen {
         path: PathBuf,
         value: String,
-        reason: String,
+        reason: nas_proto::endpoint::EndpointError,
     },
 }
 

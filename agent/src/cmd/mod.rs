@@ -8,7 +8,7 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use agent::{migration::compress::Compression, orchestrate::StreamSpec};
 use anyhow::Context;
-use nas_proto::Endpoint;
+use nas_proto::{endpoint::EndpointError, Endpoint};
 
 /// What the source side needs to know about a VM's stream, shared by `migrate` and `source`.
 #[derive(Debug, clap::Args)]
@@ -54,7 +54,7 @@ impl From<StreamArgs> for StreamSpec {
 
 /// Where the local QEMU sends its migration stream: `HOST:PORT`, `tcp:HOST:PORT` (QEMU's own
 /// spelling) or `unix:PATH`.
-pub fn parse_qemu_listen(s: &str) -> Result<Endpoint, String> {
+pub fn parse_qemu_listen(s: &str) -> Result<Endpoint, EndpointError> {
     s.strip_prefix("tcp:").unwrap_or(s).parse()
 }
 

@@ -15,7 +15,7 @@ pub enum SourceError {
     Link(#[from] LinkFailure),
     /// The index service answered out of turn; the migration stops rather than guess.
     #[error("index service broke the protocol: {0}")]
-    IndexReply(String),
+    IndexReply(#[from] IndexReplyError),
     #[error("the target agent refused: {0}")]
     Refused(String),
     #[error("the target agent reported failure: {0}")]
@@ -46,6 +46,17 @@ pub enum LinkFailure {
     EmitterTask(tokio::task::JoinError),
     #[error("{0}")]
     BackTask(tokio::task::JoinError),
+}
+
+/// How an index service's reply did not fit the lookups the source sent.
+#[derive(Debug, thiserror::Error)]
+pub enum IndexReplyError {
+    #[error("unexpected index frame {0}")]
+    Unexpected(String),
+    #[error("lookup reply without a request")]
+    NoRequest,
+    #[error("lookup reply {got} does not match request {want}")]
+    Mismatch { got: u32, want: u32 },
 }
 
 /// Why the back channel ended before DONE.

@@ -11,6 +11,7 @@ use nas_proto::{index::Frame, Endpoint};
 
 use super::{
     collect::{Batch, Item},
+    error::IndexReplyError,
     SourceError,
 };
 use crate::migration::report::Counters;
@@ -36,19 +37,15 @@ pub(super) fn resolve(
     counters: &Counters,
 ) -> Result<(), SourceError> {
     let Frame::LookupReply { id, found } = reply else {
-        return Err(SourceError::IndexReply(format!(
-            "unexpected index frame {reply:?}"
-        )));
+        return Err(IndexReplyError::Unexpected(format!("{reply:?}")).into());
     };
     let batch = batches
         .iter_mut()
         .find(|b| b.lookup.is_some())
-        .ok_or_else(|| SourceError::IndexReply("lookup reply without a request".into()))?;
+        .ok_or(IndexReplyError::NoRequest)?;
     let (want, indexes) = batch.lookup.take().expect("found above");
     if want != id || indexes.len() != found.len() {
-        return Err(SourceError::IndexReply(format!(
-            "lookup reply {id} does not match request {want}"
-        )));
+        return Err(IndexReplyError::Mismatch { got: id, want }.into());
     }
     counters.lookups.end(1);
     for (n, f) in indexes.into_iter().zip(found) {
