@@ -60,6 +60,10 @@ impl Lab {
         std::fs::create_dir_all(dir)?;
         let disk = dir.join("disk.raw");
         std::fs::write(&disk, testkit::pattern(2026, 256 << 20))?;
+        // On disk before any guest boots: otherwise the first migration's pause includes the
+        // host writing the fresh image back (QEMU flushes the disk while the guest is stopped,
+        // and nas-server turns that into a sync), and whichever method runs first pays for it.
+        std::fs::File::open(&disk)?.sync_all()?;
         let nas = nas_server(dir, &disk, NBD_PORT, INDEX_PORT)?;
         let agent = Daemon(
             Command::new(release_bin("agent"))
