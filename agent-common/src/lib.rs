@@ -5,8 +5,19 @@
 //! maps. The `user` feature implements `aya::Pod` so user space can read the maps directly.
 #![no_std]
 
+pub mod syscalls;
+
 /// Map names, shared so neither side can drift from the other.
 pub mod maps {
+    /// `HashMap<syscalls::FdKey, u32>`: the (process, fd) pairs whose I/O syscalls are followed.
+    pub const FOLLOWED: &str = "FOLLOWED";
+    /// `HashMap<u64, syscalls::PendingCall>`: a followed call's arguments, from its entry to its
+    /// exit, by thread (`pid_tgid`).
+    pub const IO_CALLS: &str = "IO_CALLS";
+    /// `RingBuf` of [`super::syscalls::IoEvent`], in the order the calls returned.
+    pub const IO_EVENTS: &str = "IO_EVENTS";
+    /// `PerCpuArray<u64>` indexed by [`super::syscalls::SyscallDrop`].
+    pub const SYSCALL_DROPS: &str = "SYSCALL_DROPS";
     /// `PerCpuHashMap<IoKey, IoCount>`: block requests issued, per device and process.
     pub const IO_COUNTS: &str = "IO_COUNTS";
     /// `PerCpuArray<u64>` indexed by [`super::IoDrop`]: events that could not be counted.
@@ -17,6 +28,27 @@ pub mod maps {
 pub mod programs {
     /// Tracepoint program attached to `block:block_rq_issue`.
     pub const BLOCK_RQ_ISSUE: &str = "block_rq_issue";
+    /// The syscall tracepoints of the I/O follower: (program, tracepoint in `syscalls`).
+    pub const SYSCALLS: [(&str, &str); 18] = [
+        ("enter_recvmsg", "sys_enter_recvmsg"),
+        ("exit_recvmsg", "sys_exit_recvmsg"),
+        ("enter_sendmsg", "sys_enter_sendmsg"),
+        ("exit_sendmsg", "sys_exit_sendmsg"),
+        ("enter_pread64", "sys_enter_pread64"),
+        ("exit_pread64", "sys_exit_pread64"),
+        ("enter_pwrite64", "sys_enter_pwrite64"),
+        ("exit_pwrite64", "sys_exit_pwrite64"),
+        ("enter_preadv", "sys_enter_preadv"),
+        ("exit_preadv", "sys_exit_preadv"),
+        ("enter_pwritev", "sys_enter_pwritev"),
+        ("exit_pwritev", "sys_exit_pwritev"),
+        ("enter_preadv2", "sys_enter_preadv2"),
+        ("exit_preadv2", "sys_exit_preadv2"),
+        ("enter_pwritev2", "sys_enter_pwritev2"),
+        ("exit_pwritev2", "sys_exit_pwritev2"),
+        ("enter_madvise", "sys_enter_madvise"),
+        ("exit_madvise", "sys_exit_madvise"),
+    ];
 }
 
 /// Global variables the loader patches into the object before loading it.
@@ -87,10 +119,13 @@ pub const fn split_kernel_dev(dev: u32) -> (u32, u32) {
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: both types are #[repr(C)], made only of u32/u64 with no padding, so every bit
-    // pattern is a valid value.
+    // SAFETY: every type here is #[repr(C)], made only of integers and integer arrays with no
+    // padding, so every bit pattern is a valid value.
     unsafe impl aya::Pod for super::IoKey {}
     unsafe impl aya::Pod for super::IoCount {}
+    unsafe impl aya::Pod for super::syscalls::FdKey {}
+    unsafe impl aya::Pod for super::syscalls::PendingCall {}
+    unsafe impl aya::Pod for super::syscalls::IoEvent {}
 }
 
 #[cfg(test)]

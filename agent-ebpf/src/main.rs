@@ -1,5 +1,8 @@
 //! eBPF programs of the agent: kernel-side telemetry on guests' disk I/O.
 //!
+//! [`syscalls`] follows QEMU's own I/O syscalls for the (process, fd) pairs user space names,
+//! into a ring buffer of events; below, the block-layer counter.
+//!
 //! `block_rq_issue` runs on the `block:block_rq_issue` tracepoint and counts requests and bytes
 //! per (device, process) into `IO_COUNTS`. Events that cannot be counted are never lost
 //! silently: they are tallied in `IO_DROPS`, which the agent exports. Field offsets of the
@@ -7,6 +10,8 @@
 //! globals below before loading.
 #![no_std]
 #![no_main]
+
+mod syscalls;
 
 use agent_common::{IoCount, IoDrop, IoKey, IO_COUNTS_CAPACITY};
 use aya_ebpf::{

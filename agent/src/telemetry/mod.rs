@@ -1,8 +1,16 @@
 //! Kernel telemetry on guests: loading the eBPF programs and reading what they count.
+//!
+//! [`block_io`] counts host block requests per disk and process; [`follower`] follows QEMU's
+//! own I/O syscalls on the fds it is told, as a stream of events, which [`nbd_decode`] turns
+//! back into the NBD conversation they carried. [`loader`] finds and loads the object,
+//! [`tracefs`] reads tracepoint layouts, [`device`] names disks.
 pub mod block_io;
 pub mod device;
+pub mod follower;
 pub mod loader;
+pub mod nbd_decode;
 pub mod tracefs;
 
 pub use block_io::{BlockIoProbe, IoSnapshot, ProgramCost};
+pub use follower::IoFollower;
 pub use loader::{ObjectSource, TelemetryError};

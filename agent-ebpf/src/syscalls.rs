@@ -1,0 +1,350 @@
+//! The I/O follower: syscall tracepoints on the calls through which QEMU moves guest data
+//! (recvmsg/sendmsg on NBD sockets, pread/pwrite and their vectored forms on image files) and
+//! on madvise, for the (process, fd) pairs user space put in `FOLLOWED`.
+//!
+//! At entry a followed call's arguments go to `IO_CALLS` under the calling thread; at exit
+//! they come out again and, unless the call failed, become one `IoEvent` in the `IO_EVENTS`
+//! ring buffer: the bytes moved, the iovec list, and the data itself when the call moved at
+//! most `HEAD_BYTES` (an NBD header or offset). Whatever cannot be recorded is counted in
+//! `SYSCALL_DROPS` by reason.
+use agent_common::syscalls::{
+    CallShape, FdKey, IoEvent, IoKind, IoVec, PendingCall, SyscallDrop, CALLS_CAPACITY,
+    EVENTS_BYTES, FD_ANY, FD_MEMORY, FOLLOWED_CAPACITY, HEAD_BYTES, MAX_IOV,
+};
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user, generated},
+    macros::{map, tracepoint},
+    maps::{HashMap, PerCpuArray, RingBuf},
+    programs::TracePointContext,
+};
+
+#[map]
+static FOLLOWED: HashMap<FdKey, u32> = HashMap::with_max_entries(FOLLOWED_CAPACITY, 0);
+
+#[map]
+static IO_CALLS: HashMap<u64, PendingCall> = HashMap::with_max_entries(CALLS_CAPACITY, 0);
+
+#[map]
+static IO_EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+
+#[map]
+static SYSCALL_DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(SyscallDrop::COUNT, 0);
+
+/// Offset of the first syscall argument in a `syscalls:sys_enter_*` record (after the common
+/// fields and `__syscall_nr`); each argument takes 8 bytes. `ret` sits there in `sys_exit_*`.
+const ARG0: usize = 16;
+
+/// `madvise` advice values that drop a range's contents.
+const MADV_DONTNEED: u64 = 4;
+const MADV_FREE: u64 = 8;
+const MADV_REMOVE: u64 = 9;
+
+/// Offsets in `struct user_msghdr` (x86_64): `msg_iov` and `msg_iovlen`.
+const MSG_IOV: u64 = 16;
+const MSG_IOVLEN: u64 = 24;
+
+#[inline(always)]
+fn drop_event(why: SyscallDrop) {
+    if let Some(slot) = SYSCALL_DROPS.get_ptr_mut(why as u32) {
+        // SAFETY: per-CPU slot: no other CPU writes it and this program is not preempted.
+        unsafe { *slot += 1 };
+    }
+}
+
+#[inline(always)]
+fn arg(ctx: &TracePointContext, n: usize) -> u64 {
+    // SAFETY: read_at goes through bpf_probe_read, which checks the access.
+    unsafe { ctx.read_at::<u64>(ARG0 + 8 * n) }.unwrap_or(0)
+}
+
+#[inline(always)]
+fn followed(tgid: u32, fd: u32) -> bool {
+    // SAFETY: lookups copy nothing out and the keys live on this stack.
+    unsafe {
+        FOLLOWED.get(FdKey { tgid, fd }).is_some()
+            || FOLLOWED.get(FdKey { tgid, fd: FD_ANY }).is_some()
+    }
+}
+
+/// Keeps a followed call's arguments until its exit.
+#[inline(always)]
+fn enter(kind: IoKind, shape: CallShape, fd: u64, ptr: u64, len: u64, offset: u64) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    let fd = fd as u32;
+    let wanted = match kind {
+        IoKind::Discard => followed(tgid, FD_MEMORY) || followed(tgid, FD_ANY),
+        _ => followed(tgid, fd),
+    };
+    if !wanted {
+        return 0;
+    }
+    let call = PendingCall {
+        kind: kind as u32,
+        shape: shape as u32,
+        fd,
+        reserved: 0,
+        ptr,
+        len,
+        offset,
+    };
+    if IO_CALLS.insert(pid_tgid, call, 0).is_err() {
+        drop_event(SyscallDrop::CallsFull);
+    }
+    0
+}
+
+/// Turns the thread's pending call into an event, now that it returned `ret`.
+#[inline(always)]
+fn exit(ctx: &TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: the value is copied out before the entry is removed.
+    let Some(call) = (unsafe { IO_CALLS.get(pid_tgid) }).copied() else {
+        return 0;
+    };
+    let _ = IO_CALLS.remove(pid_tgid);
+    // SAFETY: as in `arg`.
+    let ret = unsafe { ctx.read_at::<i64>(ARG0) }.unwrap_or(-1);
+    if ret < 0 {
+        // Failed calls (EAGAIN on a non-blocking socket above all) moved nothing.
+        return 0;
+    }
+    let Some(kind) = IoKind::from_u32(call.kind) else {
+        return 0;
+    };
+    let Some(mut entry) = IO_EVENTS.reserve::<IoEvent>(0) else {
+        drop_event(SyscallDrop::RingFull);
+        return 0;
+    };
+    let ev = entry.as_mut_ptr();
+    // SAFETY: `ev` points at reserved ring-buffer memory the size of an IoEvent; every field is
+    // written before the entry is submitted.
+    unsafe {
+        (*ev).kind = call.kind;
+        (*ev).tgid = (pid_tgid >> 32) as u32;
+        (*ev).tid = pid_tgid as u32;
+        (*ev).fd = call.fd;
+        (*ev).ret = ret;
+        (*ev).offset = call.offset;
+        (*ev).reserved = 0;
+        (*ev).head_len = 0;
+        (*ev).iov_total = 0;
+        (*ev).iov_count = 0;
+        for b in 0..HEAD_BYTES {
+            (*ev).head[b] = 0;
+        }
+        for i in 0..MAX_IOV {
+            (*ev).iov[i] = IoVec { base: 0, len: 0 };
+        }
+        let (iov_ptr, iov_total) = if call.shape == CallShape::Msghdr as u32 {
+            let msg = call.ptr;
+            let iov = bpf_probe_read_user((msg + MSG_IOV) as *const u64);
+            let len = bpf_probe_read_user((msg + MSG_IOVLEN) as *const u64);
+            match (iov, len) {
+                (Ok(iov), Ok(len)) => (iov, len),
+                _ => {
+                    drop_event(SyscallDrop::ReadArgs);
+                    (0, 0)
+                }
+            }
+        } else if call.shape == CallShape::Vector as u32 {
+            (call.ptr, call.len)
+        } else {
+            // One buffer or one range.
+            (*ev).iov[0] = IoVec {
+                base: call.ptr,
+                len: call.len,
+            };
+            (*ev).iov_total = 1;
+            (*ev).iov_count = 1;
+            (0, 0)
+        };
+        if iov_ptr != 0 {
+            (*ev).iov_total = iov_total as u32;
+            let mut n = 0u32;
+            for i in 0..MAX_IOV {
+                if (i as u64) >= iov_total {
+                    break;
+                }
+                match bpf_probe_read_user((iov_ptr + 16 * i as u64) as *const IoVec) {
+                    Ok(v) => {
+                        (*ev).iov[i] = v;
+                        n += 1;
+                    }
+                    Err(_) => {
+                        drop_event(SyscallDrop::ReadArgs);
+                        break;
+                    }
+                }
+            }
+            (*ev).iov_count = n;
+            if iov_total > MAX_IOV as u64 {
+                drop_event(SyscallDrop::IovOverflow);
+            }
+        }
+        // Small transfers are copied whole: NBD headers, offsets and requests. A send's first
+        // iovec is copied when it is small (a request header ahead of its payload); a
+        // receive's data when the whole call moved at most HEAD_BYTES.
+        let first = (*ev).iov[0];
+        let small = match kind {
+            IoKind::Send => first.len <= HEAD_BYTES as u64 && first.len <= ret as u64,
+            IoKind::Recv => ret as u64 <= HEAD_BYTES as u64 && first.len >= ret as u64,
+            _ => false,
+        };
+        if small {
+            let want = if kind == IoKind::Send {
+                first.len
+            } else {
+                ret as u64
+            };
+            let n = (want as u32) & 0x3f;
+            if n > 0 && n <= HEAD_BYTES as u32 {
+                let rc = generated::bpf_probe_read_user(
+                    (*ev).head.as_mut_ptr().cast(),
+                    n,
+                    first.base as *const core::ffi::c_void,
+                );
+                if rc == 0 {
+                    (*ev).head_len = n;
+                } else {
+                    drop_event(SyscallDrop::ReadArgs);
+                }
+            }
+        }
+    }
+    entry.submit(0);
+    0
+}
+
+/// pread64/pwrite64: one buffer.
+#[inline(always)]
+fn enter_buffer(ctx: &TracePointContext, kind: IoKind) -> u32 {
+    enter(
+        kind,
+        CallShape::Buffer,
+        arg(ctx, 0),
+        arg(ctx, 1),
+        arg(ctx, 2),
+        arg(ctx, 3),
+    )
+}
+
+/// preadv/pwritev and their `2` forms: an iovec array; on x86_64 `pos_l` holds the offset.
+#[inline(always)]
+fn enter_vector(ctx: &TracePointContext, kind: IoKind) -> u32 {
+    enter(
+        kind,
+        CallShape::Vector,
+        arg(ctx, 0),
+        arg(ctx, 1),
+        arg(ctx, 2),
+        arg(ctx, 3),
+    )
+}
+
+/// recvmsg/sendmsg: the msghdr, read at exit.
+#[inline(always)]
+fn enter_msg(ctx: &TracePointContext, kind: IoKind) -> u32 {
+    enter(kind, CallShape::Msghdr, arg(ctx, 0), arg(ctx, 1), 0, 0)
+}
+
+#[tracepoint]
+pub fn enter_recvmsg(ctx: TracePointContext) -> u32 {
+    enter_msg(&ctx, IoKind::Recv)
+}
+
+#[tracepoint]
+pub fn exit_recvmsg(ctx: TracePointContext) -> u32 {
+    exit(&ctx)
+}
+
+#[tracepoint]
+pub fn enter_sendmsg(ctx: TracePointContext) -> u32 {
+    enter_msg(&ctx, IoKind::Send)
+}
+
+#[tracepoint]
+pub fn exit_sendmsg(ctx: TracePointContext) -> u32 {
+    exit(&ctx)
+}
+
+#[tracepoint]
+pub fn enter_pread64(ctx: TracePointContext) -> u32 {
+    enter_buffer(&ctx, IoKind::Read)
+}
+
+#[tracepoint]
+pub fn exit_pread64(ctx: TracePointContext) -> u32 {
+    exit(&ctx)
+}
+
+#[tracepoint]
+pub fn enter_pwrite64(ctx: TracePointContext) -> u32 {
+    enter_buffer(&ctx, IoKind::Write)
+}
+
+#[tracepoint]
+pub fn exit_pwrite64(ctx: TracePointContext) -> u32 {
+    exit(&ctx)
+}
+
+#[tracepoint]
+pub fn enter_preadv(ctx: TracePointContext) -> u32 {
+    enter_vector(&ctx, IoKind::Read)
+}
+
+#[tracepoint]
+pub fn exit_preadv(ctx: TracePointContext) -> u32 {
+    exit(&ctx)
+}
+
+#[tracepoint]
+pub fn enter_pwritev(ctx: TracePointContext) -> u32 {
+    enter_vector(&ctx, IoKind::Write)
+}
+
+#[tracepoint]
+pub fn exit_pwritev(ctx: TracePointContext) -> u32 {
+    exit(&ctx)
+}
+
+#[tracepoint]
+pub fn enter_preadv2(ctx: TracePointContext) -> u32 {
+    enter_vector(&ctx, IoKind::Read)
+}
+
+#[tracepoint]
+pub fn exit_preadv2(ctx: TracePointContext) -> u32 {
+    exit(&ctx)
+}
+
+#[tracepoint]
+pub fn enter_pwritev2(ctx: TracePointContext) -> u32 {
+    enter_vector(&ctx, IoKind::Write)
+}
+
+#[tracepoint]
+pub fn exit_pwritev2(ctx: TracePointContext) -> u32 {
+    exit(&ctx)
+}
+
+#[tracepoint]
+pub fn enter_madvise(ctx: TracePointContext) -> u32 {
+    let advice = arg(&ctx, 2);
+    if !matches!(advice, MADV_DONTNEED | MADV_FREE | MADV_REMOVE) {
+        return 0;
+    }
+    enter(
+        IoKind::Discard,
+        CallShape::Range,
+        0,
+        arg(&ctx, 0),
+        arg(&ctx, 1),
+        advice,
+    )
+}
+
+#[tracepoint]
+pub fn exit_madvise(ctx: TracePointContext) -> u32 {
+    exit(&ctx)
+}

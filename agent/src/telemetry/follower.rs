@@ -1,0 +1,174 @@
+//! The I/O follower's user side: loads and attaches the syscall tracepoints of `agent-ebpf`,
+//! says which (process, fd) pairs to follow, and drains their events from the ring buffer.
+//!
+//! ```text
+//! QEMU's recvmsg/sendmsg/pread/pwrite/madvise -> syscall tracepoints (FOLLOWED filter)
+//!   -> IO_EVENTS ring buffer -> IoFollower::next_events -> the NBD decoder / the map
+//! ```
+//! Events come in the order their calls returned. Drops are counted by the kernel side per
+//! reason ([`SyscallDrop`]) and read with [`IoFollower::drops`]; a consumer that sees the
+//! ring-full count move must treat every followed conversation as broken.
+use agent_common::{
+    maps,
+    programs::SYSCALLS,
+    syscalls::{FdKey, IoEvent, SyscallDrop},
+};
+use aya::{
+    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    programs::TracePoint,
+    Ebpf,
+};
+use tokio::{io::unix::AsyncFd, task::JoinHandle};
+
+use super::{
+    loader::{load_object, require_root, spawn_logger, ObjectSource, TelemetryError},
+    tracefs,
+};
+
+/// The attached syscall tracepoints and their maps.
+pub struct IoFollower {
+    ebpf: Ebpf,
+    events: AsyncFd<RingBuf<MapData>>,
+    followed: HashMap<MapData, FdKey, u32>,
+    logger: Option<JoinHandle<()>>,
+}
+
+impl IoFollower {
+    /// Loads the object and attaches every syscall tracepoint. Needs a tokio runtime.
+    pub fn attach(source: &ObjectSource) -> Result<Self, TelemetryError> {
+        require_root()?;
+        tracefs::ensure_mounted()?;
+        let mut ebpf = load_object(source, &[])?;
+        let logger = spawn_logger(&mut ebpf);
+        for (name, tracepoint) in SYSCALLS {
+            let program: &mut TracePoint = ebpf
+                .program_mut(name)
+                .ok_or(TelemetryError::Missing {
+                    kind: "program",
+                    name,
+                })?
+                .try_into()
+                .map_err(|source| TelemetryError::ProgramLoad { name, source })?;
+            program
+                .load()
+                .map_err(|source| TelemetryError::ProgramLoad { name, source })?;
+            program
+                .attach("syscalls", tracepoint)
+                .map_err(|source| TelemetryError::Attach {
+                    name,
+                    tracepoint,
+                    source,
+                })?;
+        }
+        tracing::info!("attached {} syscall tracepoints", SYSCALLS.len());
+        let ring = take(&mut ebpf, maps::IO_EVENTS)?;
+        let ring = RingBuf::try_from(ring).map_err(|source| TelemetryError::Map {
+            name: maps::IO_EVENTS,
+            source,
+        })?;
+        // SAFETY: the ring buffer owns its map fd for its whole life and always returns that
+        // same fd; the AsyncFd takes ownership of it, so the fd outlives the registration.
+        let events =
+            unsafe { AsyncFd::register(ring) }.map_err(|e| TelemetryError::Stats(e.to_string()))?;
+        let followed = take(&mut ebpf, maps::FOLLOWED)?;
+        let followed = HashMap::try_from(followed).map_err(|source| TelemetryError::Map {
+            name: maps::FOLLOWED,
+            source,
+        })?;
+        Ok(Self {
+            ebpf,
+            events,
+            followed,
+            logger,
+        })
+    }
+
+    /// Follows `key`'s calls from now on.
+    pub fn follow(&mut self, key: FdKey) -> Result<(), TelemetryError> {
+        self.followed
+            .insert(key, 1, 0)
+            .map_err(|source| TelemetryError::Map {
+                name: maps::FOLLOWED,
+                source,
+            })
+    }
+
+    /// Stops following `key` (a key not followed is no error).
+    pub fn unfollow(&mut self, key: FdKey) -> Result<(), TelemetryError> {
+        match self.followed.remove(&key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(TelemetryError::Map {
+                name: maps::FOLLOWED,
+                source,
+            }),
+        }
+    }
+
+    /// Waits for events, then appends every event in the ring buffer to `out`.
+    pub async fn next_events(&mut self, out: &mut Vec<IoEvent>) -> Result<(), TelemetryError> {
+        let mut guard = self
+            .events
+            .readable_mut()
+            .await
+            .map_err(|e| TelemetryError::Stats(e.to_string()))?;
+        let ring = guard.get_inner_mut();
+        while let Some(item) = ring.next() {
+            out.push(parse_event(&item));
+        }
+        guard.clear_ready();
+        Ok(())
+    }
+
+    /// Appends whatever events are in the ring buffer now, without waiting.
+    pub fn drain(&mut self, out: &mut Vec<IoEvent>) {
+        let ring = self.events.get_mut();
+        while let Some(item) = ring.next() {
+            out.push(parse_event(&item));
+        }
+    }
+
+    /// Events lost or incomplete so far, by [`SyscallDrop`] slot.
+    pub fn drops(&self) -> Result<[u64; SyscallDrop::COUNT as usize], TelemetryError> {
+        let name = maps::SYSCALL_DROPS;
+        let map = self
+            .ebpf
+            .map(name)
+            .ok_or(TelemetryError::Missing { kind: "map", name })?;
+        let drops: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(map).map_err(|source| TelemetryError::Map { name, source })?;
+        let mut out = [0; SyscallDrop::COUNT as usize];
+        for reason in SyscallDrop::ALL {
+            let per_cpu = drops
+                .get(&(reason as u32), 0)
+                .map_err(|source| TelemetryError::Map { name, source })?;
+            out[reason as usize] = per_cpu.iter().sum();
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for IoFollower {
+    fn drop(&mut self) {
+        if let Some(logger) = self.logger.take() {
+            logger.abort();
+        }
+    }
+}
+
+fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, TelemetryError> {
+    ebpf.take_map(name)
+        .ok_or(TelemetryError::Missing { kind: "map", name })
+}
+
+/// An event from its ring-buffer record (records are exactly one `IoEvent`; a shorter one,
+/// which the kernel side never writes, reads as zeroes past its end).
+fn parse_event(bytes: &[u8]) -> IoEvent {
+    let mut ev = IoEvent::default();
+    let n = bytes.len().min(size_of::<IoEvent>());
+    // SAFETY: IoEvent is #[repr(C)] plain integers (aya::Pod): any bytes are a valid value, and
+    // at most its size is copied into it.
+    unsafe {
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), (&raw mut ev).cast::<u8>(), n);
+    }
+    ev
+}
