@@ -77,6 +77,8 @@ pub struct Qmp {
     events: VecDeque<Value>,
     /// QEMU version from the greeting, e.g. (10, 0, 2).
     pub version: (u64, u64, u64),
+    /// The QEMU process at the other end of the socket (SO_PEERCRED), when the kernel says.
+    pub peer_pid: Option<u32>,
 }
 
 impl Qmp {
@@ -88,12 +90,18 @@ impl Qmp {
                 path: path.display().to_string(),
                 source,
             })?;
+        let peer_pid = stream
+            .peer_cred()
+            .ok()
+            .and_then(|c| c.pid())
+            .and_then(|p| u32::try_from(p).ok());
         let (r, w) = stream.into_split();
         let mut qmp = Self {
             reader: BufReader::new(r),
             writer: w,
             events: VecDeque::new(),
             version: (0, 0, 0),
+            peer_pid,
         };
         let greeting = qmp.read_message().await?;
         let v = &greeting["QMP"]["version"]["qemu"];

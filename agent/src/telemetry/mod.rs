@@ -2,14 +2,19 @@
 //!
 //! [`block_io`] counts host block requests per disk and process; [`follower`] follows QEMU's
 //! own I/O syscalls on the fds it is told, as a stream of events, which [`nbd_decode`] turns
-//! back into the NBD conversation they carried. [`loader`] finds and loads the object,
+//! back into the NBD conversation they carried, and [`memmap`] into a map of which guest page
+//! holds which disk block; [`vm`] says which fds and RAM blocks of a QEMU process to follow.
+//! [`track`] ties them together for one VM. [`loader`] finds and loads the object,
 //! [`tracefs`] reads tracepoint layouts, [`device`] names disks.
 pub mod block_io;
 pub mod device;
 pub mod follower;
 pub mod loader;
+pub mod memmap;
 pub mod nbd_decode;
 pub mod tracefs;
+pub mod track;
+pub mod vm;
 
 pub use block_io::{BlockIoProbe, IoSnapshot, ProgramCost};
 pub use follower::IoFollower;

@@ -1,0 +1,329 @@
+//! The memory-to-disk map of one VM: which guest page holds which disk block, with the BLAKE3
+//! of the page as it was when the block arrived.
+//!
+//! ```text
+//! Landed/Stored (disk range <-> host range) -> whole, aligned pages -> read the page from
+//!   QEMU's memory (process_vm_readv) -> hash -> entry (RAM block, page) -> (export, block, hash)
+//! Changed (a disk range rewritten) -> every entry pointing into it is dropped
+//! Discarded (madvise on guest RAM) -> every entry in the range is dropped
+//! ```
+//! At most one entry per guest page; a reverse index finds the pages of a disk block, so a
+//! write to the block invalidates them wherever they are. An entry is a claim to check, never
+//! a fact: the source hashes the page it is about to send and compares, and the target
+//! verifies the block it fetches.
+use std::collections::HashMap;
+
+use blockhash::{hash_block, Hash, BLOCK};
+
+const PAGE: u64 = BLOCK;
+
+/// One RAM block of the guest (a `x-query-ramblock` row).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RamBlock {
+    /// The block id QEMU's migration stream uses (`pc.ram`).
+    pub name: String,
+    /// Where the block starts in QEMU's address space.
+    pub host: u64,
+    /// Bytes in use.
+    pub len: u64,
+}
+
+/// A guest page: its RAM block (index into the VM's blocks) and page number in it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PageKey {
+    pub block: u32,
+    pub page: u64,
+}
+
+/// Where a page's content sits on the disks, and what it hashed to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapEntry {
+    /// The export (disk) number the VM's registry gave it.
+    pub export: u32,
+    /// 4 KiB-aligned byte offset on that disk.
+    pub offset: u64,
+    pub hash: Hash,
+}
+
+/// Reads QEMU's memory.
+pub trait PageReader {
+    /// Fills `out` from `addr`, or fails.
+    fn read(&mut self, addr: u64, out: &mut [u8]) -> std::io::Result<()>;
+}
+
+/// Counts of what the map did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MapStats {
+    /// Entries made or replaced.
+    pub mapped: u64,
+    /// Pages skipped: all zeroes (QEMU sends those as ZERO records anyway).
+    pub zero_pages: u64,
+    /// Pages skipped: memory and disk offsets not both page-aligned, or not whole.
+    pub unaligned: u64,
+    /// Host ranges outside every RAM block (a bounce buffer, not guest memory).
+    pub outside_ram: u64,
+    /// Pages QEMU's memory could not be read for.
+    pub unreadable: u64,
+    /// Entries dropped by a write, zeroing or trim of their block, or a discard of the page.
+    pub invalidated: u64,
+}
+
+/// One VM's map.
+pub struct MemoryMap {
+    blocks: Vec<RamBlock>,
+    pages: HashMap<PageKey, MapEntry>,
+    /// (export, disk block number) -> the pages holding it.
+    by_disk: HashMap<(u32, u64), Vec<PageKey>>,
+    stats: MapStats,
+}
+
+impl MemoryMap {
+    pub fn new(blocks: Vec<RamBlock>) -> Self {
+        Self {
+            blocks,
+            pages: HashMap::new(),
+            by_disk: HashMap::new(),
+            stats: MapStats::default(),
+        }
+    }
+
+    pub fn blocks(&self) -> &[RamBlock] {
+        &self.blocks
+    }
+
+    pub fn stats(&self) -> MapStats {
+        self.stats
+    }
+
+    pub fn len(&self) -> usize {
+        self.pages.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pages.is_empty()
+    }
+
+    /// The page at `offset` in RAM block `name`, if the map has it.
+    pub fn get(&self, name: &str, offset: u64) -> Option<&MapEntry> {
+        let block = self.blocks.iter().position(|b| b.name == name)? as u32;
+        self.pages.get(&PageKey {
+            block,
+            page: offset / PAGE,
+        })
+    }
+
+    /// Every entry, for reports and tests.
+    pub fn entries(&self) -> impl Iterator<Item = (PageKey, &MapEntry)> {
+        self.pages.iter().map(|(k, v)| (*k, v))
+    }
+
+    /// Bytes the map's tables take, roughly (capacity, not just length).
+    pub fn memory_bytes(&self) -> usize {
+        let page = size_of::<(PageKey, MapEntry)>() + 8;
+        let disk = size_of::<((u32, u64), Vec<PageKey>)>() + size_of::<PageKey>() + 8;
+        self.pages.capacity() * page + self.by_disk.capacity() * disk
+    }
+
+    /// The RAM block and offset in it of host address `addr`.
+    pub fn locate(&self, addr: u64) -> Option<(u32, u64)> {
+        self.blocks.iter().enumerate().find_map(|(i, b)| {
+            (addr >= b.host && addr < b.host + b.len).then(|| (i as u32, addr - b.host))
+        })
+    }
+
+    /// A read brought disk bytes `[offset, offset + len)` of `export` into host memory at
+    /// `addr`: the pages there hold the disk's content now.
+    pub fn landed(
+        &mut self,
+        export: u32,
+        offset: u64,
+        addr: u64,
+        len: u64,
+        reader: &mut impl PageReader,
+    ) {
+        let Some((block, start)) = self.locate(addr) else {
+            self.stats.outside_ram += 1;
+            return;
+        };
+        let end = start + len.min(self.blocks[block as usize].len - start);
+        // Every page written to changed, whole or not; whole aligned ones are mapped again.
+        self.discard_block_range(block, start, end);
+        self.map_range(export, offset, block, start, end, reader);
+    }
+
+    /// Host memory at `addr` was written to disk bytes `[offset, offset + len)` of `export`:
+    /// what those blocks held before is gone, and the pages now hold what the blocks do.
+    pub fn stored(
+        &mut self,
+        export: u32,
+        offset: u64,
+        addr: u64,
+        len: u64,
+        reader: &mut impl PageReader,
+    ) {
+        self.changed(export, offset, len);
+        let Some((block, start)) = self.locate(addr) else {
+            self.stats.outside_ram += 1;
+            return;
+        };
+        let end = start + len.min(self.blocks[block as usize].len - start);
+        self.map_range(export, offset, block, start, end, reader);
+    }
+
+    /// Maps every whole page of `[start, end)` in `block` whose disk offset (`offset` at
+    /// `start`) is a block boundary.
+    fn map_range(
+        &mut self,
+        export: u32,
+        offset: u64,
+        block: u32,
+        start: u64,
+        end: u64,
+        reader: &mut impl PageReader,
+    ) {
+        let first = start.div_ceil(PAGE) * PAGE;
+        let mut buf = [0u8; PAGE as usize];
+        let mut at = first;
+        while at + PAGE <= end {
+            let disk = offset + (at - start);
+            if !disk.is_multiple_of(PAGE) {
+                self.stats.unaligned += 1;
+                at += PAGE;
+                continue;
+            }
+            let host = self.blocks[block as usize].host + at;
+            if reader.read(host, &mut buf).is_err() {
+                self.stats.unreadable += 1;
+                at += PAGE;
+                continue;
+            }
+            match hash_block(&buf) {
+                None => self.stats.zero_pages += 1,
+                Some(hash) => self.insert(
+                    PageKey {
+                        block,
+                        page: at / PAGE,
+                    },
+                    MapEntry {
+                        export,
+                        offset: disk,
+                        hash,
+                    },
+                ),
+            }
+            at += PAGE;
+        }
+        if first > start || at < end {
+            self.stats.unaligned += 1;
+        }
+    }
+
+    /// Disk bytes `[offset, offset + len)` of `export` changed: entries pointing into them go.
+    pub fn changed(&mut self, export: u32, offset: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let (first, last) = (offset / PAGE, (offset + len - 1) / PAGE);
+        if last - first + 1 > self.by_disk.len() as u64 {
+            // A large range (a TRIM of the whole disk): walk the index, not the range.
+            let hit: Vec<(u32, u64)> = self
+                .by_disk
+                .keys()
+                .filter(|(e, b)| *e == export && (first..=last).contains(b))
+                .copied()
+                .collect();
+            for key in hit {
+                self.unlink_block(key);
+            }
+        } else {
+            for b in first..=last {
+                self.unlink_block((export, b));
+            }
+        }
+    }
+
+    /// Host memory `[addr, addr + len)` was discarded (madvise): its entries go.
+    pub fn discarded(&mut self, addr: u64, len: u64) {
+        if let Some((block, start)) = self.locate(addr) {
+            let end = (start + len).min(self.blocks[block as usize].len);
+            self.discard_block_range(block, start, end);
+        }
+    }
+
+    fn discard_block_range(&mut self, block: u32, start: u64, end: u64) {
+        if end <= start {
+            return;
+        }
+        for page in start / PAGE..end.div_ceil(PAGE) {
+            self.remove(PageKey { block, page });
+        }
+    }
+
+    fn insert(&mut self, key: PageKey, entry: MapEntry) {
+        self.remove(key);
+        self.pages.insert(key, entry);
+        self.by_disk
+            .entry((entry.export, entry.offset / PAGE))
+            .or_default()
+            .push(key);
+        self.stats.mapped += 1;
+    }
+
+    fn remove(&mut self, key: PageKey) {
+        let Some(old) = self.pages.remove(&key) else {
+            return;
+        };
+        self.stats.invalidated += 1;
+        let disk = (old.export, old.offset / PAGE);
+        if let Some(pages) = self.by_disk.get_mut(&disk) {
+            pages.retain(|p| *p != key);
+            if pages.is_empty() {
+                self.by_disk.remove(&disk);
+            }
+        }
+    }
+
+    fn unlink_block(&mut self, disk: (u32, u64)) {
+        if let Some(pages) = self.by_disk.remove(&disk) {
+            for key in pages {
+                if self.pages.remove(&key).is_some() {
+                    self.stats.invalidated += 1;
+                }
+            }
+        }
+    }
+}
+
+/// Reads another process's memory with `process_vm_readv`.
+pub struct ProcessMemory {
+    pub pid: u32,
+}
+
+impl PageReader for ProcessMemory {
+    fn read(&mut self, addr: u64, out: &mut [u8]) -> std::io::Result<()> {
+        let local = libc::iovec {
+            iov_base: out.as_mut_ptr().cast(),
+            iov_len: out.len(),
+        };
+        let remote = libc::iovec {
+            iov_base: addr as *mut libc::c_void,
+            iov_len: out.len(),
+        };
+        // SAFETY: `local` covers exactly `out`, which outlives the call; the kernel checks the
+        // remote range against the other process's mappings.
+        let n =
+            unsafe { libc::process_vm_readv(self.pid as libc::pid_t, &local, 1, &remote, 1, 0) };
+        match usize::try_from(n) {
+            Ok(n) if n == out.len() => Ok(()),
+            Ok(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "short read of QEMU's memory",
+            )),
+            Err(_) => Err(std::io::Error::last_os_error()),
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "memmap_tests.rs"]
+mod tests;
