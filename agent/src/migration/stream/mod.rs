@@ -55,6 +55,11 @@ pub trait Sink {
         let _ = offset;
         self.page(payload);
     }
+    /// Where the next page belongs in guest memory: its RAM block and the offset in it. Called
+    /// just before [`Sink::page`] or [`Sink::page_in_input`].
+    fn page_at(&mut self, block: &str, offset: u64) {
+        let _ = (block, offset);
+    }
 }
 
 /// Counts of what the parser saw.
@@ -124,6 +129,8 @@ pub struct StreamParser {
     /// Current RAM block (carries across sections) and the pending record's flags.
     block: Option<String>,
     record_flags: u64,
+    /// The pending record's address (the page's offset in its RAM block).
+    record_addr: u64,
     mem_remaining: u64,
     caps_left: u32,
     subsection: String,
@@ -152,6 +159,7 @@ impl StreamParser {
             idstr: String::new(),
             block: None,
             record_flags: 0,
+            record_addr: 0,
             mem_remaining: 0,
             caps_left: 0,
             subsection: String::new(),
@@ -207,6 +215,7 @@ impl StreamParser {
                 State::Page if self.page_fill == 0 && input.len() >= PAGE_SIZE => {
                     let (payload, rest) = input.split_at(PAGE_SIZE);
                     self.stats.pages += 1;
+                    sink.page_at(self.block.as_deref().unwrap_or(""), self.record_addr);
                     sink.page_in_input(
                         total - input.len(),
                         payload.try_into().expect("split at PAGE_SIZE"),
@@ -223,6 +232,7 @@ impl StreamParser {
                     if self.page_fill == PAGE_SIZE {
                         self.page_fill = 0;
                         self.stats.pages += 1;
+                        sink.page_at(self.block.as_deref().unwrap_or(""), self.record_addr);
                         sink.page(&self.page);
                         self.state = self.next_field(Step::Record);
                     }
@@ -492,6 +502,7 @@ impl StreamParser {
         let v = self.be64();
         let flags = v & FLAG_MASK;
         self.record_flags = flags;
+        self.record_addr = v & !FLAG_MASK;
         let carries_block = flags & (F_ZERO | F_PAGE | F_XBZRLE) != 0;
         if carries_block && flags & F_CONTINUE == 0 {
             return self.next_field(Step::RecordBlockLen);
@@ -583,6 +594,37 @@ mod tests {
         b.eos_footer();
         b.devices_and_eof();
         b.bytes
+    }
+
+    #[test]
+    fn every_page_is_placed_in_its_ram_block_across_sections_and_chunks() {
+        #[derive(Default)]
+        struct Places(Vec<(String, u64)>);
+        impl Sink for Places {
+            fn verbatim(&mut self, _: &[u8]) {}
+            fn page(&mut self, _: &[u8; PAGE_SIZE]) {}
+            fn page_at(&mut self, block: &str, offset: u64) {
+                self.0.push((block.to_string(), offset));
+            }
+        }
+        let stream = sample();
+        for chunk in [1, 7, 4096, 4100, stream.len()] {
+            let mut p = StreamParser::new();
+            let mut places = Places::default();
+            for part in stream.chunks(chunk) {
+                p.feed(part, &mut places);
+            }
+            let want: Vec<(String, u64)> = [
+                ("pc.ram", 0x1000),
+                ("pc.ram", 0x2000),
+                ("pc.ram", 0x4000),
+                ("pc.bios", 0),
+            ]
+            .iter()
+            .map(|(b, o)| (b.to_string(), *o))
+            .collect();
+            assert_eq!(places.0, want, "chunk {chunk}");
+        }
     }
 
     #[test]
