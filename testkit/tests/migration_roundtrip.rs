@@ -12,6 +12,7 @@ use std::{
 use agent::migration::{
     compress::Compression,
     pace::{Cap, BURST},
+    pagemap::{Claim, PageMap, SharedMap},
     report::{Counters, Figures},
     source::{run_source, SourceConfig},
     stream::{Sink, StreamParser, PAGE_SIZE},
@@ -233,6 +234,84 @@ fn inside_a_page(stream: &[u8], from: usize) -> usize {
     start + 1234
 }
 
+/// A memory-to-disk map made offline from a stream and its disk: a claim for every page whose
+/// content is a block of the disk, some made stale and some pointed at the wrong block.
+struct ClaimMap {
+    claims: std::collections::HashMap<(String, u64), Claim>,
+    /// Distinct pages whose claim was made stale, or pointed at the wrong block.
+    stale: u64,
+    wrong_block: u64,
+}
+
+impl ClaimMap {
+    fn from_stream(stream: &[u8], disk: &[u8]) -> Self {
+        let blocks: std::collections::HashMap<[u8; 32], u64> = disk
+            .chunks_exact(4096)
+            .enumerate()
+            .filter_map(|(i, b)| blockhash::hash_block(b).map(|h| (h, i as u64 * 4096)))
+            .collect();
+        struct Pages<'a> {
+            at: Option<(String, u64)>,
+            blocks: &'a std::collections::HashMap<[u8; 32], u64>,
+            map: ClaimMap,
+        }
+        impl Sink for Pages<'_> {
+            fn verbatim(&mut self, _: &[u8]) {}
+            fn page_at(&mut self, block: &str, offset: u64) {
+                self.at = Some((block.to_string(), offset));
+            }
+            fn page(&mut self, payload: &[u8; PAGE_SIZE]) {
+                let at = self.at.take().expect("page_at before page");
+                let hash = blockhash::hash(payload);
+                let Some(&offset) = self.blocks.get(&hash) else {
+                    return;
+                };
+                // Spoiled by where the page sits, so a page seen twice is spoiled both times.
+                let mut claim = Claim {
+                    export: 0,
+                    offset,
+                    hash,
+                };
+                match (at.1 / 4096) % 10 {
+                    3 => claim.hash[0] ^= 1,
+                    7 => claim.offset = (offset + 4096) % (128 << 20),
+                    _ => {}
+                }
+                self.map.claims.insert(at, claim);
+            }
+        }
+        let mut pages = Pages {
+            at: None,
+            blocks: &blocks,
+            map: ClaimMap {
+                claims: std::collections::HashMap::new(),
+                stale: 0,
+                wrong_block: 0,
+            },
+        };
+        StreamParser::new().feed(stream, &mut pages);
+        let mut map = pages.map;
+        for (_, offset) in map.claims.keys() {
+            match (offset / 4096) % 10 {
+                3 => map.stale += 1,
+                7 => map.wrong_block += 1,
+                _ => {}
+            }
+        }
+        map
+    }
+
+    fn len(&self) -> usize {
+        self.claims.len()
+    }
+}
+
+impl PageMap for ClaimMap {
+    fn claim(&self, block: &str, offset: u64) -> Option<Claim> {
+        self.claims.get(&(block.to_string(), offset)).copied()
+    }
+}
+
 fn check(run: &Run, stream: &[u8], what: &str) {
     eprintln!("{what}: {:?}", run.source);
     assert_eq!(run.out.len(), stream.len(), "{what}: length differs");
@@ -425,6 +504,46 @@ fn real_streams_rebuild_byte_for_byte() {
     ));
     check(&run, &stream, "no index");
     assert_eq!(run.source.pages_mapped, 0);
+
+    // 8a. Map-only: no index service, a memory-to-disk map's claims for every page whose
+    //     content is on the disk. Every tenth claim is stale (its hash is not the page's):
+    //     those pages go in full and are counted. Every tenth other claim names the right
+    //     hash but a block that holds something else (overwritten since): the target's check
+    //     fails and the source sends those pages as fallbacks. The stream stays identical.
+    let claims = ClaimMap::from_stream(&stream, &std::fs::read(&disk).unwrap());
+    let (claimed, stale, wrong_block) = (claims.len(), claims.stale, claims.wrong_block);
+    let mut map_only = source_config(&server);
+    map_only.nas_index = None;
+    map_only.page_map = Some(SharedMap(Arc::new(claims)));
+    let run = rt.block_on(round_trip(
+        stream.clone(),
+        map_only,
+        TargetConfig::default(),
+        1 << 16,
+    ));
+    check(&run, &stream, "map only");
+    eprintln!(
+        "map only: {claimed} claims ({stale} stale, {wrong_block} to the wrong block): \
+         source {:?}\ntarget {:?}",
+        run.source, run.target
+    );
+    assert!(run.source.pages_map > 0);
+    assert_eq!(
+        run.source.pages_map, run.source.pages_mapped,
+        "no index was asked"
+    );
+    assert!(run.source.pages_map_stale >= stale, "{:?}", run.source);
+    assert!(
+        run.target.fallbacks >= wrong_block.min(1),
+        "{:?}",
+        run.target
+    );
+    assert!(
+        run.source.pages_map + run.source.pages_dup + run.source.pages_map_stale
+            >= (claimed as u64) * 9 / 10,
+        "claims for {claimed} pages, {:?}",
+        run.source
+    );
 
     // 8b. A stream QEMU ended mid-record (as a failed migration's ends): every byte it sent
     //     still arrives, the record cut short included. The cut lands inside a page payload.

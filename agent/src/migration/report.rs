@@ -17,6 +17,10 @@ pub struct Counters {
     pub nas_bytes: AtomicU64,
     pub pages_full: AtomicU64,
     pub pages_mapped: AtomicU64,
+    /// Of `pages_mapped`, those the memory-to-disk map placed (no index asked).
+    pub pages_map: AtomicU64,
+    /// Pages the map had a claim for whose content no longer matched it.
+    pub pages_map_stale: AtomicU64,
     pub pages_dup: AtomicU64,
     pub pages_sent: AtomicU64,
     pub fallbacks: AtomicU64,
@@ -64,6 +68,8 @@ impl Counters {
             pages_full: self.pages_full.load(Relaxed),
             pages_zero: 0,
             pages_mapped: self.pages_mapped.load(Relaxed),
+            pages_map: self.pages_map.load(Relaxed),
+            pages_map_stale: self.pages_map_stale.load(Relaxed),
             pages_dup: self.pages_dup.load(Relaxed),
             pages_sent: self.pages_sent.load(Relaxed),
             fallbacks: self.fallbacks.load(Relaxed),
@@ -128,6 +134,13 @@ pub struct Figures {
     /// ZERO records QEMU sent.
     pub pages_zero: u64,
     pub pages_mapped: u64,
+    /// Of `pages_mapped`, those the memory-to-disk map placed with no index round trip (the
+    /// rest came from the index). Absent from older agents' reports.
+    #[serde(default)]
+    pub pages_map: u64,
+    /// Pages the map had a claim for whose content had changed since: sent another way.
+    #[serde(default)]
+    pub pages_map_stale: u64,
     pub pages_dup: u64,
     /// Full pages forwarded with their content.
     pub pages_sent: u64,

@@ -12,6 +12,7 @@ use nas_proto::index::Found;
 
 use crate::migration::{
     link::Hash,
+    pagemap::{Claim, PageMap},
     report::Counters,
     stream::{Sink, PAGE_SIZE},
 };
@@ -32,6 +33,10 @@ pub(super) enum Item {
         at: At,
         found: Option<Found>,
         needs_lookup: bool,
+        /// The memory-to-disk map's claim for the page, until it is checked.
+        claim: Option<Claim>,
+        /// `found` came from the map (a checked claim), not the index.
+        from_map: bool,
     },
 }
 
@@ -43,15 +48,22 @@ pub(super) struct Collector<'a> {
     pub(super) counters: &'a Counters,
     pub(super) replica: Option<&'a Mutex<HotReplica>>,
     pub(super) remote: bool,
+    /// The memory-to-disk map, and the link's export id of each of the source's exports.
+    pub(super) map: Option<(&'a dyn PageMap, &'a [Option<u32>])>,
+    /// The claim for the page the parser is about to hand over.
+    pub(super) claim: Option<Claim>,
 }
 
 impl Collector<'_> {
     pub(super) fn add_page(&mut self, at: At) {
+        let claim = self.claim.take();
         self.items.push(Item::Page {
             hash: [0; 32],
             at,
             needs_lookup: false,
             found: None,
+            claim,
+            from_map: false,
         });
     }
 
@@ -82,18 +94,36 @@ impl Collector<'_> {
             None => places.resize(hashes.len(), None),
         }
         let mut resolved = hashes.into_iter().zip(places);
+        let mut map_stale = 0;
         for item in &mut self.items {
             if let Item::Page {
                 hash,
                 found,
                 needs_lookup,
+                claim,
+                from_map,
                 ..
             } = item
             {
                 (*hash, *found) = resolved.next().expect("one digest per page");
+                // A claim counts only if the page still hashes to what the map recorded.
+                if let (Some(c), Some((_, ids))) = (claim.take(), self.map) {
+                    match ids.get(c.export).copied().flatten() {
+                        Some(export) if c.hash == *hash => {
+                            *found = Some(Found {
+                                export,
+                                offset: c.offset,
+                            });
+                            *from_map = true;
+                        }
+                        Some(_) => map_stale += 1,
+                        None => {}
+                    }
+                }
                 *needs_lookup = found.is_none() && self.remote;
             }
         }
+        Counters::add(&self.counters.pages_map_stale, map_stale);
         Batch {
             input: Arc::new(input),
             side: self.side,
@@ -121,6 +151,10 @@ impl Sink for Collector<'_> {
 
     fn page_in_input(&mut self, offset: usize, _payload: &[u8; PAGE_SIZE]) {
         self.add_page(At::Input(offset));
+    }
+
+    fn page_at(&mut self, block: &str, offset: u64) {
+        self.claim = self.map.and_then(|(map, _)| map.claim(block, offset));
     }
 }
 

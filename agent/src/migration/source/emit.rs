@@ -60,6 +60,7 @@ pub(super) struct Tally {
     pub(super) dup: u64,
     pub(super) mapped: u64,
     pub(super) sent: u64,
+    pub(super) map: u64,
 }
 
 pub(super) const ZSTD_BATCH: usize = 256 << 10;
@@ -78,14 +79,19 @@ impl Emitter {
                         .await?;
                 }
                 Item::Page {
-                    hash, at, found, ..
-                } => self.page(hash, batch, *at, *found).await?,
+                    hash,
+                    at,
+                    found,
+                    from_map,
+                    ..
+                } => self.page(hash, batch, *at, *found, *from_map).await?,
             }
         }
         // Counted per read, not per page: the counters are shared atomics.
         let tally = std::mem::take(&mut self.tally);
         Counters::add(&self.counters.pages_dup, tally.dup);
         Counters::add(&self.counters.pages_mapped, tally.mapped);
+        Counters::add(&self.counters.pages_map, tally.map);
         Counters::add(&self.counters.pages_sent, tally.sent);
         Ok(())
     }
@@ -96,6 +102,7 @@ impl Emitter {
         batch: &Batch,
         at: At,
         found: Option<Found>,
+        from_map: bool,
     ) -> Result<(), SourceError> {
         let data = batch.page(at);
         if let Some(&ordinal) = self.cache.touch(hash) {
@@ -121,6 +128,7 @@ impl Emitter {
                     self.unacked.keep(seq, kept).await;
                 }
                 self.tally.mapped += 1;
+                self.tally.map += u64::from(from_map);
                 self.frame(
                     PAGE_SIZE,
                     &LinkFrame::Mapped {

@@ -69,6 +69,7 @@ use super::{
     link::{Hello, LinkFrame, CAP_RECEIVED, CAP_ZSTD, VERSION},
     outgoing::Outgoing,
     pace::Cap,
+    pagemap::SharedMap,
     report::{Counters, Figures},
     stream::{Sink, StreamParser, PAGE_SIZE},
     wire::FrameReader,
@@ -104,6 +105,10 @@ pub struct SourceConfig {
     /// The migration's bandwidth cap, paced on the link until the switchover (see
     /// [`super::pace`]); it may change while the migration runs.
     pub link_cap: Arc<Cap>,
+    /// The VM's memory-to-disk map, when the host daemon keeps one: pages it places (and
+    /// whose hash still matches) go out MAPPED with no index round trip. With no index
+    /// service, it is all that maps pages (map-only mode).
+    pub page_map: Option<SharedMap>,
 }
 
 impl SourceConfig {
@@ -124,6 +129,7 @@ impl SourceConfig {
             record: None,
             dedup_capacity: super::dedup::DEFAULT_CAPACITY,
             link_cap: Arc::new(Cap::default()),
+            page_map: None,
         }
     }
 }
@@ -181,10 +187,23 @@ where
         Some(addr) => Some(IndexClient::connect(addr, &config.exports).await?),
         None => None,
     };
-    let scope: Vec<(u32, String)> = index
+    // The exports MAPPED frames may name: the index service's scope; with no index but a
+    // memory-to-disk map (map-only mode), the source's own exports, numbered in order.
+    let scope: Vec<(u32, String)> = match (&index, &config.page_map) {
+        (Some(c), _) => c.scope().iter().map(|e| (e.id, e.name.clone())).collect(),
+        (None, Some(_)) => (0u32..).zip(config.exports.iter().cloned()).collect(),
+        (None, None) => Vec::new(),
+    };
+    // The link id of each of the source's exports, for the map's claims.
+    let map_ids: Vec<Option<u32>> = config
+        .exports
+        .iter()
+        .map(|name| scope.iter().find(|(_, n)| n == name).map(|(id, _)| *id))
+        .collect();
+    let page_map = config
+        .page_map
         .as_ref()
-        .map(|c| c.scope().iter().map(|e| (e.id, e.name.clone())).collect())
-        .unwrap_or_default();
+        .map(|m| (&*m.0, map_ids.as_slice()));
     let replica = Arc::new(Mutex::new(HotReplica::default()));
     let hot_task = match (&config.nas_index, config.hot_replica) {
         (Some(addr), true) => Some(tokio::spawn(follow_hot_set(
@@ -350,6 +369,8 @@ where
                                 counters: &counters,
                                 replica: None,
                                 remote: false,
+                                map: None,
+                                claim: None,
                             };
                             parser.finish(&mut sink);
                             if !sink.items.is_empty() {
@@ -368,6 +389,8 @@ where
                         counters: &counters,
                         replica: config.hot_replica.then_some(&*replica),
                         remote: index.is_some() && !parser.in_final_ram_section(),
+                        map: page_map,
+                        claim: None,
                     };
                     if config.rewrite {
                         parser.feed(&input, &mut sink);
