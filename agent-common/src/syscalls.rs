@@ -15,7 +15,7 @@ pub const FD_MEMORY: u32 = u32::MAX - 1;
 /// Bytes of a call's data copied into its event when the call moved at most this many.
 pub const HEAD_BYTES: usize = 32;
 /// Iovecs recorded per event; the rest are counted in [`IoEvent::iov_total`].
-pub const MAX_IOV: usize = 8;
+pub const MAX_IOV: usize = 32;
 
 /// Key of `FOLLOWED`.
 #[repr(C)]

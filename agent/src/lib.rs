@@ -12,9 +12,12 @@
 //!   the bandwidth cap, the switchover, settling where the guest runs, and the report.
 //! - [`serve`]: `agent serve` on the target host: accepts agent links, one session each.
 //! - [`qmp`]: the QMP client both use.
+//! - [`daemon`]: the long-running host daemon: telemetry and maps for the VMs it follows, the
+//!   target side, and migrations asked over its control socket with the VM's map.
 //!
 //! Data flows source QEMU -> [`migration::source`] -> agent link -> [`serve`] ->
 //! [`migration::target`] -> target QEMU, with [`orchestrate`] driving both QEMUs around it.
+pub mod daemon;
 pub mod migration;
 pub mod orchestrate;
 pub mod qmp;

@@ -1,7 +1,7 @@
 //! `agent`: the hypervisor-host daemon's command line.
 //!
 //! Subcommands are thin edges over the library: they parse flags, set up logging, call into
-//! `agent::telemetry` (and later the migration hook), and print or serve the results.
+//! it (`agent::daemon`, `orchestrate`, `serve`, `telemetry`), and print or serve the results.
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
@@ -32,6 +32,14 @@ enum Command {
     Serve(cmd::serve::Args),
     /// Proxy one migration from the local QEMU when libvirt or a script drives QEMU.
     Source(cmd::source::Args),
+    /// The host daemon: memory-to-disk maps of followed VMs, the target side, migrations.
+    Daemon(cmd::daemon::DaemonArgs),
+    /// Ask the host daemon to follow a VM (by its QMP socket) and keep its map.
+    Follow(cmd::control::FollowArgs),
+    /// Ask the host daemon to stop following a VM.
+    Unfollow(cmd::control::FollowArgs),
+    /// What the host daemon follows: per VM, RAM mirrored on storage, map entries, drops.
+    Status(cmd::control::StatusArgs),
 }
 
 #[tokio::main]
@@ -50,5 +58,17 @@ async fn main() -> anyhow::Result<()> {
         Command::Migrate(args) => cmd::migrate::run(args).await,
         Command::Serve(args) => cmd::serve::run(args).await,
         Command::Source(args) => cmd::source::run(args).await,
+        Command::Daemon(args) => cmd::daemon::run_daemon(&source, args).await,
+        Command::Follow(args) => cmd::control::follow(args, true).await,
+        Command::Unfollow(args) => cmd::control::follow(args, false).await,
+        Command::Status(args) => cmd::control::status(args).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_is_consistent() {
+        <super::Cli as clap::CommandFactory>::command().debug_assert();
     }
 }

@@ -39,6 +39,7 @@ fn options(s: &Pair, agent: &str, max_bandwidth: Option<u64>) -> MigrateOptions 
             zstd: agent::migration::compress::Compression::default(),
             passthrough: false,
             record: Some(s.dir.path("source-stream.bin")),
+            page_map: None,
         },
         incoming: None,
         source_listen: None,

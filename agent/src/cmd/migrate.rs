@@ -3,8 +3,9 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use agent::{
+    daemon::control::{call_cancellable, ControlError, MigrateRequest, Request, DEFAULT_SOCKET},
     migration::report::Figures,
-    orchestrate::{migrate, MigrateOptions},
+    orchestrate::{migrate, MigrateOptions, MigrationReport},
 };
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
@@ -42,6 +43,13 @@ pub struct Args {
     /// Serve the migration counters to Prometheus on this address.
     #[arg(long)]
     metrics: Option<SocketAddr>,
+    /// The host daemon's control socket: the migration runs there, with the VM's
+    /// memory-to-disk map. When no daemon answers, it runs here without a map.
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    control: PathBuf,
+    /// Run the migration in this process even when the host daemon is up.
+    #[arg(long)]
+    no_daemon: bool,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
@@ -49,6 +57,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     // Registered before anything starts, so no signal kills the process half-way.
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
+    if !args.no_daemon {
+        let cancel = async {
+            signalled(&mut interrupt, &mut terminate).await;
+            tracing::warn!("cancelling the migration in the host daemon");
+        };
+        if let Some(report) = via_daemon(&args, cancel).await? {
+            return print(&report, args.json);
+        }
+    }
     let cancel = async move {
         signalled(&mut interrupt, &mut terminate).await;
         tracing::warn!(
@@ -84,9 +101,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         drop(tx);
         let _ = bar.await;
     }
-    let report = report?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+    print(&report?, args.json)
+}
+
+fn print(report: &MigrationReport, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
     } else {
         println!("{}", report.text());
     }
@@ -96,6 +116,51 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         report.source_status
     );
     Ok(())
+}
+
+/// Hands the migration to the host daemon; `None` when no daemon answers (then it runs here).
+async fn via_daemon(
+    args: &Args,
+    cancel: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<Option<MigrationReport>> {
+    if !args.control.exists() {
+        tracing::info!(
+            "no host daemon at {}: migrating from this process, without a memory-to-disk map",
+            args.control.display()
+        );
+        return Ok(None);
+    }
+    let s = &args.stream;
+    let request = MigrateRequest {
+        source_qmp: args.source_qmp.clone(),
+        target_qmp: args.target_qmp.clone(),
+        target_agent: args.target_agent.clone(),
+        vm: s.vm.clone(),
+        exports: s.exports.clone(),
+        nas_nbd: s.nas_nbd.clone(),
+        nas_index: (!s.no_index).then(|| s.nas_index.to_string()),
+        incoming: args.incoming.clone(),
+        qemu_listen: args.qemu_listen.as_ref().map(ToString::to_string),
+        zstd: format!("{:?}", s.zstd).to_lowercase(),
+        passthrough: s.passthrough,
+        max_bandwidth: args.max_bandwidth,
+        record: s.record.clone(),
+        timeout_secs: args.timeout,
+    };
+    let request = Request::Migrate {
+        request: Box::new(request),
+    };
+    match call_cancellable(&args.control, &request, cancel).await {
+        Ok(reply) => Ok(Some(serde_json::from_value(reply["report"].clone())?)),
+        Err(ControlError::Connect { path, source }) => {
+            tracing::warn!(
+                "the host daemon at {path} does not answer ({source}): migrating from this \
+                 process, without a memory-to-disk map"
+            );
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Until either signal arrives.

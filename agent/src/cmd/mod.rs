@@ -1,4 +1,6 @@
 //! One module per subcommand.
+pub mod control;
+pub mod daemon;
 pub mod migrate;
 pub mod serve;
 pub mod source;
@@ -22,6 +24,10 @@ pub struct StreamArgs {
     /// The NAS's index service; without it every page is sent in full.
     #[arg(long, default_value = "127.0.0.1:10810")]
     pub nas_index: Endpoint,
+    /// No index service: only the host daemon's memory-to-disk map places pages (map-only
+    /// mode, for storage that indexes nothing: qemu-nbd, nbdkit, shared image files).
+    #[arg(long)]
+    pub no_index: bool,
     /// Name of the VM, for logs.
     #[arg(long, default_value = "vm")]
     pub vm: String,
@@ -44,10 +50,11 @@ impl From<StreamArgs> for StreamSpec {
             vm: a.vm,
             exports: a.exports,
             nas_nbd: a.nas_nbd,
-            nas_index: Some(a.nas_index),
+            nas_index: (!a.no_index).then_some(a.nas_index),
             zstd: a.zstd,
             passthrough: a.passthrough,
             record: a.record,
+            page_map: None,
         }
     }
 }
@@ -56,6 +63,21 @@ impl From<StreamArgs> for StreamSpec {
 /// spelling) or `unix:PATH`.
 pub fn parse_qemu_listen(s: &str) -> Result<Endpoint, EndpointError> {
     s.strip_prefix("tcp:").unwrap_or(s).parse()
+}
+
+/// A switch that turns true at SIGINT or SIGTERM: the daemons' one shutdown path.
+pub fn stop_on_signals() -> tokio::sync::watch::Receiver<bool> {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
+        let _ = stop_tx.send(true);
+    });
+    stop_rx
 }
 
 /// Serves the process's Prometheus metrics on `addr`, when given.

@@ -16,13 +16,13 @@ use nas_proto::Endpoint;
 pub struct Args {
     /// Where source agents connect.
     #[arg(long, default_value = "127.0.0.1:7800")]
-    link_listen: SocketAddr,
+    pub link_listen: SocketAddr,
     /// Read the NAS here instead of the address the source announces.
     #[arg(long)]
     nas: Option<Endpoint>,
     /// Serve Prometheus metrics on this address.
     #[arg(long)]
-    metrics: Option<SocketAddr>,
+    pub metrics: Option<SocketAddr>,
     /// Deliver to target QEMUs listening on unix sockets in this directory (repeatable). A
     /// source names the socket; without this, unix sockets are refused.
     #[arg(long = "incoming-dir", value_name = "DIR")]
@@ -37,31 +37,33 @@ pub struct Args {
     max_sessions: usize,
 }
 
+impl Args {
+    /// The target side's settings.
+    pub fn target_config(&self) -> TargetConfig {
+        TargetConfig {
+            nas_override: self.nas.clone(),
+            incoming: IncomingPolicy {
+                unix_dirs: self.incoming_dirs.clone(),
+                any_host: self.incoming_any_host,
+            },
+            max_sessions: self.max_sessions,
+            ..TargetConfig::default()
+        }
+    }
+
+    /// Binds the agent link's listener.
+    pub async fn listen(&self) -> anyhow::Result<tokio::net::TcpListener> {
+        let listener = tokio::net::TcpListener::bind(self.link_listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", self.link_listen))?;
+        tracing::info!("agent link listening on {}", listener.local_addr()?);
+        Ok(listener)
+    }
+}
+
 pub async fn run(args: Args) -> anyhow::Result<()> {
     super::serve_metrics(args.metrics)?;
-    let listener = tokio::net::TcpListener::bind(args.link_listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.link_listen))?;
-    tracing::info!("agent link listening on {}", listener.local_addr()?);
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
-        }
-        let _ = stop_tx.send(true);
-    });
-    let config = TargetConfig {
-        nas_override: args.nas,
-        incoming: IncomingPolicy {
-            unix_dirs: args.incoming_dirs,
-            any_host: args.incoming_any_host,
-        },
-        max_sessions: args.max_sessions,
-        ..TargetConfig::default()
-    };
-    serve(listener, config, stop_rx).await?;
+    let listener = args.listen().await?;
+    serve(listener, args.target_config(), super::stop_on_signals()).await?;
     Ok(())
 }

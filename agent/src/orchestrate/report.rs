@@ -1,11 +1,11 @@
 //! The per-migration report `agent migrate` and `agent source` print: the figures of both
 //! link ends, QEMU's times, where the guest runs, and the Prometheus counters it adds to.
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::migration::report::Figures;
 
 /// The per-migration report.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct MigrationReport {
     /// The target QEMU runs the guest after the source QEMU completed.
     pub ok: bool,

@@ -11,6 +11,7 @@ use super::error::ControlError;
 use crate::migration::{
     compress::Compression,
     pace::Cap,
+    pagemap::SharedMap,
     source::{SourceConfig, QEMU_RECV_BUFFER},
 };
 
@@ -29,6 +30,8 @@ pub struct StreamSpec {
     pub passthrough: bool,
     /// Also write QEMU's exact stream to this file.
     pub record: Option<PathBuf>,
+    /// The VM's memory-to-disk map, when the host daemon runs the migration.
+    pub page_map: Option<SharedMap>,
 }
 
 impl StreamSpec {
@@ -61,6 +64,7 @@ impl StreamSpec {
         config.rewrite = !self.passthrough;
         config.record = self.record.clone();
         config.link_cap = cap;
+        config.page_map = self.page_map.clone();
         config
     }
 }

@@ -1,0 +1,74 @@
+//! `agent follow`, `agent unfollow` and `agent status`: clients of the host daemon's control
+//! socket.
+use std::path::PathBuf;
+
+use agent::daemon::control::{call, Request, DEFAULT_SOCKET};
+use serde_json::Value;
+
+#[derive(Debug, clap::Args)]
+pub struct FollowArgs {
+    /// The QMP socket of the QEMU to follow.
+    #[arg(long)]
+    qmp: PathBuf,
+    /// The daemon's control socket.
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    control: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// Print the daemon's JSON.
+    #[arg(long)]
+    json: bool,
+    /// The daemon's control socket.
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    control: PathBuf,
+}
+
+pub async fn follow(args: FollowArgs, on: bool) -> anyhow::Result<()> {
+    let request = if on {
+        Request::Follow { qmp: args.qmp }
+    } else {
+        Request::Unfollow { qmp: args.qmp }
+    };
+    let reply = call(&args.control, &request).await?;
+    if on {
+        println!("{}", serde_json::to_string_pretty(&reply["vm"])?);
+    }
+    Ok(())
+}
+
+pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let reply = call(&args.control, &Request::Status).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&reply)?);
+        return Ok(());
+    }
+    println!("telemetry: {}", reply["telemetry"].as_str().unwrap_or("?"));
+    println!("follower drops: {}", reply["drops"]);
+    for vm in reply["vms"].as_array().into_iter().flatten() {
+        let mib = |v: &Value| v.as_u64().unwrap_or(0) as f64 / (1 << 20) as f64;
+        println!(
+            "{} (pid {}): RAM mirrored on storage {:.1} MiB = {:.1}%, {} map entries \
+             ({:.1} MiB of tables), {} events",
+            vm["qmp"].as_str().unwrap_or("?"),
+            vm["pid"],
+            mib(&vm["mirrored_bytes"]),
+            vm["mirrored_pct"].as_f64().unwrap_or(0.0),
+            vm["map_entries"],
+            mib(&vm["map_memory_bytes"]),
+            vm["events"],
+        );
+        for d in vm["disks"].as_array().into_iter().flatten() {
+            match d["followed"].as_bool() {
+                Some(true) => println!("  {}: followed ({})", d["device"], d["export"]),
+                _ => println!(
+                    "  {}: not followed: {}",
+                    d["device"],
+                    d["reason"].as_str().unwrap_or("?")
+                ),
+            }
+        }
+    }
+    Ok(())
+}

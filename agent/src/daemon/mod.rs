@@ -1,0 +1,378 @@
+//! The host daemon: one long-running root process per hypervisor host.
+//!
+//! ```text
+//!             +-- IoFollower (eBPF) --events--> event loop --> Registry: per VM, VmTrack + map
+//! agent daemon+-- control socket (root-only) <-- agent follow / status / migrate
+//!             +-- agent link listener --> serve (the target side, as `agent serve`)
+//! ```
+//! - [`control`]: the request/reply protocol of the control socket, and its client.
+//! - [`maps`]: the followed VMs and the view of a map a migration's source side asks.
+//!
+//! Migrations asked over the control socket run here, with the VM's map, so pages it places
+//! go out MAPPED with no index round trip. When the daemon is down, `agent migrate` runs the
+//! migration itself without a map (the index path), as before. Without eBPF (not root, no
+//! object, a refused program) the daemon still serves and migrates, and says why it keeps no
+//! maps.
+pub mod control;
+pub mod maps;
+
+use std::{
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use agent_common::syscalls::{FdKey, SyscallDrop};
+use serde_json::{json, Value};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt, BufReader},
+    net::{TcpListener, UnixListener, UnixStream},
+    sync::{mpsc, watch, Semaphore},
+};
+
+use self::{
+    control::{read_line, MigrateRequest, Request},
+    maps::{export_name, Registry, VmPageMap},
+};
+use crate::{
+    migration::{compress::Compression, pagemap::SharedMap, target::TargetConfig},
+    orchestrate::{migrate, MigrateOptions, StreamSpec},
+    qmp::Qmp,
+    serve::serve,
+    telemetry::{track::VmTrack, vm::Vm, IoFollower, ObjectSource},
+};
+
+/// Control requests handled at once; more wait for a slot.
+const MAX_CONTROL: usize = 16;
+
+/// What the daemon runs with.
+pub struct DaemonConfig {
+    pub control: PathBuf,
+    pub link: TcpListener,
+    pub target: TargetConfig,
+    pub ebpf: ObjectSource,
+}
+
+/// Changes to what the follower follows, sent to the event loop that owns it.
+enum Follow {
+    Add(Vec<FdKey>),
+    Remove(Vec<FdKey>),
+}
+
+struct Shared {
+    registry: Registry,
+    /// `None` with the reason when the eBPF side could not be attached.
+    follow: Result<mpsc::Sender<Follow>, String>,
+    drops: watch::Receiver<[u64; SyscallDrop::COUNT as usize]>,
+}
+
+/// Runs until `shutdown` turns true.
+pub async fn run(config: DaemonConfig, shutdown: watch::Receiver<bool>) -> std::io::Result<()> {
+    let control = bind_control(&config.control)?;
+    tracing::info!("control socket {}", config.control.display());
+    let (drops_tx, drops) = watch::channel([0; SyscallDrop::COUNT as usize]);
+    let follow = match IoFollower::attach(&config.ebpf) {
+        Ok(follower) => {
+            let (tx, rx) = mpsc::channel(64);
+            Ok((tx, rx, follower))
+        }
+        Err(e) => {
+            tracing::warn!("no memory-to-disk maps: {e}; migrations use the index path");
+            Err(e.to_string())
+        }
+    };
+    let shared = Arc::new(Shared {
+        registry: Registry::default(),
+        follow: follow
+            .as_ref()
+            .map(|(tx, _, _)| tx.clone())
+            .map_err(Clone::clone),
+        drops,
+    });
+    if let Ok((_, rx, follower)) = follow {
+        tokio::spawn(event_loop(
+            follower,
+            rx,
+            shared.clone(),
+            drops_tx,
+            shutdown.clone(),
+        ));
+    }
+    let serving = tokio::spawn(serve(config.link, config.target, shutdown.clone()));
+    let slots = Arc::new(Semaphore::new(MAX_CONTROL));
+    let mut stop = shutdown.clone();
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = stop.wait_for(|s| *s) => break,
+            a = control.accept() => a?,
+        };
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            break;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            handle(stream, &shared).await;
+            drop(slot);
+        });
+    }
+    std::fs::remove_file(&config.control).ok();
+    serving.await.map_err(std::io::Error::other)?
+}
+
+/// The control socket: a private directory, a socket only root may use.
+fn bind_control(path: &Path) -> std::io::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    if std::fs::symlink_metadata(path)
+        .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+    {
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Owns the follower: routes events to their VM's map, applies follow changes, publishes the
+/// drop counts.
+async fn event_loop(
+    mut follower: IoFollower,
+    mut changes: mpsc::Receiver<Follow>,
+    shared: Arc<Shared>,
+    drops: watch::Sender<[u64; SyscallDrop::COUNT as usize]>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut events = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            r = follower.next_events(&mut events) => {
+                if let Err(e) = r {
+                    tracing::error!("the follower stopped: {e}");
+                    return;
+                }
+                for ev in events.drain(..) {
+                    if let Some(vm) = shared.registry.by_pid(ev.tgid) {
+                        vm.track().event(&ev);
+                    }
+                }
+            }
+            change = changes.recv() => {
+                let (keys, add) = match change {
+                    Some(Follow::Add(k)) => (k, true),
+                    Some(Follow::Remove(k)) => (k, false),
+                    None => return,
+                };
+                for key in keys {
+                    let r = if add { follower.follow(key) } else { follower.unfollow(key) };
+                    if let Err(e) = r {
+                        tracing::warn!("cannot change what is followed ({key:?}): {e}");
+                    }
+                }
+            }
+            _ = tick.tick() => {
+                if let Ok(d) = follower.drops() {
+                    for reason in SyscallDrop::ALL {
+                        metrics::gauge!("agent_follower_drops", "reason" => reason.name())
+                            .set(d[reason as usize] as f64);
+                    }
+                    drops.send_replace(d);
+                }
+                for vm in shared.registry.all() {
+                    let t = vm.track();
+                    let name = vm.qmp.display().to_string();
+                    metrics::gauge!("agent_map_entries", "qmp" => name.clone())
+                        .set(t.map().len() as f64);
+                    metrics::gauge!("agent_follower_events", "qmp" => name).set(t.events() as f64);
+                }
+            }
+        }
+    }
+}
+
+async fn handle(stream: UnixStream, shared: &Shared) {
+    let root = stream.peer_cred().is_ok_and(|c| c.uid() == 0);
+    let (rd, mut wr) = stream.into_split();
+    let mut reader = BufReader::new(rd);
+    let reply = match read_line(&mut reader).await {
+        _ if !root => json!({"ok": false, "error": "the control socket is root's only"}),
+        Ok(line) => match serde_json::from_str::<Request>(&line) {
+            // The client closing its side cancels a migration, as Ctrl-C does a local one.
+            Ok(request) => {
+                answer(request, shared, async move {
+                    let mut byte = [0u8; 1];
+                    let _ = reader.read(&mut byte).await;
+                })
+                .await
+            }
+            Err(e) => json!({"ok": false, "error": format!("malformed request: {e}")}),
+        },
+        Err(e) => json!({"ok": false, "error": e.to_string()}),
+    };
+    let mut line = reply.to_string().into_bytes();
+    line.push(b'\n');
+    let _ = wr.write_all(&line).await;
+}
+
+async fn answer(
+    request: Request,
+    shared: &Shared,
+    cancel: impl std::future::Future<Output = ()>,
+) -> Value {
+    let result = match request {
+        Request::Follow { qmp } => follow(&qmp, shared).await,
+        Request::Unfollow { qmp } => unfollow(&qmp, shared).await,
+        Request::Status => Ok(status(shared)),
+        Request::Migrate { request } => run_migration(*request, shared, cancel).await,
+    };
+    match result {
+        Ok(mut v) => {
+            v["ok"] = json!(true);
+            v
+        }
+        Err(e) => json!({"ok": false, "error": e}),
+    }
+}
+
+async fn follow(qmp: &Path, shared: &Shared) -> Result<Value, String> {
+    let tx = shared
+        .follow
+        .as_ref()
+        .map_err(|why| format!("telemetry unavailable: {why}"))?;
+    // The monitor is held only for the inspection: QEMU serves one client per monitor.
+    let mut session = Qmp::connect(qmp).await.map_err(|e| e.to_string())?;
+    let vm = Vm::inspect(&mut session).await.map_err(|e| e.to_string())?;
+    drop(session);
+    let described = describe(&vm);
+    let track = VmTrack::new(vm);
+    let keys = track.keys();
+    shared.registry.add(qmp.to_path_buf(), track);
+    tx.send(Follow::Add(keys))
+        .await
+        .map_err(|_| "the follower stopped".to_string())?;
+    Ok(json!({ "vm": described }))
+}
+
+async fn unfollow(qmp: &Path, shared: &Shared) -> Result<Value, String> {
+    let vm = shared
+        .registry
+        .remove_qmp(qmp)
+        .ok_or_else(|| format!("{} is not followed", qmp.display()))?;
+    let keys = vm.track().keys();
+    if let Ok(tx) = &shared.follow {
+        let _ = tx.send(Follow::Remove(keys)).await;
+    }
+    Ok(json!({}))
+}
+
+fn describe(vm: &Vm) -> Value {
+    let disks: Vec<Value> = vm
+        .disks
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let fds: Vec<u32> = vm
+                .fds
+                .iter()
+                .filter(|(_, &disk)| disk == i)
+                .map(|(fd, _)| *fd)
+                .collect();
+            match &d.path {
+                crate::telemetry::vm::DiskPath::Unfollowable { reason } => {
+                    json!({"device": d.device, "followed": false, "reason": reason})
+                }
+                _ => json!({
+                    "device": d.device,
+                    "export": export_name(d),
+                    "followed": !fds.is_empty(),
+                    "fds": fds,
+                    "reason": if fds.is_empty() { Some("no fd of QEMU carries it") } else { None },
+                }),
+            }
+        })
+        .collect();
+    let ram: u64 = vm.blocks.iter().map(|b| b.len).sum();
+    json!({"pid": vm.pid, "ram_bytes": ram, "disks": disks})
+}
+
+fn status(shared: &Shared) -> Value {
+    let vms: Vec<Value> = shared
+        .registry
+        .all()
+        .iter()
+        .map(|vm| {
+            let t = vm.track();
+            let mut d = describe(t.vm());
+            let ram = d["ram_bytes"].as_u64().unwrap_or(0).max(1);
+            let mirrored = t.map().len() as u64 * 4096;
+            d["qmp"] = json!(vm.qmp);
+            d["map_entries"] = json!(t.map().len());
+            d["mirrored_bytes"] = json!(mirrored);
+            d["mirrored_pct"] = json!(100.0 * mirrored as f64 / ram as f64);
+            d["map_memory_bytes"] = json!(t.map().memory_bytes());
+            d["events"] = json!(t.events());
+            d["decode"] = json!(format!("{:?}", t.decode_stats()));
+            d["map"] = json!(format!("{:?}", t.map().stats()));
+            d
+        })
+        .collect();
+    let drops = *shared.drops.borrow();
+    let drops: serde_json::Map<String, Value> = SyscallDrop::ALL
+        .iter()
+        .map(|r| (r.name().to_string(), json!(drops[*r as usize])))
+        .collect();
+    json!({
+        "telemetry": shared.follow.as_ref().map(|_| "on".to_string()).unwrap_or_else(|w| format!("off: {w}")),
+        "drops": drops,
+        "vms": vms,
+    })
+}
+
+async fn run_migration(
+    r: MigrateRequest,
+    shared: &Shared,
+    cancel: impl std::future::Future<Output = ()>,
+) -> Result<Value, String> {
+    let parse = |s: &str| s.parse::<nas_proto::Endpoint>().map_err(|e| e.to_string());
+    let page_map = shared.registry.by_qmp(&r.source_qmp).and_then(|vm| {
+        let map = VmPageMap::new(vm, &r.exports);
+        map.names_any().then(|| SharedMap(Arc::new(map)))
+    });
+    if page_map.is_none() {
+        tracing::info!(
+            "{} is not followed (or names none of its disks): migrating without a map",
+            r.source_qmp.display()
+        );
+    }
+    let zstd = match r.zstd.as_str() {
+        "always" => Compression::Always,
+        "never" => Compression::Never,
+        _ => Compression::Auto,
+    };
+    let opts = MigrateOptions {
+        source_qmp: r.source_qmp,
+        target_qmp: r.target_qmp,
+        target_agent: r.target_agent,
+        stream: StreamSpec {
+            vm: r.vm,
+            exports: r.exports,
+            nas_nbd: r.nas_nbd,
+            nas_index: r.nas_index.as_deref().map(parse).transpose()?,
+            zstd,
+            passthrough: r.passthrough,
+            record: r.record,
+            page_map,
+        },
+        incoming: r.incoming,
+        source_listen: r.qemu_listen.as_deref().map(parse).transpose()?,
+        max_bandwidth: r.max_bandwidth,
+        progress: None,
+        timeout: Duration::from_secs(r.timeout_secs),
+    };
+    let report = migrate(opts, cancel).await.map_err(|e| e.to_string())?;
+    Ok(json!({ "report": report }))
+}

@@ -1,0 +1,212 @@
+//! The host daemon end to end, with the real binaries and real TCG guests.
+//!
+//! 1. Map-only, against storage that indexes nothing: the disk on qemu-nbd, `agent daemon`
+//!    following the source QEMU from before its guest runs, `agent status` showing the RAM
+//!    mirrored on storage, and `agent migrate --no-index` handed to the daemon: pages go out
+//!    MAPPED from the map alone, and the guest carries on.
+//! 2. The daemon killed: its map is lost, and `agent migrate` (same flags, the index path on
+//!    nas-server) still migrates from its own process. Its savings and the map-only run's are
+//!    within 3 points of each other.
+use std::{
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use agent::qmp::Qmp;
+use serde_json::Value;
+use testkit::{
+    free_port,
+    qemu::{carried_on, exclusive, Guest, GuestSpec, Pair},
+    require_root, require_tool, Running, Scratch,
+};
+
+const MEM_MB: u32 = 384;
+const READ_MB: u32 = 128;
+
+fn agent() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_agent"));
+    cmd.env("RUST_LOG", "info");
+    cmd
+}
+
+fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < limit, "{what} within {limit:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Runs an agent command to its end; its stdout as JSON.
+fn json_of(cmd: &mut Command) -> Value {
+    let out = cmd.stderr(Stdio::inherit()).output().expect("run agent");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{cmd:?} failed: {text}");
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{cmd:?} printed no JSON ({e}): {text}"))
+}
+
+fn guest(dir: &Path, name: &str, uri: &str, incoming: bool, paused: bool) -> Guest {
+    Guest::start(
+        dir,
+        &GuestSpec {
+            name,
+            mem_mb: MEM_MB,
+            read_mb: READ_MB,
+            disk_uri: uri,
+            disk_writes: false,
+            incoming,
+            paused,
+            prealloc: false,
+            qemu: None,
+        },
+    )
+}
+
+fn migrate(control: &Path, source: &Guest, target: &Guest, link: u16, nas: &str) -> Command {
+    let mut cmd = agent();
+    cmd.arg("migrate")
+        .arg("--control")
+        .arg(control)
+        .arg("--source-qmp")
+        .arg(&source.qmp_path)
+        .arg("--target-qmp")
+        .arg(&target.qmp_path)
+        .args(["--target-agent", &format!("127.0.0.1:{link}")])
+        .args(["--export", "disk", "--nas-nbd", nas, "--json"]);
+    cmd
+}
+
+#[test]
+fn the_daemons_map_migrates_against_qemu_nbd_and_its_loss_costs_no_correctness() {
+    if !require_root("the_daemons_map_migrates_against_qemu_nbd_and_its_loss_costs_no_correctness")
+    {
+        return;
+    }
+    require_tool("qemu-nbd");
+    let _qemu = exclusive();
+    let dir = Scratch::new("daemon-map");
+    let image = dir.image("disk.raw", 256 << 20);
+    std::fs::write(&image, testkit::pattern(21, 256 << 20)).unwrap();
+    std::fs::File::open(&image).unwrap().sync_all().unwrap();
+    let nbd_port = free_port();
+    let _nbd = Running(
+        Command::new("qemu-nbd")
+            .args(["-f", "raw", "-t", "-e", "32", "-b", "127.0.0.1"])
+            .args(["-p", &nbd_port.to_string(), "-x", "disk"])
+            .arg(&image)
+            .spawn()
+            .expect("start qemu-nbd"),
+    );
+    wait_for("qemu-nbd listening", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", nbd_port)).is_ok()
+    });
+    let (control, link) = (dir.path("control.sock"), free_port());
+    let daemon = Running(
+        agent()
+            .arg("daemon")
+            .arg("--control")
+            .arg(&control)
+            .args(["--link-listen", &format!("127.0.0.1:{link}")])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start agent daemon"),
+    );
+    wait_for("the control socket", Duration::from_secs(30), || {
+        control.exists()
+    });
+
+    // 1. Followed from before the guest runs; the map built while it reads.
+    let uri = format!("nbd://127.0.0.1:{nbd_port}/disk");
+    let source = guest(&dir.0, "source", &uri, false, true);
+    let followed = json_of(
+        agent()
+            .arg("follow")
+            .arg("--qmp")
+            .arg(&source.qmp_path)
+            .arg("--control")
+            .arg(&control),
+    );
+    assert_eq!(followed["disks"][0]["followed"], true, "{followed}");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut q = Qmp::connect(&source.qmp_path).await.expect("QMP");
+        q.execute("cont", None).await.expect("cont");
+    });
+    source.wait_line("QEVAL-READY", 0, Duration::from_secs(180));
+    let blob = source.blob_sums()[0].clone();
+    let status = json_of(
+        agent()
+            .args(["status", "--json", "--control"])
+            .arg(&control),
+    );
+    let vm = &status["vms"][0];
+    let mirrored = vm["mirrored_bytes"].as_u64().unwrap_or(0);
+    eprintln!("status: {status:#}");
+    assert!(
+        mirrored >= (u64::from(READ_MB) << 20) * 9 / 10,
+        "the map mirrors {mirrored} bytes; the guest read {READ_MB} MiB"
+    );
+    assert_eq!(status["drops"]["ring_full"], 0);
+    let target = guest(&dir.0, "target", &uri, true, false);
+    let map_only = json_of(
+        migrate(
+            &control,
+            &source,
+            &target,
+            link,
+            &format!("127.0.0.1:{nbd_port}"),
+        )
+        .arg("--no-index"),
+    );
+    eprintln!("map only: {map_only:#}");
+    assert_eq!(map_only["ok"], true, "{map_only}");
+    let pages_map = map_only["pages_map"].as_u64().unwrap_or(0);
+    let read_pages = (u64::from(READ_MB) << 20) / 4096;
+    assert!(
+        pages_map >= read_pages * 9 / 10,
+        "{pages_map} pages mapped from the map, of {read_pages} read"
+    );
+    assert_eq!(
+        map_only["pages_mapped"], map_only["pages_map"],
+        "no index was asked"
+    );
+    carried_on(&source, &target, &blob).unwrap_or_else(|e| panic!("map only: {e}"));
+    drop((source, target));
+
+    // 2. The daemon dies; the same command migrates through the index path on its own.
+    drop(daemon);
+    assert!(control.exists(), "a killed daemon leaves its socket behind");
+    let pair = Pair::start("daemon-gone", MEM_MB, READ_MB, false, false);
+    let serve_port = free_port();
+    let _serve = Running(
+        agent()
+            .args(["serve", "--link-listen", &format!("127.0.0.1:{serve_port}")])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start agent serve"),
+    );
+    let server = pair.server.as_ref().expect("server running");
+    let index = json_of(
+        migrate(
+            &control,
+            &pair.source,
+            &pair.target,
+            serve_port,
+            &server.addr.to_string(),
+        )
+        .args(["--nas-index", &server.index_addr.to_string()]),
+    );
+    eprintln!("index path, daemon gone: {index:#}");
+    assert_eq!(index["ok"], true, "{index}");
+    assert_eq!(index["pages_map"], 0);
+    carried_on(&pair.source, &pair.target, &pair.blob).unwrap_or_else(|e| panic!("index: {e}"));
+    let (a, b) = (
+        map_only["savings_pct"].as_f64().unwrap(),
+        index["savings_pct"].as_f64().unwrap(),
+    );
+    assert!(
+        (a - b).abs() <= 3.0,
+        "map-only saved {a:.1}%, the index path {b:.1}%: more than 3 points apart"
+    );
+}
