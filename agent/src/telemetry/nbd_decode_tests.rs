@@ -288,7 +288,7 @@ fn the_handshake_before_the_first_reply_is_no_desync() {
 #[test]
 fn payload_beyond_the_recorded_iovecs_is_counted_not_placed() {
     let iovs: Vec<(u64, u64)> = (0..MAX_IOV as u64)
-        .map(|i| (0x10000 * (i + 1), 512))
+        .map(|i| (0x10000 * (i + 1), 4096 / MAX_IOV as u64))
         .collect();
     let mut ev = rx_data(4096 + 1024, &iovs);
     ev.iov_total = MAX_IOV as u32 + 2;
