@@ -59,6 +59,7 @@ fn guest(dir: &Path, name: &str, uri: &str, incoming: bool, paused: bool) -> Gue
             paused,
             prealloc: false,
             qemu: None,
+            iothread: false,
         },
     )
 }

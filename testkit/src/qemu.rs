@@ -47,6 +47,9 @@ pub struct GuestSpec<'a> {
     pub prealloc: bool,
     /// Another QEMU binary (e.g. [`qemu72_binary`]) instead of the installed one.
     pub qemu: Option<&'a Path>,
+    /// Serve the disk from an I/O thread (`-object iothread`, virtio-blk on it): its requests
+    /// and replies may then be handled by other threads than the main loop's.
+    pub iothread: bool,
 }
 
 /// Debian bookworm's QEMU 7.2, unpacked by `cargo xtask test` (or `xtask::guest::qemu72`).
@@ -108,8 +111,21 @@ impl Guest {
             spec.read_mb,
             u8::from(spec.disk_writes)
         ))
-        .arg("-drive")
-        .arg(format!("file={},format=raw,if=virtio", spec.disk_uri))
+        .args(if spec.iothread {
+            vec![
+                "-object".to_string(),
+                "iothread,id=io0".to_string(),
+                "-drive".to_string(),
+                format!("file={},format=raw,if=none,id=d0", spec.disk_uri),
+                "-device".to_string(),
+                "virtio-blk-pci,drive=d0,iothread=io0".to_string(),
+            ]
+        } else {
+            vec![
+                "-drive".to_string(),
+                format!("file={},format=raw,if=virtio", spec.disk_uri),
+            ]
+        })
         .arg("-serial")
         .arg(format!("file:{}", serial_path.display()))
         .arg("-qmp")
@@ -321,6 +337,7 @@ pub async fn record_stream(
             paused: false,
             prealloc: false,
             qemu,
+            iothread: false,
         },
     );
     guest.wait_line("QEVAL-READY", 0, Duration::from_secs(120));
@@ -424,6 +441,7 @@ impl Pair {
             paused: incoming && target_paused,
             prealloc,
             qemu: None,
+            iothread: false,
         };
         let source = Guest::start(&dir.0, &spec("source", false, false));
         source.wait_line("QEVAL-READY", 0, Duration::from_secs(180));

@@ -4,8 +4,9 @@
 //! whose content equals a 4 KiB-aligned block of the disk), with every entry exact: the page
 //! still hashes to what the map recorded, and so does the disk block it names.
 //!
-//! Three set-ups: (a) the disk on nas-server over QEMU's NBD client, (b) the same image on
-//! qemu-nbd, (c) the image opened by QEMU as a raw file (`aio=threads`).
+//! Four set-ups: (a) the disk on nas-server over QEMU's NBD client, and (a') the same with the
+//! disk on an I/O thread, (b) the same image on qemu-nbd, (c) the image opened by QEMU as a raw
+//! file (`aio=threads`).
 use std::{
     collections::HashSet,
     path::Path,
@@ -44,7 +45,13 @@ struct Coverage {
 
 /// Boots a paused guest on `disk_uri`, follows it from before it runs, lets it read, and
 /// measures the map against the offline ideal.
-fn measure(rt: &tokio::runtime::Runtime, dir: &Path, image: &Path, disk_uri: &str) -> Coverage {
+fn measure(
+    rt: &tokio::runtime::Runtime,
+    dir: &Path,
+    image: &Path,
+    disk_uri: &str,
+    iothread: bool,
+) -> Coverage {
     let guest = Guest::start(
         dir,
         &GuestSpec {
@@ -57,6 +64,7 @@ fn measure(rt: &tokio::runtime::Runtime, dir: &Path, image: &Path, disk_uri: &st
             paused: true,
             prealloc: false,
             qemu: None,
+            iothread,
         },
     );
     let _entered = rt.enter();
@@ -208,7 +216,9 @@ fn the_map_covers_a_guests_page_cache_on_nbd_and_on_a_file() {
 
     // (a) nas-server.
     let server = NbdFixture::start(&[("disk", &image, false)]);
-    let a = measure(&rt, &dir.0, &image, &server.uri("disk"));
+    let a = measure(&rt, &dir.0, &image, &server.uri("disk"), false);
+    // (a') the same with the disk on an I/O thread: headers and payloads read by other threads.
+    let a_io = measure(&rt, &dir.0, &image, &server.uri("disk"), true);
     drop(server);
     // (b) qemu-nbd, no index anywhere.
     let port = testkit::free_port();
@@ -233,11 +243,18 @@ fn the_map_covers_a_guests_page_cache_on_nbd_and_on_a_file() {
         assert!(Instant::now() < deadline, "qemu-nbd did not listen");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let b = measure(&rt, &dir.0, &image, &format!("nbd://127.0.0.1:{port}/disk"));
+    let b = measure(
+        &rt,
+        &dir.0,
+        &image,
+        &format!("nbd://127.0.0.1:{port}/disk"),
+        false,
+    );
     drop(nbd);
     // (c) the raw file.
-    let c = measure(&rt, &dir.0, &image, &image.display().to_string());
+    let c = measure(&rt, &dir.0, &image, &image.display().to_string(), false);
     check("nas-server", &a);
+    check("nas-server, iothread", &a_io);
     check("qemu-nbd", &b);
     check("raw file", &c);
 }

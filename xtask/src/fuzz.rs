@@ -21,11 +21,12 @@ use anyhow::{bail, Context};
 use crate::sh;
 
 /// Each target, and the crate whose `fuzz/` holds it.
-const TARGETS: [(&str, &str); 4] = [
+const TARGETS: [(&str, &str); 5] = [
     ("nas-server", "nbd_session"),
     ("nas-server", "index_frame"),
     ("agent", "link_frames"),
     ("agent", "stream_parser"),
+    ("agent", "nbd_events"),
 ];
 const NBD_PORT: u16 = 10_970;
 const INDEX_PORT: u16 = 10_971;
@@ -168,6 +169,52 @@ fn agent_seeds(corpus: &Path) -> anyhow::Result<()> {
     session.extend_from_slice(&zstd_frame);
     std::fs::write(links.join("zstd"), &zstd_frame)?;
     std::fs::write(links.join("session"), session)?;
+    nbd_event_seeds(&corpus.join("nbd_events"))
+}
+
+/// One READ exchange as QEMU's client makes it (request; magic, header, data offset and
+/// payload each received on their own), in the `nbd_events` target's input format.
+fn nbd_event_seeds(dir: &Path) -> anyhow::Result<()> {
+    use nas_proto::nbd::{
+        CMD_READ, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, REQUEST_MAGIC, STRUCTURED_REPLY_MAGIC,
+    };
+    fn event(out: &mut Vec<u8>, kind: u8, ret: u16, head: &[u8], iovs: &[(u32, u16)]) {
+        out.push(kind);
+        out.extend(ret.to_be_bytes());
+        out.push(head.len() as u8);
+        out.extend(head);
+        out.push(iovs.len() as u8);
+        for (base, len) in iovs {
+            out.extend(base.to_be_bytes());
+            out.extend(len.to_be_bytes());
+        }
+    }
+    std::fs::create_dir_all(dir)?;
+    let mut request = REQUEST_MAGIC.to_be_bytes().to_vec();
+    request.extend(0u16.to_be_bytes());
+    request.extend(CMD_READ.to_be_bytes());
+    request.extend(7u64.to_be_bytes());
+    request.extend(8192u64.to_be_bytes());
+    request.extend(4096u32.to_be_bytes());
+    let mut chunk = REPLY_FLAG_DONE.to_be_bytes().to_vec();
+    chunk.extend(REPLY_TYPE_OFFSET_DATA.to_be_bytes());
+    chunk.extend(7u64.to_be_bytes());
+    chunk.extend((8u32 + 4096).to_be_bytes());
+    let (send, recv) = (2, 1);
+    let mut seed = Vec::new();
+    event(&mut seed, send, 28, &request, &[(0x10, 28)]);
+    let magic = STRUCTURED_REPLY_MAGIC.to_be_bytes();
+    event(&mut seed, recv, 4, &magic, &[(0x20, 4)]);
+    event(&mut seed, recv, 16, &chunk, &[(0x20, 16)]);
+    event(&mut seed, recv, 8, &8192u64.to_be_bytes(), &[(0x20, 8)]);
+    event(
+        &mut seed,
+        recv,
+        4096,
+        &[],
+        &[(0x2000, 2048), (0x3000, 2048)],
+    );
+    std::fs::write(dir.join("read"), seed)?;
     Ok(())
 }
 

@@ -115,6 +115,7 @@ impl Pair {
             paused: false,
             prealloc: incoming && target_prealloc,
             qemu: None,
+            iothread: false,
         };
         let (source_name, target_name) = (format!("{tag}-source"), format!("{tag}-target"));
         let source = Guest::start(dir, &spec(&source_name, false));
