@@ -4,6 +4,8 @@
 //!    following the source QEMU from before its guest runs, `agent status` showing the RAM
 //!    mirrored on storage, and `agent migrate --no-index` handed to the daemon: pages go out
 //!    MAPPED from the map alone, and the guest carries on.
+//! 3. Stale pages: the guest drops its page cache and fills the memory with random data; the
+//!    map's claims for those pages are counted stale, never sent, and the guest carries on.
 //! 2. The daemon killed: its map is lost, and `agent migrate` (same flags, the index path on
 //!    nas-server) still migrates from its own process. Its savings and the map-only run's are
 //!    within 3 points of each other.
@@ -46,7 +48,7 @@ fn json_of(cmd: &mut Command) -> Value {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{cmd:?} printed no JSON ({e}): {text}"))
 }
 
-fn guest(dir: &Path, name: &str, uri: &str, incoming: bool, paused: bool) -> Guest {
+fn guest(dir: &Path, name: &str, uri: &str, incoming: bool, paused: bool, fill_mb: u32) -> Guest {
     Guest::start(
         dir,
         &GuestSpec {
@@ -60,8 +62,36 @@ fn guest(dir: &Path, name: &str, uri: &str, incoming: bool, paused: bool) -> Gue
             prealloc: false,
             qemu: None,
             iothread: false,
+            fill_mb,
         },
     )
+}
+
+/// A guest on `uri`, followed by the daemon from before it runs, past its first RAM checksum.
+fn followed_guest(
+    rt: &tokio::runtime::Runtime,
+    dir: &Path,
+    name: &str,
+    uri: &str,
+    control: &Path,
+    fill_mb: u32,
+) -> Guest {
+    let g = guest(dir, name, uri, false, true, fill_mb);
+    let followed = json_of(
+        agent()
+            .arg("follow")
+            .arg("--qmp")
+            .arg(&g.qmp_path)
+            .arg("--control")
+            .arg(control),
+    );
+    assert_eq!(followed["disks"][0]["followed"], true, "{followed}");
+    rt.block_on(async {
+        let mut q = Qmp::connect(&g.qmp_path).await.expect("QMP");
+        q.execute("cont", None).await.expect("cont");
+    });
+    g.wait_line("QEVAL-READY", 0, Duration::from_secs(180));
+    g
 }
 
 fn migrate(control: &Path, source: &Guest, target: &Guest, link: u16, nas: &str) -> Command {
@@ -119,22 +149,8 @@ fn the_daemons_map_migrates_against_qemu_nbd_and_its_loss_costs_no_correctness()
 
     // 1. Followed from before the guest runs; the map built while it reads.
     let uri = format!("nbd://127.0.0.1:{nbd_port}/disk");
-    let source = guest(&dir.0, "source", &uri, false, true);
-    let followed = json_of(
-        agent()
-            .arg("follow")
-            .arg("--qmp")
-            .arg(&source.qmp_path)
-            .arg("--control")
-            .arg(&control),
-    );
-    assert_eq!(followed["disks"][0]["followed"], true, "{followed}");
     let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let mut q = Qmp::connect(&source.qmp_path).await.expect("QMP");
-        q.execute("cont", None).await.expect("cont");
-    });
-    source.wait_line("QEVAL-READY", 0, Duration::from_secs(180));
+    let source = followed_guest(&rt, &dir.0, "source", &uri, &control, 0);
     let blob = source.blob_sums()[0].clone();
     let status = json_of(
         agent()
@@ -149,7 +165,7 @@ fn the_daemons_map_migrates_against_qemu_nbd_and_its_loss_costs_no_correctness()
         "the map mirrors {mirrored} bytes; the guest read {READ_MB} MiB"
     );
     assert_eq!(status["drops"]["ring_full"], 0);
-    let target = guest(&dir.0, "target", &uri, true, false);
+    let target = guest(&dir.0, "target", &uri, true, false, 0);
     let map_only = json_of(
         migrate(
             &control,
@@ -173,6 +189,37 @@ fn the_daemons_map_migrates_against_qemu_nbd_and_its_loss_costs_no_correctness()
         "no index was asked"
     );
     carried_on(&source, &target, &blob).unwrap_or_else(|e| panic!("map only: {e}"));
+    drop((source, target));
+
+    // 3. Stale pages are never announced: the guest drops its page cache and fills that memory
+    //    with random data after the map was built; the map's claims for those pages no longer
+    //    match, nothing is fetched for them, and the guest carries on.
+    let source = followed_guest(&rt, &dir.0, "stale", &uri, &control, 160);
+    let blob = source.blob_sums()[0].clone();
+    let target = guest(&dir.0, "stale-target", &uri, true, false, 0);
+    let stale = json_of(
+        migrate(
+            &control,
+            &source,
+            &target,
+            link,
+            &format!("127.0.0.1:{nbd_port}"),
+        )
+        .arg("--no-index"),
+    );
+    eprintln!("stale: {stale:#}");
+    assert_eq!(stale["ok"], true, "{stale}");
+    assert!(
+        stale["pages_map_stale"].as_u64().unwrap_or(0) > 0,
+        "no claim went stale: {stale}"
+    );
+    assert_eq!(
+        stale["nas_bytes"].as_u64(),
+        stale["pages_mapped"].as_u64().map(|p| p * 4096),
+        "only pages sent MAPPED are fetched"
+    );
+    assert_eq!(stale["pages_fallback"], 0, "a stale page was announced");
+    carried_on(&source, &target, &blob).unwrap_or_else(|e| panic!("stale: {e}"));
     drop((source, target));
 
     // 2. The daemon dies; the same command migrates through the index path on its own.

@@ -50,6 +50,8 @@ pub struct GuestSpec<'a> {
     /// Serve the disk from an I/O thread (`-object iothread`, virtio-blk on it): its requests
     /// and replies may then be handled by other threads than the main loop's.
     pub iothread: bool,
+    /// After reading, drop the page cache and fill this many MiB of memory with random data.
+    pub fill_mb: u32,
 }
 
 /// Debian bookworm's QEMU 7.2, unpacked by `cargo xtask test` (or `xtask::guest::qemu72`).
@@ -107,9 +109,10 @@ impl Guest {
         .arg(&initrd)
         .arg("-append")
         .arg(format!(
-            "console=ttyS0 quiet panic=-1 readmb={} diskwrite={}",
+            "console=ttyS0 quiet panic=-1 readmb={} diskwrite={} fillmb={}",
             spec.read_mb,
-            u8::from(spec.disk_writes)
+            u8::from(spec.disk_writes),
+            spec.fill_mb
         ))
         .args(if spec.iothread {
             vec![
@@ -338,6 +341,7 @@ pub async fn record_stream(
             prealloc: false,
             qemu,
             iothread: false,
+            fill_mb: 0,
         },
     );
     guest.wait_line("QEVAL-READY", 0, Duration::from_secs(120));
@@ -442,6 +446,7 @@ impl Pair {
             prealloc,
             qemu: None,
             iothread: false,
+            fill_mb: 0,
         };
         let source = Guest::start(&dir.0, &spec("source", false, false));
         source.wait_line("QEVAL-READY", 0, Duration::from_secs(180));

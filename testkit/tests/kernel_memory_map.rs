@@ -65,6 +65,7 @@ fn measure(
             prealloc: false,
             qemu: None,
             iothread,
+            fill_mb: 0,
         },
     );
     let _entered = rt.enter();

@@ -35,9 +35,9 @@ mount -t devtmpfs devtmpfs /dev
 for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk; do
   insmod /mods/$m.ko || echo "QEVAL-ERROR insmod $m"
 done
-READMB=0; DISKWRITE=0
+READMB=0; DISKWRITE=0; FILLMB=0
 for a in $(cat /proc/cmdline); do
-  case "$a" in readmb=*) READMB="${a#readmb=}";; diskwrite=*) DISKWRITE="${a#diskwrite=}";; esac
+  case "$a" in readmb=*) READMB="${a#readmb=}";; diskwrite=*) DISKWRITE="${a#diskwrite=}";; fillmb=*) FILLMB="${a#fillmb=}";; esac
 done
 i=0; while [ ! -b /dev/vda ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
 if [ -b /dev/vda ]; then
@@ -47,6 +47,13 @@ if [ -b /dev/vda ]; then
     dd if=/dev/vda of=/dev/null bs=1M count=$READMB 2>/dev/null
   fi
   echo "QEVAL-READ-DONE $READMB"
+  if [ "$FILLMB" -gt 0 ]; then
+    # The page cache dropped, and its memory taken by random data: what a host-side map
+    # recorded of those pages is stale now.
+    sync; echo 3 > /proc/sys/vm/drop_caches
+    dd if=/dev/urandom of=/tmp/fill bs=1M count=$FILLMB 2>/dev/null
+    echo "QEVAL-FILLED $FILLMB"
+  fi
 else
   echo "QEVAL-ERROR no /dev/vda"
 fi

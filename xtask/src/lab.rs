@@ -116,6 +116,7 @@ impl Pair {
             prealloc: incoming && target_prealloc,
             qemu: None,
             iothread: false,
+            fill_mb: 0,
         };
         let (source_name, target_name) = (format!("{tag}-source"), format!("{tag}-target"));
         let source = Guest::start(dir, &spec(&source_name, false));
