@@ -1,4 +1,5 @@
-//! The host daemon end to end, with the real binaries and real TCG guests.
+//! The host daemon end to end, with the real binaries and real TCG guests that keep writing
+//! their disks, during the migrations too.
 //!
 //! 1. Map-only, against storage that indexes nothing: the disk on qemu-nbd, `agent daemon`
 //!    following the source QEMU from before its guest runs, `agent status` showing the RAM
@@ -56,7 +57,9 @@ fn guest(dir: &Path, name: &str, uri: &str, incoming: bool, paused: bool, fill_m
             mem_mb: MEM_MB,
             read_mb: READ_MB,
             disk_uri: uri,
-            disk_writes: false,
+            // Every guest here keeps writing its disk, during the migration too: the map must
+            // drop what the writes make stale.
+            disk_writes: true,
             incoming,
             paused,
             prealloc: false,
@@ -225,7 +228,7 @@ fn the_daemons_map_migrates_against_qemu_nbd_and_its_loss_costs_no_correctness()
     // 2. The daemon dies; the same command migrates through the index path on its own.
     drop(daemon);
     assert!(control.exists(), "a killed daemon leaves its socket behind");
-    let pair = Pair::start("daemon-gone", MEM_MB, READ_MB, false, false);
+    let pair = Pair::start("daemon-gone", MEM_MB, READ_MB, true, false);
     let serve_port = free_port();
     let _serve = Running(
         agent()
