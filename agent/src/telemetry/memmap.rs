@@ -185,7 +185,9 @@ impl MemoryMap {
         let mut buf = [0u8; PAGE as usize];
         let mut at = first;
         while at + PAGE <= end {
-            let disk = offset + (at - start);
+            let Some(disk) = offset.checked_add(at - start) else {
+                break;
+            };
             if !disk.is_multiple_of(PAGE) {
                 self.stats.unaligned += 1;
                 at += PAGE;
@@ -223,7 +225,8 @@ impl MemoryMap {
         if len == 0 {
             return;
         }
-        let (first, last) = (offset / PAGE, (offset + len - 1) / PAGE);
+        // Offsets come from requests QEMU sent: saturate rather than trust them to fit.
+        let (first, last) = (offset / PAGE, offset.saturating_add(len - 1) / PAGE);
         if last - first + 1 > self.by_disk.len() as u64 {
             // A large range (a TRIM of the whole disk): walk the index, not the range.
             let hit: Vec<(u32, u64)> = self

@@ -112,3 +112,14 @@ fn discarded_memory_drops_its_entries() {
     assert!(m.get("pc.ram", PAGE).is_none() && m.get("pc.ram", 2 * PAGE).is_none());
     assert!(m.memory_bytes() > 0);
 }
+
+#[test]
+fn ranges_at_the_end_of_the_address_space_do_not_overflow() {
+    // A zeroing request QEMU (or a fuzzer) could send near u64::MAX (found by nbd_events).
+    let mut mem = memory(2);
+    let mut m = map(2);
+    m.landed(0, 0, BASE, PAGE, &mut mem);
+    m.changed(0, u64::MAX - 10, 100);
+    m.landed(0, u64::MAX - 100, BASE, 2 * PAGE, &mut mem);
+    assert!(m.len() <= 2);
+}

@@ -157,7 +157,7 @@ fn pieces(ev: &IoEvent, mut skip: u64, mut bytes: u64) -> Vec<(u64, u64)> {
             continue;
         }
         let n = (v.len - skip).min(bytes);
-        out.push((v.base + skip, n));
+        out.push((v.base.saturating_add(skip), n));
         skip = 0;
         bytes -= n;
     }
@@ -174,7 +174,7 @@ fn send(
     ev: &IoEvent,
     out: &mut Vec<Observed>,
 ) {
-    let total = ev.ret as u64;
+    let total = ev.ret.max(0) as u64;
     let head = ev.head();
     let mut used = 0u64;
     if let Some(request) = parse_request(head) {
@@ -199,7 +199,7 @@ fn send(
     let Some((offset, left)) = conv.sending else {
         return;
     };
-    let n = (total - used).min(left);
+    let n = total.saturating_sub(used).min(left);
     let mut at = offset;
     for (addr, len) in pieces(ev, used, n) {
         if addr == 0 {
@@ -218,7 +218,7 @@ fn send(
                 len,
             });
         }
-        at += len;
+        at = at.saturating_add(len);
     }
     conv.sending = (left > n).then_some((at, left - n));
 }
@@ -258,7 +258,7 @@ fn recv(
     ev: &IoEvent,
     out: &mut Vec<Observed>,
 ) {
-    let mut left = ev.ret as u64;
+    let mut left = ev.ret.max(0) as u64;
     let mut consumed = 0u64;
     while left > 0 {
         match conv.rx {
@@ -277,7 +277,7 @@ fn recv(
                             len,
                         });
                     }
-                    at += len;
+                    at = at.saturating_add(len);
                 }
                 consumed += n;
                 left -= n;

@@ -102,7 +102,7 @@ impl VmTrack {
                 }
             }
             (DiskPath::File { .. }, Some(k @ (IoKind::Read | IoKind::Write))) => {
-                let mut left = ev.ret as u64;
+                let mut left = ev.ret.max(0) as u64;
                 let mut offset = ev.offset;
                 for v in ev.iovecs() {
                     let n = v.len.min(left);
@@ -114,7 +114,7 @@ impl VmTrack {
                     } else {
                         self.map.stored(export, offset, v.base, n, &mut self.memory);
                     }
-                    offset += n;
+                    offset = offset.saturating_add(n);
                     left -= n;
                 }
                 // Bytes beyond the recorded iovecs: the disk range is known, the memory not.
