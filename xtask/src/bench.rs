@@ -45,6 +45,9 @@ enum Target {
     Pipeline,
     /// The guest's pause, plain QEMU vs the agents, over many runs of the 1 Gbit/s setting.
     Downtime,
+    /// The I/O follower: QEMU's NBD reads with and without the probes, cost per event, drops,
+    /// map memory per GiB.
+    Telemetry,
 }
 
 struct Row {
@@ -96,6 +99,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     if let Target::Downtime = args.target {
         return crate::bench_downtime::run(512, 200, args.repeat.unwrap_or(10));
+    }
+    if let Target::Telemetry = args.target {
+        return crate::bench_telemetry::run(args.repeat.unwrap_or(3));
     }
     if let Target::Pipeline = args.target {
         return crate::bench_pipeline::run(args.stream_mib);
@@ -199,7 +205,7 @@ fn index_rate(log: &str) -> Option<f64> {
         .and_then(|n| n.parse().ok())
 }
 
-fn fill_image(path: &Path, mib: u64) -> anyhow::Result<()> {
+pub fn fill_image(path: &Path, mib: u64) -> anyhow::Result<()> {
     if std::fs::metadata(path).is_ok_and(|m| m.len() == mib << 20) {
         return Ok(());
     }

@@ -10,6 +10,7 @@ mod bench;
 mod bench_downtime;
 mod bench_migration;
 mod bench_pipeline;
+mod bench_telemetry;
 mod cpu;
 mod demo;
 mod ebpf;

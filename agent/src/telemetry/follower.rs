@@ -21,6 +21,7 @@ use aya::{
 use tokio::{io::unix::AsyncFd, task::JoinHandle};
 
 use super::{
+    block_io::ProgramCost,
     loader::{load_object, require_root, spawn_logger, ObjectSource, TelemetryError},
     tracefs,
 };
@@ -125,6 +126,24 @@ impl IoFollower {
         while let Some(item) = ring.next() {
             out.push(parse_event(&item));
         }
+    }
+
+    /// What the kernel measured of every syscall program's runs so far (needs
+    /// `kernel.bpf_stats_enabled` or [`aya::sys::enable_stats`] while they run).
+    pub fn cost(&self) -> Result<ProgramCost, TelemetryError> {
+        let mut total = ProgramCost::default();
+        for (name, _) in SYSCALLS {
+            let program = self.ebpf.program(name).ok_or(TelemetryError::Missing {
+                kind: "program",
+                name,
+            })?;
+            let info = program
+                .info()
+                .map_err(|e| TelemetryError::Stats(e.to_string()))?;
+            total.runs += info.run_count();
+            total.run_time += info.run_time();
+        }
+        Ok(total)
     }
 
     /// Events lost or incomplete so far, by [`SyscallDrop`] slot.
