@@ -11,6 +11,8 @@ pub mod syscalls;
 pub mod maps {
     /// `HashMap<syscalls::FdKey, u32>`: the (process, fd) pairs whose I/O syscalls are followed.
     pub const FOLLOWED: &str = "FOLLOWED";
+    /// `HashMap<u32, u32>`: processes with at least one followed key, and how many.
+    pub const FOLLOWED_TGIDS: &str = "FOLLOWED_TGIDS";
     /// `HashMap<u64, syscalls::PendingCall>`: a followed call's arguments, from its entry to its
     /// exit, by thread (`pid_tgid`).
     pub const IO_CALLS: &str = "IO_CALLS";

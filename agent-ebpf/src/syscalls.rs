@@ -12,6 +12,7 @@ use agent_common::syscalls::{
     EVENTS_BYTES, FD_ANY, FD_MEMORY, FOLLOWED_CAPACITY, HEAD_BYTES, MAX_IOV,
 };
 use aya_ebpf::{
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user, generated},
     macros::{map, tracepoint},
     maps::{HashMap, PerCpuArray, RingBuf},
@@ -20,6 +21,10 @@ use aya_ebpf::{
 
 #[map]
 static FOLLOWED: HashMap<FdKey, u32> = HashMap::with_max_entries(FOLLOWED_CAPACITY, 0);
+
+/// The processes with anything followed: one lookup turns every other process's calls away.
+#[map]
+static FOLLOWED_TGIDS: HashMap<u32, u32> = HashMap::with_max_entries(FOLLOWED_CAPACITY, 0);
 
 #[map]
 static IO_CALLS: HashMap<u64, PendingCall> = HashMap::with_max_entries(CALLS_CAPACITY, 0);
@@ -61,8 +66,9 @@ fn arg(ctx: &TracePointContext, n: usize) -> u64 {
 fn followed(tgid: u32, fd: u32) -> bool {
     // SAFETY: lookups copy nothing out and the keys live on this stack.
     unsafe {
-        FOLLOWED.get(FdKey { tgid, fd }).is_some()
-            || FOLLOWED.get(FdKey { tgid, fd: FD_ANY }).is_some()
+        FOLLOWED_TGIDS.get(tgid).is_some()
+            && (FOLLOWED.get(FdKey { tgid, fd }).is_some()
+                || FOLLOWED.get(FdKey { tgid, fd: FD_ANY }).is_some())
     }
 }
 
@@ -126,16 +132,12 @@ fn exit(ctx: &TracePointContext) -> u32 {
         (*ev).fd = call.fd;
         (*ev).ret = ret;
         (*ev).offset = call.offset;
+        // Only what the counts cover is read: `head[..head_len]`, `iov[..iov_count]`.
         (*ev).reserved = 0;
         (*ev).head_len = 0;
         (*ev).iov_total = 0;
         (*ev).iov_count = 0;
-        for b in 0..HEAD_BYTES {
-            (*ev).head[b] = 0;
-        }
-        for i in 0..MAX_IOV {
-            (*ev).iov[i] = IoVec { base: 0, len: 0 };
-        }
+        (*ev).iov[0] = IoVec { base: 0, len: 0 };
         let (iov_ptr, iov_total) = if call.shape == CallShape::Msghdr as u32 {
             let msg = call.ptr;
             let iov = bpf_probe_read_user((msg + MSG_IOV) as *const u64);
@@ -161,23 +163,25 @@ fn exit(ctx: &TracePointContext) -> u32 {
         };
         if iov_ptr != 0 {
             (*ev).iov_total = iov_total as u32;
-            let mut n = 0u32;
-            for i in 0..MAX_IOV {
-                if (i as u64) >= iov_total {
-                    break;
-                }
-                match bpf_probe_read_user((iov_ptr + 16 * i as u64) as *const IoVec) {
-                    Ok(v) => {
-                        (*ev).iov[i] = v;
-                        n += 1;
-                    }
-                    Err(_) => {
-                        drop_event(SyscallDrop::ReadArgs);
-                        break;
-                    }
+            // The whole recorded part of the iovec array in one read.
+            let n = if iov_total < MAX_IOV as u64 {
+                iov_total as u32
+            } else {
+                MAX_IOV as u32
+            };
+            let bytes = (n * size_of::<IoVec>() as u32) & 0x3ff;
+            if bytes > 0 && bytes <= (MAX_IOV * size_of::<IoVec>()) as u32 {
+                let rc = generated::bpf_probe_read_user(
+                    (*ev).iov.as_mut_ptr().cast(),
+                    bytes,
+                    iov_ptr as *const core::ffi::c_void,
+                );
+                if rc == 0 {
+                    (*ev).iov_count = n;
+                } else {
+                    drop_event(SyscallDrop::ReadArgs);
                 }
             }
-            (*ev).iov_count = n;
             if iov_total > MAX_IOV as u64 {
                 drop_event(SyscallDrop::IovOverflow);
             }
@@ -212,7 +216,15 @@ fn exit(ctx: &TracePointContext) -> u32 {
             }
         }
     }
-    entry.submit(0);
+    // User space drains the ring on a short timer; a wake-up per event would cost a context
+    // switch per syscall. It is woken early only when a quarter of the ring is waiting.
+    let waiting = IO_EVENTS.query(BPF_RB_AVAIL_DATA as u64);
+    let flags = if waiting > u64::from(EVENTS_BYTES / 4) {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    entry.submit(u64::from(flags));
     0
 }
 

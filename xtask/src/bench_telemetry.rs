@@ -58,7 +58,11 @@ pub fn run(rounds: u32) -> anyhow::Result<()> {
     let (mut plain, mut probed) = (Vec::new(), Vec::new());
     let mut figures = Probed::default();
     for round in 0..rounds {
-        for probes in if round % 2 == 0 { [false, true] } else { [true, false] } {
+        for probes in if round % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        } {
             let (secs, p) = read_once(&rt, &mut follower, probes)?;
             let mbs = (IMAGE_MIB << 20) as f64 / secs / 1e6;
             eprintln!(
@@ -150,8 +154,7 @@ fn read_once(
         }
         events.clear();
         let _ = rt.block_on(async {
-            tokio::time::timeout(Duration::from_millis(20), follower.next_events(&mut events))
-                .await
+            tokio::time::timeout(Duration::from_millis(20), follower.next_events(&mut events)).await
         });
         let t = Instant::now();
         for ev in &events {
@@ -172,7 +175,9 @@ fn read_once(
     }
     p.events += events.len() as u64;
     p.desyncs = decoder.stats().desyncs;
-    follower.unfollow(key)?;
+    if probes {
+        follower.unfollow(key)?;
+    }
     Ok((secs, p))
 }
 

@@ -26,11 +26,18 @@ use super::{
     tracefs,
 };
 
+/// How often the ring is drained when the kernel side does not wake the reader.
+pub const DRAIN_EVERY: std::time::Duration = std::time::Duration::from_millis(5);
+
 /// The attached syscall tracepoints and their maps.
 pub struct IoFollower {
     ebpf: Ebpf,
     events: AsyncFd<RingBuf<MapData>>,
     followed: HashMap<MapData, FdKey, u32>,
+    /// Processes with a followed key, for the kernel side's first, cheapest filter.
+    tgids: HashMap<MapData, u32, u32>,
+    /// What is followed, by process.
+    keys: std::collections::HashMap<u32, std::collections::HashSet<FdKey>>,
     logger: Option<JoinHandle<()>>,
 }
 
@@ -76,10 +83,17 @@ impl IoFollower {
             name: maps::FOLLOWED,
             source,
         })?;
+        let tgids = take(&mut ebpf, maps::FOLLOWED_TGIDS)?;
+        let tgids = HashMap::try_from(tgids).map_err(|source| TelemetryError::Map {
+            name: maps::FOLLOWED_TGIDS,
+            source,
+        })?;
         Ok(Self {
             ebpf,
             events,
             followed,
+            tgids,
+            keys: std::collections::HashMap::new(),
             logger,
         })
     }
@@ -91,33 +105,45 @@ impl IoFollower {
             .map_err(|source| TelemetryError::Map {
                 name: maps::FOLLOWED,
                 source,
+            })?;
+        let keys = self.keys.entry(key.tgid).or_default();
+        keys.insert(key);
+        let n = keys.len() as u32;
+        self.tgids
+            .insert(key.tgid, n, 0)
+            .map_err(|source| TelemetryError::Map {
+                name: maps::FOLLOWED_TGIDS,
+                source,
             })
     }
 
     /// Stops following `key` (a key not followed is no error).
     pub fn unfollow(&mut self, key: FdKey) -> Result<(), TelemetryError> {
-        match self.followed.remove(&key) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(source) => Err(TelemetryError::Map {
-                name: maps::FOLLOWED,
-                source,
-            }),
+        if let Some(keys) = self.keys.get_mut(&key.tgid) {
+            keys.remove(&key);
+            if keys.is_empty() {
+                self.keys.remove(&key.tgid);
+                forget(self.tgids.remove(&key.tgid), maps::FOLLOWED_TGIDS)?;
+            }
         }
+        forget(self.followed.remove(&key), maps::FOLLOWED)
     }
 
-    /// Waits for events, then appends every event in the ring buffer to `out`.
+    /// Waits for events, then appends every event in the ring buffer to `out`. The kernel
+    /// side wakes this only when a quarter of the ring is waiting, so it also looks every
+    /// [`DRAIN_EVERY`].
     pub async fn next_events(&mut self, out: &mut Vec<IoEvent>) -> Result<(), TelemetryError> {
-        let mut guard = self
-            .events
-            .readable_mut()
-            .await
-            .map_err(|e| TelemetryError::Stats(e.to_string()))?;
-        let ring = guard.get_inner_mut();
-        while let Some(item) = ring.next() {
-            out.push(parse_event(&item));
+        let start = out.len();
+        loop {
+            if let Ok(guard) = tokio::time::timeout(DRAIN_EVERY, self.events.readable_mut()).await {
+                let mut guard = guard.map_err(|e| TelemetryError::Stats(e.to_string()))?;
+                guard.clear_ready();
+            }
+            self.drain(out);
+            if out.len() > start {
+                return Ok(());
+            }
         }
-        guard.clear_ready();
-        Ok(())
     }
 
     /// Appends whatever events are in the ring buffer now, without waiting.
@@ -171,6 +197,19 @@ impl Drop for IoFollower {
         if let Some(logger) = self.logger.take() {
             logger.abort();
         }
+    }
+}
+
+/// A removal's result, where a key that was not there is no error.
+fn forget(r: Result<(), aya::maps::MapError>, name: &'static str) -> Result<(), TelemetryError> {
+    match r {
+        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.kind() == std::io::ErrorKind::NotFound =>
+        {
+            Ok(())
+        }
+        Err(source) => Err(TelemetryError::Map { name, source }),
     }
 }
 
