@@ -1,11 +1,20 @@
 //! The migration hook: QEMU's pre-copy stream rewritten into NAS mappings on the source host
 //! and rebuilt byte for byte on the target host.
 //!
-//! [`stream`] finds page payloads in QEMU's stream; [`link`] is the agent-to-agent protocol;
-//! [`dedup`] is the content cache both ends keep in step for DUP frames; [`outgoing`] batches
-//! the source's frames for gathered writes; [`pace`] holds the link to the migration's
-//! bandwidth cap; [`incoming`] decides which target QEMU addresses the target agent delivers to;
-//! [`pagemap`] is what the source asks the memory-to-disk map.
+//! ```text
+//! QEMU -> stream (parser) -> source (collect, lookup, emit, writer, back) -> link frames
+//!      -> wire (reader) -> target (fetch, deliver) -> QEMU
+//! ```
+//! - [`stream`]: finds page payloads (and where each page belongs) in QEMU's stream.
+//! - [`link`]: the agent-to-agent frames, pure codec; [`wire`]: reading them off a socket,
+//!   ZSTD frames inflated; [`compress`]: when and how the source compresses.
+//! - [`source`] and [`target`]: the two pipelines, one module per stage.
+//! - [`dedup`]: the content cache both ends keep in step for DUP frames; [`outgoing`]: the
+//!   source's frames batched for gathered writes; [`pace`]: the link held to the migration's
+//!   bandwidth cap.
+//! - [`incoming`]: which target QEMU addresses the target agent delivers to.
+//! - [`pagemap`]: what the source asks the memory-to-disk map; [`report`]: the counters and
+//!   figures both ends keep.
 pub mod compress;
 pub mod dedup;
 pub mod incoming;

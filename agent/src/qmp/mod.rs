@@ -2,7 +2,7 @@
 //!
 //! QMP is line-delimited JSON. After the greeting the client sends `qmp_capabilities`; each
 //! command then gets one `return` or `error` reply, while asynchronous `event` messages may
-//! arrive at any time. Events are kept (bounded) for callers that wait for one. [`state`]
+//! arrive at any time. Events are kept (bounded) for callers that wait for one. `state`
 //! types the run and migration states the replies carry.
 mod state;
 

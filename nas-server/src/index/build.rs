@@ -1,7 +1,7 @@
 //! Building an export's table: every 4 KiB block hashed, in parallel across cores.
 //!
 //! Each thread takes a contiguous share of the image, reads it in 1 MiB positioned reads and
-//! hashes each read several blocks per SIMD pass ([`super::multi`]); holes come back as zeroes
+//! hashes each read several blocks per SIMD pass ([`blockhash::multi`]); holes come back as zeroes
 //! and are skipped like any all-zero block.
 use std::{fs::File, io, os::unix::fs::FileExt, thread, time::Instant};
 

@@ -4,7 +4,9 @@
 //! all-zero blocks, which are never indexed, and for a short tail block); and, per hash, the
 //! blocks that hold it. Lookups are scoped: the caller names the exports it may search, so one
 //! VM can never learn about another tenant's blocks. [`build`] hashes an image in parallel;
-//! [`crate::export::hashing`] keeps the index exact under writes.
+//! [`crate::export::hashing`] keeps the index exact under writes; [`store`] persists it (redb)
+//! with [`journal`] naming the regions a crash may have left unhashed; [`hot`] is the hot set
+//! agents replicate.
 use std::{
     collections::HashMap,
     sync::{PoisonError, RwLock},

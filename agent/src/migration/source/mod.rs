@@ -6,24 +6,24 @@
 //!                   +--verbatim--------------------------------------> RAW
 //!                 (in stream order; DUP when the target's cache holds the content)
 //! ```
-//! A read's pages are hashed together, several per SIMD pass ([`hash_blocks`]).
+//! A read's pages are hashed together, several per SIMD pass ([`blockhash::multi::hash_blocks`]).
 //! Lookups for misses go out in batches, several batches in flight, so the stream never waits
 //! a round trip per page. Pages in the final `ram` END section (sent while the guest is
 //! paused) are never looked up remotely: a round trip there would add to downtime. Every
 //! mapped page's content is kept (in place, in the read buffer it arrived in) until the target
-//! acknowledges it, at most `unacked_pages` pages in at most [`KEPT_READS`] buffers; past that
+//! acknowledges it, at most `unacked_pages` pages in at most `KEPT_READS` buffers; past that
 //! the source stops reading QEMU (backpressure) until acks arrive. A FALLBACK_REQ is answered
 //! from that store, ahead of normal traffic. The link writer paces its writes to the
 //! migration's bandwidth cap until the stream reaches the switchover ([`super::pace`]).
 //!
 //! Stages, each a module owning its channel ends:
 //! - the reader (here, [`run_source`]): reads QEMU, feeds the parser, sends lookups;
-//! - [`collect`]: one read's parser output as a batch, its pages hashed together;
-//! - [`lookup`]: batched index lookups and the hot-set follower;
-//! - [`emit`]: resolved batches as link frames, within the windows of [`flow`];
-//! - [`writer`]: the paced link writer, fallback answers first;
-//! - [`back`]: ACKs, fallback requests and DONE from the target;
-//! - [`store`]: the unacked pages a fallback may still need.
+//! - `collect`: one read's parser output as a batch, its pages hashed together;
+//! - `lookup`: batched index lookups and the hot-set follower;
+//! - `emit`: resolved batches as link frames, within the windows of `flow`;
+//! - `writer`: the paced link writer, fallback answers first;
+//! - `back`: ACKs, fallback requests and DONE from the target;
+//! - `store`: the unacked pages a fallback may still need.
 //!
 //! ```text
 //! QEMU -> reader -> collect -> lookup -> emit -> writer -> link

@@ -12,7 +12,7 @@
 //! the writer acknowledges mapped pages as it delivers them, which frees the source's copies.
 //!
 //! Stages: the reader (here, [`run_target`]) turns frames into slots and fetch requests;
-//! [`fetch`] reads and verifies mapped pages; [`deliver`] writes slots to QEMU in order.
+//! `fetch` reads and verifies mapped pages; `deliver` writes slots to QEMU in order.
 use std::{
     collections::{HashMap, VecDeque},
     sync::{
