@@ -11,11 +11,11 @@
 //! ```
 //! Failure is always clean: if anything breaks before the target confirms delivery (or the
 //! operator cancels), the source QEMU's connection is dropped, so its migration fails and the
-//! guest keeps running; [`settle`] then decides which QEMU runs the guest, and never
+//! guest keeps running; [`settle::settle`] then decides which QEMU runs the guest, and never
 //! resumes a source whose whole stream the target may have loaded.
 //!
 //! Modules: [`bandwidth`] (the operator's cap moved from QEMU's stream to the agent link),
-//! [`switchover`] (the link's rate given to QEMU for its switchover decision), [`settle`]
+//! [`switchover`] (the link's rate given to QEMU for its switchover decision), [`mod@settle`]
 //! (where the guest runs afterwards), [`report`] (the report and its counters). Progress goes
 //! out on a `watch` channel of [`Figures`]; the command layer draws it.
 use std::{
@@ -94,7 +94,7 @@ pub struct MigrateOptions {
 ///
 /// `cancel` resolving (the operator's Ctrl-C) stops it: before the source QEMU's stream began,
 /// with an error and nothing started; after, like any failure, with a report, the source's
-/// migration cancelled and the guest wherever [`settle`] finds it safe.
+/// migration cancelled and the guest wherever [`settle::settle`] finds it safe.
 pub async fn migrate(
     opts: MigrateOptions,
     cancel: impl Future<Output = ()>,

@@ -54,7 +54,7 @@ pub enum Outcome {
     Undecided,
 }
 
-/// The target QEMU as [`settle`] found it.
+/// The target QEMU as [`settle()`] found it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TargetState {
     /// Its monitor answered with this run state.
@@ -75,13 +75,13 @@ impl std::fmt::Display for TargetState {
     }
 }
 
-/// What [`settle`] found.
+/// What [`settle()`] found.
 #[derive(Debug)]
 pub struct Settled {
     pub outcome: Outcome,
     /// The source's `query-migrate` once it left the active states.
     pub info: Value,
-    /// The target QEMU's state (after `cont`, if [`settle`] resumed it).
+    /// The target QEMU's state (after `cont`, if [`settle()`] resumed it).
     pub target_status: TargetState,
 }
 
