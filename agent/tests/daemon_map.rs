@@ -123,18 +123,8 @@ fn the_daemons_map_migrates_against_qemu_nbd_and_its_loss_costs_no_correctness()
     let image = dir.image("disk.raw", 256 << 20);
     std::fs::write(&image, testkit::pattern(21, 256 << 20)).unwrap();
     std::fs::File::open(&image).unwrap().sync_all().unwrap();
-    let nbd_port = free_port();
-    let _nbd = Running(
-        Command::new("qemu-nbd")
-            .args(["-f", "raw", "-t", "-e", "32", "-b", "127.0.0.1"])
-            .args(["-p", &nbd_port.to_string(), "-x", "disk"])
-            .arg(&image)
-            .spawn()
-            .expect("start qemu-nbd"),
-    );
-    wait_for("qemu-nbd listening", Duration::from_secs(10), || {
-        std::net::TcpStream::connect(("127.0.0.1", nbd_port)).is_ok()
-    });
+    // Up to 32 clients: both guests and the target agent's fetchers.
+    let (_nbd, nbd_port) = testkit::qemu_nbd(&image, &["-e", "32"]);
     let (control, link) = (dir.path("control.sock"), free_port());
     let daemon = Running(
         agent()

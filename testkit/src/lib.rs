@@ -151,3 +151,28 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     out.truncate(len);
     out
 }
+
+/// qemu-nbd serving `image` raw as export `disk` on a free loopback port, persistent (`-t`),
+/// with `extra` flags; the running server and its port, once it accepts connections.
+pub fn qemu_nbd(image: &Path, extra: &[&str]) -> (Running, u16) {
+    require_tool("qemu-nbd");
+    let port = free_port();
+    let server = Running(
+        std::process::Command::new("qemu-nbd")
+            .args(["-f", "raw", "-t", "-b", "127.0.0.1", "-x", "disk"])
+            .args(["-p", &port.to_string()])
+            .args(extra)
+            .arg(image)
+            .spawn()
+            .expect("start qemu-nbd"),
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "qemu-nbd did not listen"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    (server, port)
+}

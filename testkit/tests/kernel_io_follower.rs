@@ -320,30 +320,7 @@ fn qemu_nbd_reads_are_decoded_against_nas_server_and_qemu_nbd() {
     assert_eq!(landed_ranges(&seen), want, "nas-server: {seen:#?}");
 
     // qemu-nbd: QEMU 10 on both ends negotiates extended headers.
-    let port = testkit::free_port();
-    let _nbd = testkit::Running(
-        Command::new("qemu-nbd")
-            .args([
-                "-f",
-                "raw",
-                "-r",
-                "-t",
-                "-p",
-                &port.to_string(),
-                "-b",
-                "127.0.0.1",
-            ])
-            .arg("-x")
-            .arg("disk")
-            .arg(&image)
-            .spawn()
-            .expect("start qemu-nbd"),
-    );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "qemu-nbd did not listen");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (_nbd, port) = testkit::qemu_nbd(&image, &["-r"]);
     let uri = format!("nbd://127.0.0.1:{port}/disk");
     let seen = rt.block_on(qemu_io_decoded(&mut f, &uri, &commands));
     assert_eq!(landed_ranges(&seen), want, "qemu-nbd: {seen:#?}");

@@ -27,7 +27,7 @@ use blockhash::{hash_block, Hash};
 use testkit::{
     nbd_fixture::NbdFixture,
     qemu::{exclusive, Guest, GuestSpec},
-    require_root, require_tool, Running, Scratch,
+    require_root, require_tool, Scratch,
 };
 
 const MIB: u64 = 1 << 20;
@@ -222,28 +222,7 @@ fn the_map_covers_a_guests_page_cache_on_nbd_and_on_a_file() {
     let a_io = measure(&rt, &dir.0, &image, &server.uri("disk"), true);
     drop(server);
     // (b) qemu-nbd, no index anywhere.
-    let port = testkit::free_port();
-    let nbd = Running(
-        std::process::Command::new("qemu-nbd")
-            .args([
-                "-f",
-                "raw",
-                "-t",
-                "-p",
-                &port.to_string(),
-                "-b",
-                "127.0.0.1",
-            ])
-            .args(["-x", "disk"])
-            .arg(&image)
-            .spawn()
-            .expect("start qemu-nbd"),
-    );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "qemu-nbd did not listen");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (nbd, port) = testkit::qemu_nbd(&image, &[]);
     let b = measure(
         &rt,
         &dir.0,

@@ -7,13 +7,15 @@ use std::{collections::BTreeMap, time::Duration};
 use agent_common::{globals, maps, programs, IoCount, IoDrop, IoKey};
 use aya::{
     maps::{PerCpuArray, PerCpuHashMap},
-    programs::TracePoint,
     Ebpf,
 };
 use tokio::task::JoinHandle;
 
 use super::{
-    loader::{load_object, require_root, spawn_logger, ObjectSource, TelemetryError},
+    loader::{
+        attach_tracepoint, load_object, program_runs, require_root, spawn_logger, ObjectSource,
+        TelemetryError,
+    },
     tracefs::{self, Format},
 };
 
@@ -102,24 +104,7 @@ impl BlockIoProbe {
         )?;
         let logger = spawn_logger(&mut ebpf);
         let name = programs::BLOCK_RQ_ISSUE;
-        let program: &mut TracePoint = ebpf
-            .program_mut(name)
-            .ok_or(TelemetryError::Missing {
-                kind: "program",
-                name,
-            })?
-            .try_into()
-            .map_err(|source| TelemetryError::ProgramLoad { name, source })?;
-        program
-            .load()
-            .map_err(|source| TelemetryError::ProgramLoad { name, source })?;
-        program
-            .attach(CATEGORY, TRACEPOINT)
-            .map_err(|source| TelemetryError::Attach {
-                name,
-                tracepoint: "block:block_rq_issue",
-                source,
-            })?;
+        attach_tracepoint(&mut ebpf, name, CATEGORY, TRACEPOINT)?;
         tracing::info!("attached {name} to {CATEGORY}:{TRACEPOINT}");
         Ok(Self { ebpf, logger })
     }
@@ -163,18 +148,8 @@ impl BlockIoProbe {
 
     /// What the kernel measured of the program's runs so far.
     pub fn cost(&self) -> Result<ProgramCost, TelemetryError> {
-        let name = programs::BLOCK_RQ_ISSUE;
-        let program = self.ebpf.program(name).ok_or(TelemetryError::Missing {
-            kind: "program",
-            name,
-        })?;
-        let info = program
-            .info()
-            .map_err(|e| TelemetryError::Stats(e.to_string()))?;
-        Ok(ProgramCost {
-            runs: info.run_count(),
-            run_time: info.run_time(),
-        })
+        let (runs, run_time) = program_runs(&self.ebpf, programs::BLOCK_RQ_ISSUE)?;
+        Ok(ProgramCost { runs, run_time })
     }
 
     fn map(&self, name: &'static str) -> Result<&aya::maps::Map, TelemetryError> {

@@ -15,14 +15,16 @@ use agent_common::{
 };
 use aya::{
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
-    programs::TracePoint,
     Ebpf,
 };
 use tokio::{io::unix::AsyncFd, task::JoinHandle};
 
 use super::{
     block_io::ProgramCost,
-    loader::{load_object, require_root, spawn_logger, ObjectSource, TelemetryError},
+    loader::{
+        attach_tracepoint, load_object, program_runs, require_root, spawn_logger, ObjectSource,
+        TelemetryError,
+    },
     tracefs,
 };
 
@@ -49,24 +51,7 @@ impl IoFollower {
         let mut ebpf = load_object(source, &[])?;
         let logger = spawn_logger(&mut ebpf);
         for (name, tracepoint) in SYSCALLS {
-            let program: &mut TracePoint = ebpf
-                .program_mut(name)
-                .ok_or(TelemetryError::Missing {
-                    kind: "program",
-                    name,
-                })?
-                .try_into()
-                .map_err(|source| TelemetryError::ProgramLoad { name, source })?;
-            program
-                .load()
-                .map_err(|source| TelemetryError::ProgramLoad { name, source })?;
-            program
-                .attach("syscalls", tracepoint)
-                .map_err(|source| TelemetryError::Attach {
-                    name,
-                    tracepoint,
-                    source,
-                })?;
+            attach_tracepoint(&mut ebpf, name, "syscalls", tracepoint)?;
         }
         tracing::info!("attached {} syscall tracepoints", SYSCALLS.len());
         let ring = take(&mut ebpf, maps::IO_EVENTS)?;
@@ -159,15 +144,9 @@ impl IoFollower {
     pub fn cost(&self) -> Result<ProgramCost, TelemetryError> {
         let mut total = ProgramCost::default();
         for (name, _) in SYSCALLS {
-            let program = self.ebpf.program(name).ok_or(TelemetryError::Missing {
-                kind: "program",
-                name,
-            })?;
-            let info = program
-                .info()
-                .map_err(|e| TelemetryError::Stats(e.to_string()))?;
-            total.runs += info.run_count();
-            total.run_time += info.run_time();
+            let (runs, time) = program_runs(&self.ebpf, name)?;
+            total.runs += runs;
+            total.run_time += time;
         }
         Ok(total)
     }

@@ -130,6 +130,49 @@ pub fn load_object(
     Ok(loader.load(&bytes)?)
 }
 
+/// Loads program `name` of `ebpf` into the kernel and attaches it to `category:tracepoint`.
+pub fn attach_tracepoint(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    category: &'static str,
+    tracepoint: &'static str,
+) -> Result<(), TelemetryError> {
+    let program: &mut aya::programs::TracePoint = ebpf
+        .program_mut(name)
+        .ok_or(TelemetryError::Missing {
+            kind: "program",
+            name,
+        })?
+        .try_into()
+        .map_err(|source| TelemetryError::ProgramLoad { name, source })?;
+    program
+        .load()
+        .map_err(|source| TelemetryError::ProgramLoad { name, source })?;
+    program
+        .attach(category, tracepoint)
+        .map_err(|source| TelemetryError::Attach {
+            name,
+            tracepoint,
+            source,
+        })?;
+    Ok(())
+}
+
+/// The kernel's run statistics of program `name` so far: (runs, run time).
+pub fn program_runs(
+    ebpf: &Ebpf,
+    name: &'static str,
+) -> Result<(u64, std::time::Duration), TelemetryError> {
+    let program = ebpf.program(name).ok_or(TelemetryError::Missing {
+        kind: "program",
+        name,
+    })?;
+    let info = program
+        .info()
+        .map_err(|e| TelemetryError::Stats(e.to_string()))?;
+    Ok((info.run_count(), info.run_time()))
+}
+
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; lift it so maps fit.
 fn raise_memlock_limit() {
     let unlimited = libc::rlimit {

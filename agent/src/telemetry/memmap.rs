@@ -141,11 +141,9 @@ impl MemoryMap {
         len: u64,
         reader: &mut impl PageReader,
     ) {
-        let Some((block, start)) = self.locate(addr) else {
-            self.stats.outside_ram += 1;
+        let Some((block, start, end)) = self.ram_range(addr, len) else {
             return;
         };
-        let end = start + len.min(self.blocks[block as usize].len - start);
         // Every page written to changed, whole or not; whole aligned ones are mapped again.
         self.discard_block_range(block, start, end);
         self.map_range(export, offset, block, start, end, reader);
@@ -162,12 +160,24 @@ impl MemoryMap {
         reader: &mut impl PageReader,
     ) {
         self.changed(export, offset, len);
-        let Some((block, start)) = self.locate(addr) else {
-            self.stats.outside_ram += 1;
+        let Some((block, start, end)) = self.ram_range(addr, len) else {
             return;
         };
-        let end = start + len.min(self.blocks[block as usize].len - start);
         self.map_range(export, offset, block, start, end, reader);
+    }
+
+    /// The RAM block and the range in it of host memory `[addr, addr + len)`, cut at the
+    /// block's end; `None` (and counted) outside guest RAM.
+    fn ram_range(&mut self, addr: u64, len: u64) -> Option<(u32, u64, u64)> {
+        let Some((block, start)) = self.locate(addr) else {
+            self.stats.outside_ram += 1;
+            return None;
+        };
+        Some((
+            block,
+            start,
+            start + len.min(self.blocks[block as usize].len - start),
+        ))
     }
 
     /// Maps every whole page of `[start, end)` in `block` whose disk offset (`offset` at
