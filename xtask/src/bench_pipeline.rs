@@ -522,8 +522,7 @@ async fn acknowledge_all(sock: tokio::net::TcpStream) -> anyhow::Result<u64> {
         }
     }
     let done = LinkFrame::Done {
-        ok: true,
-        stats: "{}".into(),
+        outcome: Ok(agent::migration::link::LinkStats::default()),
     };
     wr.write_all(&done.to_bytes()).await?;
     Ok(credit)

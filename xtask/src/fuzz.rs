@@ -150,11 +150,16 @@ fn agent_seeds(corpus: &Path) -> anyhow::Result<()> {
         LinkFrame::FallbackReq { seq: 0 },
         LinkFrame::FallbackData { seq: 0, page },
         LinkFrame::End {
-            stats: "{\"qemu_bytes\":1}".into(),
+            stats: link::LinkStats {
+                qemu_bytes: 1,
+                ..link::LinkStats::default()
+            },
         },
         LinkFrame::Done {
-            ok: true,
-            stats: "{}".into(),
+            outcome: Ok(link::LinkStats::default()),
+        },
+        LinkFrame::Done {
+            outcome: Err("refused".into()),
         },
         LinkFrame::Error {
             message: "refused".into(),

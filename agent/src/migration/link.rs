@@ -2,14 +2,14 @@
 //!
 //! ```text
 //!  source agent                                                  target agent
-//!    |-- HELLO v2 {vm, exports(id,name), nas, incoming, caps} ------->|
-//!    |<----------------------------------- HELLO_ACK {v2, caps} ------|
+//!    |-- HELLO v3 {vm, exports(id,name), nas, incoming, caps} ------->|
+//!    |<----------------------------------- HELLO_ACK {v3, caps} ------|
 //!    |-- RAW bytes | PAGE 4 KiB | MAPPED {seq, export, off, hash} --->|  in stream order;
 //!    |-- DUP {ordinal} | ZSTD {inner frames}  ...  ------------------->|  the target rebuilds
 //!    |<---- ACK {mapped, credit[, received]} | FALLBACK_REQ {seq} ----|  QEMU's bytes from
 //!    |-- FALLBACK_DATA {seq, 4 KiB} --------------------------------->|  them, in order
-//!    |-- END {source stats} ----------------------------------------->|
-//!    |<------------------------------------- DONE {target stats} -----|
+//!    |-- END {LinkStats} -------------------------------------------->|
+//!    |<---------------------------------- DONE {LinkStats | why} -----|
 //! ```
 //!
 //! Every frame is `u32 length | u8 type | payload` (big-endian; length counts the type byte and
@@ -31,7 +31,8 @@ use nas_proto::cursor::{Cursor, Malformed};
 
 use crate::migration::stream::PAGE_SIZE;
 
-pub const VERSION: u16 = 2;
+/// 3: END and DONE carry [`LinkStats`] (before, any JSON string).
+pub const VERSION: u16 = 3;
 pub const MAX_FRAME: u32 = 8 << 20;
 /// Capability bit: ZSTD frames may be sent.
 pub const CAP_ZSTD: u32 = 1;
@@ -85,9 +86,9 @@ pub enum LinkFrame {
         seq: u64,
         page: Box<[u8; PAGE_SIZE]>,
     },
-    /// The source has nothing more; JSON statistics.
+    /// The source has nothing more; what it counted.
     End {
-        stats: String,
+        stats: LinkStats,
     },
     HelloAck {
         version: u16,
@@ -105,14 +106,31 @@ pub enum LinkFrame {
     FallbackReq {
         seq: u64,
     },
-    /// The target delivered everything (or failed); JSON statistics.
+    /// The target delivered everything, with what it counted; or failed, and why.
     Done {
-        ok: bool,
-        stats: String,
+        outcome: Result<LinkStats, String>,
     },
     Error {
         message: String,
     },
+}
+
+/// What one end tells the other of its side of a session, in END and DONE: the link's own
+/// figures, so the report can change without changing the wire. Carried as JSON (keys only
+/// added, each with a default).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct LinkStats {
+    /// QEMU stream bytes the source took, or the target delivered.
+    pub qemu_bytes: u64,
+    /// ZERO records in the stream (the source parses them; the target reports them).
+    pub pages_zero: u64,
+    /// Bytes the target fetched from the storage.
+    pub nas_bytes: u64,
+    /// Mapped pages the target asked the source for.
+    pub fallbacks: u64,
+    /// Microseconds the target's fetches were under way.
+    pub fetch_us: u64,
 }
 
 /// Session parameters the source announces.
@@ -150,6 +168,14 @@ fn page(r: &mut Cursor<'_>) -> Result<Box<[u8; PAGE_SIZE]>, Malformed> {
     let mut p = Box::new([0u8; PAGE_SIZE]);
     p.copy_from_slice(r.bytes(PAGE_SIZE, "page")?);
     Ok(p)
+}
+
+fn stats(json: &str) -> Result<LinkStats, LinkError> {
+    serde_json::from_str(json).map_err(|_| LinkError::Malformed("statistics are not JSON"))
+}
+
+fn stats_json(stats: &LinkStats) -> String {
+    serde_json::to_string(stats).expect("plain integers serialise")
 }
 
 /// Appends a RAW frame carrying `data`, without building a [`LinkFrame::Raw`].
@@ -260,7 +286,7 @@ impl LinkFrame {
                 page: page(&mut r)?,
             },
             T_END => LinkFrame::End {
-                stats: r.string_u32("stats")?,
+                stats: stats(&r.string_u32("END statistics")?)?,
             },
             T_HELLO_ACK => LinkFrame::HelloAck {
                 version: r.u16("version")?,
@@ -277,9 +303,9 @@ impl LinkFrame {
             T_FALLBACK_REQ => LinkFrame::FallbackReq { seq: r.u64("seq")? },
             T_DONE => {
                 let ok = r.bytes(1, "ok")?[0] != 0;
+                let text = r.string_u32("DONE statistics")?;
                 LinkFrame::Done {
-                    ok,
-                    stats: r.string_u32("stats")?,
+                    outcome: if ok { Ok(stats(&text)?) } else { Err(text) },
                 }
             }
             T_ERROR => LinkFrame::Error {
@@ -341,7 +367,7 @@ impl LinkFrame {
             }
             LinkFrame::End { stats } => {
                 out.push(T_END);
-                put_string(out, stats);
+                put_string(out, &stats_json(stats));
             }
             LinkFrame::HelloAck { version, caps } => {
                 out.push(T_HELLO_ACK);
@@ -364,10 +390,13 @@ impl LinkFrame {
                 out.push(T_FALLBACK_REQ);
                 out.extend_from_slice(&seq.to_be_bytes());
             }
-            LinkFrame::Done { ok, stats } => {
+            LinkFrame::Done { outcome } => {
                 out.push(T_DONE);
-                out.push(u8::from(*ok));
-                put_string(out, stats);
+                out.push(u8::from(outcome.is_ok()));
+                match outcome {
+                    Ok(stats) => put_string(out, &stats_json(stats)),
+                    Err(why) => put_string(out, why),
+                }
             }
             LinkFrame::Error { message } => {
                 out.push(T_ERROR);
@@ -416,7 +445,13 @@ mod tests {
                 seq: 5,
                 page: Box::new([1; PAGE_SIZE]),
             },
-            LinkFrame::End { stats: "{}".into() },
+            LinkFrame::End {
+                stats: LinkStats {
+                    qemu_bytes: 1,
+                    pages_zero: 2,
+                    ..LinkStats::default()
+                },
+            },
             LinkFrame::HelloAck {
                 version: 1,
                 caps: 0,
@@ -433,8 +468,14 @@ mod tests {
             },
             LinkFrame::FallbackReq { seq: 5 },
             LinkFrame::Done {
-                ok: true,
-                stats: "{\"a\":1}".into(),
+                outcome: Ok(LinkStats {
+                    nas_bytes: 4096,
+                    fetch_us: 7,
+                    ..LinkStats::default()
+                }),
+            },
+            LinkFrame::Done {
+                outcome: Err("the target QEMU went away".into()),
             },
             LinkFrame::Error {
                 message: "no".into(),

@@ -9,6 +9,8 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+use super::link::LinkStats;
+
 /// Live counters of one migration (shared between the tasks that move the stream).
 #[derive(Debug, Default)]
 pub struct Counters {
@@ -78,6 +80,33 @@ impl Counters {
             hash_ms: self.hash_ns.load(Relaxed) as f64 / 1e6,
             lookup_ms: self.lookups.ms(),
             fetch_ms: self.fetches.ms(),
+        }
+    }
+}
+
+impl From<&Figures> for LinkStats {
+    /// What one end tells the other of its figures.
+    fn from(f: &Figures) -> Self {
+        LinkStats {
+            qemu_bytes: f.qemu_bytes,
+            pages_zero: f.pages_zero,
+            nas_bytes: f.nas_bytes,
+            fallbacks: f.fallbacks,
+            fetch_us: (f.fetch_ms * 1e3) as u64,
+        }
+    }
+}
+
+impl From<LinkStats> for Figures {
+    /// The other end's figures, as far as the link carries them.
+    fn from(s: LinkStats) -> Self {
+        Figures {
+            qemu_bytes: s.qemu_bytes,
+            pages_zero: s.pages_zero,
+            nas_bytes: s.nas_bytes,
+            fallbacks: s.fallbacks,
+            fetch_ms: s.fetch_us as f64 / 1e3,
+            ..Figures::default()
         }
     }
 }

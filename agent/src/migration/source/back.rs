@@ -6,9 +6,13 @@ use std::sync::{atomic::Ordering, Arc};
 use tokio::{io::AsyncRead, sync::mpsc};
 
 use super::{error::BackError, flow::Flow, store::Unacked};
-use crate::migration::{link::LinkFrame, report::Counters, wire::FrameReader};
+use crate::migration::{
+    link::{LinkFrame, LinkStats},
+    report::Counters,
+    wire::FrameReader,
+};
 
-/// Reads the target's frames until DONE: `(ok, the target's figures as JSON)`. On any other
+/// Reads the target's frames until DONE: the target's figures, or why it failed. On any other
 /// end it marks the flow failed, so whatever waits for an ACK stops, and says why.
 pub(super) async fn back_channel<R: AsyncRead + Unpin>(
     mut frames: FrameReader,
@@ -17,7 +21,7 @@ pub(super) async fn back_channel<R: AsyncRead + Unpin>(
     flow: Arc<Flow>,
     counters: Arc<Counters>,
     urgent: mpsc::Sender<Vec<u8>>,
-) -> Result<(bool, String), Arc<BackError>> {
+) -> Result<Result<LinkStats, String>, Arc<BackError>> {
     let outcome = async {
         loop {
             match frames.next(&mut link).await {
@@ -51,7 +55,7 @@ pub(super) async fn back_channel<R: AsyncRead + Unpin>(
                         return Err(BackError::WriterStopped);
                     }
                 }
-                Ok(Some(LinkFrame::Done { ok, stats })) => return Ok((ok, stats)),
+                Ok(Some(LinkFrame::Done { outcome })) => return Ok(outcome),
                 Ok(Some(LinkFrame::Error { message })) => return Err(BackError::Peer(message)),
                 Ok(Some(other)) => return Err(BackError::Unexpected(format!("{other:?}"))),
                 Ok(None) => return Err(BackError::Closed),

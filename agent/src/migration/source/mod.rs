@@ -66,7 +66,7 @@ use self::{
 use super::{
     compress::{Compression, LinkCompressor},
     dedup::ContentCache,
-    link::{Hello, LinkFrame, CAP_RECEIVED, CAP_ZSTD, VERSION},
+    link::{Hello, LinkFrame, LinkStats, CAP_RECEIVED, CAP_ZSTD, VERSION},
     outgoing::Outgoing,
     pace::Cap,
     pagemap::SharedMap,
@@ -454,21 +454,18 @@ where
         .frame(
             0,
             &LinkFrame::End {
-                stats: serde_json::to_string(&source).expect("figures serialise"),
+                stats: LinkStats::from(&source),
             },
         )
         .await?;
     emitter.flush().await?;
     drop(emitter);
-    let (ok, stats) = back
+    let outcome = back
         .await
         .map_err(LinkFailure::BackTask)?
         .map_err(LinkFailure::Back)?;
     let _ = writer.await;
-    let target: Figures = serde_json::from_str(&stats).unwrap_or_default();
-    if !ok {
-        return Err(SourceError::TargetFailed(stats));
-    }
+    let target = Figures::from(outcome.map_err(SourceError::TargetFailed)?);
     let mut source = counters.snapshot();
     source.pages_zero = parser.stats().zero_pages;
     Ok(SourceReport {

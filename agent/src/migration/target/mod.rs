@@ -38,7 +38,7 @@ use self::{
 use super::{
     dedup::ContentCache,
     incoming::IncomingPolicy,
-    link::{Hash, Hello, LinkFrame, CAP_RECEIVED, CAP_ZSTD, VERSION},
+    link::{Hash, Hello, LinkFrame, LinkStats, CAP_RECEIVED, CAP_ZSTD, VERSION},
     report::{Counters, Figures},
     stream::PAGE_SIZE,
     wire::{FrameReader, WireError},
@@ -376,15 +376,12 @@ where
     fetchers.abort_all();
     let mut figures = counters.snapshot();
     if let Some(s) = &source_stats {
-        if let Ok(src) = serde_json::from_str::<Figures>(s) {
-            figures.pages_zero = src.pages_zero;
-        }
+        figures.pages_zero = s.pages_zero;
     }
     let done = LinkFrame::Done {
-        ok: outcome.is_ok(),
-        stats: match &outcome {
-            Ok(()) => serde_json::to_string(&figures).expect("figures serialise"),
-            Err(e) => e.to_string(),
+        outcome: match &outcome {
+            Ok(()) => Ok(LinkStats::from(&figures)),
+            Err(e) => Err(e.to_string()),
         },
     };
     let _ = back_tx.send(done).await;
