@@ -7,7 +7,6 @@
 //! cores. The image is filled with data first (no holes), so every row reads real bytes.
 use std::{
     fs::File,
-    io::Write,
     path::Path,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -15,7 +14,7 @@ use std::{
 
 use anyhow::{bail, Context};
 
-use crate::sh;
+use crate::{lab, sh};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -111,7 +110,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let dir = sh::workspace_root().join("target/xtask/bench");
     std::fs::create_dir_all(&dir)?;
     let image = dir.join("bench.raw");
-    fill_image(&image, args.image_mib)?;
+    lab::fill_image(&image, args.image_mib)?;
     // Every server starts on a warm page cache, and nas-server's start-up index build then
     // measures hashing, not this machine's disk.
     std::io::copy(&mut File::open(&image)?, &mut std::io::sink())?;
@@ -203,26 +202,6 @@ fn index_rate(log: &str) -> Option<f64> {
                 .next()
         })
         .and_then(|n| n.parse().ok())
-}
-
-pub fn fill_image(path: &Path, mib: u64) -> anyhow::Result<()> {
-    if std::fs::metadata(path).is_ok_and(|m| m.len() == mib << 20) {
-        return Ok(());
-    }
-    let mut f = File::create(path)?;
-    let mut block = vec![0u8; 1 << 20];
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    for _ in 0..mib {
-        for chunk in block.chunks_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            chunk.copy_from_slice(&x.to_le_bytes());
-        }
-        f.write_all(&block)?;
-    }
-    f.sync_all()?;
-    Ok(())
 }
 
 fn start(server: &str, image: &Path) -> anyhow::Result<Child> {

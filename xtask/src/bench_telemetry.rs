@@ -20,7 +20,7 @@ use agent::telemetry::{
 use agent_common::syscalls::{FdKey, SyscallDrop, FD_ANY};
 use anyhow::{bail, Context};
 
-use crate::{bench::fill_image, ebpf, lab, sh};
+use crate::{ebpf, lab, sh};
 
 const NBD_PORT: u16 = 10_990;
 const INDEX_PORT: u16 = 10_991;
@@ -45,7 +45,7 @@ pub fn run(rounds: u32) -> anyhow::Result<()> {
     let dir = sh::workspace_root().join("target/xtask/bench-telemetry");
     std::fs::create_dir_all(&dir)?;
     let image = dir.join("bench.raw");
-    fill_image(&image, IMAGE_MIB)?;
+    lab::fill_image(&image, IMAGE_MIB)?;
     let _nas = lab::nas_server(&dir, &image, NBD_PORT, INDEX_PORT)?;
     lab::wait_port(NBD_PORT)?;
     let rt = tokio::runtime::Runtime::new()?;

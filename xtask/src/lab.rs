@@ -252,3 +252,25 @@ pub fn wait_port(port: u16) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// A patterned image of `mib` MiB at `path` (kept when one of that size is already there).
+pub fn fill_image(path: &Path, mib: u64) -> anyhow::Result<()> {
+    if std::fs::metadata(path).is_ok_and(|m| m.len() == mib << 20) {
+        return Ok(());
+    }
+    use std::io::Write;
+    let mut f = std::fs::File::create(path)?;
+    let mut block = vec![0u8; 1 << 20];
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for _ in 0..mib {
+        for chunk in block.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            chunk.copy_from_slice(&x.to_le_bytes());
+        }
+        f.write_all(&block)?;
+    }
+    f.sync_all()?;
+    Ok(())
+}
