@@ -120,9 +120,13 @@ pub async fn run(config: DaemonConfig, shutdown: watch::Receiver<bool>) -> std::
     serving.await.map_err(std::io::Error::other)?
 }
 
-/// The control socket: a private directory, a socket only root may use.
+/// The control socket: a socket only root may use, in a private directory when the daemon
+/// makes the directory (one that exists already is left as it is: it may be `/run` itself).
 fn bind_control(path: &Path) -> std::io::Result<UnixListener> {
-    if let Some(dir) = path.parent() {
+    if let Some(dir) = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty() && !d.exists())
+    {
         std::fs::create_dir_all(dir)?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
     }
@@ -175,6 +179,18 @@ async fn event_loop(
                 }
             }
             _ = tick.tick() => {
+                // A VM whose QEMU exited is forgotten, so a process that reuses its pid is not
+                // followed in its place.
+                for vm in shared.registry.all() {
+                    let pid = vm.track().vm().pid;
+                    if !Path::new(&format!("/proc/{pid}")).exists() {
+                        tracing::info!("{} (pid {pid}) exited: no longer followed", vm.qmp.display());
+                        shared.registry.remove_qmp(&vm.qmp);
+                        for key in vm.track().keys() {
+                            let _ = follower.unfollow(key);
+                        }
+                    }
+                }
                 if let Ok(d) = follower.drops() {
                     for reason in SyscallDrop::ALL {
                         metrics::gauge!("agent_follower_drops", "reason" => reason.name())
