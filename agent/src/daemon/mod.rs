@@ -62,7 +62,7 @@ enum Follow {
 
 struct Shared {
     registry: Registry,
-    /// `None` with the reason when the eBPF side could not be attached.
+    /// Where follow changes go, or why the eBPF side could not be attached.
     follow: Result<mpsc::Sender<Follow>, String>,
     drops: watch::Receiver<[u64; SyscallDrop::COUNT as usize]>,
 }
@@ -103,9 +103,17 @@ pub async fn run(config: DaemonConfig, shutdown: watch::Receiver<bool>) -> std::
     let slots = Arc::new(Semaphore::new(MAX_CONTROL));
     let mut stop = shutdown.clone();
     loop {
-        let (stream, _) = tokio::select! {
+        let stream = tokio::select! {
             _ = stop.wait_for(|s| *s) => break,
-            a = control.accept() => a?,
+            a = control.accept() => match a {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of fds and the like: the daemon serves on once it passes.
+                    tracing::warn!("control socket: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
         };
         let Ok(slot) = slots.clone().acquire_owned().await else {
             break;
