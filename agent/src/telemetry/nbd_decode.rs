@@ -144,10 +144,18 @@ impl Decoder {
     }
 }
 
-/// The pieces of `bytes` bytes of an event's iovecs, from `skip` bytes in: (address, length).
-/// Bytes beyond the recorded iovecs come back as a piece at address 0.
-fn pieces(ev: &IoEvent, mut skip: u64, mut bytes: u64) -> Vec<(u64, u64)> {
+/// Where `bytes` bytes of an event's iovecs, from `skip` bytes in, sit on the disk and in
+/// memory: (disk offset, address, length), the first piece at disk `offset`. Bytes beyond the
+/// recorded iovecs come back as one piece at address 0. Counts located and unlocated bytes.
+fn place(
+    ev: &IoEvent,
+    mut skip: u64,
+    mut bytes: u64,
+    offset: u64,
+    stats: &mut DecodeStats,
+) -> Vec<(u64, u64, u64)> {
     let mut out = Vec::new();
+    let mut at = offset;
     for v in ev.iovecs() {
         if bytes == 0 {
             break;
@@ -157,12 +165,15 @@ fn pieces(ev: &IoEvent, mut skip: u64, mut bytes: u64) -> Vec<(u64, u64)> {
             continue;
         }
         let n = (v.len - skip).min(bytes);
-        out.push((v.base.saturating_add(skip), n));
+        out.push((at, v.base.saturating_add(skip), n));
+        stats.located_bytes += n;
+        at = at.saturating_add(n);
         skip = 0;
         bytes -= n;
     }
     if bytes > 0 {
-        out.push((0, bytes));
+        out.push((at, 0, bytes));
+        stats.unlocated_bytes += bytes;
     }
     out
 }
@@ -200,27 +211,18 @@ fn send(
         return;
     };
     let n = total.saturating_sub(used).min(left);
-    let mut at = offset;
-    for (addr, len) in pieces(ev, used, n) {
-        if addr == 0 {
-            stats.unlocated_bytes += len;
-            out.push(Observed::Changed {
+    out.extend(place(ev, used, n, offset, stats).into_iter().map(
+        |(offset, addr, len)| match addr {
+            0 => Observed::Changed { key, offset, len },
+            _ => Observed::Stored {
                 key,
-                offset: at,
-                len,
-            });
-        } else {
-            stats.located_bytes += len;
-            out.push(Observed::Stored {
-                key,
-                offset: at,
+                offset,
                 addr,
                 len,
-            });
-        }
-        at = at.saturating_add(len);
-    }
-    conv.sending = (left > n).then_some((at, left - n));
+            },
+        },
+    ));
+    conv.sending = (left > n).then_some((offset.saturating_add(n), left - n));
 }
 
 /// `(cookie, request)` from a whole request header, simple or extended.
@@ -264,21 +266,18 @@ fn recv(
         match conv.rx {
             Rx::Payload { offset, remaining } => {
                 let n = left.min(remaining);
-                let mut at = offset;
-                for (addr, len) in pieces(ev, consumed, n) {
-                    if addr == 0 {
-                        stats.unlocated_bytes += len;
-                    } else {
-                        stats.located_bytes += len;
-                        out.push(Observed::Landed {
+                let at = offset.saturating_add(n);
+                out.extend(
+                    place(ev, consumed, n, offset, stats)
+                        .into_iter()
+                        .filter(|&(_, addr, _)| addr != 0)
+                        .map(|(offset, addr, len)| Observed::Landed {
                             key,
-                            offset: at,
+                            offset,
                             addr,
                             len,
-                        });
-                    }
-                    at = at.saturating_add(len);
-                }
+                        }),
+                );
                 consumed += n;
                 left -= n;
                 conv.rx = if remaining > n {
