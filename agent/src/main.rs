@@ -40,13 +40,18 @@ enum Command {
     Unfollow(cmd::control::FollowArgs),
     /// What the host daemon follows: per VM, RAM mirrored on storage, map entries, drops.
     Status(cmd::control::StatusArgs),
+    /// Register an incoming migration with the host daemon (when libvirt starts the target
+    /// QEMU's incoming migration itself).
+    Expect(cmd::control::ExpectArgs),
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+            // rustls warns of every client that sends an IP address as SNI (libnbd does).
+            EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| EnvFilter::new("info,rustls=error")),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -62,6 +67,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Follow(args) => cmd::control::follow(args, true).await,
         Command::Unfollow(args) => cmd::control::follow(args, false).await,
         Command::Status(args) => cmd::control::status(args).await,
+        Command::Expect(args) => cmd::control::expect(args).await,
     }
 }
 

@@ -2,8 +2,9 @@
 //!
 //! The path docs/operating.md gives libvirt and QMP scripts: `agent serve` on the target host, `agent
 //! source` on the source host, and the test driving both QEMUs over QMP as a script (or
-//! libvirt) would: `migrate-incoming` on the target, `migrate` on the source. And `agent
-//! migrate` as an operator runs it, interrupted with Ctrl-C half-way.
+//! libvirt) would: `migrate-incoming` on the target (registered with `agent serve --expect`),
+//! `migrate` on the source, over a mutually authenticated TLS link. And `agent migrate` as an operator runs it, the target agent
+//! finding the target QEMU by name, interrupted with Ctrl-C half-way.
 use std::{
     path::Path,
     process::{Command, Stdio},
@@ -15,8 +16,10 @@ use serde_json::{json, Value};
 use testkit::{
     free_port,
     nbd_fixture::NbdFixture,
-    qemu::{carried_on, exclusive, Pair},
-    require_root, Running, Scratch,
+    qemu::{agent_qmp_dir, carried_on, exclusive, Pair},
+    require_root,
+    tls::test_creds,
+    Running, Scratch,
 };
 
 fn agent() -> Command {
@@ -25,12 +28,12 @@ fn agent() -> Command {
     cmd
 }
 
-/// `agent source` for a VM on `export` of `server`, listening for QEMU on `listen`.
+/// `agent source` for VM `vm` on `export` of `server`, listening for QEMU on `listen`.
 fn agent_source(
     server: &NbdFixture,
     listen: &Path,
     target_agent: u16,
-    incoming: u16,
+    vm: &str,
     export: &str,
 ) -> Command {
     let mut cmd = agent();
@@ -38,7 +41,7 @@ fn agent_source(
         .arg("--listen")
         .arg(format!("unix:{}", listen.display()))
         .args(["--target-agent", &format!("127.0.0.1:{target_agent}")])
-        .args(["--incoming", &format!("tcp:127.0.0.1:{incoming}")])
+        .args(["--vm", vm])
         .args(["--export", export])
         .args(["--nas-nbd", &server.addr.to_string()])
         .args(["--nas-index", &server.index_addr.to_string()]);
@@ -84,9 +87,18 @@ fn agent_source_and_agent_serve_migrate_a_guest_driven_over_qmp() {
     let _qemu = exclusive();
     let pair = Pair::start("qmp-script", 256, 64, false, false);
     let (link, incoming, metrics) = (free_port(), free_port(), free_port());
+    // As with libvirt, the script issues `migrate-incoming`: the operator registers with the
+    // target agent where that VM's QEMU listens.
+    let expect = format!("{}=tcp:127.0.0.1:{incoming}", pair.target.name);
+    // Mutual TLS on the agent link, as in production.
+    let creds = test_creds(&pair.dir.0);
     let _serve = Running(
         agent()
             .args(["serve", "--link-listen", &format!("127.0.0.1:{link}")])
+            .arg("--tls-creds")
+            .arg(&creds.target)
+            .args(["--tls-allow-source", "source.example"])
+            .args(["--expect", &expect])
             .args(["--metrics", &format!("127.0.0.1:{metrics}")])
             .stdout(Stdio::null())
             .spawn()
@@ -97,7 +109,9 @@ fn agent_source_and_agent_serve_migrate_a_guest_driven_over_qmp() {
     // The link is capped as an operator would cap it for libvirt (QEMU's own limit lifted
     // below), generously enough not to slow the test down much.
     let cap = 64u64 << 20;
-    let source = agent_source(server, &sock, link, incoming, "disk")
+    let source = agent_source(server, &sock, link, &pair.target.name, "disk")
+        .arg("--tls-creds")
+        .arg(&creds.source)
         .args(["--max-bandwidth", &cap.to_string()])
         .stdout(Stdio::piped())
         .spawn()
@@ -208,7 +222,8 @@ fn agent_source_refuses_an_export_the_nas_does_not_serve_before_it_listens() {
     let server = NbdFixture::start(&[("disk", &dir.image("disk.raw", 1 << 20), false)]);
     let sock = dir.path("migrate.sock");
     let mut child = Running(
-        agent_source(&server, &sock, free_port(), free_port(), "not-on-this-nas")
+        agent_source(&server, &sock, free_port(), "vm1", "not-on-this-nas")
+            .arg("--insecure")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -245,7 +260,14 @@ fn ctrl_c_cancels_agent_migrate_and_the_source_runs_on() {
     let link = free_port();
     let mut serve = Running(
         agent()
-            .args(["serve", "--link-listen", &format!("127.0.0.1:{link}")])
+            .args([
+                "serve",
+                "--insecure",
+                "--link-listen",
+                &format!("127.0.0.1:{link}"),
+            ])
+            .arg("--qmp-dir")
+            .arg(agent_qmp_dir(&pair.dir.0))
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -273,7 +295,12 @@ fn ctrl_c_cancels_agent_migrate_and_the_source_runs_on() {
             .args(["--nas-nbd", &server.addr.to_string()])
             .args(["--nas-index", &server.index_addr.to_string()])
             // 4 MiB/s on the link: the stream takes several seconds, so Ctrl-C lands half-way.
-            .args(["--max-bandwidth", &(4u64 << 20).to_string(), "--json"])
+            .args([
+                "--max-bandwidth",
+                &(4u64 << 20).to_string(),
+                "--json",
+                "--insecure",
+            ])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

@@ -7,11 +7,14 @@
 //! index_dir = "/var/lib/nas-server"
 //! index_listen = ["127.0.0.1:10810"]
 //! hot_blocks = 262144
+//! tls_creds = "/etc/pki/qemu"     # QEMU's tls-creds-x509 layout
+//! tls = "require"                 # require | optional | off (default: require with creds)
 //!
 //! [[export]]
 //! name = "vm1"
 //! path = "/srv/vm1.raw"
 //! read_only = false
+//! allow = ["host-a.example"]      # TLS client identities that may use it (default: any)
 //! ```
 //! Flags add to the file: `--listen` replaces the file's listeners, `--export` adds exports.
 use std::{net::SocketAddr, path::PathBuf};
@@ -26,10 +29,19 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
 /// Errors in configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("--export {0:?}: expected NAME=PATH[,ro][,shared][,noindex]")]
+    #[error("--export {0:?}: expected NAME=PATH[,ro][,shared][,noindex][,allow=IDENTITY]...")]
     ExportSyntax(String),
-    #[error("--export {spec:?}: unknown option {option:?} (known: ro, shared, noindex)")]
+    #[error(
+        "--export {spec:?}: unknown option {option:?} (known: ro, shared, noindex, allow=IDENTITY)"
+    )]
     ExportOption { spec: String, option: String },
+    #[error("--tls {0}: TLS needs credentials (--tls-creds DIR)")]
+    TlsWithoutCreds(TlsMode),
+    #[error(
+        "export {0:?} allows only some TLS identities, but TLS is off: clients could not prove \
+         who they are"
+    )]
+    AllowWithoutTls(String),
     #[error("export name {0:?} is used twice")]
     DuplicateExport(String),
     #[error("export name {0:?} is longer than 4096 bytes")]
@@ -70,6 +82,32 @@ pub struct ExportSpec {
     pub noindex: bool,
     #[serde(default)]
     pub description: String,
+    /// TLS client identities (certificate names) that may use it; empty: any client. Over
+    /// plaintext, an export with such a list is refused (NBD_REP_ERR_TLS_REQD).
+    #[serde(default)]
+    pub allow: Vec<String>,
+}
+
+/// Whether the NBD server offers TLS (NBD_OPT_STARTTLS) and insists on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// No TLS: STARTTLS is answered NBD_REP_ERR_UNSUP.
+    Off,
+    /// Clients may upgrade; exports with an allow-list need it.
+    Optional,
+    /// Every option before STARTTLS is answered NBD_REP_ERR_TLS_REQD.
+    Require,
+}
+
+impl std::fmt::Display for TlsMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TlsMode::Off => "off",
+            TlsMode::Optional => "optional",
+            TlsMode::Require => "require",
+        })
+    }
 }
 
 impl std::str::FromStr for ExportSpec {
@@ -92,8 +130,13 @@ impl std::str::FromStr for ExportSpec {
             shared: false,
             noindex: false,
             description: String::new(),
+            allow: Vec::new(),
         };
         for option in parts {
+            if let Some(identity) = option.strip_prefix("allow=") {
+                out.allow.push(identity.into());
+                continue;
+            }
             match option {
                 "ro" => out.read_only = true,
                 "shared" => out.shared = true,
@@ -122,6 +165,8 @@ struct FileConfig {
     #[serde(default)]
     index_listen: Vec<String>,
     hot_blocks: Option<usize>,
+    tls_creds: Option<PathBuf>,
+    tls: Option<TlsMode>,
     #[serde(default)]
     export: Vec<ExportSpec>,
 }
@@ -139,6 +184,9 @@ pub struct Config {
     pub index_listen: Vec<Endpoint>,
     /// Capacity of each export's hot set, in 4 KiB blocks.
     pub hot_blocks: usize,
+    /// TLS credentials, QEMU's tls-creds-x509 layout (NBD and the index service).
+    pub tls_creds: Option<PathBuf>,
+    pub tls: TlsMode,
 }
 
 /// Default index-service listener: loopback only.
@@ -156,6 +204,8 @@ pub struct Overrides {
     pub index_dir: Option<PathBuf>,
     pub index_listen: Vec<Endpoint>,
     pub hot_blocks: Option<usize>,
+    pub tls_creds: Option<PathBuf>,
+    pub tls: Option<TlsMode>,
 }
 
 impl Config {
@@ -169,6 +219,8 @@ impl Config {
             index_dir,
             index_listen,
             hot_blocks,
+            tls_creds,
+            tls,
         } = flags;
         let from_file = match file {
             Some(path) => {
@@ -178,16 +230,28 @@ impl Config {
                 })?;
                 Self::parse_file(path, &text)?
             }
-            None => Config {
-                listen: Vec::new(),
-                exports: Vec::new(),
-                metrics: None,
-                max_connections: 1024,
-                index_dir: None,
-                index_listen: Vec::new(),
-                hot_blocks: DEFAULT_HOT_BLOCKS,
-            },
+            None => (
+                Config {
+                    listen: Vec::new(),
+                    exports: Vec::new(),
+                    metrics: None,
+                    max_connections: 1024,
+                    index_dir: None,
+                    index_listen: Vec::new(),
+                    hot_blocks: DEFAULT_HOT_BLOCKS,
+                    tls_creds: None,
+                    tls: TlsMode::Off,
+                },
+                None,
+            ),
         };
+        let (from_file, file_tls) = from_file;
+        let tls_creds = tls_creds.or(from_file.tls_creds.clone());
+        // With credentials and no word on it, TLS is required.
+        let tls = tls.or(file_tls).unwrap_or(match tls_creds {
+            Some(_) => TlsMode::Require,
+            None => TlsMode::Off,
+        });
         let mut config = Config {
             listen: if listen.is_empty() {
                 from_file.listen
@@ -204,6 +268,8 @@ impl Config {
                 index_listen
             },
             hot_blocks: hot_blocks.unwrap_or(from_file.hot_blocks),
+            tls_creds,
+            tls,
         };
         if config.listen.is_empty() {
             config
@@ -219,7 +285,11 @@ impl Config {
         Ok(config)
     }
 
-    fn parse_file(path: &std::path::Path, text: &str) -> Result<Self, ConfigError> {
+    /// The file's settings, and the TLS mode if it names one.
+    fn parse_file(
+        path: &std::path::Path,
+        text: &str,
+    ) -> Result<(Self, Option<TlsMode>), ConfigError> {
         let file: FileConfig = toml::from_str(text).map_err(|source| ConfigError::Toml {
             path: path.into(),
             source,
@@ -238,7 +308,7 @@ impl Config {
         };
         let listen = parse(&file.listen)?;
         let index_listen = parse(&file.index_listen)?;
-        Ok(Config {
+        let config = Config {
             listen,
             exports: file.export,
             metrics: file.metrics,
@@ -246,12 +316,23 @@ impl Config {
             index_dir: file.index_dir,
             index_listen,
             hot_blocks: file.hot_blocks.unwrap_or(DEFAULT_HOT_BLOCKS),
-        })
+            tls_creds: file.tls_creds,
+            tls: TlsMode::Off,
+        };
+        Ok((config, file.tls))
     }
 
     fn check(&self) -> Result<(), ConfigError> {
         if self.exports.is_empty() {
             return Err(ConfigError::NoExports);
+        }
+        if self.tls != TlsMode::Off && self.tls_creds.is_none() {
+            return Err(ConfigError::TlsWithoutCreds(self.tls));
+        }
+        if let Some(e) = self.exports.iter().find(|e| !e.allow.is_empty()) {
+            if self.tls == TlsMode::Off {
+                return Err(ConfigError::AllowWithoutTls(e.name.clone()));
+            }
         }
         let mut seen = std::collections::HashSet::new();
         for e in &self.exports {

@@ -3,6 +3,8 @@
 //!
 //! Modules:
 //! - [`config`]: flags and a TOML file turned into what the server runs.
+//! - [`access`]: what a connection proved (TLS, its certificate's identity) and which exports
+//!   that entitles it to.
 //! - [`server`]: NBD listeners, connection slots and the one shutdown path.
 //! - [`nbd`]: the protocol by phase, [`nbd::handshake`] then [`nbd::transmission`].
 //! - [`export`]: [`export::Export`], a raw image file, with [`export::hashing::HashingExport`]
@@ -15,6 +17,7 @@
 //! [`export::Export`] (writes update [`index`] through the hashing layer); index queries flow
 //! client -> [`service`] -> [`index`]. Wire formats and sockets live in `nas-proto`, block
 //! hashing in `blockhash`.
+pub mod access;
 pub mod config;
 pub mod export;
 pub mod index;

@@ -7,12 +7,13 @@ use anyhow::Context;
 use clap::Parser;
 use nas_proto::{index::ExportInfo, Endpoint};
 use nas_server::{
-    config::{Config, ExportSpec, Overrides},
+    config::{Config, ExportSpec, Overrides, TlsMode},
     export::{file::FileExport, hashing::HashingExport, Export, ExportEntry, Exports},
     index::{build::hash_file, hot::HotSet, store::IndexStore, BlockIndex},
-    server::NbdServer,
+    server::{NbdServer, ServerTls},
     service::server::{CatalogEntry, IndexService},
 };
+use tls_creds::Creds;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing_subscriber::EnvFilter;
 
@@ -25,7 +26,8 @@ struct Cli {
     /// Listen on HOST:PORT or unix:PATH (repeatable). Default 127.0.0.1:10809.
     #[arg(long)]
     listen: Vec<Endpoint>,
-    /// Serve a raw image: NAME=PATH[,ro] (repeatable).
+    /// Serve a raw image: NAME=PATH[,ro][,shared][,noindex][,allow=IDENTITY]... (repeatable;
+    /// `allow`: only TLS clients whose certificate names IDENTITY may use it).
     #[arg(long)]
     export: Vec<ExportSpec>,
     /// TOML configuration file; flags add to it.
@@ -46,6 +48,14 @@ struct Cli {
     /// Hot-set capacity per export, in 4 KiB blocks (about the VM's RAM). 0 disables it.
     #[arg(long)]
     hot_blocks: Option<usize>,
+    /// TLS credentials for NBD and the index service, in QEMU's tls-creds-x509 layout
+    /// (ca-cert.pem, server-cert.pem, server-key.pem).
+    #[arg(long, value_name = "DIR")]
+    tls_creds: Option<PathBuf>,
+    /// NBD STARTTLS: `require` (the default with --tls-creds; every option before it is
+    /// answered NBD_REP_ERR_TLS_REQD), `optional`, or `off` (the default without).
+    #[arg(long, value_enum)]
+    tls: Option<TlsMode>,
 }
 
 type Layered = HashingExport<FileExport>;
@@ -54,7 +64,9 @@ type Layered = HashingExport<FileExport>;
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+            // rustls warns of every client that sends an IP address as SNI (libnbd does).
+            EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| EnvFilter::new("info,rustls=error")),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -74,6 +86,8 @@ async fn main() -> anyhow::Result<()> {
             index_dir: cli.index_dir,
             index_listen: cli.index_listen,
             hot_blocks: cli.hot_blocks,
+            tls_creds: cli.tls_creds,
+            tls: cli.tls,
         },
     )?;
     // First, so start-up figures (index size) are recorded too.
@@ -105,6 +119,7 @@ async fn main() -> anyhow::Result<()> {
                 name: spec.name.clone(),
                 description: spec.description.clone(),
                 export: Arc::new(file),
+                allow: spec.allow.clone(),
             });
             continue;
         }
@@ -149,15 +164,25 @@ async fn main() -> anyhow::Result<()> {
             name: spec.name.clone(),
             description: spec.description.clone(),
             export,
+            allow: spec.allow.clone(),
         });
     }
     metrics::gauge!("nas_index_distinct_blocks").set(index.distinct() as f64);
+    let tls = match &config.tls_creds {
+        Some(dir) if config.tls != TlsMode::Off => {
+            let creds = Creds::load(dir)?;
+            tracing::info!(mode = %config.tls, creds = %dir.display(), "NBD over TLS");
+            ServerTls::new(config.tls, &creds)?
+        }
+        _ => ServerTls::off(),
+    };
     let server = NbdServer::bind(
         Exports::new(entries),
         &config.listen,
         config.max_connections,
     )
-    .await?;
+    .await?
+    .with_tls(tls);
     for addr in server.local_addrs() {
         tracing::info!("listening on {addr}");
     }

@@ -13,13 +13,19 @@ use tokio::{
 };
 
 use nas_proto::{
-    net::{Accepted, BindError, Bound},
+    net::{Accepted, BindError, Bound, Stream},
     Endpoint,
 };
+use tls_creds::{tokio_rustls::TlsAcceptor, ClientAuth, Creds, Identity};
 
 use crate::{
+    access::Access,
+    config::TlsMode,
     export::Exports,
-    nbd::{handshake, transmission},
+    nbd::{
+        handshake::{self, HandshakeError, Negotiated, Session, Step},
+        transmission,
+    },
 };
 
 /// Time a client has to finish the handshake.
@@ -37,6 +43,36 @@ pub struct NbdServer {
     exports: Exports,
     bound: Vec<Bound>,
     max_connections: usize,
+    tls: ServerTls,
+}
+
+/// TLS as the NBD server offers it (NBD_OPT_STARTTLS).
+#[derive(Clone)]
+pub struct ServerTls {
+    pub mode: TlsMode,
+    /// Present unless `mode` is off.
+    pub acceptor: Option<TlsAcceptor>,
+}
+
+impl ServerTls {
+    pub fn off() -> Self {
+        Self {
+            mode: TlsMode::Off,
+            acceptor: None,
+        }
+    }
+
+    /// From credentials in QEMU's layout; client certificates optional (an export's
+    /// allow-list is what asks for one).
+    pub fn new(mode: TlsMode, creds: &Creds) -> Result<Self, tls_creds::TlsError> {
+        let acceptor = match mode {
+            TlsMode::Off => None,
+            _ => Some(TlsAcceptor::from(
+                creds.server_config(ClientAuth::Optional)?,
+            )),
+        };
+        Ok(Self { mode, acceptor })
+    }
 }
 
 impl NbdServer {
@@ -51,7 +87,14 @@ impl NbdServer {
             exports,
             bound,
             max_connections,
+            tls: ServerTls::off(),
         })
+    }
+
+    /// Offers TLS as `tls` says.
+    pub fn with_tls(mut self, tls: ServerTls) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// The addresses actually bound (TCP port 0 resolved).
@@ -86,7 +129,8 @@ impl NbdServer {
                     Some(conn) => {
                         let exports = self.exports.clone();
                         let shutdown = shutdown.clone();
-                        connections.spawn(serve_connection(conn, exports, shutdown));
+                        let tls = self.tls.clone();
+                        connections.spawn(serve_connection(conn, exports, tls, shutdown));
                     }
                     None => break,
                 },
@@ -113,18 +157,19 @@ impl NbdServer {
     }
 }
 
-async fn serve_connection(conn: Accepted, exports: Exports, shutdown: watch::Receiver<bool>) {
-    let Accepted {
-        mut stream,
-        peer,
-        slot,
-    } = conn;
+async fn serve_connection(
+    conn: Accepted,
+    exports: Exports,
+    tls: ServerTls,
+    shutdown: watch::Receiver<bool>,
+) {
+    let Accepted { stream, peer, slot } = conn;
     metrics::gauge!("nbd_connections").increment(1.0);
     metrics::counter!("nbd_connections_total").increment(1);
     let mut stop = shutdown.clone();
     let negotiated = tokio::select! {
         _ = stop.wait_for(|s| *s) => None,
-        r = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake::handshake(&mut stream, &exports)) => {
+        r = tokio::time::timeout(HANDSHAKE_TIMEOUT, negotiate(stream, &exports, &tls)) => {
             match r {
                 Ok(Ok(n)) => Some(n),
                 Ok(Err(e)) => {
@@ -138,12 +183,44 @@ async fn serve_connection(conn: Accepted, exports: Exports, shutdown: watch::Rec
             }
         }
     };
-    if let Some(n) = negotiated {
-        tracing::debug!(%peer, export = %n.export.name, structured = n.structured, "serving");
+    if let Some((stream, n, access)) = negotiated {
+        tracing::debug!(%peer, export = %n.export.name, structured = n.structured, who = %access.who(), "serving");
         if let Err(e) = transmission::serve(stream, n, shutdown).await {
             tracing::info!(%peer, "connection ended: {e}");
         }
     }
     metrics::gauge!("nbd_connections").decrement(1.0);
     drop(slot);
+}
+
+/// The handshake, through STARTTLS when the client asks for it and the server offers it.
+async fn negotiate(
+    mut stream: Box<dyn Stream>,
+    exports: &Exports,
+    tls: &ServerTls,
+) -> Result<(Box<dyn Stream>, Negotiated, Access), HandshakeError> {
+    let mut session = Session {
+        no_zeroes: handshake::greet(&mut stream).await?,
+        tls: tls.mode,
+        access: Access::default(),
+    };
+    loop {
+        match handshake::options(&mut stream, exports, &session).await? {
+            Step::Go(n) => return Ok((stream, n, session.access)),
+            Step::StartTls => {
+                let acceptor = tls
+                    .acceptor
+                    .as_ref()
+                    .expect("STARTTLS is offered with TLS on");
+                let upgraded = acceptor.accept(stream).await.map_err(HandshakeError::Tls)?;
+                let identity = Identity::of_peer(upgraded.get_ref().1.peer_certificates());
+                metrics::counter!("nbd_tls_sessions_total").increment(1);
+                session.access = Access {
+                    tls: true,
+                    identity,
+                };
+                stream = Box::new(upgraded);
+            }
+        }
+    }
 }

@@ -72,6 +72,7 @@ impl NbdFixture {
                 name: conf.name.to_string(),
                 description: String::new(),
                 export: Arc::new(export),
+                allow: Vec::new(),
             });
         }
         let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -26,6 +26,9 @@ pub struct Guest {
     /// A second QMP monitor: the operator's (or libvirt's), beside the one `agent migrate`
     /// holds (QEMU serves one client per monitor).
     pub operator_qmp_path: PathBuf,
+    /// A third monitor, the target agent's: `NAME.qmp` in [`agent_qmp_dir`] of the guest's
+    /// directory, where `agent serve --qmp-dir` finds the VM by name.
+    pub agent_qmp_path: PathBuf,
     pub serial_path: PathBuf,
     child: Child,
 }
@@ -52,6 +55,16 @@ pub struct GuestSpec<'a> {
     pub iothread: bool,
     /// After reading, drop the page cache and fill this many MiB of memory with random data.
     pub fill_mb: u32,
+}
+
+/// The directory of the target agent's QMP sockets for guests started in `dir` (`--qmp-dir`):
+/// created private, as the agent requires of it.
+pub fn agent_qmp_dir(dir: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let d = dir.join("agent-qmp");
+    std::fs::create_dir_all(&d).expect("create the agent's QMP directory");
+    std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700)).expect("chmod 0700");
+    d
 }
 
 /// Debian bookworm's QEMU 7.2, unpacked by `cargo xtask test` (or `xtask::guest::qemu72`).
@@ -96,6 +109,8 @@ impl Guest {
         let serial_path = dir.join(format!("{}.serial", spec.name));
         std::fs::remove_file(&qmp_path).ok();
         std::fs::remove_file(&operator_qmp_path).ok();
+        let agent_qmp_path = agent_qmp_dir(dir).join(format!("{}.qmp", spec.name));
+        std::fs::remove_file(&agent_qmp_path).ok();
         std::fs::write(&serial_path, b"").unwrap();
         let mut cmd = qemu_command(spec.qemu);
         cmd.args([
@@ -138,6 +153,11 @@ impl Guest {
             "unix:{},server=on,wait=off",
             operator_qmp_path.display()
         ))
+        .arg("-qmp")
+        .arg(format!(
+            "unix:{},server=on,wait=off",
+            agent_qmp_path.display()
+        ))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
@@ -155,6 +175,7 @@ impl Guest {
             name: spec.name.to_string(),
             qmp_path,
             operator_qmp_path,
+            agent_qmp_path,
             serial_path,
             child,
         };

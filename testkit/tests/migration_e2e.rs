@@ -7,14 +7,17 @@
 use std::{future::pending, path::Path, time::Duration};
 
 use agent::{
-    migration::{link::LinkFrame, target::TargetConfig, wire::FrameReader},
+    migration::{
+        incoming::Delivery, link::LinkFrame, secure::LinkSecurity, target::TargetConfig,
+        wire::FrameReader,
+    },
     orchestrate::{migrate, MigrateOptions, MigrationReport, StreamSpec},
     qmp::Qmp,
     serve::serve,
 };
 use nas_proto::Endpoint;
 use testkit::{
-    qemu::{carried_on, exclusive, Pair},
+    qemu::{agent_qmp_dir, carried_on, exclusive, Pair},
     require_root,
 };
 use tokio::{
@@ -32,7 +35,7 @@ fn options(s: &Pair, agent: &str, max_bandwidth: Option<u64>) -> MigrateOptions 
         target_qmp: s.target.qmp_path.clone(),
         target_agent: agent.to_string(),
         stream: StreamSpec {
-            vm: "e2e".into(),
+            vm: s.target.name.clone(),
             exports: vec!["disk".into()],
             nas_nbd: server.addr.to_string(),
             nas_index: Some(server.index_addr.clone()),
@@ -41,7 +44,7 @@ fn options(s: &Pair, agent: &str, max_bandwidth: Option<u64>) -> MigrateOptions 
             record: Some(s.dir.path("source-stream.bin")),
             page_map: None,
         },
-        incoming: None,
+        link_security: LinkSecurity::Insecure,
         source_listen: None,
         max_bandwidth,
         progress: None,
@@ -49,13 +52,19 @@ fn options(s: &Pair, agent: &str, max_bandwidth: Option<u64>) -> MigrateOptions 
     }
 }
 
-/// Starts an in-process target agent; returns its address and a stop switch.
+/// Starts an in-process target agent, which finds target QEMUs in the agent QMP directory
+/// beside `record`; returns its address and a stop switch.
 async fn target_agent(record: &Path) -> (String, watch::Sender<bool>, tokio::task::JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let (stop, stop_rx) = watch::channel(false);
+    let dir = record.parent().expect("in the pair's directory");
     let config = TargetConfig {
         record: Some(record.to_path_buf()),
+        delivery: Delivery {
+            qmp_dirs: vec![agent_qmp_dir(dir)],
+            ..Delivery::default()
+        },
         ..TargetConfig::default()
     };
     let task = tokio::spawn(async move {

@@ -31,6 +31,7 @@ use std::{
 
 use agent::migration::{
     report::Counters,
+    secure::LinkSecurity,
     source::{run_source, SourceConfig, SourceReport},
     stream::{synthetic::Builder, PAGE_SIZE},
     target::{read_hello, run_target, TargetConfig},
@@ -85,8 +86,10 @@ pub fn run(stream_mib: u64) -> anyhow::Result<()> {
     let gb = stream.len() as f64 / 1e9;
 
     let nas_cpu_before = process_cpu(nas.0.id())?;
-    let both = both_sides(stream.clone(), &nbd, &index)?;
+    let both = both_sides(stream.clone(), &nbd, &index, &Link::plain())?;
     let nas_cpu = process_cpu(nas.0.id())? - nas_cpu_before;
+    // The same run over the agent link with mutual TLS: what encryption costs each side.
+    let tls = both_sides(stream.clone(), &nbd, &index, &Link::tls(&dir)?)?;
     let replay = target_alone(both.link_bytes.clone(), &nbd, stream.len() as u64)?;
     // The machine is shared and noisy: the source alone runs several times; the median counts.
     let mut alone = Vec::new();
@@ -145,6 +148,29 @@ pub fn run(stream_mib: u64) -> anyhow::Result<()> {
         "| both sides + NAS, wall (2 cores) | {:.2} s | {:.2} GB/s | - | - |",
         both.wall.as_secs_f64(),
         gb / both.wall.as_secs_f64()
+    );
+    let tls_src = gb / tls.source_cpu.total().as_secs_f64();
+    let tls_tgt = gb / tls.target_cpu.total().as_secs_f64();
+    println!(
+        "| with mutual TLS on the link: source, CPU time | {:.2} s | {:.2} GB/s per core | plaintext {:.2} | {:.2}x |",
+        tls.source_cpu.total().as_secs_f64(),
+        tls_src,
+        src_rate,
+        tls_src / src_rate
+    );
+    println!(
+        "| with mutual TLS on the link: target, CPU time | {:.2} s | {:.2} GB/s per core | plaintext {:.2} | {:.2}x |",
+        tls.target_cpu.total().as_secs_f64(),
+        tls_tgt,
+        tgt_rate_cpu,
+        tls_tgt / tgt_rate_cpu
+    );
+    println!(
+        "| with mutual TLS on the link: both sides + NAS, wall | {:.2} s | {:.2} GB/s | plaintext {:.2} | {:.2}x |",
+        tls.wall.as_secs_f64(),
+        gb / tls.wall.as_secs_f64(),
+        gb / both.wall.as_secs_f64(),
+        both.wall.as_secs_f64() / tls.wall.as_secs_f64()
     );
     println!(
         "nas-server CPU during the run: {:.2} s",
@@ -220,7 +246,35 @@ struct Both {
     dup: u64,
 }
 
-fn both_sides(stream: Arc<Vec<u8>>, nbd: &Endpoint, index: &Endpoint) -> anyhow::Result<Both> {
+/// The agent link's two ends: plaintext, or mutual TLS with test credentials.
+struct Link {
+    target: LinkSecurity,
+    source: LinkSecurity,
+}
+
+impl Link {
+    fn plain() -> Link {
+        Link {
+            target: LinkSecurity::Insecure,
+            source: LinkSecurity::Insecure,
+        }
+    }
+
+    fn tls(dir: &std::path::Path) -> anyhow::Result<Link> {
+        let creds = testkit::tls::test_creds(dir);
+        Ok(Link {
+            target: LinkSecurity::configure(Some(&creds.target), false, Vec::new())?,
+            source: LinkSecurity::configure(Some(&creds.source), false, Vec::new())?,
+        })
+    }
+}
+
+fn both_sides(
+    stream: Arc<Vec<u8>>,
+    nbd: &Endpoint,
+    index: &Endpoint,
+    link: &Link,
+) -> anyhow::Result<Both> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     let addr: SocketAddr = listener.local_addr()?;
     listener.set_nonblocking(true)?;
@@ -228,10 +282,12 @@ fn both_sides(stream: Arc<Vec<u8>>, nbd: &Endpoint, index: &Endpoint) -> anyhow:
     let nas = nbd.clone();
     let rec = recorded.clone();
     let started = Instant::now();
+    let security = link.target.clone();
     let target = one_core("bench-target", move || async move {
         let listener = tokio::net::TcpListener::from_std(listener)?;
         let (sock, _) = listener.accept().await?;
         sock.set_nodelay(true)?;
+        let (sock, _) = security.accept(sock).await?;
         let mut link = Recording {
             inner: sock,
             seen: rec,
@@ -253,7 +309,13 @@ fn both_sides(stream: Arc<Vec<u8>>, nbd: &Endpoint, index: &Endpoint) -> anyhow:
         .await?;
         anyhow::Ok(())
     })?;
-    let source = source_on_one_core("bench-source", stream, nbd, index, addr)?;
+    let source = source_on_one_core(
+        "bench-source",
+        stream,
+        nbd,
+        index,
+        (addr, link.source.clone()),
+    )?;
     let (report, source_cpu) = join(source)?;
     let ((), target_cpu) = join(target)?;
     let wall = started.elapsed();
@@ -313,12 +375,13 @@ fn source_on_one_core(
     stream: Arc<Vec<u8>>,
     nbd: &Endpoint,
     index: &Endpoint,
-    addr: SocketAddr,
+    (addr, security): (SocketAddr, LinkSecurity),
 ) -> anyhow::Result<JoinHandle<anyhow::Result<(SourceReport, Cpu)>>> {
     let (nbd, index) = (nbd.to_string(), index.clone());
     one_core(name, move || async move {
         let sock = tokio::net::TcpStream::connect(addr).await?;
         sock.set_nodelay(true)?;
+        let sock = security.connect(sock, &addr.to_string()).await?;
         let config = SourceConfig::new("bench", vec!["disk".into()], &nbd, Some(index));
         Ok(run_source(&stream[..], sock, config, Arc::new(Counters::default())).await?)
     })
@@ -466,7 +529,13 @@ fn source_alone(stream: Arc<Vec<u8>>, nbd: &Endpoint, index: &Endpoint) -> anyho
         sock.set_nodelay(true)?;
         acknowledge_all(sock).await
     })?;
-    let source = source_on_one_core("bench-source-alone", stream, nbd, index, addr)?;
+    let source = source_on_one_core(
+        "bench-source-alone",
+        stream,
+        nbd,
+        index,
+        (addr, LinkSecurity::Insecure),
+    )?;
     let (report, cpu) = join(source)?;
     let s = report.source;
     eprintln!(

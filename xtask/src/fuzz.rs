@@ -114,7 +114,6 @@ fn agent_seeds(corpus: &Path) -> anyhow::Result<()> {
         vm: "vm1".into(),
         exports: vec![(1, "disk".into())],
         nas: "127.0.0.1:10809".into(),
-        incoming: "tcp:127.0.0.1:4444".into(),
         caps: link::CAP_ZSTD | link::CAP_RECEIVED,
     });
     let mut inner = LinkFrame::Raw(b"QEVM\0\0\0\x03".to_vec()).to_bytes();

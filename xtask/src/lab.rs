@@ -67,7 +67,18 @@ impl Lab {
         let nas = nas_server(dir, &disk, NBD_PORT, INDEX_PORT)?;
         let agent = Daemon(
             Command::new(release_bin("agent"))
-                .args(["serve", "--link-listen", &format!("127.0.0.1:{AGENT_PORT}")])
+                // Plaintext, as plain QEMU's migration it is compared with (`bench pipeline`
+                // measures what TLS costs).
+                .args([
+                    "serve",
+                    "--insecure",
+                    "--link-listen",
+                    &format!("127.0.0.1:{AGENT_PORT}"),
+                ])
+                // The lab's target QEMUs, found by name (`agent migrate --vm` defaults to
+                // the target QMP socket's name).
+                .arg("--qmp-dir")
+                .arg(testkit::qemu::agent_qmp_dir(dir))
                 .stderr(std::fs::File::create(dir.join("agent-serve.log"))?)
                 .spawn()
                 .context("cannot start agent serve")?,
@@ -230,7 +241,7 @@ pub fn agent_migrate(pair: &Pair, target_port: u16, args: &[&str]) -> anyhow::Re
         .args(["--export", "disk"])
         .args(["--nas-nbd", &format!("127.0.0.1:{NBD_PORT}")])
         .args(["--nas-index", &format!("127.0.0.1:{INDEX_PORT}")])
-        .arg("--json")
+        .args(["--json", "--insecure"])
         .stderr(std::process::Stdio::inherit())
         .output()
         .context("cannot run agent migrate")?;

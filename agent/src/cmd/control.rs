@@ -25,6 +25,33 @@ pub struct StatusArgs {
     control: PathBuf,
 }
 
+#[derive(Debug, clap::Args)]
+pub struct ExpectArgs {
+    /// The VM, as the source agent names it.
+    vm: String,
+    /// Where its target QEMU listens for the stream (libvirt's `migrate-incoming` URI as seen
+    /// on this host): tcp:HOST:PORT or unix:PATH.
+    #[arg(long)]
+    incoming: String,
+    /// The registration lapses unless a migration uses it within this many seconds.
+    #[arg(long, default_value_t = 600)]
+    ttl: u64,
+    /// The daemon's control socket.
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    control: PathBuf,
+}
+
+/// `agent expect`: registers one incoming migration with the host daemon's target side.
+pub async fn expect(args: ExpectArgs) -> anyhow::Result<()> {
+    let request = Request::Expect {
+        vm: args.vm,
+        incoming: args.incoming,
+        ttl_secs: args.ttl,
+    };
+    call(&args.control, &request).await?;
+    Ok(())
+}
+
 pub async fn follow(args: FollowArgs, on: bool) -> anyhow::Result<()> {
     let request = if on {
         Request::Follow { qmp: args.qmp }

@@ -19,11 +19,12 @@ pub struct DaemonArgs {
 
 pub async fn run_daemon(source: &ObjectSource, args: DaemonArgs) -> anyhow::Result<()> {
     super::serve_metrics(args.serve.metrics)?;
+    let target = args.serve.target_config()?;
     let link = args.serve.listen().await?;
     let config = DaemonConfig {
         control: args.control,
         link,
-        target: args.serve.target_config(),
+        target,
         ebpf: source.clone(),
     };
     run(config, super::stop_on_signals()).await?;

@@ -7,6 +7,7 @@ use agent::{
     migration::report::Figures,
     orchestrate::{migrate, MigrateOptions, MigrationReport},
 };
+use anyhow::Context;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
 #[derive(Debug, clap::Args)]
@@ -22,9 +23,8 @@ pub struct Args {
     target_agent: String,
     #[command(flatten)]
     stream: super::StreamArgs,
-    /// Address the target QEMU listens on (default: a free loopback port).
-    #[arg(long)]
-    incoming: Option<String>,
+    #[command(flatten)]
+    tls: super::LinkTlsArgs,
     /// Where this agent takes the source QEMU's stream: HOST:PORT, tcp:HOST:PORT or
     /// unix:PATH (default: a free loopback port).
     #[arg(long, value_parser = super::parse_qemu_listen)]
@@ -52,11 +52,20 @@ pub struct Args {
     no_daemon: bool,
 }
 
-pub async fn run(args: Args) -> anyhow::Result<()> {
+pub async fn run(mut args: Args) -> anyhow::Result<()> {
+    if args.stream.vm.is_none() {
+        let stem = args.target_qmp.file_stem().and_then(|s| s.to_str());
+        args.stream.vm = Some(
+            stem.context("name the VM with --vm (the target QMP socket's name is not one)")?
+                .to_string(),
+        );
+    }
     super::serve_metrics(args.metrics)?;
     // Registered before anything starts, so no signal kills the process half-way.
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
+    // Checked before anything starts, daemon or not.
+    let link_security = args.tls.security(Vec::new())?;
     if !args.no_daemon {
         let cancel = async {
             signalled(&mut interrupt, &mut terminate).await;
@@ -88,7 +97,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             target_qmp: args.target_qmp,
             target_agent: args.target_agent,
             stream: args.stream.into(),
-            incoming: args.incoming,
+            link_security,
             source_listen: args.qemu_listen,
             max_bandwidth: args.max_bandwidth,
             progress: progress.as_ref().map(|(tx, _)| tx.clone()),
@@ -135,17 +144,18 @@ async fn via_daemon(
         source_qmp: args.source_qmp.clone(),
         target_qmp: args.target_qmp.clone(),
         target_agent: args.target_agent.clone(),
-        vm: s.vm.clone(),
+        vm: s.vm.clone().unwrap_or_default(),
         exports: s.exports.clone(),
         nas_nbd: s.nas_nbd.clone(),
         nas_index: (!s.no_index).then(|| s.nas_index.to_string()),
-        incoming: args.incoming.clone(),
         qemu_listen: args.qemu_listen.as_ref().map(ToString::to_string),
         zstd: format!("{:?}", s.zstd).to_lowercase(),
         passthrough: s.passthrough,
         max_bandwidth: args.max_bandwidth,
         record: s.record.clone(),
         timeout_secs: args.timeout,
+        tls_creds: args.tls.tls_creds.clone(),
+        insecure: args.tls.insecure,
     };
     let request = Request::Migrate {
         request: Box::new(request),

@@ -8,7 +8,10 @@ pub mod telemetry;
 
 use std::{net::SocketAddr, path::PathBuf};
 
-use agent::{migration::compress::Compression, orchestrate::StreamSpec};
+use agent::{
+    migration::{compress::Compression, secure::LinkSecurity},
+    orchestrate::StreamSpec,
+};
 use anyhow::Context;
 use nas_proto::{endpoint::EndpointError, Endpoint};
 
@@ -28,9 +31,11 @@ pub struct StreamArgs {
     /// mode, for storage that indexes nothing: qemu-nbd, nbdkit, shared image files).
     #[arg(long)]
     pub no_index: bool,
-    /// Name of the VM, for logs.
-    #[arg(long, default_value = "vm")]
-    pub vm: String,
+    /// The VM's name: the target agent delivers to the QEMU it knows by this name
+    /// (`DIR/VM.qmp` in its QMP directory, or a registration). `agent migrate` defaults it to
+    /// the target QMP socket's name without `.qmp`.
+    #[arg(long)]
+    pub vm: Option<String>,
     /// Compress non-mapped data on the link with zstd: `auto` while the link is what the
     /// stream waits for, `always`, or `never`. `--zstd` alone means `always`.
     #[arg(long, value_enum, default_value_t = Compression::Auto, num_args = 0..=1,
@@ -47,7 +52,7 @@ pub struct StreamArgs {
 impl From<StreamArgs> for StreamSpec {
     fn from(a: StreamArgs) -> Self {
         Self {
-            vm: a.vm,
+            vm: a.vm.unwrap_or_default(),
             exports: a.exports,
             nas_nbd: a.nas_nbd,
             nas_index: (!a.no_index).then_some(a.nas_index),
@@ -56,6 +61,31 @@ impl From<StreamArgs> for StreamSpec {
             record: a.record,
             page_map: None,
         }
+    }
+}
+
+/// How the agent link is protected, shared by every command that opens or serves one.
+#[derive(Debug, clap::Args)]
+pub struct LinkTlsArgs {
+    /// Mutual TLS on the agent link, with the credentials in DIR (QEMU's tls-creds-x509
+    /// layout: ca-cert.pem, server-cert.pem, server-key.pem, client-cert.pem,
+    /// client-key.pem).
+    #[arg(long, value_name = "DIR", env = "AGENT_TLS_CREDS")]
+    pub tls_creds: Option<PathBuf>,
+    /// Run the agent link in plaintext, unauthenticated (only on a network where every host
+    /// that reaches the link is trusted). Required when no --tls-creds is given.
+    #[arg(long)]
+    pub insecure: bool,
+}
+
+impl LinkTlsArgs {
+    /// The link's security; `allow`: source identities a target accepts (empty: any).
+    pub fn security(&self, allow: Vec<String>) -> anyhow::Result<LinkSecurity> {
+        Ok(LinkSecurity::configure(
+            self.tls_creds.as_deref(),
+            self.insecure,
+            allow,
+        )?)
     }
 }
 

@@ -1,10 +1,10 @@
 //! `agent serve`: the target-side daemon. Accepts agent links and rebuilds each migration into
-//! the target QEMU the source agent names.
+//! the target QEMU of the VM the source agent names, found on this host.
 use std::{net::SocketAddr, path::PathBuf};
 
 use agent::{
     migration::{
-        incoming::IncomingPolicy,
+        incoming::{Delivery, Expectations, IncomingPolicy},
         target::{TargetConfig, MAX_SESSIONS},
     },
     serve::serve,
@@ -23,32 +23,65 @@ pub struct Args {
     /// Serve Prometheus metrics on this address.
     #[arg(long)]
     pub metrics: Option<SocketAddr>,
-    /// Deliver to target QEMUs listening on unix sockets in this directory (repeatable). A
-    /// source names the socket; without this, unix sockets are refused.
+    /// Where target QEMUs' QMP monitors for this agent are, one socket `VM.qmp` per VM
+    /// (repeatable): a source naming VM is delivered into that QEMU, which the agent checks
+    /// waits for a migration and hands a socket itself. Must be writable by its owner only.
+    #[arg(long = "qmp-dir", value_name = "DIR", default_value = DEFAULT_QMP_DIR)]
+    qmp_dirs: Vec<PathBuf>,
+    /// Deliver VM's migrations to this incoming address (repeatable), where its QEMU listens
+    /// because something else issued `migrate-incoming` (a static libvirt-like set-up; the
+    /// host daemon also takes one-off registrations: `agent expect`).
+    #[arg(long = "expect", value_name = "VM=URI", value_parser = parse_expect)]
+    expect: Vec<(String, String)>,
+    /// Registered unix incoming sockets may be in this directory (repeatable); without it,
+    /// unix sockets are refused.
     #[arg(long = "incoming-dir", value_name = "DIR")]
     incoming_dirs: Vec<PathBuf>,
-    /// Deliver to target QEMUs on TCP addresses other than loopback too. By default only
-    /// loopback is accepted: the target QEMU runs on this host, and the address comes from the
-    /// network.
+    /// Registered incoming addresses may be TCP addresses other than loopback too.
     #[arg(long)]
     incoming_any_host: bool,
+    #[command(flatten)]
+    tls: super::LinkTlsArgs,
+    /// With TLS: accept only sources whose certificate names one of these (repeatable;
+    /// default: any the CA signed).
+    #[arg(long = "tls-allow-source", value_name = "NAME")]
+    tls_allow: Vec<String>,
     /// Migrations served at once; a source connecting beyond that is refused.
     #[arg(long, default_value_t = MAX_SESSIONS)]
     max_sessions: usize,
 }
 
+/// Where `agent serve` and `agent daemon` look for target QEMUs' QMP sockets by default.
+pub const DEFAULT_QMP_DIR: &str = "/run/nas-agent/qmp";
+
+fn parse_expect(s: &str) -> Result<(String, String), String> {
+    let (vm, uri) = s.split_once('=').ok_or("expected VM=URI")?;
+    Ok((vm.to_string(), uri.to_string()))
+}
+
 impl Args {
-    /// The target side's settings.
-    pub fn target_config(&self) -> TargetConfig {
-        TargetConfig {
+    /// The target side's settings; a standing registration its policy refuses is an error.
+    pub fn target_config(&self) -> anyhow::Result<TargetConfig> {
+        let policy = IncomingPolicy {
+            unix_dirs: self.incoming_dirs.clone(),
+            any_host: self.incoming_any_host,
+        };
+        let expected = Expectations::default();
+        for (vm, uri) in &self.expect {
+            let incoming = policy.check(uri)?;
+            expected.register(vm, incoming, None)?;
+        }
+        Ok(TargetConfig {
             nas_override: self.nas.clone(),
-            incoming: IncomingPolicy {
-                unix_dirs: self.incoming_dirs.clone(),
-                any_host: self.incoming_any_host,
+            delivery: Delivery {
+                qmp_dirs: self.qmp_dirs.clone(),
+                expected: expected.into(),
+                policy,
             },
             max_sessions: self.max_sessions,
+            link_security: self.tls.security(self.tls_allow.clone())?,
             ..TargetConfig::default()
-        }
+        })
     }
 
     /// Binds the agent link's listener.
@@ -63,7 +96,8 @@ impl Args {
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
     super::serve_metrics(args.metrics)?;
+    let config = args.target_config()?;
     let listener = args.listen().await?;
-    serve(listener, args.target_config(), super::stop_on_signals()).await?;
+    serve(listener, config, super::stop_on_signals()).await?;
     Ok(())
 }

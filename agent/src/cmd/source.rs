@@ -27,10 +27,6 @@ pub struct Args {
     /// The target host's agent (`agent serve`), HOST:PORT.
     #[arg(long)]
     target_agent: String,
-    /// Where the target agent finds the target QEMU's incoming socket, as seen on the target
-    /// host (with libvirt and `--migrateuri tcp:127.0.0.1:P`, that is `tcp:127.0.0.1:P`).
-    #[arg(long)]
-    incoming: String,
     /// Cap the agent link at this many bytes per second until the switchover. QEMU's own
     /// max-bandwidth still holds its stream to this agent; with a link cap here, lift that
     /// (libvirt: leave `--bandwidth` unset).
@@ -38,17 +34,24 @@ pub struct Args {
     max_bandwidth: Option<u64>,
     #[command(flatten)]
     stream: super::StreamArgs,
+    #[command(flatten)]
+    tls: super::LinkTlsArgs,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.stream.vm.is_some(),
+        "--vm is required: the target agent delivers to the QEMU it knows by that name"
+    );
+    let security = args.tls.security(Vec::new())?;
     let spec = StreamSpec::from(args.stream);
     spec.check_index().await?;
     let listener = listen_for_qemu(&args.listen).await?;
     tracing::info!("waiting for QEMU on {}", qemu_uri(&args.listen));
     let (qemu, _) = listener.accept().await?;
-    let link = connect_link(&args.target_agent).await?;
+    let link = connect_link(&args.target_agent, &security).await?;
     let cap = Arc::new(Cap::new(args.max_bandwidth));
-    let config = spec.config(args.incoming, cap.clone());
+    let config = spec.config(cap.clone());
     let report = run_source(qemu, link, config, Arc::new(Counters::default())).await?;
     let summary = Summary {
         figures: report.figures(),

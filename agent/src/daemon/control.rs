@@ -6,6 +6,8 @@
 //!        <-{"ok":true,"vm":{"pid":..,"disks":[..]}}---------------
 //! client --{"op":"migrate","request":{..}}------------------------> daemon (runs it, with the
 //!        <-{"ok":true,"report":{..}}-----------------------------    VM's map when it has one)
+//! client --{"op":"expect","vm":"vm1","incoming":"tcp:..",..}-----> daemon (the target side
+//!        <-{"ok":true}-------------------------------------------    delivers vm1 there, once)
 //! ```
 use std::path::{Path, PathBuf};
 
@@ -32,6 +34,13 @@ pub enum Request {
     Status,
     /// Run a migration from this host, with the VM's map when the daemon keeps one.
     Migrate { request: Box<MigrateRequest> },
+    /// Expect one incoming migration of `vm` within `ttl_secs`, delivered to `incoming`
+    /// (where the target QEMU listens, libvirt having issued `migrate-incoming`).
+    Expect {
+        vm: String,
+        incoming: String,
+        ttl_secs: u64,
+    },
 }
 
 /// What `agent migrate` asks the daemon to run (its command-line options).
@@ -45,7 +54,6 @@ pub struct MigrateRequest {
     pub nas_nbd: String,
     /// `None`: map-only (no index service).
     pub nas_index: Option<String>,
-    pub incoming: Option<String>,
     pub qemu_listen: Option<String>,
     /// `auto`, `always` or `never`.
     pub zstd: String,
@@ -53,6 +61,9 @@ pub struct MigrateRequest {
     pub max_bandwidth: Option<u64>,
     pub record: Option<PathBuf>,
     pub timeout_secs: u64,
+    /// The agent link's credentials (`--tls-creds`), or `insecure` (the explicit opt-out).
+    pub tls_creds: Option<PathBuf>,
+    pub insecure: bool,
 }
 
 /// Errors talking to the daemon.

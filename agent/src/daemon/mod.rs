@@ -36,7 +36,10 @@ use self::{
     maps::{export_name, Registry, VmPageMap},
 };
 use crate::{
-    migration::{compress::Compression, pagemap::SharedMap, target::TargetConfig},
+    migration::{
+        compress::Compression, incoming::Delivery, pagemap::SharedMap, secure::LinkSecurity,
+        target::TargetConfig,
+    },
     orchestrate::{migrate, MigrateOptions, StreamSpec},
     qmp::Qmp,
     serve::serve,
@@ -65,6 +68,8 @@ struct Shared {
     /// Where follow changes go, or why the eBPF side could not be attached.
     follow: Result<mpsc::Sender<Follow>, String>,
     drops: watch::Receiver<[u64; SyscallDrop::COUNT as usize]>,
+    /// The target side's delivery settings: `expect` registers into them.
+    delivery: Delivery,
 }
 
 /// Runs until `shutdown` turns true.
@@ -89,6 +94,7 @@ pub async fn run(config: DaemonConfig, shutdown: watch::Receiver<bool>) -> std::
             .map(|(tx, _, _)| tx.clone())
             .map_err(Clone::clone),
         drops,
+        delivery: config.target.delivery.clone(),
     });
     if let Ok((_, rx, follower)) = follow {
         tokio::spawn(event_loop(
@@ -252,6 +258,11 @@ async fn answer(
         Request::Unfollow { qmp } => unfollow(&qmp, shared).await,
         Request::Status => Ok(status(shared)),
         Request::Migrate { request } => run_migration(*request, shared, cancel).await,
+        Request::Expect {
+            vm,
+            incoming,
+            ttl_secs,
+        } => expect(&vm, &incoming, ttl_secs, shared),
     };
     match result {
         Ok(mut v) => {
@@ -279,6 +290,23 @@ async fn follow(qmp: &Path, shared: &Shared) -> Result<Value, String> {
         .await
         .map_err(|_| "the follower stopped".to_string())?;
     Ok(json!({ "vm": described }))
+}
+
+/// Registers an expected migration for the target side (the libvirt path).
+fn expect(vm: &str, incoming: &str, ttl_secs: u64, shared: &Shared) -> Result<Value, String> {
+    let delivery = &shared.delivery;
+    let incoming = delivery.policy.check(incoming).map_err(|e| e.to_string())?;
+    let ttl = Duration::from_secs(ttl_secs.clamp(1, 24 * 3600));
+    delivery
+        .expected
+        .register(vm, incoming, Some(ttl))
+        .map_err(|e| e.to_string())?;
+    tracing::info!(
+        vm,
+        "expecting one incoming migration within {} s",
+        ttl.as_secs()
+    );
+    Ok(json!({}))
 }
 
 async fn unfollow(qmp: &Path, shared: &Shared) -> Result<Value, String> {
@@ -349,10 +377,18 @@ fn status(shared: &Shared) -> Value {
         .iter()
         .map(|r| (r.name().to_string(), json!(drops[*r as usize])))
         .collect();
+    let expected: Vec<Value> = shared
+        .delivery
+        .expected
+        .list()
+        .into_iter()
+        .map(|(vm, incoming, left)| json!({"vm": vm, "incoming": incoming.uri(), "expires_in_s": left}))
+        .collect();
     json!({
         "telemetry": shared.follow.as_ref().map(|_| "on".to_string()).unwrap_or_else(|w| format!("off: {w}")),
         "drops": drops,
         "vms": vms,
+        "expected_migrations": expected,
     })
 }
 
@@ -391,7 +427,8 @@ async fn run_migration(
             record: r.record,
             page_map,
         },
-        incoming: r.incoming,
+        link_security: LinkSecurity::configure(r.tls_creds.as_deref(), r.insecure, Vec::new())
+            .map_err(|e| e.to_string())?,
         source_listen: r.qemu_listen.as_deref().map(parse).transpose()?,
         max_bandwidth: r.max_bandwidth,
         progress: None,

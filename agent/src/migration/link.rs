@@ -2,8 +2,8 @@
 //!
 //! ```text
 //!  source agent                                                  target agent
-//!    |-- HELLO v3 {vm, exports(id,name), nas, incoming, caps} ------->|
-//!    |<----------------------------------- HELLO_ACK {v3, caps} ------|
+//!    |-- HELLO v4 {vm, exports(id,name), nas, caps} ----------------->|
+//!    |<----------------------------------- HELLO_ACK {v4, caps} ------|
 //!    |-- RAW bytes | PAGE 4 KiB | MAPPED {seq, export, off, hash} --->|  in stream order;
 //!    |-- DUP {ordinal} | ZSTD {inner frames}  ...  ------------------->|  the target rebuilds
 //!    |<---- ACK {mapped, credit[, received]} | FALLBACK_REQ {seq} ----|  QEMU's bytes from
@@ -24,15 +24,16 @@
 //! stream. A target that accepted [`CAP_RECEIVED`] adds to every ACK the link bytes it has read
 //! so far, which tells the source whether the bytes it waits on are still crossing the link or
 //! already wait at the target (for its QEMU or the NAS). The target answers a HELLO it will not
-//! serve (another version, or an `incoming` address its policy refuses, see
-//! [`super::incoming`]) with ERROR instead of HELLO_ACK. Decoding is pure and
+//! serve (another version, or a VM it has no target QEMU for, see [`super::incoming`]) with
+//! ERROR instead of HELLO_ACK. Decoding is pure and
 //! check-then-parse, like the index protocol.
 use nas_proto::cursor::{Cursor, Malformed};
 
 use crate::migration::stream::PAGE_SIZE;
 
+/// 4: HELLO names the VM only, no incoming address (the target finds its QEMU itself).
 /// 3: END and DONE carry [`LinkStats`] (before, any JSON string).
-pub const VERSION: u16 = 3;
+pub const VERSION: u16 = 4;
 pub const MAX_FRAME: u32 = 8 << 20;
 /// Capability bit: ZSTD frames may be sent.
 pub const CAP_ZSTD: u32 = 1;
@@ -142,8 +143,6 @@ pub struct Hello {
     pub exports: Vec<(u32, String)>,
     /// Where the target agent reads MAPPED blocks (`HOST:PORT` or `unix:PATH`).
     pub nas: String,
-    /// Where the target agent delivers the stream to the target QEMU.
-    pub incoming: String,
     pub caps: u32,
 }
 
@@ -249,14 +248,12 @@ impl LinkFrame {
                     exports.push((r.u32("export id")?, r.string_u32("export name")?));
                 }
                 let nas = r.string_u32("nas")?;
-                let incoming = r.string_u32("incoming")?;
                 let caps = r.u32("caps")?;
                 LinkFrame::Hello(Hello {
                     version,
                     vm,
                     exports,
                     nas,
-                    incoming,
                     caps,
                 })
             }
@@ -338,7 +335,6 @@ impl LinkFrame {
                     put_string(out, name);
                 }
                 put_string(out, &h.nas);
-                put_string(out, &h.incoming);
                 out.extend_from_slice(&h.caps.to_be_bytes());
             }
             LinkFrame::Raw(_) | LinkFrame::Page(_) | LinkFrame::Zstd { .. } => {
@@ -425,7 +421,6 @@ mod tests {
                 vm: "vm1".into(),
                 exports: vec![(1, "vm1-disk".into())],
                 nas: "127.0.0.1:10809".into(),
-                incoming: "tcp:127.0.0.1:4444".into(),
                 caps: CAP_ZSTD,
             }),
             LinkFrame::Raw(b"QEVM\0\0\0\x03".to_vec()),

@@ -12,7 +12,9 @@
 //! - [`dedup`]: the content cache both ends keep in step for DUP frames; [`outgoing`]: the
 //!   source's frames batched for gathered writes; [`pace`]: the link held to the migration's
 //!   bandwidth cap.
-//! - [`incoming`]: which target QEMU addresses the target agent delivers to.
+//! - [`incoming`]: which target QEMU the target agent delivers to, from the VM's name;
+//!   [`savevm`]: both ends refuse a stream that is not QEMU's before passing any of it on;
+//!   [`secure`]: the link's mutual TLS (or the operator's explicit plaintext opt-out).
 //! - [`pagemap`]: what the source asks the memory-to-disk map; [`report`]: the counters and
 //!   figures both ends keep.
 pub mod compress;
@@ -23,6 +25,8 @@ pub mod outgoing;
 pub mod pace;
 pub mod pagemap;
 pub mod report;
+pub mod savevm;
+pub mod secure;
 pub mod source;
 pub mod stream;
 pub mod target;

@@ -30,6 +30,8 @@ pub enum ControlError {
         addr: String,
         source: std::io::Error,
     },
+    #[error("agent link: {0}")]
+    Security(#[from] crate::migration::secure::SecurityError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }

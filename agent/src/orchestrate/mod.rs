@@ -4,9 +4,12 @@
 //! ```text
 //! agent migrate (source host)                         agent serve (target host)
 //!   checks both QEMUs' capabilities and the index service (version, the VM's exports)
-//!   QMP target: migrate-incoming tcp:127.0.0.1:Q        accepts the link, reads HELLO,
-//!   link -> target agent ---------------------------->  connects to QEMU at Q, rebuilds
-//!   listens on 127.0.0.1:P; QMP source: migrate P       the stream, reports DONE
+//!   link -> target agent ---------------------------->  accepts the link
+//!   listens on 127.0.0.1:P; QMP source: migrate P
+//!   HELLO {vm} -------------------------------------->  finds the VM's QEMU on its host,
+//!                                                       hands it a socket (getfd,
+//!                                                       migrate-incoming fd:), rebuilds
+//!                                                       the stream, reports DONE
 //!   proxies QEMU's stream, shows progress, waits for completion, prints the report
 //! ```
 //! Failure is always clean: if anything breaks before the target confirms delivery (or the
@@ -28,10 +31,7 @@ use std::{
 
 use nas_proto::Endpoint;
 use serde_json::json;
-use tokio::{
-    net::{TcpListener, TcpStream},
-    sync::watch,
-};
+use tokio::sync::watch;
 
 pub mod bandwidth;
 pub mod error;
@@ -51,6 +51,7 @@ pub use self::{error::ControlError, report::MigrationReport, source_setup::Strea
 use crate::{
     migration::{
         report::{Counters, Figures},
+        secure::LinkSecurity,
         source::run_source,
     },
     qmp::{guest_pause, Qmp, QmpError, RunState},
@@ -77,8 +78,8 @@ pub struct MigrateOptions {
     pub target_agent: String,
     /// The VM's stream, as the source side needs it.
     pub stream: StreamSpec,
-    /// Where the target QEMU listens (`tcp:HOST:PORT`); default a free loopback port.
-    pub incoming: Option<String>,
+    /// TLS on the agent link, or the operator's plaintext opt-out.
+    pub link_security: LinkSecurity,
     /// Where this agent takes the source QEMU's stream (`HOST:PORT` or `unix:PATH`); default
     /// a free loopback TCP port.
     pub source_listen: Option<Endpoint>,
@@ -122,8 +123,7 @@ struct Begun {
     source_was_running: bool,
     target_ram_preallocated: Option<bool>,
     bandwidth: Bandwidth,
-    incoming: String,
-    link: TcpStream,
+    link: Box<dyn nas_proto::net::Stream>,
     qemu: Box<dyn nas_proto::net::Stream>,
     started: Instant,
 }
@@ -173,14 +173,9 @@ async fn begin(opts: &MigrateOptions, lifted: &OnceLock<u64>) -> Result<Begun, C
              (libvirt: <allocation mode='immediate'/>) does that at its start-up instead"
         );
     }
-    let incoming = match &opts.incoming {
-        Some(i) => i.clone(),
-        None => format!("tcp:127.0.0.1:{}", free_port().await?),
-    };
-    dst.execute("migrate-incoming", Some(json!({ "uri": incoming })))
-        .await
-        .map_err(dst_err)?;
-    let link = connect_link(&opts.target_agent).await?;
+    // The target agent starts the target QEMU's incoming migration itself, once the link
+    // names the VM (or libvirt did, and the operator registered it there).
+    let link = connect_link(&opts.target_agent, &opts.link_security).await?;
     let listener = listen_for_qemu(
         opts.source_listen
             .as_ref()
@@ -219,7 +214,6 @@ async fn begin(opts: &MigrateOptions, lifted: &OnceLock<u64>) -> Result<Begun, C
         source_was_running,
         target_ram_preallocated,
         bandwidth,
-        incoming,
         link,
         qemu,
         started,
@@ -239,12 +233,11 @@ async fn drive(
         source_was_running,
         target_ram_preallocated,
         mut bandwidth,
-        incoming,
         link,
         qemu,
         started,
     } = begun;
-    let config = opts.stream.config(incoming, bandwidth.cap());
+    let config = opts.stream.config(bandwidth.cap());
     let counters = Arc::new(Counters::default());
     let mut source = tokio::spawn(run_source(qemu, link, config, counters.clone()));
     // From here on every path reaches the restore below.
@@ -372,11 +365,6 @@ async fn cancel_source(path: &std::path::Path, lifted: Option<u64>) -> Result<()
         bandwidth::put_back(&mut src, v).await?;
     }
     Ok(())
-}
-
-async fn free_port() -> std::io::Result<u16> {
-    let l = TcpListener::bind("127.0.0.1:0").await?;
-    Ok(l.local_addr()?.port())
 }
 
 /// A listening address as a QEMU migration URI.

@@ -4,7 +4,10 @@
 use std::{path::PathBuf, sync::Arc};
 
 use nas_client::index::IndexClient;
-use nas_proto::{net::Bound, Endpoint};
+use nas_proto::{
+    net::{Bound, Stream},
+    Endpoint,
+};
 use tokio::net::TcpStream;
 
 use super::error::ControlError;
@@ -12,6 +15,7 @@ use crate::migration::{
     compress::Compression,
     pace::Cap,
     pagemap::SharedMap,
+    secure::LinkSecurity,
     source::{SourceConfig, QEMU_RECV_BUFFER},
 };
 
@@ -50,16 +54,14 @@ impl StreamSpec {
         }
     }
 
-    /// The source pipeline's settings for a stream the target agent delivers to `incoming`,
-    /// paced to `cap`.
-    pub fn config(&self, incoming: String, cap: Arc<Cap>) -> SourceConfig {
+    /// The source pipeline's settings, paced to `cap`.
+    pub fn config(&self, cap: Arc<Cap>) -> SourceConfig {
         let mut config = SourceConfig::new(
             &self.vm,
             self.exports.clone(),
             &self.nas_nbd,
             self.nas_index.clone(),
         );
-        config.incoming = incoming;
         config.zstd = self.zstd;
         config.rewrite = !self.passthrough;
         config.record = self.record.clone();
@@ -82,8 +84,12 @@ pub async fn listen_for_qemu(listen: &Endpoint) -> Result<Bound, ControlError> {
     Ok(listener)
 }
 
-/// Opens the agent link to the target agent.
-pub async fn connect_link(target_agent: &str) -> Result<TcpStream, ControlError> {
+/// Opens the agent link to the target agent, through its TLS handshake unless the operator
+/// opted out.
+pub async fn connect_link(
+    target_agent: &str,
+    security: &LinkSecurity,
+) -> Result<Box<dyn Stream>, ControlError> {
     let link = TcpStream::connect(target_agent)
         .await
         .map_err(|source| ControlError::Link {
@@ -91,5 +97,5 @@ pub async fn connect_link(target_agent: &str) -> Result<TcpStream, ControlError>
             source,
         })?;
     link.set_nodelay(true)?;
-    Ok(link)
+    Ok(security.connect(link, target_agent).await?)
 }

@@ -4,6 +4,7 @@
 //! command then gets one `return` or `error` reply, while asynchronous `event` messages may
 //! arrive at any time. Events are kept (bounded) for callers that wait for one. `state`
 //! types the run and migration states the replies carry.
+mod fdpass;
 mod state;
 
 pub use self::state::{MigrationStatus, RunState};
@@ -143,6 +144,25 @@ impl Qmp {
         let mut line = serde_json::to_vec(&msg)?;
         line.push(b'\n');
         self.writer.write_all(&line).await?;
+        self.reply(command).await
+    }
+
+    /// `getfd`: hands QEMU `fd` under `name`, for `fd:NAME` URIs.
+    pub async fn pass_fd(
+        &mut self,
+        name: &str,
+        fd: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<(), QmpError> {
+        let msg = json!({ "execute": "getfd", "arguments": { "fdname": name } });
+        let mut line = serde_json::to_vec(&msg)?;
+        line.push(b'\n');
+        let sent = fdpass::send_with_fd(self.writer.as_ref(), &line, fd).await?;
+        self.writer.write_all(&line[sent..]).await?;
+        self.reply("getfd").await.map(drop)
+    }
+
+    /// The reply to the command just sent; events before it are kept.
+    async fn reply(&mut self, command: &str) -> Result<Value, QmpError> {
         loop {
             let reply = self.read_message().await?;
             if reply.get("event").is_some() {

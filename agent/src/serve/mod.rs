@@ -2,30 +2,31 @@
 //! agent link, and the refusals.
 //!
 //! ```text
-//! link accepted -> session slot? (no: ERROR "busy") -> HELLO -> incoming policy allows the
-//!   QEMU address? (no: ERROR) -> connect to the target QEMU -> run_target -> DONE -> counters
+//! link accepted -> session slot? (no: ERROR "busy") -> HELLO {vm} -> the VM's target QEMU
+//!   on this host (no such VM, or not waiting: ERROR) -> run_target -> DONE -> counters
 //! ```
 //! Each session's outcome and figures go to the log and to the Prometheus counters
-//! `agent_serve_*`. Which target QEMU addresses a source may name is decided by
-//! [`crate::migration::incoming`].
-use std::sync::Arc;
+//! `agent_serve_*`. How a VM's name becomes the channel into its QEMU is
+//! [`crate::migration::incoming`]'s: the source names a VM, never an address.
+use std::{sync::Arc, time::Duration};
 
-use tokio::{
-    net::{TcpListener, TcpStream},
-    sync::watch,
-};
+use nas_proto::net::Stream;
+use tokio::{io::AsyncWriteExt, net::TcpListener, sync::watch};
 
 use crate::migration::{
-    incoming,
     link::LinkFrame,
     report::{Counters, Figures},
     target::{read_hello, run_target, TargetConfig},
     wire::FrameReader,
 };
 
+/// Connections in their TLS handshake at once; one more is closed at once.
+const MAX_HANDSHAKES: usize = 64;
+
 /// `agent serve`: accepts agent links until `shutdown`, one target-side migration each, at
 /// most `config.max_sessions` at once (a link beyond that is answered with ERROR and closed).
-/// Each session's outcome and figures go to the log and to the Prometheus counters
+/// Each link first passes the link's security (see [`crate::migration::secure`]); each
+/// session's outcome and figures go to the log and to the Prometheus counters
 /// `agent_serve_*`.
 pub async fn serve(
     listener: TcpListener,
@@ -33,40 +34,62 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let sessions = Arc::new(tokio::sync::Semaphore::new(config.max_sessions.max(1)));
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     let mut tasks = tokio::task::JoinSet::new();
     loop {
-        let (link, peer) = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             _ = shutdown.wait_for(|s| *s) => break,
             a = listener.accept() => a?,
         };
-        let Ok(permit) = sessions.clone().try_acquire_owned() else {
-            let message = format!(
-                "busy: {} migration(s) under way, this agent's limit (--max-sessions); try \
-                 again later",
-                config.max_sessions
-            );
-            tracing::warn!(%peer, "{message}");
-            // Best effort, without waiting on a peer that does not read.
-            let _ = link.try_write(&LinkFrame::Error { message }.to_bytes());
-            metrics::counter!("agent_serve_migrations_total", "result" => "refused").increment(1);
+        let Ok(handshake) = handshakes.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "{MAX_HANDSHAKES} links in their handshake already: closed");
+            connection("handshake_limit");
             continue;
         };
-        link.set_nodelay(true)?;
-        let config = config.clone();
+        tcp.set_nodelay(true)?;
+        let (config, sessions) = (config.clone(), sessions.clone());
         tasks.spawn(async move {
-            let _permit = permit;
+            let (mut link, identity) = match config.link_security.accept(tcp).await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!(%peer, "link refused: {e}");
+                    connection("tls_refused");
+                    return;
+                }
+            };
+            drop(handshake);
+            let source = identity.map_or_else(|| "-".to_string(), |i| i.to_string());
+            let Ok(_permit) = sessions.try_acquire_owned() else {
+                let message = format!(
+                    "busy: {} migration(s) under way, this agent's limit (--max-sessions); try \
+                     again later",
+                    config.max_sessions
+                );
+                tracing::warn!(%peer, %source, "{message}");
+                // Best effort, without waiting long on a peer that does not read.
+                let frame = LinkFrame::Error { message }.to_bytes();
+                let _ = tokio::time::timeout(Duration::from_secs(1), link.write_all(&frame)).await;
+                metrics::counter!("agent_serve_migrations_total", "result" => "refused")
+                    .increment(1);
+                return;
+            };
             let counters = Arc::new(Counters::default());
             let result = match serve_one(link, config, counters.clone()).await {
                 Session::Delivered(f) => {
-                    tracing::info!(%peer, "migration delivered: {}", serde_json::json!(f));
+                    tracing::info!(%peer, %source, "migration delivered: {}", serde_json::json!(f));
                     "ok"
                 }
+                Session::NoHello(why) => {
+                    tracing::warn!(%peer, %source, "link closed before its HELLO: {why}");
+                    connection("no_hello");
+                    return;
+                }
                 Session::Refused(why) => {
-                    tracing::warn!(%peer, "migration refused: {why}");
+                    tracing::warn!(%peer, %source, "migration refused: {why}");
                     "refused"
                 }
                 Session::Failed(why) => {
-                    tracing::warn!(%peer, "migration failed: {why}");
+                    tracing::warn!(%peer, %source, "migration failed: {why}");
                     "failed"
                 }
             };
@@ -78,28 +101,35 @@ pub async fn serve(
     Ok(())
 }
 
+/// Counts a link that ended before it became a session.
+fn connection(result: &'static str) {
+    metrics::counter!("agent_serve_links_dropped_total", "reason" => result).increment(1);
+}
+
 /// How one `agent serve` session ended.
 enum Session {
     /// With the target's figures, as sent in its DONE.
     Delivered(Figures),
-    /// Before anything was connected: a HELLO it cannot serve, or an incoming address its
-    /// policy refuses or it cannot reach.
+    /// The link closed, or sent nothing, before a HELLO (a port scan, a health check).
+    NoHello(String),
+    /// Before anything was connected: a HELLO it cannot serve, or a VM it cannot deliver to.
     Refused(String),
     Failed(String),
 }
 
-async fn serve_one(mut link: TcpStream, config: TargetConfig, counters: Arc<Counters>) -> Session {
+async fn serve_one(
+    mut link: Box<dyn Stream>,
+    config: TargetConfig,
+    counters: Arc<Counters>,
+) -> Session {
     let mut frames = FrameReader::new();
     let hello = match read_hello(&mut link, &mut frames).await {
         Ok(h) => h,
+        Err(e) if e.is_silence() => return Session::NoHello(e.to_string()),
         Err(e) => return Session::Refused(refuse(&mut link, e.to_string()).await),
     };
-    tracing::info!(vm = %hello.vm, incoming = %hello.incoming, "incoming migration");
-    let qemu = match config.incoming.check(&hello.incoming) {
-        Ok(incoming) => incoming::connect(&incoming).await,
-        Err(refused) => Err(refused),
-    };
-    let qemu = match qemu {
+    tracing::info!(vm = %hello.vm, "incoming migration");
+    let qemu = match config.delivery.open(&hello.vm).await {
         Ok(q) => q,
         Err(e) => return Session::Refused(refuse(&mut link, e.to_string()).await),
     };
@@ -111,8 +141,7 @@ async fn serve_one(mut link: TcpStream, config: TargetConfig, counters: Arc<Coun
 
 /// Answers a session this agent will not serve with the link's ERROR frame (best effort: the
 /// source may be gone); returns the reason.
-async fn refuse(link: &mut TcpStream, message: String) -> String {
-    use tokio::io::AsyncWriteExt;
+async fn refuse(link: &mut Box<dyn Stream>, message: String) -> String {
     let frame = LinkFrame::Error {
         message: message.clone(),
     };

@@ -63,6 +63,7 @@ fuzz_target!(|data: &[u8]| {
             name: "disk".into(),
             description: String::new(),
             export: Arc::new(MemExport(Mutex::new(vec![0; 1 << 16]))),
+            allow: Vec::new(),
         }]);
         let (mut client, mut server) = tokio::io::duplex(1 << 16);
         let input = data.to_vec();

@@ -51,6 +51,8 @@ pub struct ExportEntry {
     pub name: String,
     pub description: String,
     pub export: std::sync::Arc<dyn Export>,
+    /// TLS client identities that may use it; empty: any client (see [`crate::access`]).
+    pub allow: Vec<String>,
 }
 
 /// The exports a server offers, by name, in configuration order.

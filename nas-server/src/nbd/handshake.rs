@@ -7,7 +7,14 @@
 //!   client: IHAVEOPT option len data
 //!   server: REP_MAGIC option reply-type len data   (one or more, ending in ACK or an error)
 //! }       until GO / EXPORT_NAME (-> transmission) or ABORT / EOF (-> close)
+//!           or STARTTLS (ACK; the caller runs TLS on the socket, then the options again)
 //! ```
+//!
+//! [`greet`] sends the greeting; [`options`] haggles until an export is chosen or the client
+//! asks for TLS. Under `--tls require`, every option but STARTTLS and ABORT before TLS is
+//! answered NBD_REP_ERR_TLS_REQD (NBD_OPT_EXPORT_NAME, which has no error reply, closes). An
+//! export with an allow-list is refused without TLS (ERR_TLS_REQD) or to an identity it does
+//! not list (ERR_POLICY), and not listed to either.
 //!
 //! [`handshake`] returns a [`Negotiated`] connection, and only a `Negotiated` can enter the
 //! transmission phase, so no request is served before a successful GO or EXPORT_NAME. Option
@@ -17,7 +24,11 @@ use std::{io, sync::Arc};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::export::{ExportEntry, Exports};
+use crate::{
+    access::{Access, Refusal},
+    config::TlsMode,
+    export::{ExportEntry, Exports},
+};
 use nas_proto::{
     cursor::{Cursor, Malformed},
     nbd::*,
@@ -63,6 +74,30 @@ pub enum HandshakeError {
     OptionTooLarge(u32),
     #[error("client asked NBD_OPT_EXPORT_NAME for unknown export {0:?}")]
     UnknownExport(String),
+    #[error("client asked NBD_OPT_EXPORT_NAME for {0:?}, which it may not use")]
+    RefusedExport(String),
+    #[error("client asked NBD_OPT_EXPORT_NAME before TLS, which this server requires")]
+    TlsRequired,
+    #[error("TLS handshake failed: {0}")]
+    Tls(io::Error),
+}
+
+/// What the option phase knows of its connection.
+#[derive(Clone, Debug)]
+pub struct Session {
+    /// The client asked for no zero padding after NBD_OPT_EXPORT_NAME.
+    pub no_zeroes: bool,
+    pub tls: TlsMode,
+    pub access: Access,
+}
+
+/// How an option phase ended.
+#[derive(Debug)]
+pub enum Step {
+    /// An export was chosen: on to transmission.
+    Go(Negotiated),
+    /// STARTTLS was acknowledged: run TLS on the socket, then [`options`] again.
+    StartTls,
 }
 
 /// A malformed option payload; answered with NBD_REP_ERR_INVALID.
@@ -201,21 +236,49 @@ impl<S: AsyncWrite + Unpin> OptionReplies<'_, S> {
 }
 
 /// An option request that names an export: parsed and resolved, or the error reply it is owed
-/// (ERR_INVALID for a malformed request, ERR_UNKNOWN for an export that does not exist).
+/// (ERR_INVALID for a malformed request, ERR_UNKNOWN for an export that does not exist,
+/// ERR_TLS_REQD or ERR_POLICY for one this connection may not use).
 fn with_export<R>(
     parsed: Result<R, BadOption>,
     name: impl FnOnce(&R) -> &String,
     exports: &Exports,
+    access: &Access,
 ) -> Result<(R, Arc<ExportEntry>), (u32, String)> {
     let request = parsed.map_err(|e| (REP_ERR_INVALID, e.to_string()))?;
     let entry = exports
         .resolve(name(&request))
         .ok_or_else(|| (REP_ERR_UNKNOWN, "no such export".to_string()))?;
-    Ok((request, entry))
+    match access.check(&entry) {
+        Ok(()) => Ok((request, entry)),
+        Err(Refusal::TlsRequired) => Err((
+            REP_ERR_TLS_REQD,
+            "this export is served over TLS only (NBD_OPT_STARTTLS first)".into(),
+        )),
+        Err(Refusal::NotAllowed) => Err((
+            REP_ERR_POLICY,
+            format!("{} may not use this export", access.who()),
+        )),
+    }
 }
 
-/// Runs the handshake on `stream` and returns what was agreed.
+/// A plaintext handshake, for a server without TLS: the greeting, then the options.
 pub async fn handshake<S>(stream: &mut S, exports: &Exports) -> Result<Negotiated, HandshakeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let session = Session {
+        no_zeroes: greet(stream).await?,
+        tls: TlsMode::Off,
+        access: Access::default(),
+    };
+    match options(stream, exports, &session).await? {
+        Step::Go(n) => Ok(n),
+        Step::StartTls => unreachable!("STARTTLS is refused with TLS off"),
+    }
+}
+
+/// Sends the greeting and reads the client's flags; whether it asked for no zero padding.
+pub async fn greet<S>(stream: &mut S) -> Result<bool, HandshakeError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -231,8 +294,26 @@ where
     if client_flags & FLAG_C_FIXED_NEWSTYLE == 0 {
         return Err(HandshakeError::NotFixedNewstyle);
     }
-    let no_zeroes = client_flags & FLAG_C_NO_ZEROES != 0;
+    Ok(client_flags & FLAG_C_NO_ZEROES != 0)
+}
 
+/// The option phase: until an export is chosen ([`Step::Go`]) or TLS is to start
+/// ([`Step::StartTls`]). Its state (structured replies, meta contexts) starts afresh each
+/// time, as the spec requires after STARTTLS.
+pub async fn options<S>(
+    stream: &mut S,
+    exports: &Exports,
+    session: &Session,
+) -> Result<Step, HandshakeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let Session {
+        no_zeroes,
+        tls,
+        ref access,
+    } = *session;
+    let tls_pending = tls == TlsMode::Require && !access.tls;
     let mut structured = false;
     // SET_META_CONTEXT result: (export it was set for, base:allocation selected).
     let mut meta: Option<(String, bool)> = None;
@@ -259,6 +340,19 @@ where
         let mut replies = OptionReplies {
             stream: &mut *stream,
         };
+        if tls_pending && !matches!(option, OPT_STARTTLS | OPT_ABORT) {
+            if option == OPT_EXPORT_NAME {
+                return Err(HandshakeError::TlsRequired);
+            }
+            replies
+                .error(
+                    option,
+                    REP_ERR_TLS_REQD,
+                    "this server requires TLS: NBD_OPT_STARTTLS first",
+                )
+                .await?;
+            continue;
+        }
         match option {
             OPT_EXPORT_NAME => {
                 let name = String::from_utf8_lossy(&data).into_owned();
@@ -266,6 +360,9 @@ where
                     // This option has no error reply: the spec says to close.
                     return Err(HandshakeError::UnknownExport(name));
                 };
+                if access.check(&entry).is_err() {
+                    return Err(HandshakeError::RefusedExport(name));
+                }
                 let mut reply = Vec::with_capacity(134);
                 reply.extend_from_slice(&entry.export.size().to_be_bytes());
                 reply.extend_from_slice(&transmission_flags(&entry, structured).to_be_bytes());
@@ -274,11 +371,11 @@ where
                 }
                 stream.write_all(&reply).await?;
                 let base_allocation = meta_for(&meta, &entry.name);
-                return Ok(Negotiated {
+                return Ok(Step::Go(Negotiated {
                     export: entry,
                     structured,
                     base_allocation,
-                });
+                }));
             }
             OPT_ABORT => {
                 replies.send(option, REP_ACK, &[]).await.ok();
@@ -291,7 +388,7 @@ where
                         .await?;
                     continue;
                 }
-                for entry in exports.iter() {
+                for entry in exports.iter().filter(|e| access.check(e).is_ok()) {
                     let mut d = (entry.name.len() as u32).to_be_bytes().to_vec();
                     d.extend_from_slice(entry.name.as_bytes());
                     d.extend_from_slice(entry.description.as_bytes());
@@ -300,9 +397,19 @@ where
                 replies.send(option, REP_ACK, &[]).await?;
             }
             OPT_STARTTLS => {
-                replies
-                    .error(option, REP_ERR_UNSUP, "TLS is not configured")
-                    .await?;
+                let refusal = match (tls, access.tls, data.is_empty()) {
+                    (TlsMode::Off, ..) => Some((REP_ERR_UNSUP, "TLS is not configured")),
+                    (_, true, _) => Some((REP_ERR_INVALID, "TLS is already negotiated")),
+                    (_, _, false) => Some((REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data")),
+                    _ => None,
+                };
+                match refusal {
+                    Some((code, message)) => replies.error(option, code, message).await?,
+                    None => {
+                        replies.send(option, REP_ACK, &[]).await?;
+                        return Ok(Step::StartTls);
+                    }
+                }
             }
             OPT_STRUCTURED_REPLY => {
                 if !data.is_empty() {
@@ -320,7 +427,7 @@ where
             }
             OPT_INFO | OPT_GO => {
                 let (request, entry) =
-                    match with_export(parse_info_request(&data), |r| &r.name, exports) {
+                    match with_export(parse_info_request(&data), |r| &r.name, exports, access) {
                         Ok(found) => found,
                         Err((code, message)) => {
                             replies.error(option, code, &message).await?;
@@ -333,11 +440,11 @@ where
                 replies.send(option, REP_ACK, &[]).await?;
                 if option == OPT_GO {
                     let base_allocation = meta_for(&meta, &entry.name);
-                    return Ok(Negotiated {
+                    return Ok(Step::Go(Negotiated {
                         export: entry,
                         structured,
                         base_allocation,
-                    });
+                    }));
                 }
             }
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
@@ -353,7 +460,7 @@ where
                     continue;
                 }
                 let (request, entry) =
-                    match with_export(parse_meta_request(&data), |r| &r.export, exports) {
+                    match with_export(parse_meta_request(&data), |r| &r.export, exports, access) {
                         Ok(found) => found,
                         Err((code, message)) => {
                             replies.error(option, code, &message).await?;
@@ -391,6 +498,9 @@ where
 fn meta_for(meta: &Option<(String, bool)>, export: &str) -> bool {
     matches!(meta, Some((name, true)) if name == export)
 }
+
+#[cfg(test)]
+mod tls_policy;
 
 #[cfg(test)]
 mod tests {

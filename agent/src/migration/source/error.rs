@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use nas_client::index::IndexClientError;
 
-use crate::migration::{compress::CompressError, wire::WireError};
+use crate::migration::{compress::CompressError, savevm::NotSavevm, wire::WireError};
 
 /// Why the source side failed.
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +22,10 @@ pub enum SourceError {
     TargetFailed(String),
     #[error("index service: {0}")]
     Index(#[from] IndexClientError),
+    #[error("refused the stream: {0}")]
+    NotSavevm(#[from] NotSavevm),
+    #[error("the stream ended, or sent nothing for 30 s, before its savevm header")]
+    NoHeader,
 }
 
 /// What broke the agent link, as the source saw it.

@@ -71,6 +71,7 @@ use super::{
     pace::Cap,
     pagemap::SharedMap,
     report::{Counters, Figures},
+    savevm,
     stream::{Sink, StreamParser, PAGE_SIZE},
     wire::FrameReader,
 };
@@ -85,8 +86,6 @@ pub struct SourceConfig {
     pub nas_nbd: String,
     /// The index service; `None` sends every page in full.
     pub nas_index: Option<Endpoint>,
-    /// Where the target agent delivers the stream (`tcp:HOST:PORT` or `unix:PATH`).
-    pub incoming: String,
     /// When to compress non-mapped data on the link (see [`super::compress`]).
     pub zstd: Compression,
     pub hot_replica: bool,
@@ -118,7 +117,6 @@ impl SourceConfig {
             exports,
             nas_nbd: nas_nbd.to_string(),
             nas_index,
-            incoming: String::new(),
             zstd: Compression::Auto,
             hot_replica: true,
             lookup_window: 8,
@@ -173,7 +171,7 @@ const MAX_BATCHES: usize = 16;
 /// Runs the source side: reads `qemu` to its end, drives `link`, and returns once the target
 /// reports that it delivered everything.
 pub async fn run_source<Q, L>(
-    mut qemu: Q,
+    qemu: Q,
     link: L,
     config: SourceConfig,
     counters: Arc<Counters>,
@@ -182,6 +180,8 @@ where
     Q: AsyncRead + Unpin,
     L: AsyncRead + AsyncWrite + Send + 'static,
 {
+    // Nothing goes on to the target agent, not even HELLO, unless this is QEMU's stream.
+    let mut qemu = savevm_header(qemu).await?;
     // Index service: the lookup session, and a second one streaming the hot set.
     let mut index = match &config.nas_index {
         Some(addr) => Some(IndexClient::connect(addr, &config.exports).await?),
@@ -220,7 +220,6 @@ where
         vm: config.vm.clone(),
         exports: scope.clone(),
         nas: config.nas_nbd.clone(),
-        incoming: config.incoming.clone(),
         caps: if config.zstd == Compression::Never {
             0
         } else {
@@ -473,6 +472,28 @@ where
         target,
         passthrough_reason: parser.passthrough_reason().map(str::to_string),
     })
+}
+
+/// Reads and checks the stream's savevm header; returns the stream, header included.
+async fn savevm_header<Q: AsyncRead + Unpin>(
+    mut qemu: Q,
+) -> Result<impl AsyncRead + Unpin, SourceError> {
+    let mut header = [0u8; savevm::HEADER];
+    let mut got = 0;
+    while got < header.len() {
+        let n = tokio::time::timeout(Duration::from_secs(30), qemu.read(&mut header[got..]))
+            .await
+            .map_err(|_| SourceError::NoHeader)?
+            .map_err(SourceError::Qemu)?;
+        if n == 0 {
+            savevm::check(&header[..got])?;
+            return Err(SourceError::NoHeader);
+        }
+        got += n;
+        // Refused as soon as it is wrong, without waiting for the rest.
+        savevm::check(&header[..got])?;
+    }
+    Ok(std::io::Cursor::new(header).chain(qemu))
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@
 /// Guest page size handled (x86 TARGET_PAGE_BITS = 12).
 pub const PAGE_SIZE: usize = 4096;
 
-const QEVM: u32 = 0x5145_564d;
+pub(crate) const QEVM: u32 = 0x5145_564d;
 const SEC_EOF: u8 = 0x00;
 const SEC_START: u8 = 0x01;
 const SEC_PART: u8 = 0x02;

@@ -15,6 +15,7 @@ use super::TargetError;
 use crate::migration::{
     link::{LinkFrame, ACK_MAPPED, ACK_STEP},
     report::Counters,
+    savevm::Gate,
     stream::PAGE_SIZE,
 };
 
@@ -64,6 +65,8 @@ pub(super) async fn write_loop<Q: AsyncWrite + Unpin>(
     received: Option<Arc<AtomicU64>>,
 ) -> Result<(), TargetError> {
     let mut out = BufWriter::with_capacity(1 << 20, qemu);
+    // Nothing reaches QEMU before the stream is known to begin as QEMU's own.
+    let mut gate = Gate::default();
     // Delivered so far: MAPPED pages and stream bytes (the credit); and what was last
     // acknowledged.
     let (mut mapped, mut credit) = (0u64, 0u64);
@@ -73,7 +76,8 @@ pub(super) async fn write_loop<Q: AsyncWrite + Unpin>(
         for slot in batch {
             let n = match slot {
                 Slot::Bytes(b) => {
-                    out.write_all(&b).await.map_err(TargetError::Qemu)?;
+                    let pass = gate.pass(&b)?;
+                    out.write_all(&pass).await.map_err(TargetError::Qemu)?;
                     if let Some(f) = record.as_mut() {
                         f.write_all(&b).await.map_err(TargetError::Qemu)?;
                     }
@@ -85,7 +89,8 @@ pub(super) async fn write_loop<Q: AsyncWrite + Unpin>(
                         out.flush().await.map_err(TargetError::Qemu)?;
                     }
                     let page = cell.get().await;
-                    out.write_all(page).await.map_err(TargetError::Qemu)?;
+                    let pass = gate.pass(page)?;
+                    out.write_all(&pass).await.map_err(TargetError::Qemu)?;
                     if let Some(f) = record.as_mut() {
                         f.write_all(page).await.map_err(TargetError::Qemu)?;
                     }

@@ -37,9 +37,10 @@ use self::{
 };
 use super::{
     dedup::ContentCache,
-    incoming::IncomingPolicy,
+    incoming::Delivery,
     link::{Hash, Hello, LinkFrame, LinkStats, CAP_RECEIVED, CAP_ZSTD, VERSION},
     report::{Counters, Figures},
+    secure::LinkSecurity,
     stream::PAGE_SIZE,
     wire::{FrameReader, WireError},
 };
@@ -60,10 +61,12 @@ pub struct TargetConfig {
     pub dedup_capacity: usize,
     /// Also write the rebuilt stream to this file (for verification).
     pub record: Option<std::path::PathBuf>,
-    /// Which target QEMU addresses a source may name (see [`super::incoming`]).
-    pub incoming: IncomingPolicy,
+    /// How a VM's name becomes the channel into its target QEMU (see [`super::incoming`]).
+    pub delivery: Delivery,
     /// `agent serve`: migrations served at once; a link beyond that is refused with ERROR.
     pub max_sessions: usize,
+    /// TLS on the agent link, or the operator's plaintext opt-out.
+    pub link_security: LinkSecurity,
 }
 
 impl Default for TargetConfig {
@@ -76,8 +79,9 @@ impl Default for TargetConfig {
             fetchers: 4,
             dedup_capacity: super::dedup::DEFAULT_CAPACITY,
             record: None,
-            incoming: IncomingPolicy::default(),
+            delivery: Delivery::default(),
             max_sessions: MAX_SESSIONS,
+            link_security: LinkSecurity::default(),
         }
     }
 }
@@ -99,6 +103,18 @@ pub enum TargetError {
     Protocol(#[from] Violation),
     #[error("writing to the target QEMU failed: {0}")]
     Qemu(std::io::Error),
+    #[error("refused the stream, nothing delivered: {0}")]
+    NotSavevm(#[from] crate::migration::savevm::NotSavevm),
+}
+
+impl TargetError {
+    /// The peer said nothing at all: no HELLO in time, or closed at once.
+    pub fn is_silence(&self) -> bool {
+        matches!(
+            self,
+            TargetError::Link(LinkFailure::NoHello | LinkFailure::ClosedBeforeHello)
+        )
+    }
 }
 
 /// What broke the agent link, as the target saw it.
@@ -106,6 +122,8 @@ pub enum TargetError {
 pub enum LinkFailure {
     #[error("no HELLO within 30 s")]
     NoHello,
+    #[error("closed before sending anything")]
+    ClosedBeforeHello,
     #[error(transparent)]
     Read(#[from] WireError),
     #[error("{0}")]
@@ -155,6 +173,7 @@ pub async fn read_hello<R: AsyncRead + Unpin>(
         Ok(Err(e)) => Err(LinkFailure::Read(e).into()),
         Ok(Ok(Some(LinkFrame::Hello(h)))) if h.version == VERSION => Ok(h),
         Ok(Ok(Some(LinkFrame::Hello(h)))) => Err(Violation::Version(h.version).into()),
+        Ok(Ok(None)) => Err(LinkFailure::ClosedBeforeHello.into()),
         Ok(Ok(other)) => Err(Violation::NoHello(format!("{other:?}")).into()),
     }
 }
@@ -405,7 +424,6 @@ mod tests {
             vm: "vm".into(),
             exports: Vec::new(),
             nas: "127.0.0.1:1".into(),
-            incoming: String::new(),
             caps: 0,
         };
         let target = tokio::spawn(run_target(
@@ -416,7 +434,10 @@ mod tests {
             TargetConfig::default(),
             Arc::new(Counters::default()),
         ));
-        // Far more than MAX_AHEAD of RAW frames, never waiting for an ACK.
+        // A savevm header, then far more than MAX_AHEAD of RAW frames, never waiting for an
+        // ACK.
+        let header = LinkFrame::Raw(b"QEVM\0\0\0\x03".to_vec()).to_bytes();
+        source.write_all(&header).await.unwrap();
         let raw = LinkFrame::Raw(vec![0x5a; 256 << 10]).to_bytes();
         let mut sent = 0u64;
         while sent < 4 * MAX_AHEAD && source.write_all(&raw).await.is_ok() {

@@ -1,13 +1,10 @@
-//! Where the target agent may deliver a stream: the target QEMU's incoming address, checked
-//! against the operator's policy, then connected to.
-//!
-//! The address comes from the source agent's HELLO, that is from the network. Without a policy
-//! anyone who reaches `agent serve` could make this root daemon connect to any TCP address or
-//! unix socket on the host and write bytes of their choosing into it. The target QEMU runs on
-//! the same host as `agent serve`, so by default only loopback TCP addresses are accepted
-//! (`127.0.0.0/8`, `::1`, `localhost`); unix sockets only where the operator names their
-//! directories, and only sockets (not links to elsewhere) whose real directory is inside one of
-//! them. TCP addresses of other hosts need an explicit opt-in.
+//! Which registered incoming addresses the target agent connects to: an operator's
+//! registration (the libvirt path, see [`super::expect`]) names the address its target QEMU
+//! listens on, and this policy bounds it. The target QEMU runs on the same host as the agent,
+//! so by default only loopback TCP addresses are accepted (`127.0.0.0/8`, `::1`,
+//! `localhost`); unix sockets only where the operator names their directories, and only
+//! sockets (not links to elsewhere) whose real directory is inside one of them. TCP addresses
+//! of other hosts need an explicit opt-in.
 use std::{
     net::SocketAddr,
     os::unix::fs::FileTypeExt,
@@ -37,12 +34,12 @@ pub enum IncomingError {
     Unsupported(String),
     #[error(
         "incoming address {0:?} is not on loopback: this agent delivers only to a QEMU on this \
-         host's loopback (start agent serve with --incoming-any-host to allow other addresses)"
+         host's loopback (start the target agent with --incoming-any-host to allow other addresses)"
     )]
     NotLoopback(String),
     #[error(
         "incoming unix socket {0:?} is not a socket in a directory this agent allows (start \
-         agent serve with --incoming-dir DIR)"
+         the target agent with --incoming-dir DIR)"
     )]
     UnixNotAllowed(String),
     #[error("cannot reach the target QEMU at {uri}: {source}")]
@@ -55,6 +52,16 @@ pub enum Incoming {
     /// `HOST:PORT`, as given.
     Tcp(String),
     Unix(PathBuf),
+}
+
+impl Incoming {
+    /// QEMU's spelling: `tcp:HOST:PORT` or `unix:PATH`.
+    pub fn uri(&self) -> String {
+        match self {
+            Incoming::Tcp(a) => format!("tcp:{a}"),
+            Incoming::Unix(p) => format!("unix:{}", p.display()),
+        }
+    }
 }
 
 impl IncomingPolicy {
@@ -119,10 +126,7 @@ pub async fn connect(incoming: &Incoming) -> Result<Box<dyn Conn>, IncomingError
         match attempt {
             Ok(c) => return Ok(c),
             Err(source) if Instant::now() > deadline => {
-                let uri = match incoming {
-                    Incoming::Tcp(a) => format!("tcp:{a}"),
-                    Incoming::Unix(p) => format!("unix:{}", p.display()),
-                };
+                let uri = incoming.uri();
                 return Err(IncomingError::Connect { uri, source });
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
