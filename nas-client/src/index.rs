@@ -9,7 +9,7 @@ use nas_proto::{
     Endpoint,
 };
 
-use crate::digest_map::DigestMap;
+use crate::{digest_map::DigestMap, tls::StorageTls};
 
 /// Errors of the index client.
 #[derive(Debug, thiserror::Error)]
@@ -38,7 +38,21 @@ pub struct IndexClient {
 impl IndexClient {
     /// Connects and says HELLO with `exports`; the server adds its shared exports.
     pub async fn connect(addr: &Endpoint, exports: &[String]) -> Result<Self, IndexClientError> {
-        let (reader, writer) = tokio::io::split(connect(addr).await?);
+        Self::connect_with(addr, exports, None).await
+    }
+
+    /// [`IndexClient::connect`] over TLS when `tls` is given (the service's TLS starts with
+    /// the connection).
+    pub async fn connect_with(
+        addr: &Endpoint,
+        exports: &[String],
+        tls: Option<&StorageTls>,
+    ) -> Result<Self, IndexClientError> {
+        let mut stream = connect(addr).await?;
+        if let Some(tls) = tls {
+            stream = tls.wrap(stream, addr).await?;
+        }
+        let (reader, writer) = tokio::io::split(stream);
         let mut c = Self {
             reader: BufReader::new(reader),
             writer: BufWriter::new(writer),

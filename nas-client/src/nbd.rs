@@ -11,6 +11,8 @@ use nas_proto::{
     Endpoint,
 };
 
+use crate::tls::StorageTls;
+
 /// Errors that end the client's connection.
 #[derive(Debug, thiserror::Error)]
 pub enum NbdClientError {
@@ -38,10 +40,72 @@ pub struct NbdClient {
 /// Coalesced reads never exceed this, whatever the server allows.
 const MAX_COALESCED: u32 = 1 << 20;
 
+/// Reads the server's greeting; whether it offers no zero padding.
+async fn greeting(stream: &mut Box<dyn Stream>) -> Result<bool, NbdClientError> {
+    let mut greeting = [0u8; 18];
+    stream.read_exact(&mut greeting).await?;
+    let magic = u64::from_be_bytes(greeting[..8].try_into().expect("8 bytes"));
+    let opt = u64::from_be_bytes(greeting[8..16].try_into().expect("8 bytes"));
+    let flags = u16::from_be_bytes(greeting[16..18].try_into().expect("2 bytes"));
+    if magic != NBDMAGIC || opt != IHAVEOPT || flags & FLAG_FIXED_NEWSTYLE == 0 {
+        return Err(NbdClientError::Protocol(
+            "not a fixed-newstyle NBD server".into(),
+        ));
+    }
+    Ok(flags & FLAG_NO_ZEROES != 0)
+}
+
+/// NBD_OPT_STARTTLS, answered with ACK before the TLS handshake may begin.
+async fn starttls(stream: &mut Box<dyn Stream>) -> Result<(), NbdClientError> {
+    let mut option = IHAVEOPT.to_be_bytes().to_vec();
+    option.extend_from_slice(&OPT_STARTTLS.to_be_bytes());
+    option.extend_from_slice(&0u32.to_be_bytes());
+    stream.write_all(&option).await?;
+    let mut h = [0u8; 20];
+    stream.read_exact(&mut h).await?;
+    let reply = u32::from_be_bytes(h[12..16].try_into().expect("4 bytes"));
+    let len = u32::from_be_bytes(h[16..20].try_into().expect("4 bytes"));
+    if u64::from_be_bytes(h[..8].try_into().expect("8 bytes")) != OPTION_REPLY_MAGIC
+        || len > MAX_OPTION_LEN
+    {
+        return Err(NbdClientError::Protocol("bad STARTTLS reply".into()));
+    }
+    let mut body = vec![0u8; len as usize];
+    stream.read_exact(&mut body).await?;
+    match reply {
+        REP_ACK => Ok(()),
+        r => Err(NbdClientError::Refused {
+            export: "(STARTTLS)".into(),
+            reply: r,
+            message: String::from_utf8_lossy(&body).into_owned(),
+        }),
+    }
+}
+
 impl NbdClient {
     /// Connects and selects `export` with NBD_OPT_GO.
     pub async fn connect(addr: &Endpoint, export: &str) -> Result<Self, NbdClientError> {
-        let (reader, writer) = tokio::io::split(connect(addr).await?);
+        Self::connect_with(addr, export, None).await
+    }
+
+    /// [`NbdClient::connect`], first upgrading to TLS (NBD_OPT_STARTTLS) when `tls` is given.
+    pub async fn connect_with(
+        addr: &Endpoint,
+        export: &str,
+        tls: Option<&StorageTls>,
+    ) -> Result<Self, NbdClientError> {
+        let mut stream = connect(addr).await?;
+        let no_zeroes = greeting(&mut stream).await?;
+        let mut flags = FLAG_C_FIXED_NEWSTYLE;
+        if no_zeroes {
+            flags |= FLAG_C_NO_ZEROES;
+        }
+        stream.write_all(&flags.to_be_bytes()).await?;
+        if let Some(tls) = tls {
+            starttls(&mut stream).await?;
+            stream = tls.wrap(stream, addr).await?;
+        }
+        let (reader, writer) = tokio::io::split(stream);
         let mut c = Self {
             reader: BufReader::with_capacity(256 << 10, reader),
             writer: BufWriter::with_capacity(64 << 10, writer),
@@ -53,23 +117,9 @@ impl NbdClient {
         Ok(c)
     }
 
+    /// NBD_OPT_GO for `export` (the greeting and any TLS are done).
     async fn handshake(&mut self, export: &str) -> Result<(), NbdClientError> {
-        let mut greeting = [0u8; 18];
-        self.reader.read_exact(&mut greeting).await?;
-        let magic = u64::from_be_bytes(greeting[..8].try_into().unwrap());
-        let opt = u64::from_be_bytes(greeting[8..16].try_into().unwrap());
-        let flags = u16::from_be_bytes(greeting[16..18].try_into().unwrap());
-        if magic != NBDMAGIC || opt != IHAVEOPT || flags & FLAG_FIXED_NEWSTYLE == 0 {
-            return Err(NbdClientError::Protocol(
-                "not a fixed-newstyle NBD server".into(),
-            ));
-        }
-        let mut client_flags = FLAG_C_FIXED_NEWSTYLE;
-        if flags & FLAG_NO_ZEROES != 0 {
-            client_flags |= FLAG_C_NO_ZEROES;
-        }
         let mut go = Vec::new();
-        go.extend_from_slice(&client_flags.to_be_bytes());
         let mut data = (export.len() as u32).to_be_bytes().to_vec();
         data.extend_from_slice(export.as_bytes());
         data.extend_from_slice(&1u16.to_be_bytes());

@@ -46,6 +46,9 @@ pub enum ErrorCode {
     TooLarge = 5,
     /// The server is shutting down.
     Shutdown = 6,
+    /// The session may not name that export: it needs TLS, or a client identity the
+    /// export allows (or the server requires TLS and the session is plaintext).
+    Forbidden = 7,
 }
 
 impl ErrorCode {
@@ -57,6 +60,7 @@ impl ErrorCode {
             4 => Self::OutOfScope,
             5 => Self::TooLarge,
             6 => Self::Shutdown,
+            7 => Self::Forbidden,
             _ => return None,
         })
     }

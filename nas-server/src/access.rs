@@ -26,14 +26,19 @@ pub enum Refusal {
 impl Access {
     /// Whether this connection may use `entry`.
     pub fn check(&self, entry: &ExportEntry) -> Result<(), Refusal> {
-        if entry.allow.is_empty() {
+        self.permits(&entry.allow)
+    }
+
+    /// Whether this connection may use an export with the allow-list `allow`.
+    pub fn permits(&self, allow: &[String]) -> Result<(), Refusal> {
+        if allow.is_empty() {
             return Ok(());
         }
         if !self.tls {
             return Err(Refusal::TlsRequired);
         }
         match &self.identity {
-            Some(id) if id.is_any_of(&entry.allow) => Ok(()),
+            Some(id) if id.is_any_of(allow) => Ok(()),
             _ => Err(Refusal::NotAllowed),
         }
     }

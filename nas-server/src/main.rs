@@ -151,6 +151,7 @@ async fn main() -> anyhow::Result<()> {
                 name: spec.name.clone(),
             },
             hot: Some(hot),
+            allow: spec.allow.clone(),
         });
         tracing::info!(
             export = %spec.name,
@@ -176,6 +177,7 @@ async fn main() -> anyhow::Result<()> {
         }
         _ => ServerTls::off(),
     };
+    let service_tls = tls.clone();
     let server = NbdServer::bind(
         Exports::new(entries),
         &config.listen,
@@ -192,7 +194,8 @@ async fn main() -> anyhow::Result<()> {
         &config.index_listen,
         config.max_connections,
     )
-    .await?;
+    .await?
+    .with_tls(service_tls);
     for addr in service.local_addrs() {
         tracing::info!("index service on {addr}");
     }

@@ -13,7 +13,8 @@ use std::{
 
 use tls_creds::generate::{test_creds, TestCreds};
 
-struct Server(Child, String);
+/// nas-server, its NBD address and its index service's.
+struct Server(Child, String, String);
 
 impl Drop for Server {
     fn drop(&mut self) {
@@ -64,15 +65,19 @@ fn start(dir: &Path, creds: &TestCreds, mode: &str) -> Server {
     std::thread::spawn(move || {
         for line in stderr.lines().map_while(Result::ok) {
             eprintln!("nas-server: {line}");
-            if let Some(rest) = line.split("listening on ").nth(1) {
-                let _ = tx.send(rest.trim().to_string());
+            for what in ["listening on ", "index service on "] {
+                if let Some(rest) = line.split(what).nth(1) {
+                    let _ = tx.send(rest.trim().to_string());
+                }
             }
         }
     });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("nas-server did not start listening");
-    Server(child, addr)
+    let next = || {
+        rx.recv_timeout(Duration::from_secs(30))
+            .expect("nas-server did not start listening")
+    };
+    let (nbd, index) = (next(), next());
+    Server(child, nbd, index)
 }
 
 fn run(cmd: &mut Command) -> Output {
@@ -211,4 +216,50 @@ fn an_export_allow_list_serves_only_the_identities_it_names() {
     let out = run(Command::new("nbdinfo").arg(format!("nbd://{addr}/secret")));
     assert!(!out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("TLS"), "{}", text(&out));
+}
+
+/// The agents' own clients: NBD (STARTTLS) and the index service (TLS from its first byte),
+/// with the same credentials, and the refusals a plaintext or unentitled session gets.
+#[test]
+fn the_agents_clients_speak_tls_and_name_only_their_exports() {
+    use nas_client::{index::IndexClient, nbd::NbdClient, tls::StorageTls};
+    use nas_proto::Endpoint;
+    let dir = scratch("clients");
+    let creds = test_creds(&dir);
+    let server = start(&dir, &creds, "require");
+    let (nbd, index): (Endpoint, Endpoint) = (server.1.parse().unwrap(), server.2.parse().unwrap());
+    let tls = |d: &Path| StorageTls::load(Some(d)).unwrap().unwrap();
+    let (source, stranger) = (tls(&creds.source), tls(&creds.stranger));
+    let image = std::fs::read(dir.join("disk.raw")).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut c = NbdClient::connect_with(&nbd, "disk", Some(&source))
+            .await
+            .unwrap();
+        let got = c.read_many(&[(8192, 4096)], 4).await.unwrap();
+        assert_eq!(got[0].as_deref().unwrap(), &image[8192..12288]);
+        let e = NbdClient::connect(&nbd, "disk")
+            .await
+            .err()
+            .expect("refused");
+        assert!(e.to_string().contains("requires TLS"), "{e}");
+        let e = NbdClient::connect_with(&nbd, "secret", Some(&stranger))
+            .await
+            .err()
+            .expect("refused");
+        assert!(e.to_string().contains("may not use this export"), "{e}");
+
+        let ok = IndexClient::connect_with(&index, &["secret".into()], Some(&source)).await;
+        assert!(ok.is_ok(), "{:?}", ok.err());
+        let e = IndexClient::connect_with(&index, &["secret".into()], Some(&stranger))
+            .await
+            .err()
+            .expect("refused");
+        assert!(e.to_string().contains("may not name export"), "{e}");
+        let e = IndexClient::connect(&index, &["disk".into()])
+            .await
+            .err()
+            .expect("refused");
+        assert!(e.to_string().contains("requires TLS"), "{e}");
+    });
 }

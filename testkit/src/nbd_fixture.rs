@@ -67,6 +67,7 @@ impl NbdFixture {
                     name: conf.name.to_string(),
                 },
                 hot: Some(hot),
+                allow: Vec::new(),
             });
             entries.push(ExportEntry {
                 name: conf.name.to_string(),

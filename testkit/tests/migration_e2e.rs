@@ -39,6 +39,7 @@ fn options(s: &Pair, agent: &str, max_bandwidth: Option<u64>) -> MigrateOptions 
             exports: vec!["disk".into()],
             nas_nbd: server.addr.to_string(),
             nas_index: Some(server.index_addr.clone()),
+            nas_tls: None,
             zstd: agent::migration::compress::Compression::default(),
             passthrough: false,
             record: Some(s.dir.path("source-stream.bin")),

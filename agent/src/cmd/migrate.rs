@@ -91,12 +91,13 @@ pub async fn run(mut args: Args) -> anyhow::Result<()> {
         let (tx, rx) = tokio::sync::watch::channel(Figures::default());
         (tx, tokio::spawn(draw_progress(rx)))
     });
+    let stream = args.stream.spec()?;
     let report = migrate(
         MigrateOptions {
             source_qmp: args.source_qmp,
             target_qmp: args.target_qmp,
             target_agent: args.target_agent,
-            stream: args.stream.into(),
+            stream,
             link_security,
             source_listen: args.qemu_listen,
             max_bandwidth: args.max_bandwidth,
@@ -148,6 +149,7 @@ async fn via_daemon(
         exports: s.exports.clone(),
         nas_nbd: s.nas_nbd.clone(),
         nas_index: (!s.no_index).then(|| s.nas_index.to_string()),
+        nas_tls_creds: s.nas_tls_creds.clone(),
         qemu_listen: args.qemu_listen.as_ref().map(ToString::to_string),
         zstd: format!("{:?}", s.zstd).to_lowercase(),
         passthrough: s.passthrough,

@@ -13,6 +13,7 @@ use agent::{
     orchestrate::StreamSpec,
 };
 use anyhow::Context;
+use nas_client::tls::StorageTls;
 use nas_proto::{endpoint::EndpointError, Endpoint};
 
 /// What the source side needs to know about a VM's stream, shared by `migrate` and `source`.
@@ -27,6 +28,10 @@ pub struct StreamArgs {
     /// The NAS's index service; without it every page is sent in full.
     #[arg(long, default_value = "127.0.0.1:10810")]
     pub nas_index: Endpoint,
+    /// TLS towards nas-server's index service (a credentials directory in QEMU's layout),
+    /// when it requires TLS.
+    #[arg(long, value_name = "DIR")]
+    pub nas_tls_creds: Option<PathBuf>,
     /// No index service: only the host daemon's memory-to-disk map places pages (map-only
     /// mode, for storage that indexes nothing: qemu-nbd, nbdkit, shared image files).
     #[arg(long)]
@@ -49,18 +54,20 @@ pub struct StreamArgs {
     pub record: Option<PathBuf>,
 }
 
-impl From<StreamArgs> for StreamSpec {
-    fn from(a: StreamArgs) -> Self {
-        Self {
-            vm: a.vm.unwrap_or_default(),
-            exports: a.exports,
-            nas_nbd: a.nas_nbd,
-            nas_index: (!a.no_index).then_some(a.nas_index),
-            zstd: a.zstd,
-            passthrough: a.passthrough,
-            record: a.record,
+impl StreamArgs {
+    /// The source side's view of the stream; credentials are loaded here.
+    pub fn spec(self) -> anyhow::Result<StreamSpec> {
+        Ok(StreamSpec {
+            vm: self.vm.unwrap_or_default(),
+            exports: self.exports,
+            nas_nbd: self.nas_nbd,
+            nas_index: (!self.no_index).then_some(self.nas_index),
+            nas_tls: StorageTls::load(self.nas_tls_creds.as_deref())?,
+            zstd: self.zstd,
+            passthrough: self.passthrough,
+            record: self.record,
             page_map: None,
-        }
+        })
     }
 }
 

@@ -20,6 +20,10 @@ pub struct Args {
     /// Read the NAS here instead of the address the source announces.
     #[arg(long)]
     nas: Option<Endpoint>,
+    /// TLS towards the NAS (NBD STARTTLS), a credentials directory in QEMU's layout, when it
+    /// requires TLS.
+    #[arg(long, value_name = "DIR")]
+    nas_tls_creds: Option<PathBuf>,
     /// Serve Prometheus metrics on this address.
     #[arg(long)]
     pub metrics: Option<SocketAddr>,
@@ -73,6 +77,7 @@ impl Args {
         }
         Ok(TargetConfig {
             nas_override: self.nas.clone(),
+            nas_tls: nas_client::tls::StorageTls::load(self.nas_tls_creds.as_deref())?,
             delivery: Delivery {
                 qmp_dirs: self.qmp_dirs.clone(),
                 expected: expected.into(),

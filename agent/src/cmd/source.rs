@@ -13,7 +13,6 @@ use agent::{
     orchestrate::{
         qemu_uri,
         source_setup::{connect_link, listen_for_qemu},
-        StreamSpec,
     },
 };
 use nas_proto::Endpoint;
@@ -44,7 +43,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "--vm is required: the target agent delivers to the QEMU it knows by that name"
     );
     let security = args.tls.security(Vec::new())?;
-    let spec = StreamSpec::from(args.stream);
+    let spec = args.stream.spec()?;
     spec.check_index().await?;
     let listener = listen_for_qemu(&args.listen).await?;
     tracing::info!("waiting for QEMU on {}", qemu_uri(&args.listen));

@@ -54,6 +54,8 @@ pub struct MigrateRequest {
     pub nas_nbd: String,
     /// `None`: map-only (no index service).
     pub nas_index: Option<String>,
+    /// TLS towards the index service (`--nas-tls-creds`).
+    pub nas_tls_creds: Option<PathBuf>,
     pub qemu_listen: Option<String>,
     /// `auto`, `always` or `never`.
     pub zstd: String,

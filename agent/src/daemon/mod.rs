@@ -422,6 +422,8 @@ async fn run_migration(
             exports: r.exports,
             nas_nbd: r.nas_nbd,
             nas_index: r.nas_index.as_deref().map(parse).transpose()?,
+            nas_tls: nas_client::tls::StorageTls::load(r.nas_tls_creds.as_deref())
+                .map_err(|e| e.to_string())?,
             zstd,
             passthrough: r.passthrough,
             record: r.record,

@@ -3,7 +3,7 @@
 //! stream comes to, and the link to the target agent.
 use std::{path::PathBuf, sync::Arc};
 
-use nas_client::index::IndexClient;
+use nas_client::{index::IndexClient, tls::SharedTls};
 use nas_proto::{
     net::{Bound, Stream},
     Endpoint,
@@ -29,6 +29,8 @@ pub struct StreamSpec {
     pub nas_nbd: String,
     /// The index service; `None` sends every page in full.
     pub nas_index: Option<Endpoint>,
+    /// TLS towards the storage (the index service), when it requires it.
+    pub nas_tls: SharedTls,
     pub zstd: Compression,
     /// Forward QEMU's bytes verbatim, no rewriting.
     pub passthrough: bool,
@@ -43,13 +45,15 @@ impl StreamSpec {
     /// one that does not serve the VM's exports, refuses now rather than mid-stream.
     pub async fn check_index(&self) -> Result<(), ControlError> {
         match (&self.nas_index, self.passthrough) {
-            (Some(addr), false) => IndexClient::connect(addr, &self.exports)
-                .await
-                .map(drop)
-                .map_err(|source| ControlError::Index {
-                    addr: addr.to_string(),
-                    source,
-                }),
+            (Some(addr), false) => {
+                IndexClient::connect_with(addr, &self.exports, self.nas_tls.as_deref())
+                    .await
+                    .map(drop)
+                    .map_err(|source| ControlError::Index {
+                        addr: addr.to_string(),
+                        source,
+                    })
+            }
             _ => Ok(()),
         }
     }
@@ -63,6 +67,7 @@ impl StreamSpec {
             self.nas_index.clone(),
         );
         config.zstd = self.zstd;
+        config.nas_tls = self.nas_tls.clone();
         config.rewrite = !self.passthrough;
         config.record = self.record.clone();
         config.link_cap = cap;

@@ -6,6 +6,10 @@
 //! answered with `OutOfScope` and is never searched. A HOT_SUBSCRIBE starts one forwarder per
 //! export in scope that sends a snapshot and then every change. Replies and hot-set frames
 //! share one bounded queue to the socket, so a slow client slows its own session only.
+//!
+//! With TLS configured, a session that opens with a TLS ClientHello is upgraded first (a
+//! plaintext one is refused under `require`); an export with an allow-list can be named only
+//! by the TLS client identities it lists, and shared exports join a scope only where allowed.
 use std::{sync::Arc, time::Duration};
 
 use tokio::{
@@ -19,13 +23,19 @@ use nas_proto::{
         ErrorCode, ExportInfo, Found, Frame, FrameError, HotEntry, MAX_BATCH, MAX_FRAME,
         MAX_HOT_ENTRIES, VERSION,
     },
-    net::{Accepted, BindError, Bound},
+    net::{Accepted, BindError, Bound, Rewound, Stream},
     Endpoint,
 };
+use tls_creds::Identity;
 
-use crate::index::{
-    hot::{HotChange, HotSet},
-    BlockIndex, ExportId, BLOCK,
+use crate::{
+    access::Access,
+    config::TlsMode,
+    index::{
+        hot::{HotChange, HotSet},
+        BlockIndex, ExportId, BLOCK,
+    },
+    server::ServerTls,
 };
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -36,6 +46,8 @@ const SEND_QUEUE: usize = 64;
 pub struct CatalogEntry {
     pub info: ExportInfo,
     pub hot: Option<Arc<HotSet>>,
+    /// TLS client identities that may name it; empty: any session (see [`crate::access`]).
+    pub allow: Vec<String>,
 }
 
 /// Why a session ended early.
@@ -55,9 +67,17 @@ pub struct IndexService {
     index: Arc<BlockIndex>,
     bound: Vec<Bound>,
     max_connections: usize,
+    tls: ServerTls,
 }
 
 impl IndexService {
+    /// TLS as `tls` says: under `require` a plaintext session is refused; under `optional`
+    /// a session that opens with a TLS ClientHello gets TLS.
+    pub fn with_tls(mut self, tls: ServerTls) -> Self {
+        self.tls = tls;
+        self
+    }
+
     pub async fn bind(
         catalog: Vec<CatalogEntry>,
         index: Arc<BlockIndex>,
@@ -70,6 +90,7 @@ impl IndexService {
             index,
             bound,
             max_connections,
+            tls: ServerTls::off(),
         })
     }
 
@@ -83,6 +104,7 @@ impl IndexService {
         let mut tasks = JoinSet::new();
         for bound in self.bound {
             let (slots, catalog, index) = (slots.clone(), self.catalog.clone(), self.index.clone());
+            let tls = self.tls.clone();
             let mut stop = shutdown.clone();
             let shutdown = shutdown.clone();
             tasks.spawn(async move {
@@ -93,9 +115,16 @@ impl IndexService {
                 {
                     let (catalog, index, shutdown) =
                         (catalog.clone(), index.clone(), shutdown.clone());
+                    let tls = tls.clone();
                     sessions.spawn(async move {
                         metrics::gauge!("nas_index_sessions").increment(1.0);
-                        if let Err(e) = session(stream, &catalog, &index, shutdown).await {
+                        let result = match secure(stream, &tls).await {
+                            Ok((stream, access)) => {
+                                session(stream, &catalog, &index, &access, shutdown).await
+                            }
+                            Err(e) => Err(e),
+                        };
+                        if let Err(e) = result {
                             tracing::info!(%peer, "index session ended: {e}");
                         }
                         metrics::gauge!("nas_index_sessions").decrement(1.0);
@@ -149,10 +178,50 @@ fn error(id: u32, code: ErrorCode, message: impl Into<String>) -> Vec<u8> {
     .to_bytes()
 }
 
+/// A session's TLS: a session that opens with a TLS record (0x16) gets the handshake; a
+/// plaintext one is refused under `require` (with ERROR, readable by any client).
+async fn secure(
+    mut stream: Box<dyn Stream>,
+    tls: &ServerTls,
+) -> Result<(Box<dyn Stream>, Access), SessionError> {
+    let Some(acceptor) = &tls.acceptor else {
+        return Ok((stream, Access::default()));
+    };
+    let mut first = [0u8; 1];
+    tokio::time::timeout(HELLO_TIMEOUT, stream.read_exact(&mut first))
+        .await
+        .map_err(|_| SessionError::Refused("nothing sent in time".into()))??;
+    let mut stream: Box<dyn Stream> = Box::new(Rewound::new(first.to_vec(), stream));
+    if first[0] == TLS_HANDSHAKE_RECORD {
+        let upgraded = tokio::time::timeout(HELLO_TIMEOUT, acceptor.accept(stream))
+            .await
+            .map_err(|_| SessionError::Refused("TLS handshake timed out".into()))??;
+        let identity = Identity::of_peer(upgraded.get_ref().1.peer_certificates());
+        let access = Access {
+            tls: true,
+            identity,
+        };
+        return Ok((Box::new(upgraded), access));
+    }
+    if tls.mode == TlsMode::Require {
+        let message = "this index service requires TLS";
+        let _ = stream
+            .write_all(&error(0, ErrorCode::Forbidden, message))
+            .await;
+        return Err(SessionError::Refused(message.into()));
+    }
+    Ok((stream, Access::default()))
+}
+
+/// The first byte of a TLS handshake record (a ClientHello); index frames begin with a
+/// big-endian length far below 0x16000000.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
 async fn session(
-    stream: Box<dyn nas_proto::net::Stream>,
+    stream: Box<dyn Stream>,
     catalog: &[CatalogEntry],
     index: &Arc<BlockIndex>,
+    access: &Access,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), SessionError> {
     let (mut reader, writer) = tokio::io::split(stream);
@@ -168,7 +237,7 @@ async fn session(
         out.shutdown().await.ok();
         Ok::<_, std::io::Error>(())
     });
-    let result = converse(&mut reader, &tx, catalog, index, &mut shutdown).await;
+    let result = converse(&mut reader, &tx, catalog, index, access, &mut shutdown).await;
     if let Err(SessionError::Frame(e)) = &result {
         let _ = tx.send(error(0, ErrorCode::Protocol, e.to_string())).await;
     }
@@ -188,6 +257,7 @@ async fn converse<R: AsyncRead + Unpin>(
     tx: &mpsc::Sender<Vec<u8>>,
     catalog: &[CatalogEntry],
     index: &Arc<BlockIndex>,
+    access: &Access,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), SessionError> {
     let mut buf = Vec::new();
@@ -214,9 +284,17 @@ async fn converse<R: AsyncRead + Unpin>(
                 .await;
             return Err(SessionError::Refused(msg));
         };
+        if access.permits(&entry.allow).is_err() {
+            let msg = format!("{} may not name export {name:?}", access.who());
+            let _ = tx.send(error(0, ErrorCode::Forbidden, msg.clone())).await;
+            return Err(SessionError::Refused(msg));
+        }
         scope.push(entry);
     }
-    for entry in catalog.iter().filter(|e| e.info.shared) {
+    let shared = catalog
+        .iter()
+        .filter(|e| e.info.shared && access.permits(&e.allow).is_ok());
+    for entry in shared {
         if !scope.iter().any(|s| s.info.id == entry.info.id) {
             scope.push(entry);
         }

@@ -7,6 +7,7 @@ use std::{
 };
 
 use nas_client::index::{HotReplica, IndexClient, IndexClientError};
+use nas_client::tls::SharedTls;
 use nas_proto::{index::Frame, Endpoint};
 
 use super::{
@@ -62,8 +63,9 @@ pub(super) async fn follow_hot_set(
     addr: Endpoint,
     exports: Vec<String>,
     replica: Arc<Mutex<HotReplica>>,
+    tls: SharedTls,
 ) {
-    let mut client = match IndexClient::connect(&addr, &exports).await {
+    let mut client = match IndexClient::connect_with(&addr, &exports, tls.as_deref()).await {
         Ok(c) => c,
         Err(e) => {
             tracing::warn!("hot-set replica unavailable: {e}");

@@ -49,6 +49,7 @@ use std::{
 };
 
 use nas_client::index::{HotReplica, IndexClient};
+use nas_client::tls::SharedTls;
 use nas_proto::Endpoint;
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
@@ -86,6 +87,8 @@ pub struct SourceConfig {
     pub nas_nbd: String,
     /// The index service; `None` sends every page in full.
     pub nas_index: Option<Endpoint>,
+    /// TLS towards the index service, when it requires it.
+    pub nas_tls: SharedTls,
     /// When to compress non-mapped data on the link (see [`super::compress`]).
     pub zstd: Compression,
     pub hot_replica: bool,
@@ -117,6 +120,7 @@ impl SourceConfig {
             exports,
             nas_nbd: nas_nbd.to_string(),
             nas_index,
+            nas_tls: None,
             zstd: Compression::Auto,
             hot_replica: true,
             lookup_window: 8,
@@ -184,7 +188,9 @@ where
     let mut qemu = savevm_header(qemu).await?;
     // Index service: the lookup session, and a second one streaming the hot set.
     let mut index = match &config.nas_index {
-        Some(addr) => Some(IndexClient::connect(addr, &config.exports).await?),
+        Some(addr) => {
+            Some(IndexClient::connect_with(addr, &config.exports, config.nas_tls.as_deref()).await?)
+        }
         None => None,
     };
     // The exports MAPPED frames may name: the index service's scope; with no index but a
@@ -210,6 +216,7 @@ where
             addr.clone(),
             config.exports.clone(),
             replica.clone(),
+            config.nas_tls.clone(),
         ))),
         _ => None,
     };

@@ -62,7 +62,7 @@ pub(super) async fn fetch_loop(
                         (Some(addr), Some(name)) => {
                             match tokio::time::timeout(
                                 config.fetch_timeout,
-                                NbdClient::connect(addr, name),
+                                NbdClient::connect_with(addr, name, config.nas_tls.as_deref()),
                             )
                             .await
                             {

@@ -50,6 +50,8 @@ use super::{
 pub struct TargetConfig {
     /// Read the NAS here instead of the address the source announced.
     pub nas_override: Option<Endpoint>,
+    /// TLS towards the NAS (NBD STARTTLS), when it requires it.
+    pub nas_tls: nas_client::tls::SharedTls,
     /// Mapped pages queued for fetching ahead of what QEMU has received.
     pub read_ahead: usize,
     /// NBD reads in flight per fetch round.
@@ -73,6 +75,7 @@ impl Default for TargetConfig {
     fn default() -> Self {
         Self {
             nas_override: None,
+            nas_tls: None,
             read_ahead: 8192,
             fetch_window: 64,
             fetch_timeout: Duration::from_secs(10),
