@@ -4,7 +4,7 @@
 //! it (`agent::daemon`, `orchestrate`, `serve`, `telemetry`), and print or serve the results.
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 mod cmd;
@@ -56,7 +56,14 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cli = Cli::parse();
+    // `--config FILE` (daemon, serve) becomes flags ahead of the command line's, and a flag
+    // given twice takes its last value, so the command line wins over the file.
+    let args = cmd::config::expand(std::env::args_os().collect())?;
+    let cli = Cli::from_arg_matches(
+        &Cli::command()
+            .args_override_self(true)
+            .get_matches_from(args),
+    )?;
     let source = agent::telemetry::ObjectSource::from_option(cli.ebpf_object);
     match cli.command {
         Command::Telemetry(args) => cmd::telemetry::run(&source, args).await,
@@ -76,5 +83,35 @@ mod tests {
     #[test]
     fn the_command_line_is_consistent() {
         <super::Cli as clap::CommandFactory>::command().debug_assert();
+    }
+
+    /// With every flag overriding itself (so the command line wins over `--config`), a
+    /// repeatable flag still keeps every value.
+    #[test]
+    fn repeated_flags_add_up_and_single_ones_take_the_last() {
+        use clap::{CommandFactory, FromArgMatches};
+        let args = [
+            "agent",
+            "serve",
+            "--insecure",
+            "--max-sessions",
+            "4",
+            "--qmp-dir",
+            "/a",
+            "--qmp-dir",
+            "/b",
+            "--max-sessions",
+            "8",
+        ];
+        let matches = super::Cli::command()
+            .args_override_self(true)
+            .get_matches_from(args);
+        let cli = super::Cli::from_arg_matches(&matches).unwrap();
+        let super::Command::Serve(serve) = cli.command else {
+            panic!("serve");
+        };
+        let text = format!("{serve:?}");
+        assert!(text.contains("max_sessions: 8"), "{text}");
+        assert!(text.contains("\"/a\", \"/b\""), "{text}");
     }
 }

@@ -1,4 +1,5 @@
 //! One module per subcommand.
+pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod migrate;

@@ -14,6 +14,11 @@ use nas_proto::Endpoint;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
+    /// A TOML file of these settings, keyed by the long flags' names with `_` for `-`
+    /// (`link_listen = "10.0.0.11:7800"`, `qmp_dir = ["/run/nas-agent/qmp"]`); flags given
+    /// on the command line win over it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Where source agents connect.
     #[arg(long, default_value = "127.0.0.1:7800")]
     pub link_listen: SocketAddr,
