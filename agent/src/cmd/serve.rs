@@ -25,6 +25,11 @@ pub struct Args {
     /// Read the NAS here instead of the address the source announces.
     #[arg(long)]
     nas: Option<Endpoint>,
+    /// Image files shared with the source hosts live here (repeatable): a migration that
+    /// names an export by a path inside one (a raw image both hosts open) reads mapped pages
+    /// from that file. Other paths are never opened.
+    #[arg(long = "image-dir", value_name = "DIR")]
+    image_dirs: Vec<PathBuf>,
     /// TLS towards the NAS (NBD STARTTLS), a credentials directory in QEMU's layout, when it
     /// requires TLS.
     #[arg(long, value_name = "DIR")]
@@ -83,6 +88,7 @@ impl Args {
         Ok(TargetConfig {
             nas_override: self.nas.clone(),
             nas_tls: nas_client::tls::StorageTls::load(self.nas_tls_creds.as_deref())?,
+            image_dirs: self.image_dirs.clone(),
             delivery: Delivery {
                 qmp_dirs: self.qmp_dirs.clone(),
                 expected: expected.into(),

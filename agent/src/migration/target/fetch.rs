@@ -1,14 +1,17 @@
-//! The fetch stage: mapped pages read from the storage over NBD (coalesced, pipelined, several
-//! rounds in parallel), each verified against the hash the source sent; a page that cannot be
+//! The fetch stage: mapped pages read from the storage (over NBD, coalesced and pipelined, or
+//! from a shared image file; see [`super::storage`]), several rounds in parallel, each verified against the hash the source sent; a page that cannot be
 //! read or does not verify is asked of the source (FALLBACK_REQ).
 use std::{collections::HashMap, sync::Arc};
 
 use blockhash::multi::hash_present;
-use nas_client::nbd::NbdClient;
 use nas_proto::Endpoint;
 use tokio::sync::mpsc;
 
-use super::{deliver::Cell, TargetConfig};
+use super::{
+    deliver::Cell,
+    storage::{self, BlockSource},
+    TargetConfig,
+};
 use crate::migration::{
     link::{Hash, LinkFrame},
     report::Counters,
@@ -33,7 +36,7 @@ pub(super) async fn fetch_loop(
     counters: Arc<Counters>,
     config: TargetConfig,
 ) {
-    let mut clients: HashMap<u32, Option<NbdClient>> = HashMap::new();
+    let mut clients: HashMap<u32, Option<BlockSource>> = HashMap::new();
     loop {
         let round = {
             let mut queue = requests.lock().await;
@@ -58,26 +61,22 @@ pub(super) async fn fetch_loop(
             let client = match clients.get_mut(&export) {
                 Some(c) => c,
                 None => {
-                    let c = match (&nas, names.get(&export)) {
-                        (Some(addr), Some(name)) => {
-                            match tokio::time::timeout(
-                                config.fetch_timeout,
-                                NbdClient::connect_with(addr, name, config.nas_tls.as_deref()),
-                            )
-                            .await
-                            {
+                    let c = match names.get(&export) {
+                        Some(name) => {
+                            let opened = storage::open(name, nas.as_ref(), &config);
+                            match tokio::time::timeout(config.fetch_timeout, opened).await {
                                 Ok(Ok(c)) => Some(c),
                                 Ok(Err(e)) => {
-                                    tracing::warn!("NAS export {name}: {e}; using fallbacks");
+                                    tracing::warn!("export {name}: {e}; using fallbacks");
                                     None
                                 }
                                 Err(_) => {
-                                    tracing::warn!("NAS export {name}: connect timed out");
+                                    tracing::warn!("export {name}: connect timed out");
                                     None
                                 }
                             }
                         }
-                        _ => None,
+                        None => None,
                     };
                     clients.entry(export).or_insert(c)
                 }

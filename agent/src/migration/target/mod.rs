@@ -30,6 +30,7 @@ use tokio::{
 
 mod deliver;
 mod fetch;
+pub mod storage;
 
 use self::{
     deliver::{write_loop, Cell, Slot},
@@ -52,6 +53,9 @@ pub struct TargetConfig {
     pub nas_override: Option<Endpoint>,
     /// TLS towards the NAS (NBD STARTTLS), when it requires it.
     pub nas_tls: nas_client::tls::SharedTls,
+    /// Directories of image files shared with source hosts: an export named by a path inside
+    /// one is read from that file (map-only mode against shared files).
+    pub image_dirs: Vec<std::path::PathBuf>,
     /// Mapped pages queued for fetching ahead of what QEMU has received.
     pub read_ahead: usize,
     /// NBD reads in flight per fetch round.
@@ -76,6 +80,7 @@ impl Default for TargetConfig {
         Self {
             nas_override: None,
             nas_tls: None,
+            image_dirs: Vec::new(),
             read_ahead: 8192,
             fetch_window: 64,
             fetch_timeout: Duration::from_secs(10),
