@@ -10,6 +10,11 @@
 //! 2. The daemon killed: its map is lost, and `agent migrate` (same flags, the index path on
 //!    nas-server) still migrates from its own process. Its savings and the map-only run's are
 //!    within 3 points of each other.
+//!
+//! And map-only against a shared image file (set-up (c) of the telemetry issue): the guest's
+//! disk is a raw file QEMU opens itself (`aio=threads`), which both hosts see; the migration
+//! names the export by the image's path, with no index anywhere, and the target agent, allowed
+//! that directory with `--image-dir`, reads each mapped page from the file and verifies it.
 use std::{
     path::Path,
     process::{Command, Stdio},
@@ -49,7 +54,26 @@ fn json_of(cmd: &mut Command) -> Value {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{cmd:?} printed no JSON ({e}): {text}"))
 }
 
+/// How a guest's disk is: written during the migration too (the map must drop what the
+/// writes make stale), or only read.
+#[derive(Clone, Copy)]
+enum Writes {
+    Yes,
+    No,
+}
+
 fn guest(dir: &Path, name: &str, uri: &str, incoming: bool, paused: bool, fill_mb: u32) -> Guest {
+    guest_writing(dir, name, uri, (incoming, paused), fill_mb, Writes::Yes)
+}
+
+fn guest_writing(
+    dir: &Path,
+    name: &str,
+    uri: &str,
+    (incoming, paused): (bool, bool),
+    fill_mb: u32,
+    writes: Writes,
+) -> Guest {
     Guest::start(
         dir,
         &GuestSpec {
@@ -57,9 +81,7 @@ fn guest(dir: &Path, name: &str, uri: &str, incoming: bool, paused: bool, fill_m
             mem_mb: MEM_MB,
             read_mb: READ_MB,
             disk_uri: uri,
-            // Every guest here keeps writing its disk, during the migration too: the map must
-            // drop what the writes make stale.
-            disk_writes: true,
+            disk_writes: matches!(writes, Writes::Yes),
             incoming,
             paused,
             prealloc: false,
@@ -77,9 +99,9 @@ fn followed_guest(
     name: &str,
     uri: &str,
     control: &Path,
-    fill_mb: u32,
+    (fill_mb, writes): (u32, Writes),
 ) -> Guest {
-    let g = guest(dir, name, uri, false, true, fill_mb);
+    let g = guest_writing(dir, name, uri, (false, true), fill_mb, writes);
     let followed = json_of(
         agent()
             .arg("follow")
@@ -95,6 +117,29 @@ fn followed_guest(
     });
     g.wait_line("QEVAL-READY", 0, Duration::from_secs(180));
     g
+}
+
+/// `agent daemon` with `extra` flags, its target side finding QEMUs in the directory's agent
+/// QMP directory; its control socket, link port and process.
+fn start_daemon(dir: &Scratch, extra: &[&std::ffi::OsStr]) -> (std::path::PathBuf, u16, Running) {
+    let (control, link) = (dir.path("control.sock"), free_port());
+    let daemon = Running(
+        agent()
+            .args(["daemon", "--insecure"])
+            .arg("--control")
+            .arg(&control)
+            .args(["--link-listen", &format!("127.0.0.1:{link}")])
+            .arg("--qmp-dir")
+            .arg(agent_qmp_dir(&dir.0))
+            .args(extra)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start agent daemon"),
+    );
+    wait_for("the control socket", Duration::from_secs(30), || {
+        control.exists()
+    });
+    (control, link, daemon)
 }
 
 fn migrate(control: &Path, source: &Guest, target: &Guest, link: u16, nas: &str) -> Command {
@@ -129,27 +174,12 @@ fn the_daemons_map_migrates_against_qemu_nbd_and_its_loss_costs_no_correctness()
     std::fs::File::open(&image).unwrap().sync_all().unwrap();
     // Up to 32 clients: both guests and the target agent's fetchers.
     let (_nbd, nbd_port) = testkit::qemu_nbd(&image, &["-e", "32"]);
-    let (control, link) = (dir.path("control.sock"), free_port());
-    let daemon = Running(
-        agent()
-            .args(["daemon", "--insecure"])
-            .arg("--control")
-            .arg(&control)
-            .args(["--link-listen", &format!("127.0.0.1:{link}")])
-            .arg("--qmp-dir")
-            .arg(agent_qmp_dir(&dir.0))
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start agent daemon"),
-    );
-    wait_for("the control socket", Duration::from_secs(30), || {
-        control.exists()
-    });
+    let (control, link, daemon) = start_daemon(&dir, &[]);
 
     // 1. Followed from before the guest runs; the map built while it reads.
     let uri = format!("nbd://127.0.0.1:{nbd_port}/disk");
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let source = followed_guest(&rt, &dir.0, "source", &uri, &control, 0);
+    let source = followed_guest(&rt, &dir.0, "source", &uri, &control, (0, Writes::Yes));
     let blob = source.blob_sums()[0].clone();
     let status = json_of(
         agent()
@@ -193,7 +223,7 @@ fn the_daemons_map_migrates_against_qemu_nbd_and_its_loss_costs_no_correctness()
     // 3. Stale pages are never announced: the guest drops its page cache and fills that memory
     //    with random data after the map was built; the map's claims for those pages no longer
     //    match, nothing is fetched for them, and the guest carries on.
-    let source = followed_guest(&rt, &dir.0, "stale", &uri, &control, 160);
+    let source = followed_guest(&rt, &dir.0, "stale", &uri, &control, (160, Writes::Yes));
     let blob = source.blob_sums()[0].clone();
     let target = guest(&dir.0, "stale-target", &uri, true, false, 0);
     let stale = json_of(
@@ -263,4 +293,58 @@ fn the_daemons_map_migrates_against_qemu_nbd_and_its_loss_costs_no_correctness()
         (a - b).abs() <= 3.0,
         "map-only saved {a:.1}%, the index path {b:.1}%: more than 3 points apart"
     );
+}
+
+#[test]
+fn a_map_only_migration_reads_mapped_pages_from_a_shared_image_file() {
+    if !require_root("a_map_only_migration_reads_mapped_pages_from_a_shared_image_file") {
+        return;
+    }
+    let _qemu = exclusive();
+    let dir = Scratch::new("daemon-map-file");
+    let shared = dir.path("shared");
+    std::fs::create_dir_all(&shared).unwrap();
+    let image = shared.join("vm1.raw");
+    std::fs::write(&image, testkit::pattern(33, 256 << 20)).unwrap();
+    std::fs::File::open(&image).unwrap().sync_all().unwrap();
+    let (control, link, _daemon) = start_daemon(&dir, &["--image-dir".as_ref(), shared.as_ref()]);
+    let export = image.to_str().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // Read-only guests: the file is both hosts' disk.
+    let source = followed_guest(&rt, &dir.0, "source", export, &control, (0, Writes::No));
+    let blob = source.blob_sums()[0].clone();
+    let target = guest_writing(&dir.0, "target", export, (true, false), 0, Writes::No);
+    let report = json_of(
+        agent()
+            .arg("migrate")
+            .arg("--control")
+            .arg(&control)
+            .arg("--source-qmp")
+            .arg(&source.qmp_path)
+            .arg("--target-qmp")
+            .arg(&target.qmp_path)
+            .args(["--target-agent", &format!("127.0.0.1:{link}")])
+            .args(["--export", export, "--no-index", "--json", "--insecure"])
+            .args(["--zstd", "never"]),
+    );
+    eprintln!("map only, shared file: {report:#}");
+    assert_eq!(report["ok"], true, "{report}");
+    let read_pages = (u64::from(READ_MB) << 20) / 4096;
+    let mapped = report["pages_map"].as_u64().unwrap_or(0);
+    assert!(
+        mapped >= read_pages * 9 / 10,
+        "{mapped} pages mapped from the map, of {read_pages} read"
+    );
+    assert_eq!(
+        report["pages_mapped"], report["pages_map"],
+        "no index was asked"
+    );
+    // Every mapped page was read from the image and verified; none had to be asked again.
+    assert_eq!(
+        report["nas_bytes"].as_u64(),
+        Some(mapped * 4096),
+        "{report}"
+    );
+    assert_eq!(report["pages_fallback"], 0, "{report}");
+    carried_on(&source, &target, &blob).unwrap_or_else(|e| panic!("{e}"));
 }

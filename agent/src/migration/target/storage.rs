@@ -22,9 +22,7 @@ pub enum StorageError {
     Nbd(#[from] nas_client::nbd::NbdClientError),
     #[error("image {0}: {1}")]
     File(String, std::io::Error),
-    #[error(
-        "image {0} is not a regular file in a directory this agent may read (--image-dir)"
-    )]
+    #[error("image {0} is not a regular file in a directory this agent may read (--image-dir)")]
     NotAllowed(String),
     #[error("no NBD address for export {0}")]
     NoNas(String),
