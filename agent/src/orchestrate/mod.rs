@@ -116,6 +116,17 @@ pub async fn migrate(
     drive(opts, begun, cancel).await
 }
 
+/// The source side's task, owned by the migration that runs it: if that migration is dropped
+/// half-way (its caller gone, as with a killed process), the task stops with it, closing the
+/// source QEMU's connection and the link, instead of proxying on with no one to settle.
+struct Owned<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for Owned<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Everything up to the source QEMU's stream arriving.
 struct Begun {
     src: Qmp,
@@ -239,7 +250,12 @@ async fn drive(
     } = begun;
     let config = opts.stream.config(bandwidth.cap());
     let counters = Arc::new(Counters::default());
-    let mut source = tokio::spawn(run_source(qemu, link, config, counters.clone()));
+    let mut source = Owned(tokio::spawn(run_source(
+        qemu,
+        link,
+        config,
+        counters.clone(),
+    )));
     // From here on every path reaches the restore below.
     let link_so_far = || {
         counters
@@ -255,7 +271,7 @@ async fn drive(
     };
     let outcome = loop {
         tokio::select! {
-            r = &mut source => break r.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())),
+            r = &mut source.0 => break r.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())),
             _ = tokio::time::sleep(Duration::from_millis(250)) => {
                 if let Some(p) = &opts.progress {
                     p.send_replace(counters.snapshot());
@@ -275,10 +291,10 @@ async fn drive(
             () = &mut cancel => break Err("cancelled by the operator".to_string()),
         }
     };
-    if !source.is_finished() {
+    if !source.0.is_finished() {
         // Dropping its task closes the source QEMU's connection and the link.
-        source.abort();
-        let _ = (&mut source).await;
+        source.0.abort();
+        let _ = (&mut source.0).await;
     }
     let mut report = MigrationReport {
         target_ram_preallocated,
