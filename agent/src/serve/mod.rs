@@ -2,8 +2,10 @@
 //! agent link, and the refusals.
 //!
 //! ```text
-//! link accepted -> session slot? (no: ERROR "busy") -> HELLO {vm} -> the VM's target QEMU
-//!   on this host (no such VM, or not waiting: ERROR) -> run_target -> DONE -> counters
+//! link accepted -> TLS handshake, the source's certificate verified (unless --insecure;
+//!   failed: dropped, counted) -> session slot? (no: ERROR "busy") -> HELLO {vm} (none:
+//!   counted as a dropped link) -> the VM's target QEMU on this host (no such VM, or not
+//!   waiting: ERROR) -> run_target -> DONE -> counters
 //! ```
 //! Each session's outcome and figures go to the log and to the Prometheus counters
 //! `agent_serve_*`. How a VM's name becomes the channel into its QEMU is

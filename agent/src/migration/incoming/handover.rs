@@ -27,6 +27,7 @@ const QMP_TIMEOUT: Duration = Duration::from_secs(10);
 /// one. A directory that others than root (or this process's user) may write to is refused:
 /// whoever can place a socket there could pose as any VM.
 pub fn find_qmp(dirs: &[PathBuf], vm: &str) -> Result<PathBuf, DeliveryError> {
+    // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
     for dir in dirs {
         let path = dir.join(format!("{vm}.qmp"));
