@@ -72,6 +72,21 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     println!("telemetry: {}", reply["telemetry"].as_str().unwrap_or("?"));
+    for e in reply["expected_migrations"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        println!(
+            "expecting a migration of {} into {} ({})",
+            e["vm"].as_str().unwrap_or("?"),
+            e["incoming"].as_str().unwrap_or("?"),
+            match e["expires_in_s"].as_u64() {
+                Some(s) => format!("for {s} s more"),
+                None => "standing".into(),
+            }
+        );
+    }
     println!("follower drops: {}", reply["drops"]);
     for vm in reply["vms"].as_array().into_iter().flatten() {
         let mib = |v: &Value| v.as_u64().unwrap_or(0) as f64 / (1 << 20) as f64;

@@ -82,7 +82,8 @@ pub async fn serve(
                     "ok"
                 }
                 Session::NoHello(why) => {
-                    tracing::warn!(%peer, %source, "link closed before its HELLO: {why}");
+                    // A health check or a port scan: worth a line, not a warning.
+                    tracing::info!(%peer, %source, "link closed before its HELLO: {why}");
                     connection("no_hello");
                     return;
                 }
