@@ -109,8 +109,14 @@ impl Fleet {
         }
     }
 
-    /// Starts VM `i`'s migration to the target agent at `agent`, its link capped at `cap`.
-    fn migrate(&self, i: usize, agent: &str, cap: u64) -> JoinHandle<MigrationReport> {
+    /// Starts VM `i`'s migration to the target agent at `agent`, its link capped at `cap`,
+    /// given up after `timeout`.
+    fn migrate(
+        &self,
+        i: usize,
+        agent: &str,
+        (cap, timeout): (u64, Duration),
+    ) -> JoinHandle<MigrationReport> {
         let server = self.server.as_ref().expect("the NAS runs");
         let options = MigrateOptions {
             source_qmp: self.sources[i].qmp_path.clone(),
@@ -132,7 +138,7 @@ impl Fleet {
             source_listen: None,
             max_bandwidth: Some(cap),
             progress: None,
-            timeout: Duration::from_secs(900),
+            timeout,
         };
         tokio::spawn(async move {
             migrate(options, std::future::pending())
@@ -182,7 +188,10 @@ fn four_guests_evacuate_at_once_to_two_target_agents() {
         let (a, _stop_a) = target_agent(&fleet.dir.0, &fleet.creds.target, 2).await;
         let (b, _stop_b) = target_agent(&fleet.dir.0, &fleet.creds.target, 2).await;
         let runs: Vec<_> = (0..VMS)
-            .map(|i| fleet.migrate(i, if i % 2 == 0 { &a } else { &b }, 0))
+            .map(|i| {
+                let agent = if i % 2 == 0 { &a } else { &b };
+                fleet.migrate(i, agent, (0, Duration::from_secs(900)))
+            })
             .collect();
         let mut reports = Vec::new();
         for run in runs {
@@ -228,8 +237,13 @@ fn faults_under_concurrent_load_never_corrupt_or_duplicate_a_guest() {
         let (a, _stop_a) = target_agent(&fleet.dir.0, &fleet.creds.target, 2).await;
         let (b, stop_b) = target_agent(&fleet.dir.0, &fleet.creds.target, 2).await;
         // 8 MiB/s per link: each migration takes several seconds, so the faults land mid-way.
+        // A source QEMU whose disk went with the NAS can hang in its switchover (flushing that
+        // disk); its migration then ends at the timeout, like `agent migrate --timeout`.
         let runs: Vec<_> = (0..VMS)
-            .map(|i| fleet.migrate(i, if i % 2 == 0 { &a } else { &b }, 8 << 20))
+            .map(|i| {
+                let agent = if i % 2 == 0 { &a } else { &b };
+                fleet.migrate(i, agent, (8 << 20, Duration::from_secs(120)))
+            })
             .collect();
         tokio::time::sleep(Duration::from_secs(3)).await;
         // vm0's source agent dies (its sockets close with it).
