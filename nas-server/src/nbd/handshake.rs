@@ -191,7 +191,9 @@ impl<S: AsyncWrite + Unpin> OptionReplies<'_, S> {
         buf.extend_from_slice(&reply.to_be_bytes());
         buf.extend_from_slice(&(data.len() as u32).to_be_bytes());
         buf.extend_from_slice(data);
-        self.stream.write_all(&buf).await
+        self.stream.write_all(&buf).await?;
+        // After STARTTLS the stream is TLS, whose writes may wait in the session's buffer.
+        self.stream.flush().await
     }
 
     async fn error(&mut self, option: u32, reply: u32, message: &str) -> io::Result<()> {
@@ -370,6 +372,7 @@ where
                     reply.extend_from_slice(&[0u8; 124]);
                 }
                 stream.write_all(&reply).await?;
+                stream.flush().await?;
                 let base_allocation = meta_for(&meta, &entry.name);
                 return Ok(Step::Go(Negotiated {
                     export: entry,

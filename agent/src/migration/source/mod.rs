@@ -237,6 +237,7 @@ where
         .write_all(&hello.to_bytes())
         .await
         .map_err(LinkFailure::Write)?;
+    link_wr.flush().await.map_err(LinkFailure::Write)?;
     let mut frames = FrameReader::new();
     let ack = tokio::time::timeout(Duration::from_secs(30), frames.next(&mut link_rd))
         .await

@@ -54,6 +54,12 @@ pub(super) async fn write_loop<W: AsyncWrite + Unpin>(mut w: Writer<W>) -> io::R
         pacer.pace(batch.len(), cap).await;
         Counters::add(&w.counters.link_bytes, batch.len() as u64);
         batch.write_to(&mut w.link).await?;
+        // With nothing more queued, push it out: over TLS a write may leave records in the
+        // session's buffer (when the socket was full) until the next write or a flush; on
+        // plain TCP this does nothing.
+        if w.data.is_empty() && w.urgent.is_empty() {
+            w.link.flush().await?;
+        }
         batch.clear(|read| recycle(read, &w.spare));
         let _ = w.spent.try_send(batch);
     }
@@ -61,6 +67,9 @@ pub(super) async fn write_loop<W: AsyncWrite + Unpin>(mut w: Writer<W>) -> io::R
     while let Some(b) = w.urgent.recv().await {
         Counters::add(&w.counters.link_bytes, b.len() as u64);
         w.link.write_all(&b).await?;
+        if w.urgent.is_empty() {
+            w.link.flush().await?;
+        }
     }
     w.link.flush().await?;
     Ok(w.link)

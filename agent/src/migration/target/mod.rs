@@ -207,14 +207,21 @@ where
     };
     // Link bytes read so far, for the ACKs, when the source asked for them.
     let received = (caps & CAP_RECEIVED != 0).then(|| Arc::new(AtomicU64::new(0)));
+    // Every write that leaves the channel idle is flushed: over TLS a written frame may
+    // otherwise wait in the session's buffer (when the socket was full) until the next write,
+    // and an ACK the source waits for would never leave.
     link_wr
         .write_all(&ack.to_bytes())
         .await
         .map_err(LinkFailure::Write)?;
+    link_wr.flush().await.map_err(LinkFailure::Write)?;
     let (back_tx, mut back_rx) = mpsc::channel::<LinkFrame>(256);
     let back_writer = tokio::spawn(async move {
         while let Some(frame) = back_rx.recv().await {
             link_wr.write_all(&frame.to_bytes()).await?;
+            if back_rx.is_empty() {
+                link_wr.flush().await?;
+            }
         }
         link_wr.flush().await?;
         Ok::<_, std::io::Error>(link_wr)
