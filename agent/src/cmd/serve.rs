@@ -4,7 +4,7 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use agent::{
     migration::{
-        incoming::{Delivery, Expectations, IncomingPolicy},
+        incoming::{Delivery, IncomingPolicy},
         target::{TargetConfig, MAX_SESSIONS},
     },
     serve::serve,
@@ -76,24 +76,22 @@ fn parse_expect(s: &str) -> Result<(String, String), String> {
 impl Args {
     /// The target side's settings; a standing registration its policy refuses is an error.
     pub fn target_config(&self) -> anyhow::Result<TargetConfig> {
-        let policy = IncomingPolicy {
-            unix_dirs: self.incoming_dirs.clone(),
-            any_host: self.incoming_any_host,
+        let delivery = Delivery {
+            qmp_dirs: self.qmp_dirs.clone(),
+            expected: Default::default(),
+            policy: IncomingPolicy {
+                unix_dirs: self.incoming_dirs.clone(),
+                any_host: self.incoming_any_host,
+            },
         };
-        let expected = Expectations::default();
         for (vm, uri) in &self.expect {
-            let incoming = policy.check(uri)?;
-            expected.register(vm, incoming, None)?;
+            delivery.register(vm, uri, None)?;
         }
         Ok(TargetConfig {
             nas_override: self.nas.clone(),
             nas_tls: nas_client::tls::StorageTls::load(self.nas_tls_creds.as_deref())?,
             image_dirs: self.image_dirs.clone(),
-            delivery: Delivery {
-                qmp_dirs: self.qmp_dirs.clone(),
-                expected: expected.into(),
-                policy,
-            },
+            delivery,
             max_sessions: self.max_sessions,
             link_security: self.tls.security(self.tls_allow.clone())?,
             ..TargetConfig::default()

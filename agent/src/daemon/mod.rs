@@ -294,11 +294,9 @@ async fn follow(qmp: &Path, shared: &Shared) -> Result<Value, String> {
 
 /// Registers an expected migration for the target side (the libvirt path).
 fn expect(vm: &str, incoming: &str, ttl_secs: u64, shared: &Shared) -> Result<Value, String> {
-    let delivery = &shared.delivery;
-    let incoming = delivery.policy.check(incoming).map_err(|e| e.to_string())?;
     let ttl = Duration::from_secs(ttl_secs.clamp(1, 24 * 3600));
-    delivery
-        .expected
+    shared
+        .delivery
         .register(vm, incoming, Some(ttl))
         .map_err(|e| e.to_string())?;
     tracing::info!(

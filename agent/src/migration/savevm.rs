@@ -9,6 +9,13 @@ use crate::migration::stream::QEVM;
 pub const SAVEVM_VERSION: u32 = 3;
 /// The header's size.
 pub const HEADER: usize = 8;
+/// The header itself.
+const EXPECTED: [u8; HEADER] = {
+    let (magic, version) = (QEVM.to_be_bytes(), SAVEVM_VERSION.to_be_bytes());
+    [
+        magic[0], magic[1], magic[2], magic[3], version[0], version[1], version[2], version[3],
+    ]
+};
 
 /// A stream that is not QEMU's.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -20,9 +27,8 @@ pub struct NotSavevm(pub Vec<u8>);
 
 /// Checks a stream's first bytes; `Ok(false)` while fewer than [`HEADER`] are known.
 pub fn check(start: &[u8]) -> Result<bool, NotSavevm> {
-    let want: Vec<u8> = [QEVM.to_be_bytes(), SAVEVM_VERSION.to_be_bytes()].concat();
     let n = start.len().min(HEADER);
-    if start[..n] != want[..n] {
+    if start[..n] != EXPECTED[..n] {
         return Err(NotSavevm(start[..n].to_vec()));
     }
     Ok(n == HEADER)

@@ -78,6 +78,18 @@ pub fn check_vm_name(vm: &str) -> Result<(), DeliveryError> {
 }
 
 impl Delivery {
+    /// Registers `vm`'s incoming address `uri`, checked against the policy now, for one
+    /// migration within `ttl` (`None`: standing).
+    pub fn register(
+        &self,
+        vm: &str,
+        uri: &str,
+        ttl: Option<std::time::Duration>,
+    ) -> Result<(), DeliveryError> {
+        let incoming = self.policy.check(uri)?;
+        self.expected.register(vm, incoming, ttl)
+    }
+
     /// The channel into the QEMU that `vm` names on this host.
     pub async fn open(&self, vm: &str) -> Result<Box<dyn Conn>, DeliveryError> {
         check_vm_name(vm)?;

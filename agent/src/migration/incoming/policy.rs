@@ -99,11 +99,16 @@ impl IncomingPolicy {
         let Ok(dir) = std::fs::canonicalize(dir) else {
             return false;
         };
-        is_socket
-            && self.unix_dirs.iter().any(|allowed| {
-                std::fs::canonicalize(allowed).is_ok_and(|allowed| dir.starts_with(allowed))
-            })
+        is_socket && within(&dir, &self.unix_dirs)
     }
+}
+
+/// Whether `real`, a path with its links already resolved, lies inside one of `dirs` (each
+/// resolved too): the one check behind every path the operator allows by directory.
+pub fn within(real: &Path, dirs: &[PathBuf]) -> bool {
+    dirs.iter()
+        .filter_map(|d| std::fs::canonicalize(d).ok())
+        .any(|d| real.starts_with(d))
 }
 
 /// A connection to the target QEMU's incoming channel.

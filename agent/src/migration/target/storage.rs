@@ -14,6 +14,7 @@ use nas_client::nbd::NbdClient;
 use nas_proto::Endpoint;
 
 use super::TargetConfig;
+use crate::migration::incoming::policy::within;
 
 /// Why a page could not be read from storage (it then comes from the source instead).
 #[derive(Debug, thiserror::Error)]
@@ -58,11 +59,7 @@ pub async fn open(
 fn allowed(path: &Path, dirs: &[PathBuf]) -> Option<PathBuf> {
     let real = std::fs::canonicalize(path).ok()?;
     let is_file = std::fs::metadata(&real).is_ok_and(|m| m.is_file());
-    let inside = dirs
-        .iter()
-        .filter_map(|d| std::fs::canonicalize(d).ok())
-        .any(|d| real.starts_with(d));
-    (is_file && inside).then_some(real)
+    (is_file && within(&real, dirs)).then_some(real)
 }
 
 impl BlockSource {
