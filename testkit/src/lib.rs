@@ -62,6 +62,7 @@ pub fn direct_writes(file: &File, count: u64) -> io::Result<()> {
 
 pub mod nbd_fixture;
 pub mod qemu;
+pub mod roundtrip;
 pub mod tls;
 
 /// Fails with a clear reason when `tool` is not on PATH.

@@ -138,6 +138,7 @@ impl Fleet {
             source_listen: None,
             max_bandwidth: Some(cap),
             progress: None,
+            pause_nice: Some(-10),
             timeout,
         };
         tokio::spawn(async move {

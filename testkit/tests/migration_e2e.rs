@@ -49,6 +49,7 @@ fn options(s: &Pair, agent: &str, max_bandwidth: Option<u64>) -> MigrateOptions 
         source_listen: None,
         max_bandwidth,
         progress: None,
+        pause_nice: Some(-10),
         timeout: Duration::from_secs(600),
     }
 }
@@ -456,4 +457,135 @@ fn a_target_started_paused_as_libvirt_starts_it_runs_the_guest_after_loading() {
     assert_eq!(report.target_status, "running");
     assert_same_stream(&s);
     assert_guest_continues(&s);
+}
+
+/// Resolves once the source QEMU stops the guest for its final iteration (the STOP event, on
+/// the operator's monitor, which `migrate` does not hold).
+async fn stopped(operator_qmp: &Path) {
+    let mut qmp = Qmp::connect(operator_qmp).await.unwrap();
+    loop {
+        let event = qmp.next_event().await.expect("the source QEMU's monitor");
+        if event["event"] == "STOP" {
+            return;
+        }
+    }
+}
+
+/// A relay on the agent link that cuts both connections once `cut` resolves.
+async fn relay_cut_when(
+    target_agent: String,
+    cut: impl std::future::Future<Output = ()> + Send + 'static,
+) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        let (source, _) = listener.accept().await.unwrap();
+        let target = TcpStream::connect(&target_agent).await.unwrap();
+        let (mut source_rd, mut source_wr) = source.into_split();
+        let (mut target_rd, mut target_wr) = target.into_split();
+        tokio::select! {
+            _ = tokio::io::copy(&mut source_rd, &mut target_wr) => {}
+            _ = tokio::io::copy(&mut target_rd, &mut source_wr) => {}
+            () = cut => {}
+        }
+        // Dropping the halves closes both connections.
+    });
+    addr
+}
+
+/// After a fault, the guest runs on exactly one side: the target with exactly the source's
+/// stream, or the source, never both.
+fn assert_runs_on_exactly_one_side(
+    rt: &tokio::runtime::Runtime,
+    s: &Pair,
+    report: &MigrationReport,
+) {
+    // A target QEMU that failed to load an incomplete stream may have exited.
+    let status_or_gone = |path: &Path| {
+        rt.block_on(async {
+            match Qmp::connect(path).await {
+                Ok(mut q) => q
+                    .status()
+                    .await
+                    .map_or("gone".to_string(), |s| s.to_string()),
+                Err(_) => "gone".to_string(),
+            }
+        })
+    };
+    let source = status_or_gone(&s.source.qmp_path);
+    let target = status_or_gone(&s.target.qmp_path);
+    assert!(
+        !(source == "running" && target == "running"),
+        "the guest runs on both sides: {report:?}"
+    );
+    if report.ok {
+        assert_eq!(target, "running", "{report:?}");
+        assert_same_stream(s);
+        assert_guest_continues(s);
+    } else {
+        assert_eq!(source, "running", "{report:?}");
+        assert_ne!(target, "running", "{report:?}");
+        s.source.assert_runs_on();
+    }
+}
+
+#[test]
+fn the_link_cut_while_the_guest_is_paused_leaves_it_on_exactly_one_side() {
+    if !require_root("the_link_cut_while_the_guest_is_paused_leaves_it_on_exactly_one_side") {
+        return;
+    }
+    let _qemu = exclusive();
+    let s = Pair::start("e2e-pause-link-cut", 256, 64, false, false);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let report = rt.block_on(async {
+        let (agent, _stop, _task) = target_agent(&s.dir.path("target-stream.bin")).await;
+        let relay = relay_cut_when(agent, {
+            let operator = s.source.operator_qmp_path.clone();
+            async move { stopped(&operator).await }
+        })
+        .await;
+        migrate(options(&s, &relay, None), pending())
+            .await
+            .expect("migrate returns a report")
+    });
+    eprintln!("{}", report.text());
+    assert!(
+        !report.ok,
+        "the link was cut before the stream ended: {report:?}"
+    );
+    assert_runs_on_exactly_one_side(&rt, &s, &report);
+}
+
+#[test]
+fn the_nas_gone_while_the_guest_is_paused_leaves_it_on_exactly_one_side() {
+    if !require_root("the_nas_gone_while_the_guest_is_paused_leaves_it_on_exactly_one_side") {
+        return;
+    }
+    let _qemu = exclusive();
+    let mut s = Pair::start("e2e-pause-nas-gone", 256, 64, false, false);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (agent, _stop, _task) = rt.block_on(target_agent(&s.dir.path("target-stream.bin")));
+    // The options name the server's addresses: taken before it goes.
+    let mut opts = options(&s, &agent, None);
+    opts.timeout = Duration::from_secs(120);
+    let server = s.server.take().unwrap();
+    let operator = s.source.operator_qmp_path.clone();
+    let report = rt.block_on(async {
+        let killer = tokio::spawn(async move {
+            stopped(&operator).await;
+            tokio::task::spawn_blocking(move || drop(server))
+                .await
+                .unwrap();
+        });
+        let report = migrate(opts, pending())
+            .await
+            .expect("migrate returns a report");
+        tokio::time::timeout(Duration::from_secs(30), killer)
+            .await
+            .expect("the source QEMU stopped the guest")
+            .unwrap();
+        report
+    });
+    eprintln!("{}", report.text());
+    assert_runs_on_exactly_one_side(&rt, &s, &report);
 }

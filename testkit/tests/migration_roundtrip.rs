@@ -1,180 +1,27 @@
 //! Source agent then target agent rebuild a real QEMU migration stream byte for byte: with the
 //! NAS present, absent, serving changed blocks, with the link and QEMU's stream split at
 //! arbitrary points, and from a stream QEMU ended mid-record. The stream is recorded from a real TCG guest booted on the NAS export.
-use std::{
-    future::Future,
-    pin::Pin,
-    sync::Arc,
-    task::{ready, Context, Poll},
-    time::Duration,
-};
+use std::sync::Arc;
 
 use agent::migration::{
     compress::Compression,
     pace::{Cap, BURST},
     pagemap::{Claim, PageMap, SharedMap},
-    report::{Counters, Figures},
-    source::{run_source, SourceConfig},
+    source::SourceConfig,
     stream::{Sink, StreamParser, PAGE_SIZE},
-    target::{read_hello, run_target, TargetConfig},
-    wire::FrameReader,
+    target::TargetConfig,
 };
 use nas_proto::Endpoint;
-use testkit::{nbd_fixture::NbdFixture, pattern, qemu::record_stream, require_root, Scratch};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use testkit::{
+    nbd_fixture::NbdFixture,
+    pattern,
+    qemu::record_stream,
+    require_root,
+    roundtrip::{round_trip, Link, Run},
+    Scratch,
+};
 
 const DISK: usize = 128 << 20;
-
-/// Feeds `data` into a pipe in chunks of pseudo-random size, like a socket would.
-async fn feed(mut w: tokio::io::DuplexStream, data: Arc<Vec<u8>>, seed: u64) {
-    let sizes = pattern(seed, 4096);
-    let (mut at, mut i) = (0usize, 0usize);
-    while at < data.len() {
-        let n = 1 + (sizes[i % sizes.len()] as usize * 97) % 70_000;
-        let end = (at + n).min(data.len());
-        w.write_all(&data[at..end]).await.unwrap();
-        at = end;
-        i += 1;
-    }
-    w.shutdown().await.unwrap();
-}
-
-struct Run {
-    out: Vec<u8>,
-    source: Figures,
-    target: Figures,
-}
-
-/// One end of a link that delivers at most `rate` bytes per second to its reader.
-struct Throttled<T> {
-    inner: T,
-    rate: u64,
-    /// When the bytes read so far would have finished crossing at `rate`.
-    free_at: Option<tokio::time::Instant>,
-    pause: Option<Pin<Box<tokio::time::Sleep>>>,
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Throttled<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        if let Some(pause) = self.pause.as_mut() {
-            ready!(pause.as_mut().poll(cx));
-            self.pause = None;
-        }
-        let before = buf.filled().len();
-        ready!(Pin::new(&mut self.inner).poll_read(cx, buf))?;
-        let n = (buf.filled().len() - before) as u64;
-        if n > 0 {
-            // Small reads add up: the reader waits once it is a millisecond ahead of the rate.
-            let now = tokio::time::Instant::now();
-            let start = self.free_at.map_or(now, |t| t.max(now));
-            let at = start + Duration::from_nanos(n * 1_000_000_000 / self.rate);
-            self.free_at = Some(at);
-            if at > now + Duration::from_millis(1) {
-                self.pause = Some(Box::pin(tokio::time::sleep_until(at)));
-            }
-        }
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Throttled<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
-/// The link between the agents: an in-memory pipe of `buf` bytes, and at most `rate` bytes per
-/// second towards the target when given; `qemu_rate` is how fast the target QEMU takes the
-/// stream, when it is slow.
-struct Link {
-    buf: usize,
-    rate: Option<u64>,
-    qemu_rate: Option<u64>,
-}
-
-impl From<usize> for Link {
-    fn from(buf: usize) -> Self {
-        Link {
-            buf,
-            rate: None,
-            qemu_rate: None,
-        }
-    }
-}
-
-fn throttled<T>(inner: T, rate: Option<u64>) -> Throttled<T> {
-    Throttled {
-        inner,
-        rate: rate.unwrap_or(u64::MAX),
-        free_at: None,
-        pause: None,
-    }
-}
-
-async fn round_trip(
-    stream: Arc<Vec<u8>>,
-    source_cfg: SourceConfig,
-    target_cfg: TargetConfig,
-    link: impl Into<Link>,
-) -> Run {
-    let link = link.into();
-    let (qemu_src_w, qemu_src_r) = tokio::io::duplex(1 << 16);
-    let (link_a, link_b) = tokio::io::duplex(link.buf);
-    let link_b = throttled(link_b, link.rate);
-    let (qemu_dst_w, qemu_dst_r) = tokio::io::duplex(1 << 16);
-    let mut qemu_dst_r = throttled(qemu_dst_r, link.qemu_rate);
-    let feeder = tokio::spawn(feed(qemu_src_w, stream.clone(), 7));
-    let collector = tokio::spawn(async move {
-        let mut out = Vec::new();
-        qemu_dst_r.read_to_end(&mut out).await.unwrap();
-        out
-    });
-    let target = tokio::spawn(async move {
-        let mut link = link_b;
-        let mut frames = FrameReader::new();
-        let hello = read_hello(&mut link, &mut frames).await.expect("HELLO");
-        run_target(
-            link,
-            frames,
-            hello,
-            qemu_dst_w,
-            target_cfg,
-            Arc::new(Counters::default()),
-        )
-        .await
-    });
-    let report = run_source(
-        qemu_src_r,
-        link_a,
-        source_cfg,
-        Arc::new(Counters::default()),
-    )
-    .await
-    .expect("source side");
-    let target_figures = target.await.unwrap().expect("target side");
-    feeder.await.unwrap();
-    Run {
-        out: collector.await.unwrap(),
-        source: report.source,
-        target: target_figures,
-    }
-}
 
 fn source_config(server: &NbdFixture) -> SourceConfig {
     SourceConfig::new(
@@ -439,6 +286,7 @@ fn real_streams_rebuild_byte_for_byte() {
         buf: 1 << 16,
         rate: Some(40_000_000),
         qemu_rate: None,
+        seed: 7,
     };
     let auto = source_config(&server);
     assert_eq!(auto.zstd, Compression::Auto);
@@ -464,6 +312,7 @@ fn real_streams_rebuild_byte_for_byte() {
         buf: 1 << 16,
         rate: None,
         qemu_rate: Some(40_000_000),
+        seed: 7,
     };
     let run = rt.block_on(round_trip(
         stream.clone(),

@@ -26,9 +26,13 @@ pub struct Args {
     image_mib: u64,
     /// `nbd`: repeat each row this many times and keep the best (default 3). `migration`: run
     /// the whole comparison this many times and report each figure's median and range
-    /// (default 3). `downtime`: pairs of runs (default 10).
+    /// (default 3). `downtime`: pairs of runs per cell (default 10).
     #[arg(long)]
     repeat: Option<u32>,
+    /// `downtime`: the cells to run, `SETTING:WORKLOAD[,...]` (settings cap, relay,
+    /// unlimited; workloads read, anon, writes), or `all`.
+    #[arg(long, default_value = "all")]
+    cells: String,
     /// Synthetic stream size in MiB (`pipeline`).
     #[arg(long, default_value_t = 2048)]
     stream_mib: u64,
@@ -42,7 +46,7 @@ enum Target {
     Migration,
     /// Each side of the migration hook alone, on a synthetic multi-GiB stream.
     Pipeline,
-    /// The guest's pause, plain QEMU vs the agents, over many runs of the 1 Gbit/s setting.
+    /// The guest's pause, plain QEMU vs the agents, per setting and workload, many runs each.
     Downtime,
     /// The I/O follower: QEMU's NBD reads with and without the probes, cost per event, drops,
     /// map memory per GiB.
@@ -97,7 +101,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         return crate::bench_migration::run(512, 200, repeat);
     }
     if let Target::Downtime = args.target {
-        return crate::bench_downtime::run(512, 200, args.repeat.unwrap_or(10));
+        return crate::bench_downtime::run(&args.cells, args.repeat.unwrap_or(10));
     }
     if let Target::Telemetry = args.target {
         return crate::bench_telemetry::run(args.repeat.unwrap_or(3));

@@ -99,6 +99,17 @@ impl Lab {
     }
 }
 
+/// What the source guest does before and during its migration.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Load {
+    /// MiB of its disk read into its page cache.
+    pub read_mb: u32,
+    /// MiB of random data written to its tmpfs (anonymous memory no disk holds).
+    pub fill_mb: u32,
+    /// Rewrites disk blocks every second, through the migration.
+    pub disk_writes: bool,
+}
+
 /// A source guest that has read its disk, and a target waiting for it.
 pub struct Pair {
     pub source: Guest,
@@ -116,18 +127,34 @@ impl Pair {
         read_mb: u32,
         target_prealloc: bool,
     ) -> anyhow::Result<Self> {
+        let load = Load {
+            read_mb,
+            ..Load::default()
+        };
+        Self::boot_with(dir, tag, uri, mem_mb, &load, target_prealloc)
+    }
+
+    /// As [`Pair::boot`], with the source guest doing `load`.
+    pub fn boot_with(
+        dir: &Path,
+        tag: &str,
+        uri: &str,
+        mem_mb: u32,
+        load: &Load,
+        target_prealloc: bool,
+    ) -> anyhow::Result<Self> {
         let spec = |name, incoming| GuestSpec {
             name,
             mem_mb,
-            read_mb,
+            read_mb: load.read_mb,
             disk_uri: uri,
-            disk_writes: false,
+            disk_writes: load.disk_writes,
             incoming,
             paused: false,
             prealloc: incoming && target_prealloc,
             qemu: None,
             iothread: false,
-            fill_mb: 0,
+            fill_mb: load.fill_mb,
         };
         let (source_name, target_name) = (format!("{tag}-source"), format!("{tag}-target"));
         let source = Guest::start(dir, &spec(&source_name, false));

@@ -34,6 +34,11 @@ pub struct Args {
     /// instead, lifting it from QEMU's stream to this agent for the migration.
     #[arg(long)]
     max_bandwidth: Option<u64>,
+    /// From the source QEMU's STOP until the stream is delivered (the guest is paused then),
+    /// run this agent's threads at this nice value, so that the final iteration does not wait
+    /// for a CPU; a value at or above the agent's own leaves it alone.
+    #[arg(long, default_value_t = -10, allow_negative_numbers = true)]
+    pause_nice: i32,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -102,6 +107,7 @@ pub async fn run(mut args: Args) -> anyhow::Result<()> {
             source_listen: args.qemu_listen,
             max_bandwidth: args.max_bandwidth,
             progress: progress.as_ref().map(|(tx, _)| tx.clone()),
+            pause_nice: Some(args.pause_nice),
             timeout: Duration::from_secs(args.timeout),
         },
         cancel,
@@ -154,6 +160,7 @@ async fn via_daemon(
         zstd: format!("{:?}", s.zstd).to_lowercase(),
         passthrough: s.passthrough,
         max_bandwidth: args.max_bandwidth,
+        pause_nice: Some(args.pause_nice),
         record: s.record.clone(),
         timeout_secs: args.timeout,
         tls_creds: args.tls.tls_creds.clone(),

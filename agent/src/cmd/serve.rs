@@ -63,6 +63,11 @@ pub struct Args {
     /// Migrations served at once; a source connecting beyond that is refused.
     #[arg(long, default_value_t = MAX_SESSIONS)]
     max_sessions: usize,
+    /// While it serves a migration, run this agent's threads at this nice value, so that a
+    /// guest's final iteration does not wait for a CPU here; a value at or above the agent's
+    /// own leaves it alone.
+    #[arg(long, default_value_t = -10, allow_negative_numbers = true)]
+    session_nice: i32,
 }
 
 /// Where `agent serve` and `agent daemon` look for target QEMUs' QMP sockets by default.
@@ -93,6 +98,7 @@ impl Args {
             image_dirs: self.image_dirs.clone(),
             delivery,
             max_sessions: self.max_sessions,
+            session_nice: Some(self.session_nice),
             link_security: self.tls.security(self.tls_allow.clone())?,
             ..TargetConfig::default()
         })

@@ -66,6 +66,9 @@ pub struct MigrateRequest {
     /// The agent link's credentials (`--tls-creds`), or `insecure` (the explicit opt-out).
     pub tls_creds: Option<PathBuf>,
     pub insecure: bool,
+    /// The nice value for the pause (`agent migrate --pause-nice`); absent from older clients.
+    #[serde(default)]
+    pub pause_nice: Option<i32>,
 }
 
 /// Errors talking to the daemon.

@@ -432,6 +432,7 @@ async fn run_migration(
         source_listen: r.qemu_listen.as_deref().map(parse).transpose()?,
         max_bandwidth: r.max_bandwidth,
         progress: None,
+        pause_nice: r.pause_nice,
         timeout: Duration::from_secs(r.timeout_secs),
     };
     let report = migrate(opts, cancel).await.map_err(|e| e.to_string())?;

@@ -29,7 +29,7 @@
 //! check-then-parse, like the index protocol.
 use nas_proto::cursor::{Cursor, Malformed};
 
-use crate::migration::stream::PAGE_SIZE;
+use crate::migration::{moments::Moments, stream::PAGE_SIZE};
 
 /// 4: HELLO names the VM only, no incoming address (the target finds its QEMU itself).
 /// 3: END and DONE carry [`LinkStats`] (before, any JSON string).
@@ -132,6 +132,9 @@ pub struct LinkStats {
     pub fallbacks: u64,
     /// Microseconds the target's fetches were under way.
     pub fetch_us: u64,
+    /// The sender's moments of the guest's pause (absent from older agents).
+    #[serde(default)]
+    pub moments: Moments,
 }
 
 /// Session parameters the source announces.
@@ -444,6 +447,12 @@ mod tests {
                 stats: LinkStats {
                     qemu_bytes: 1,
                     pages_zero: 2,
+                    moments: Moments {
+                        switchover_us: 3,
+                        qemu_eof_us: 4,
+                        end_us: 5,
+                        delivered_us: 0,
+                    },
                     ..LinkStats::default()
                 },
             },

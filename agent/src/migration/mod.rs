@@ -16,11 +16,12 @@
 //!   [`savevm`]: both ends refuse a stream that is not QEMU's before passing any of it on;
 //!   [`secure`]: the link's mutual TLS (or the operator's explicit plaintext opt-out).
 //! - [`pagemap`]: what the source asks the memory-to-disk map; [`report`]: the counters and
-//!   figures both ends keep.
+//!   figures both ends keep; [`moments`]: where the guest's pause goes, stage by stage.
 pub mod compress;
 pub mod dedup;
 pub mod incoming;
 pub mod link;
+pub mod moments;
 pub mod outgoing;
 pub mod pace;
 pub mod pagemap;

@@ -13,7 +13,7 @@
 //! The pacer is a virtual clock (GCRA): each write is due when the writes before it would have
 //! finished at the cap. A link that was idle may run up to [`BURST`] ahead of it, no more.
 use std::{
-    sync::atomic::{AtomicU64, Ordering},
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
     time::{Duration, Instant},
 };
 
@@ -21,25 +21,47 @@ use std::{
 pub const BURST: Duration = Duration::from_millis(10);
 
 /// The cap in force, in bytes per second; shared with whoever may change it while the
-/// migration runs (an operator's new `max-bandwidth`). Zero: none.
+/// migration runs (an operator's new `max-bandwidth`), and lifted for good at the switchover
+/// by whoever sees it first: the source agent's reader when the stream reaches its first
+/// section END, or `agent migrate` when the source QEMU reports that it stopped the guest
+/// (earlier: the stream QEMU wrote before stopping still waits in the agents' queues then).
 #[derive(Debug, Default)]
-pub struct Cap(AtomicU64);
+pub struct Cap {
+    /// Zero: none.
+    rate: AtomicU64,
+    lifted: AtomicBool,
+}
 
 impl Cap {
     /// `None` or 0: no cap.
     pub fn new(bytes_per_sec: Option<u64>) -> Self {
-        Self(AtomicU64::new(bytes_per_sec.unwrap_or(0)))
+        Self {
+            rate: AtomicU64::new(bytes_per_sec.unwrap_or(0)),
+            lifted: AtomicBool::new(false),
+        }
     }
 
     pub fn set(&self, bytes_per_sec: Option<u64>) {
-        self.0.store(bytes_per_sec.unwrap_or(0), Ordering::Relaxed);
+        self.rate
+            .store(bytes_per_sec.unwrap_or(0), Ordering::Relaxed);
     }
 
+    /// The configured cap, lifted or not.
     pub fn get(&self) -> Option<u64> {
-        match self.0.load(Ordering::Relaxed) {
+        match self.rate.load(Ordering::Relaxed) {
             0 => None,
             n => Some(n),
         }
+    }
+
+    /// The guest is paused for the switchover: nothing is paced any more.
+    pub fn lift(&self) {
+        self.lifted.store(true, Ordering::Relaxed);
+    }
+
+    /// The cap the link is paced to now: none once lifted.
+    pub fn pacing(&self) -> Option<u64> {
+        self.get().filter(|_| !self.lifted.load(Ordering::Relaxed))
     }
 }
 

@@ -9,7 +9,10 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use super::link::LinkStats;
+use super::{
+    link::LinkStats,
+    moments::{Marks, Moment, Moments},
+};
 
 /// Live counters of one migration (shared between the tasks that move the stream).
 #[derive(Debug, Default)]
@@ -36,6 +39,8 @@ pub struct Counters {
     pub lookups: Busy,
     /// NAS fetch rounds under way.
     pub fetches: Busy,
+    /// The moments of the guest's pause this end saw.
+    pub marks: Marks,
 }
 
 impl Counters {
@@ -51,6 +56,7 @@ impl Counters {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         at.get_or_insert_with(|| (self.qemu_bytes.load(Relaxed), self.link_bytes.load(Relaxed)));
+        self.marks.mark(Moment::Switchover);
     }
 
     pub fn snapshot(&self) -> Figures {
@@ -80,6 +86,7 @@ impl Counters {
             hash_ms: self.hash_ns.load(Relaxed) as f64 / 1e6,
             lookup_ms: self.lookups.ms(),
             fetch_ms: self.fetches.ms(),
+            moments: self.marks.snapshot(),
         }
     }
 }
@@ -93,6 +100,7 @@ impl From<&Figures> for LinkStats {
             nas_bytes: f.nas_bytes,
             fallbacks: f.fallbacks,
             fetch_us: (f.fetch_ms * 1e3) as u64,
+            moments: f.moments,
         }
     }
 }
@@ -106,6 +114,7 @@ impl From<LinkStats> for Figures {
             nas_bytes: s.nas_bytes,
             fallbacks: s.fallbacks,
             fetch_ms: s.fetch_us as f64 / 1e3,
+            moments: s.moments,
             ..Figures::default()
         }
     }
@@ -197,6 +206,9 @@ pub struct Figures {
     pub lookup_ms: f64,
     /// Time during which NAS fetches were under way (overlapping fetches count once).
     pub fetch_ms: f64,
+    /// This end's moments of the guest's pause (reported as stages, not as they are).
+    #[serde(skip)]
+    pub moments: Moments,
 }
 
 impl Figures {

@@ -50,11 +50,12 @@ use self::{
 pub use self::{error::ControlError, report::MigrationReport, source_setup::StreamSpec};
 use crate::{
     migration::{
+        moments::PauseStages,
         report::{Counters, Figures},
         secure::LinkSecurity,
         source::run_source,
     },
-    qmp::{guest_pause, Qmp, QmpError, RunState},
+    qmp::{guest_pause, last_event_time, Qmp, QmpError, RunState},
 };
 
 /// Capabilities whose streams cannot go through a one-way, single-connection proxy.
@@ -88,6 +89,9 @@ pub struct MigrateOptions {
     pub max_bandwidth: Option<u64>,
     /// Where the migration's figures go every 250 ms while it runs, for a progress display.
     pub progress: Option<watch::Sender<Figures>>,
+    /// The nice value this process's threads take from the source QEMU's STOP until the
+    /// migration ends (see [`crate::priority`]); `None` leaves them alone.
+    pub pause_nice: Option<i32>,
     pub timeout: Duration,
 }
 
@@ -269,9 +273,33 @@ async fn drive(
             None
         }
     };
+    // The source QEMU's STOP event lifts the link's cap at once: the stream QEMU wrote before
+    // stopping the guest, still queued in the agents, then crosses at full speed (the reader
+    // would lift it only on reaching the switchover in the stream, behind that backlog).
+    // It also raises this process's CPU priority for the rest of the migration.
+    let cap = bandwidth.cap();
+    let mut watching = cap.pacing().is_some() || opts.pause_nice.is_some();
+    let mut raised = None;
     let outcome = loop {
         tokio::select! {
             r = &mut source.0 => break r.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())),
+            event = src.next_event(), if watching => match event {
+                Ok(e) if e["event"] == "STOP" => {
+                    cap.lift();
+                    watching = false;
+                    if let Some(nice) = opts.pause_nice {
+                        match crate::priority::raise(nice) {
+                            Ok(r) => raised = Some(r),
+                            Err(e) => tracing::warn!("cannot raise the agent's priority to nice {nice} for the pause: {e}"),
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!("stopped watching the source QEMU's events: {e}");
+                    watching = false;
+                }
+            },
             _ = tokio::time::sleep(Duration::from_millis(250)) => {
                 if let Some(p) = &opts.progress {
                     p.send_replace(counters.snapshot());
@@ -291,6 +319,7 @@ async fn drive(
             () = &mut cancel => break Err("cancelled by the operator".to_string()),
         }
     };
+    drop(raised);
     if !source.0.is_finished() {
         // Dropping its task closes the source QEMU's connection and the link.
         source.0.abort();
@@ -352,12 +381,21 @@ async fn drive(
             }));
         }
     }
+    let (src_events, dst_events) = (src.events(), dst.events());
     if report.ok {
         report.guest_paused_ms =
-            guest_pause(&src.events(), &dst.events()).map(|d| d.as_millis() as u64);
+            guest_pause(&src_events, &dst_events).map(|d| d.as_millis() as u64);
     }
     match run {
         Some(r) => {
+            if report.ok {
+                report.pause = PauseStages::between(
+                    last_event_time(&src_events, "STOP"),
+                    &r.source.moments,
+                    &r.target.moments,
+                    last_event_time(&dst_events, "RESUME"),
+                );
+            }
             report.figures = r.figures();
             report.savings_pct = r.source.savings_pct();
             report.passthrough_reason = r.passthrough_reason;

@@ -2,7 +2,7 @@
 //! link ends, QEMU's times, where the guest runs, and the Prometheus counters it adds to.
 use serde::{Deserialize, Serialize};
 
-use crate::migration::report::Figures;
+use crate::migration::{moments::PauseStages, report::Figures};
 
 /// The per-migration report.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -26,6 +26,10 @@ pub struct MigrationReport {
     /// What the guest noticed: from the source QEMU stopping it to the target QEMU resuming it
     /// (QMP STOP and RESUME events, two hosts' clocks; see [`crate::qmp::guest_pause`]).
     pub guest_paused_ms: Option<u64>,
+    /// Where that pause went, stage by stage (`paused_*_ms`, see
+    /// [`crate::migration::moments`]).
+    #[serde(flatten)]
+    pub pause: PauseStages,
     pub passthrough_reason: Option<String>,
     pub source_status: String,
     pub target_status: String,
@@ -50,7 +54,7 @@ impl MigrationReport {
              (saved {:.1}%)\n  NAS fetched  {:>10.1} MiB\n  pages        full {} zero {} \
              mapped {} dup {} sent {} fallback {}\n  zstd         {:.1} MiB of frames sent as \
              {:.1} MiB\n  total time   {} ms, downtime {} ms, \
-             guest paused {}\n  while paused {:.1} MiB of QEMU's stream, {:.1} MiB on the link\n  \
+             guest paused {}\n  pause stages {}\n  while paused {:.1} MiB of QEMU's stream, {:.1} MiB on the link\n  \
              hashing {:.0} ms, lookups in flight {:.0} ms, NAS fetches under way {:.0} ms\n  \
              source {}, target {}\n  \
              target RAM   {}\n  link cap     {}\n  switchover   judged at {}",
@@ -71,6 +75,7 @@ impl MigrationReport {
             self.downtime_ms,
             self.guest_paused_ms
                 .map_or("unknown".to_string(), |ms| format!("{ms} ms")),
+            self.pause.text(),
             mib(self.figures.paused_qemu_bytes),
             mib(self.figures.paused_link_bytes),
             self.figures.hash_ms,

@@ -76,6 +76,8 @@ pub struct Qmp {
     reader: BufReader<OwnedReadHalf>,
     writer: OwnedWriteHalf,
     events: VecDeque<Value>,
+    /// A message read in part (see [`Qmp::read_message`]).
+    line: Vec<u8>,
     /// QEMU version from the greeting, e.g. (10, 0, 2).
     pub version: (u64, u64, u64),
     /// The QEMU process at the other end of the socket (SO_PEERCRED), when the kernel says.
@@ -101,6 +103,7 @@ impl Qmp {
             reader: BufReader::new(r),
             writer: w,
             events: VecDeque::new(),
+            line: Vec::new(),
             version: (0, 0, 0),
             peer_pid,
         };
@@ -115,24 +118,48 @@ impl Qmp {
         Ok(qmp)
     }
 
+    /// The next message. Cancel-safe: a line read in part stays in `line` for the next call.
     async fn read_message(&mut self) -> Result<Value, QmpError> {
-        let mut line = String::new();
         loop {
-            line.clear();
+            let room = (MAX_LINE + 1).saturating_sub(self.line.len()) as u64;
             let n = (&mut self.reader)
-                .take(MAX_LINE as u64 + 1)
-                .read_line(&mut line)
+                .take(room)
+                .read_until(b'\n', &mut self.line)
                 .await?;
+            if self.line.len() > MAX_LINE {
+                return Err(QmpError::TooLong);
+            }
             if n == 0 {
                 return Err(QmpError::Closed);
             }
-            if n > MAX_LINE {
-                return Err(QmpError::TooLong);
+            if self.line.last() != Some(&b'\n') {
+                continue;
             }
-            if !line.trim().is_empty() {
-                return Ok(serde_json::from_str(&line)?);
+            let line = std::mem::take(&mut self.line);
+            if !line.trim_ascii().is_empty() {
+                return Ok(serde_json::from_slice(&line)?);
             }
         }
+    }
+
+    /// Waits for the next event (kept with the others, see [`Qmp::events`]) and returns it.
+    /// Cancel-safe, so it can wait beside other work; a command's reply cannot arrive here,
+    /// since none is outstanding between [`Qmp::execute`] calls.
+    pub async fn next_event(&mut self) -> Result<Value, QmpError> {
+        loop {
+            let message = self.read_message().await?;
+            if message.get("event").is_some() {
+                self.keep_event(message.clone());
+                return Ok(message);
+            }
+        }
+    }
+
+    fn keep_event(&mut self, event: Value) {
+        if self.events.len() == MAX_EVENTS {
+            self.events.pop_front();
+        }
+        self.events.push_back(event);
     }
 
     /// Runs `command` with optional arguments and returns its `return` value.
@@ -166,10 +193,7 @@ impl Qmp {
         loop {
             let reply = self.read_message().await?;
             if reply.get("event").is_some() {
-                if self.events.len() == MAX_EVENTS {
-                    self.events.pop_front();
-                }
-                self.events.push_back(reply);
+                self.keep_event(reply);
                 continue;
             }
             if let Some(err) = reply.get("error") {
@@ -294,6 +318,52 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        server.await.unwrap();
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    /// An event waited for beside other work survives being interrupted mid-line: the part
+    /// read stays, and the next command's reply is still its own.
+    #[tokio::test]
+    async fn waiting_for_an_event_is_cancel_safe() {
+        let dir = std::env::temp_dir().join(format!("qmp-event-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("qmp.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let (half_sent_tx, half_sent_rx) = tokio::sync::oneshot::channel();
+        let server = tokio::spawn(async move {
+            let (s, _) = listener.accept().await.unwrap();
+            let (r, mut w) = s.into_split();
+            let mut r = BufReader::new(r);
+            w.write_all(b"{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 0, \"minor\": 0, \"major\": 10}}, \"capabilities\": []}}\n").await.unwrap();
+            let mut line = String::new();
+            r.read_line(&mut line).await.unwrap();
+            w.write_all(b"{\"return\": {}}\n").await.unwrap();
+            // Half an event, then a pause long enough for the waiter to be interrupted.
+            w.write_all(b"{\"event\": \"ST").await.unwrap();
+            half_sent_tx.send(()).unwrap();
+            line.clear();
+            r.read_line(&mut line).await.unwrap();
+            assert!(line.contains("query-status"));
+            w.write_all(b"OP\", \"data\": {}}\n{\"return\": {\"status\": \"paused\", \"running\": false}}\n{\"event\": \"RESUME\", \"data\": {}}\n")
+                .await
+                .unwrap();
+        });
+        let mut q = Qmp::connect(&path).await.unwrap();
+        half_sent_rx.await.unwrap();
+        tokio::select! {
+            e = q.next_event() => panic!("no whole event was sent yet: {e:?}"),
+            () = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+        assert_eq!(q.status().await.unwrap(), "paused");
+        let next = q.next_event().await.unwrap();
+        assert_eq!(next["event"], "RESUME");
+        let kept: Vec<Value> = q.events();
+        assert_eq!(kept.len(), 2);
+        assert_eq!(
+            (kept[0]["event"].as_str(), kept[1]["event"].as_str()),
+            (Some("STOP"), Some("RESUME"))
+        );
         server.await.unwrap();
         std::fs::remove_dir_all(dir).ok();
     }

@@ -136,6 +136,11 @@ async fn serve_one(
         Ok(q) => q,
         Err(e) => return Session::Refused(refuse(&mut link, e.to_string()).await),
     };
+    let _raised = config.session_nice.and_then(|nice| {
+        crate::priority::raise(nice)
+            .map_err(|e| tracing::warn!("cannot raise the agent's priority to nice {nice}: {e}"))
+            .ok()
+    });
     match run_target(link, frames, hello, qemu, config, counters).await {
         Ok(figures) => Session::Delivered(figures),
         Err(e) => Session::Failed(e.to_string()),

@@ -225,8 +225,15 @@ impl Emitter {
         // Never more than sent: the back channel refuses such an ACK.
         let stream_ahead = self.sent.saturating_sub(acked);
         let wire_ahead = self.wire_sent + self.pending.len() as u64 - self.wire_acked;
+        // While paced: no more framed and not yet written than the pacer lets out in a few
+        // milliseconds (the writer wakes this after each paced write).
+        let paced = flow.paced_queue().is_none_or(|q| {
+            let written = self.counters.link_bytes.load(Ordering::Relaxed);
+            (self.wire_sent + self.pending.len() as u64).saturating_sub(written) <= q
+        });
         // Below two ACK steps of stream the target may not ack again: never wait there.
-        Ok(stream_ahead <= flow.stream_window_bytes
+        Ok(paced
+            && stream_ahead <= flow.stream_window_bytes
             && (wire_ahead <= flow.link_window_bytes || stream_ahead < 2 * link::ACK_STEP))
     }
 
@@ -279,6 +286,8 @@ impl Emitter {
             }
         }
         self.wire_sent += bytes.len() as u64;
+        // The reader, held to a few milliseconds ahead of a paced link, may read on.
+        self.flow.framed_moved.notify_one();
         let point = (self.sent, self.wire_sent);
         if self.checkpoints.len() >= MAX_CHECKPOINTS {
             // Bounded: past the cap a flush joins the newest checkpoint (acked a little later).

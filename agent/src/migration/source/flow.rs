@@ -5,6 +5,15 @@ use std::sync::{atomic::AtomicU64, Arc, OnceLock};
 use tokio::sync::Notify;
 
 use super::error::BackError;
+use crate::migration::pace::Cap;
+
+/// While the link is paced, how long what waits ahead of the pacer may take to cross it. When
+/// QEMU stops the guest, the stream it already wrote crosses at the cap until the reader reaches
+/// the switchover and lifts it: that backlog is paid inside the guest's pause, so it is sized by
+/// time, not bytes.
+pub(super) const PACED_QUEUE_MS: u64 = 4;
+/// ... but never less than one read or one batch of frames, or the stream could not move.
+pub(super) const MIN_PACED_QUEUE: u64 = 512 << 10;
 
 /// Link flow control. Everything in flight is backlog the source QEMU's final iteration (its
 /// downtime) waits behind, so it is bounded twice: at most `stream_window_bytes` bytes of QEMU's stream
@@ -24,6 +33,20 @@ pub(super) struct Flow {
     /// Link bytes the target has read, as its latest ACK says, when it reports them
     /// ([`CAP_RECEIVED`]); advisory: it only steers compression.
     pub(super) received: Option<AtomicU64>,
+    /// The migration's cap (lifted at the switchover).
+    pub(super) cap: Arc<Cap>,
+    /// Notified (one permit, for the reader) when the emitter has framed more of the stream.
+    pub(super) framed_moved: Notify,
+}
+
+impl Flow {
+    /// While the link is paced: the bytes that may wait ahead of the pacer, at each of the two
+    /// places they wait (read and not yet framed; framed and not yet written). `None`: not
+    /// paced, only the windows bound them.
+    pub(super) fn paced_queue(&self) -> Option<u64> {
+        let rate = self.cap.pacing()?;
+        Some((rate.saturating_mul(PACED_QUEUE_MS) / 1000).max(MIN_PACED_QUEUE))
+    }
 }
 
 /// Whether the link holds the stream up, rather than the target: of the link bytes sent and
@@ -36,6 +59,31 @@ pub(super) fn link_holds_up(sent: u64, received: u64, delivered: u64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_paced_queue_drains_in_a_few_milliseconds() {
+        let flow = Flow {
+            acked: AtomicU64::new(0),
+            framed: AtomicU64::new(0),
+            failed: OnceLock::new(),
+            moved: Notify::new(),
+            stream_window_bytes: 16 << 20,
+            link_window_bytes: 2 << 20,
+            received: None,
+            cap: Arc::new(Cap::new(Some(1_000_000_000))),
+            framed_moved: Notify::new(),
+        };
+        // 1 GB/s: 4 ms is 4 MB.
+        assert_eq!(flow.paced_queue(), Some(4_000_000));
+        // 100 MB/s: 400 kB, under the floor of one batch.
+        flow.cap.set(Some(100_000_000));
+        assert_eq!(flow.paced_queue(), Some(MIN_PACED_QUEUE));
+        flow.cap.set(None);
+        assert_eq!(flow.paced_queue(), None);
+        flow.cap.set(Some(100_000_000));
+        flow.cap.lift();
+        assert_eq!(flow.paced_queue(), None);
+    }
 
     #[test]
     fn a_wait_is_the_links_when_more_is_crossing_than_waiting_at_the_target() {

@@ -42,7 +42,7 @@ mod writer;
 use std::{
     collections::VecDeque,
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicU64, Ordering},
         Arc, Mutex, OnceLock,
     },
     time::Duration,
@@ -68,6 +68,7 @@ use super::{
     compress::{Compression, LinkCompressor},
     dedup::ContentCache,
     link::{Hello, LinkFrame, LinkStats, CAP_RECEIVED, CAP_ZSTD, VERSION},
+    moments::Moment,
     outgoing::Outgoing,
     pace::Cap,
     pagemap::SharedMap,
@@ -256,20 +257,6 @@ where
     let (data_tx, data_rx) = mpsc::channel::<Outgoing>(32);
     let (spent_tx, spent_rx) = mpsc::channel::<Outgoing>(32);
     let (urgent_tx, urgent_rx) = mpsc::channel::<Vec<u8>>(64);
-    // Set by the reader once the stream reaches the switchover: the cap no longer applies.
-    let switched_over = Arc::new(AtomicBool::new(false));
-    let writer = tokio::spawn(writer::write_loop(writer::Writer {
-        link: link_wr,
-        urgent: urgent_rx,
-        data: data_rx,
-        spent: spent_tx,
-        spare: spare_tx.clone(),
-        cap: config.link_cap.clone(),
-        switched_over: switched_over.clone(),
-        counters: counters.clone(),
-    }));
-
-    let unacked = Arc::new(Unacked::new(config.unacked_pages, spare_tx.clone()));
     let flow = Arc::new(Flow {
         acked: AtomicU64::new(0),
         framed: AtomicU64::new(0),
@@ -278,7 +265,21 @@ where
         stream_window_bytes: config.stream_window_bytes,
         link_window_bytes: config.link_window_bytes,
         received: (caps & CAP_RECEIVED != 0).then(|| AtomicU64::new(0)),
+        cap: config.link_cap.clone(),
+        framed_moved: Notify::new(),
     });
+    let writer = tokio::spawn(writer::write_loop(writer::Writer {
+        link: link_wr,
+        urgent: urgent_rx,
+        data: data_rx,
+        spent: spent_tx,
+        spare: spare_tx.clone(),
+        cap: config.link_cap.clone(),
+        flow: flow.clone(),
+        counters: counters.clone(),
+    }));
+
+    let unacked = Arc::new(Unacked::new(config.unacked_pages, spare_tx.clone()));
     // Back channel: acks, fallback requests, the final DONE.
     let back = tokio::spawn(back::back_channel(
         frames,
@@ -302,7 +303,7 @@ where
         spent: spent_rx,
         out: data_tx,
         unacked,
-        flow,
+        flow: flow.clone(),
         sent: 0,
         wire_sent: 0,
         wire_acked: 0,
@@ -320,6 +321,7 @@ where
     let mut batches: VecDeque<Batch> = VecDeque::new();
     let mut in_flight = 0usize;
     let mut eof = false;
+    let mut switched_over = false;
     let mut record = match &config.record {
         Some(path) => Some(
             tokio::fs::File::create(path)
@@ -341,8 +343,21 @@ where
             if eof && batches.is_empty() {
                 return Ok(());
             }
-            let can_read = !eof && in_flight < config.lookup_window && batches.len() < MAX_BATCHES;
+            // While the link is paced, no more read and not yet framed than it drains in a few
+            // milliseconds: that backlog crosses at the cap once QEMU stops the guest.
+            let paced_room = flow.paced_queue().is_none_or(|q| {
+                counters
+                    .qemu_bytes
+                    .load(Ordering::Relaxed)
+                    .saturating_sub(flow.framed.load(Ordering::Acquire))
+                    < q
+            });
+            let can_read = !eof
+                && paced_room
+                && in_flight < config.lookup_window
+                && batches.len() < MAX_BATCHES;
             tokio::select! {
+                () = flow.framed_moved.notified(), if !eof && !paced_room => {}
                 reply = async { index.as_mut().expect("in flight implies a client").recv().await },
                     if in_flight > 0 => {
                     match reply {
@@ -367,6 +382,7 @@ where
                     let n = n.map_err(SourceError::Qemu)?;
                     if n == 0 {
                         eof = true;
+                        counters.marks.mark(Moment::QemuEof);
                         if config.rewrite {
                             // A stream QEMU ended mid-record: what the parser holds of it goes
                             // on too, so the target gets every byte QEMU sent.
@@ -401,8 +417,10 @@ where
                     };
                     if config.rewrite {
                         parser.feed(&input, &mut sink);
-                        if parser.switched_over() && !switched_over.swap(true, Ordering::Relaxed) {
+                        if parser.switched_over() && !switched_over {
+                            switched_over = true;
                             counters.switched_over();
+                            config.link_cap.lift();
                         }
                     } else {
                         sink.verbatim(&input);

@@ -1,20 +1,15 @@
 //! The link writer: urgent fallback answers first, then the stream's batches, paced to the
 //! migration's bandwidth cap until the switchover.
-use std::{
-    io,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
-};
+use std::{io, sync::Arc};
 
 use tokio::{
     io::{AsyncWrite, AsyncWriteExt},
     sync::mpsc,
 };
 
-use super::store::recycle;
+use super::{flow::Flow, store::recycle};
 use crate::migration::{
+    moments::Moment,
     outgoing::Outgoing,
     pace::{Cap, Pacer},
     report::Counters,
@@ -32,8 +27,9 @@ pub(super) struct Writer<W> {
     /// Where read buffers go back to the reader once a sent batch lets go of them.
     pub(super) spare: mpsc::Sender<Vec<u8>>,
     pub(super) cap: Arc<Cap>,
-    /// Set by the reader once the stream reaches the switchover: the cap no longer applies.
-    pub(super) switched_over: Arc<AtomicBool>,
+    /// Told of every paced write: the emitter keeps only a few milliseconds queued ahead of
+    /// the pacer.
+    pub(super) flow: Arc<Flow>,
     pub(super) counters: Arc<Counters>,
 }
 
@@ -45,14 +41,23 @@ pub(super) async fn write_loop<W: AsyncWrite + Unpin>(mut w: Writer<W>) -> io::R
         let mut batch = tokio::select! {
             biased;
             Some(b) = w.urgent.recv() => Outgoing::from(b),
-            b = w.data.recv() => match b { Some(b) => b, None => break },
+            b = w.data.recv() => match b {
+                Some(b) => b,
+                None => {
+                    // The stream is out, END last.
+                    w.link.flush().await?;
+                    w.counters.marks.mark(Moment::End);
+                    break;
+                }
+            },
         };
-        let cap = w
-            .cap
-            .get()
-            .filter(|_| !w.switched_over.load(Ordering::Relaxed));
-        pacer.pace(batch.len(), cap).await;
+        pacer.pace(batch.len(), w.cap.pacing()).await;
         Counters::add(&w.counters.link_bytes, batch.len() as u64);
+        // An emitter held to the paced queue waits for this write (also once the cap was
+        // lifted: it may have been waiting since before).
+        if w.cap.get().is_some() {
+            w.flow.moved.notify_waiters();
+        }
         batch.write_to(&mut w.link).await?;
         // With nothing more queued, push it out: over TLS a write may leave records in the
         // session's buffer (when the socket was full) until the next write or a flush; on

@@ -14,6 +14,7 @@ use tokio::{
 use super::TargetError;
 use crate::migration::{
     link::{LinkFrame, ACK_MAPPED, ACK_STEP},
+    moments::Moment,
     report::Counters,
     savevm::Gate,
     stream::PAGE_SIZE,
@@ -122,6 +123,7 @@ pub(super) async fn write_loop<Q: AsyncWrite + Unpin>(
         }
     }
     out.flush().await.map_err(TargetError::Qemu)?;
+    counters.marks.mark(Moment::Delivered);
     out.shutdown().await.map_err(TargetError::Qemu)?;
     if let Some(mut f) = record {
         f.flush().await.map_err(TargetError::Qemu)?;

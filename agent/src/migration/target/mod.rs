@@ -40,6 +40,7 @@ use super::{
     dedup::ContentCache,
     incoming::Delivery,
     link::{Hash, Hello, LinkFrame, LinkStats, CAP_RECEIVED, CAP_ZSTD, VERSION},
+    moments::Moment,
     report::{Counters, Figures},
     secure::LinkSecurity,
     stream::PAGE_SIZE,
@@ -73,6 +74,9 @@ pub struct TargetConfig {
     pub max_sessions: usize,
     /// TLS on the agent link, or the operator's plaintext opt-out.
     pub link_security: LinkSecurity,
+    /// `agent serve`: the nice value its threads take while it serves a migration (see
+    /// [`crate::priority`]); `None` leaves them alone.
+    pub session_nice: Option<i32>,
 }
 
 impl Default for TargetConfig {
@@ -90,6 +94,7 @@ impl Default for TargetConfig {
             delivery: Delivery::default(),
             max_sessions: MAX_SESSIONS,
             link_security: LinkSecurity::default(),
+            session_nice: None,
         }
     }
 }
@@ -379,6 +384,7 @@ where
                 continue;
             }
             LinkFrame::End { stats } => {
+                counters.marks.mark(Moment::End);
                 source_stats = Some(stats);
                 if let Some(tx) = slot_tx.take() {
                     let _ = tx.send(std::mem::take(&mut slots));
