@@ -274,7 +274,6 @@ where
         data: data_rx,
         spent: spent_tx,
         spare: spare_tx.clone(),
-        cap: config.link_cap.clone(),
         flow: flow.clone(),
         counters: counters.clone(),
     }));

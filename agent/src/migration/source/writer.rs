@@ -8,12 +8,7 @@ use tokio::{
 };
 
 use super::{flow::Flow, store::recycle};
-use crate::migration::{
-    moments::Moment,
-    outgoing::Outgoing,
-    pace::{Cap, Pacer},
-    report::Counters,
-};
+use crate::migration::{moments::Moment, outgoing::Outgoing, pace::Pacer, report::Counters};
 
 /// The writer's channel ends and settings.
 pub(super) struct Writer<W> {
@@ -26,9 +21,8 @@ pub(super) struct Writer<W> {
     pub(super) spent: mpsc::Sender<Outgoing>,
     /// Where read buffers go back to the reader once a sent batch lets go of them.
     pub(super) spare: mpsc::Sender<Vec<u8>>,
-    pub(super) cap: Arc<Cap>,
-    /// Told of every paced write: the emitter keeps only a few milliseconds queued ahead of
-    /// the pacer.
+    /// The migration's cap (`flow.cap`), and told of every paced write: the emitter keeps
+    /// only a few milliseconds queued ahead of the pacer.
     pub(super) flow: Arc<Flow>,
     pub(super) counters: Arc<Counters>,
 }
@@ -51,11 +45,11 @@ pub(super) async fn write_loop<W: AsyncWrite + Unpin>(mut w: Writer<W>) -> io::R
                 }
             },
         };
-        pacer.pace(batch.len(), w.cap.pacing()).await;
+        pacer.pace(batch.len(), w.flow.cap.pacing()).await;
         Counters::add(&w.counters.link_bytes, batch.len() as u64);
         // An emitter held to the paced queue waits for this write (also once the cap was
         // lifted: it may have been waiting since before).
-        if w.cap.get().is_some() {
+        if w.flow.cap.get().is_some() {
             w.flow.moved.notify_waiters();
         }
         batch.write_to(&mut w.link).await?;
