@@ -11,6 +11,8 @@
 //! - [`orchestrate`]: `agent migrate` on the source host: both QEMUs over [`qmp`], the link,
 //!   the bandwidth cap, the switchover, settling where the guest runs, and the report.
 //! - [`serve`]: `agent serve` on the target host: accepts agent links, one session each.
+//! - [`plan`]: before a migration, what it will cost: a VM's sampled RAM, its dirty rate
+//!   (QMP `calc-dirty-rate`) and the pre-copy model, for plain QEMU and for the agents.
 //! - [`qmp`]: the QMP client both use; [`priority`]: the agents' CPU priority around the pause.
 //! - [`daemon`]: the long-running host daemon: telemetry and maps for the VMs it follows, the
 //!   target side, and migrations asked over its control socket with the VM's map.
@@ -20,6 +22,7 @@
 pub mod daemon;
 pub mod migration;
 pub mod orchestrate;
+pub mod plan;
 pub mod priority;
 pub mod qmp;
 pub mod serve;

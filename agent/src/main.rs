@@ -40,6 +40,9 @@ enum Command {
     Unfollow(cmd::control::FollowArgs),
     /// What the host daemon follows: per VM, RAM mirrored on storage, map entries, drops.
     Status(cmd::control::StatusArgs),
+    /// What a migration will cost, before it starts: bytes, time, passes, downtime and
+    /// whether it converges, for plain QEMU and through the agents (`--rank`: every followed VM).
+    Plan(cmd::plan::Args),
     /// Register an incoming migration with the host daemon (when libvirt starts the target
     /// QEMU's incoming migration itself).
     Expect(cmd::control::ExpectArgs),
@@ -75,6 +78,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Unfollow(args) => cmd::control::follow(args, false).await,
         Command::Status(args) => cmd::control::status(args).await,
         Command::Expect(args) => cmd::control::expect(args).await,
+        Command::Plan(args) => cmd::plan::run(args).await,
     }
 }
 

@@ -18,41 +18,19 @@
 use std::{
     path::Path,
     process::{Command, Stdio},
-    time::{Duration, Instant},
 };
 
-use agent::qmp::Qmp;
-use serde_json::Value;
+use support::{agent, follow_and_run, json_of, migrate_via, start_daemon};
 use testkit::{
     free_port,
     qemu::{agent_qmp_dir, carried_on, exclusive, Guest, GuestSpec, Pair},
     require_root, require_tool, Running, Scratch,
 };
 
+mod support;
+
 const MEM_MB: u32 = 384;
 const READ_MB: u32 = 128;
-
-fn agent() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_agent"));
-    cmd.env("RUST_LOG", "info");
-    cmd
-}
-
-fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < limit, "{what} within {limit:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Runs an agent command to its end; its stdout as JSON.
-fn json_of(cmd: &mut Command) -> Value {
-    let out = cmd.stderr(Stdio::inherit()).output().expect("run agent");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{cmd:?} failed: {text}");
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{cmd:?} printed no JSON ({e}): {text}"))
-}
 
 /// How a guest's disk is: written during the migration too (the map must drop what the
 /// writes make stale), or only read.
@@ -88,6 +66,7 @@ fn guest_writing(
             qemu: None,
             iothread: false,
             fill_mb,
+            dirty_mb: 0,
         },
     )
 }
@@ -102,57 +81,13 @@ fn followed_guest(
     (fill_mb, writes): (u32, Writes),
 ) -> Guest {
     let g = guest_writing(dir, name, uri, (false, true), fill_mb, writes);
-    let followed = json_of(
-        agent()
-            .arg("follow")
-            .arg("--qmp")
-            .arg(&g.qmp_path)
-            .arg("--control")
-            .arg(control),
-    );
-    assert_eq!(followed["disks"][0]["followed"], true, "{followed}");
-    rt.block_on(async {
-        let mut q = Qmp::connect(&g.qmp_path).await.expect("QMP");
-        q.execute("cont", None).await.expect("cont");
-    });
-    g.wait_line("QEVAL-READY", 0, Duration::from_secs(180));
+    follow_and_run(rt, &g, control);
     g
 }
 
-/// `agent daemon` with `extra` flags, its target side finding QEMUs in the directory's agent
-/// QMP directory; its control socket, link port and process.
-fn start_daemon(dir: &Scratch, extra: &[&std::ffi::OsStr]) -> (std::path::PathBuf, u16, Running) {
-    let (control, link) = (dir.path("control.sock"), free_port());
-    let daemon = Running(
-        agent()
-            .args(["daemon", "--insecure"])
-            .arg("--control")
-            .arg(&control)
-            .args(["--link-listen", &format!("127.0.0.1:{link}")])
-            .arg("--qmp-dir")
-            .arg(agent_qmp_dir(&dir.0))
-            .args(extra)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start agent daemon"),
-    );
-    wait_for("the control socket", Duration::from_secs(30), || {
-        control.exists()
-    });
-    (control, link, daemon)
-}
-
 fn migrate(control: &Path, source: &Guest, target: &Guest, link: u16, nas: &str) -> Command {
-    let mut cmd = agent();
-    cmd.arg("migrate")
-        .arg("--control")
-        .arg(control)
-        .arg("--source-qmp")
-        .arg(&source.qmp_path)
-        .arg("--target-qmp")
-        .arg(&target.qmp_path)
-        .args(["--target-agent", &format!("127.0.0.1:{link}")])
-        .args(["--export", "disk", "--nas-nbd", nas, "--json", "--insecure"])
+    let mut cmd = migrate_via(control, source, target, link);
+    cmd.args(["--export", "disk", "--nas-nbd", nas])
         // Savings here compare what the map and the index place: compression, which the
         // source turns on and off with the link's timing, would add several points of noise
         // to either side (62-72% over four runs of the same set-up).
@@ -315,16 +250,8 @@ fn a_map_only_migration_reads_mapped_pages_from_a_shared_image_file() {
     let blob = source.blob_sums()[0].clone();
     let target = guest_writing(&dir.0, "target", export, (true, false), 0, Writes::No);
     let report = json_of(
-        agent()
-            .arg("migrate")
-            .arg("--control")
-            .arg(&control)
-            .arg("--source-qmp")
-            .arg(&source.qmp_path)
-            .arg("--target-qmp")
-            .arg(&target.qmp_path)
-            .args(["--target-agent", &format!("127.0.0.1:{link}")])
-            .args(["--export", export, "--no-index", "--json", "--insecure"])
+        migrate_via(&control, &source, &target, link)
+            .args(["--export", export, "--no-index"])
             .args(["--zstd", "never"]),
     );
     eprintln!("map only, shared file: {report:#}");

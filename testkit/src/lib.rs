@@ -61,6 +61,7 @@ pub fn direct_writes(file: &File, count: u64) -> io::Result<()> {
 }
 
 pub mod nbd_fixture;
+pub mod plain;
 pub mod qemu;
 pub mod roundtrip;
 pub mod tls;

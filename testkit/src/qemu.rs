@@ -55,6 +55,8 @@ pub struct GuestSpec<'a> {
     pub iothread: bool,
     /// After reading, drop the page cache and fill this many MiB of memory with random data.
     pub fill_mb: u32,
+    /// Then keep dirtying about this many MiB of memory a second (at most 48).
+    pub dirty_mb: u32,
 }
 
 /// The directory of the target agent's QMP sockets for guests started in `dir` (`--qmp-dir`):
@@ -124,10 +126,11 @@ impl Guest {
         .arg(&initrd)
         .arg("-append")
         .arg(format!(
-            "console=ttyS0 quiet panic=-1 readmb={} diskwrite={} fillmb={}",
+            "console=ttyS0 quiet panic=-1 readmb={} diskwrite={} fillmb={} dirtymb={}",
             spec.read_mb,
             u8::from(spec.disk_writes),
-            spec.fill_mb
+            spec.fill_mb,
+            spec.dirty_mb
         ))
         .args(if spec.iothread {
             vec![
@@ -363,6 +366,7 @@ pub async fn record_stream(
             qemu,
             iothread: false,
             fill_mb: 0,
+            dirty_mb: 0,
         },
     );
     guest.wait_line("QEVAL-READY", 0, Duration::from_secs(120));
@@ -468,6 +472,7 @@ impl Pair {
             qemu: None,
             iothread: false,
             fill_mb: 0,
+            dirty_mb: 0,
         };
         let source = Guest::start(&dir.0, &spec("source", false, false));
         source.wait_line("QEVAL-READY", 0, Duration::from_secs(180));

@@ -66,6 +66,7 @@ fn measure(
             qemu: None,
             iothread,
             fill_mb: 0,
+            dirty_mb: 0,
         },
     );
     let _entered = rt.enter();

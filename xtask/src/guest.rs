@@ -8,6 +8,7 @@
 //! - reads `readmb=` MiB of /dev/vda and keeps it open, so the page cache stays;
 //! - fills a 16 MiB RAM blob and prints its md5 (`QEVAL-BLOB`) with every 5th heartbeat;
 //! - with `diskwrite=1`, rewrites disk blocks every second (for migration fault tests);
+//! - with `dirtymb=N` (N <= 48), dirties about N MiB of memory a second with fresh content;
 //! - prints `QEVAL-HEARTBEAT n` every second.
 //!
 //! Output: `target/guest/{vmlinuz,initramfs.cpio.gz}`. Rebuilt only when the init script or
@@ -35,9 +36,9 @@ mount -t devtmpfs devtmpfs /dev
 for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk; do
   insmod /mods/$m.ko || echo "QEVAL-ERROR insmod $m"
 done
-READMB=0; DISKWRITE=0; FILLMB=0
+READMB=0; DISKWRITE=0; FILLMB=0; DIRTYMB=0
 for a in $(cat /proc/cmdline); do
-  case "$a" in readmb=*) READMB="${a#readmb=}";; diskwrite=*) DISKWRITE="${a#diskwrite=}";; fillmb=*) FILLMB="${a#fillmb=}";; esac
+  case "$a" in readmb=*) READMB="${a#readmb=}";; diskwrite=*) DISKWRITE="${a#diskwrite=}";; fillmb=*) FILLMB="${a#fillmb=}";; dirtymb=*) DIRTYMB="${a#dirtymb=}";; esac
 done
 i=0; while [ ! -b /dev/vda ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
 if [ -b /dev/vda ]; then
@@ -59,6 +60,27 @@ else
 fi
 dd if=/dev/urandom of=/tmp/blob bs=1M count=16 2>/dev/null
 echo "QEVAL-BLOB $(md5sum /tmp/blob | cut -d' ' -f1)"
+if [ "$DIRTYMB" -gt 0 ] && [ "$DIRTYMB" -le 48 ]; then
+  # About DIRTYMB MiB of memory dirtied each second, an eighth every 125 ms, into a 96 MiB
+  # ring in tmpfs. Fresh content each time (a page-aligned copy of other guest pages would go
+  # out as duplicates, and /dev/urandom is too slow under TCG): copied from a random source
+  # at a byte offset that is never page-aligned.
+  dd if=/dev/urandom of=/tmp/src bs=1M count=24 2>/dev/null
+  # The ring starts full of such content, so the guest's memory is in its steady state once
+  # it is ready (a ring filling up from zero pages would change what a migration moves).
+  i=0; while [ $i -lt 8 ]; do
+    dd if=/tmp/src of=/tmp/dirty bs=64k count=192 iflag=skip_bytes skip=$(( i * 4099 + 1 )) \
+      seek=$(( i * 192 )) conv=notrunc 2>/dev/null
+    i=$((i+1))
+  done
+  ( k=0; q=$(( DIRTYMB * 2 )); while true; do
+      dd if=/tmp/src of=/tmp/dirty bs=64k count=$q iflag=skip_bytes \
+        skip=$(( (k * 4099) % 8388608 )) seek=$(( (k * q) % (1536 - q + 1) )) conv=notrunc \
+        2>/dev/null
+      k=$((k+1)); sleep 0.125
+    done ) &
+  echo "QEVAL-DIRTYING $DIRTYMB"
+fi
 echo "QEVAL-READY"
 n=0
 while true; do

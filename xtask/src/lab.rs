@@ -8,7 +8,7 @@ use std::{
 
 use agent::qmp::{guest_pause, last_event_time};
 use anyhow::{bail, Context};
-use serde_json::{json, Value};
+use serde_json::Value;
 use testkit::qemu::{Guest, GuestSpec};
 
 use crate::sh;
@@ -108,6 +108,8 @@ pub struct Load {
     pub fill_mb: u32,
     /// Rewrites disk blocks every second, through the migration.
     pub disk_writes: bool,
+    /// MiB of memory dirtied each second, through the migration (at most 48).
+    pub dirty_mb: u32,
 }
 
 /// A source guest that has read its disk, and a target waiting for it.
@@ -155,6 +157,7 @@ impl Pair {
             qemu: None,
             iothread: false,
             fill_mb: load.fill_mb,
+            dirty_mb: load.dirty_mb,
         };
         let (source_name, target_name) = (format!("{tag}-source"), format!("{tag}-target"));
         let source = Guest::start(dir, &spec(&source_name, false));
@@ -209,42 +212,16 @@ pub async fn plain_migration(
 ) -> anyhow::Result<PlainMigration> {
     let mut src = pair.source.qmp().await;
     let mut dst = pair.target.qmp().await;
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-        l.local_addr()?.port()
-    };
-    dst.execute(
-        "migrate-incoming",
-        Some(json!({ "uri": format!("tcp:127.0.0.1:{port}") })),
+    let relay = via.map(|f| move |port| f(port).map_err(|e| format!("{e:#}")));
+    let info = testkit::plain::plain_migrate(
+        &mut src,
+        &mut dst,
+        relay
+            .as_ref()
+            .map(|f| f as &dyn Fn(u16) -> Result<u16, String>),
     )
-    .await?;
-    let port = match via {
-        Some(relay) => relay(port)?,
-        None => port,
-    };
-    src.execute(
-        "migrate",
-        Some(json!({ "uri": format!("tcp:127.0.0.1:{port}") })),
-    )
-    .await?;
-    let deadline = Instant::now() + Duration::from_secs(300);
-    let info = loop {
-        let info = src.execute("query-migrate", None).await?;
-        match info["status"].as_str() {
-            Some("completed") => break info,
-            Some("failed") | Some("cancelled") => bail!("plain migration failed: {info}"),
-            _ if Instant::now() > deadline => bail!("plain migration did not finish"),
-            _ => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    };
-    // The target runs by itself once it has loaded the stream; its RESUME event comes first.
-    while dst.status().await? != "running" {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the target did not start running"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    .await
+    .map_err(anyhow::Error::msg)?;
     let src_events = src.events();
     let guest_paused_ms = guest_pause(&src_events, &dst.events()).map(|d| d.as_millis() as u64);
     Ok(PlainMigration {

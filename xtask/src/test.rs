@@ -17,7 +17,7 @@ use crate::{ebpf, fuzz, guest, setup, sh};
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Seconds each fuzz target runs at the end of the suite.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 10)]
     fuzz_seconds: u64,
     /// Extra arguments for `cargo test` (e.g. a test name filter).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]

@@ -101,6 +101,7 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
             mib(&vm["map_memory_bytes"]),
             vm["events"],
         );
+        println!("  {}", memory_line(vm));
         for d in vm["disks"].as_array().into_iter().flatten() {
             match d["followed"].as_bool() {
                 Some(true) => println!("  {}: followed ({})", d["device"], d["export"]),
@@ -113,4 +114,43 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A followed VM's dirty rate, with its age, and whether a migration would converge.
+fn memory_line(vm: &Value) -> String {
+    let mib = |v: &Value| v.as_f64().unwrap_or(0.0) / (1 << 20) as f64;
+    let d = &vm["dirty"];
+    let mut line = match d["bytes_per_sec"].as_f64() {
+        Some(_) => format!(
+            "dirty {:.1} MiB/s ({:.0} s old, mean of the last samples)",
+            mib(&d["bytes_per_sec"]),
+            d["age_s"].as_f64().unwrap_or(0.0)
+        ),
+        None => "dirty rate not measured yet".to_string(),
+    };
+    if let Some(e) = d["error"].as_str().or(vm["figures_error"].as_str()) {
+        line += &format!("; latest attempt failed: {e}");
+    }
+    let m = &vm["migration"];
+    if m.is_object() {
+        let verdict = |v: &Value| {
+            if v == true {
+                "converges"
+            } else {
+                "does NOT converge"
+            }
+        };
+        line += &format!(
+            "; at {:.0} MiB/s plain QEMU {}, the agents {} ({:.1} MiB on the link, {})",
+            mib(&m["bandwidth"]),
+            verdict(&m["plain_converges"]),
+            verdict(&m["agents_converge"]),
+            mib(&m["agents_link_bytes"]),
+            match m["agents_total_s"].as_f64() {
+                Some(t) => format!("{t:.1} s"),
+                None => "never".to_string(),
+            }
+        );
+    }
+    line
 }

@@ -3,9 +3,12 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use agent::{
-    daemon::control::{call_cancellable, ControlError, MigrateRequest, Request, DEFAULT_SOCKET},
+    daemon::control::{
+        call, call_cancellable, ControlError, MigrateRequest, Request, DEFAULT_SOCKET,
+    },
     migration::report::Figures,
     orchestrate::{migrate, MigrateOptions, MigrationReport},
+    plan::{model::Forecast, plan_now, Ask, IndexAsk, Plan},
 };
 use anyhow::Context;
 use tokio::signal::unix::{signal, Signal, SignalKind};
@@ -55,6 +58,10 @@ pub struct Args {
     /// Run the migration in this process even when the host daemon is up.
     #[arg(long)]
     no_daemon: bool,
+    /// Do not predict the migration before starting it (`agent plan`; without the host
+    /// daemon that measures the dirty rate for a second first).
+    #[arg(long)]
+    no_plan: bool,
 }
 
 pub async fn run(mut args: Args) -> anyhow::Result<()> {
@@ -71,12 +78,17 @@ pub async fn run(mut args: Args) -> anyhow::Result<()> {
     let mut terminate = signal(SignalKind::terminate())?;
     // Checked before anything starts, daemon or not.
     let link_security = args.tls.security(Vec::new())?;
+    let predicted = if args.no_plan {
+        None
+    } else {
+        predict(&args).await
+    };
     if !args.no_daemon {
         let cancel = async {
             signalled(&mut interrupt, &mut terminate).await;
             tracing::warn!("cancelling the migration in the host daemon");
         };
-        if let Some(report) = via_daemon(&args, cancel).await? {
+        if let Some(report) = via_daemon(&args, predicted.clone(), cancel).await? {
             return print(&report, args.json);
         }
     }
@@ -117,7 +129,53 @@ pub async fn run(mut args: Args) -> anyhow::Result<()> {
         drop(tx);
         let _ = bar.await;
     }
-    print(&report?, args.json)
+    let mut report = report?;
+    report.predicted = predicted;
+    print(&report, args.json)
+}
+
+/// The plan for this migration, printed before it starts: asked of the host daemon (with the
+/// VM's map and smoothed dirty rate), else made here. A plan that cannot be made costs only a
+/// warning.
+async fn predict(args: &Args) -> Option<Forecast> {
+    let ask = Ask {
+        bandwidth: args.max_bandwidth.filter(|b| *b > 0).map(|b| b as f64),
+        final_bandwidth: None,
+        zstd: format!("{:?}", args.stream.zstd).to_lowercase(),
+        index: (!args.stream.no_index).then(|| IndexAsk {
+            addr: args.stream.nas_index.to_string(),
+            exports: args.stream.exports.clone(),
+            tls_creds: args.stream.nas_tls_creds.clone(),
+        }),
+    };
+    let qmp = &args.source_qmp;
+    let from_daemon = if args.no_daemon || !args.control.exists() {
+        None
+    } else {
+        let request = Request::Plan {
+            qmp: Some(qmp.clone()),
+            ask: ask.clone(),
+        };
+        call(&args.control, &request)
+            .await
+            .ok()
+            .and_then(|r| serde_json::from_value::<Plan>(r["plans"][0]["plan"].clone()).ok())
+    };
+    let plan = match from_daemon {
+        Some(p) => p,
+        None => match plan_now(qmp, Duration::from_secs(1), &ask).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!("no prediction for this migration: {e}");
+                return None;
+            }
+        },
+    };
+    eprint!(
+        "{}",
+        super::plan::describe(0, &qmp.display().to_string(), &plan, false)
+    );
+    Some(plan.agents)
 }
 
 fn print(report: &MigrationReport, json: bool) -> anyhow::Result<()> {
@@ -137,6 +195,7 @@ fn print(report: &MigrationReport, json: bool) -> anyhow::Result<()> {
 /// Hands the migration to the host daemon; `None` when no daemon answers (then it runs here).
 async fn via_daemon(
     args: &Args,
+    predicted: Option<Forecast>,
     cancel: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<Option<MigrationReport>> {
     if !args.control.exists() {
@@ -165,6 +224,7 @@ async fn via_daemon(
         timeout_secs: args.timeout,
         tls_creds: args.tls.tls_creds.clone(),
         insecure: args.tls.insecure,
+        predicted,
     };
     let request = Request::Migrate {
         request: Box::new(request),

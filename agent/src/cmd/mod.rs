@@ -3,6 +3,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod migrate;
+pub mod plan;
 pub mod serve;
 pub mod source;
 pub mod telemetry;

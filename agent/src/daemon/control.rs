@@ -6,6 +6,8 @@
 //!        <-{"ok":true,"vm":{"pid":..,"disks":[..]}}---------------
 //! client --{"op":"migrate","request":{..}}------------------------> daemon (runs it, with the
 //!        <-{"ok":true,"report":{..}}-----------------------------    VM's map when it has one)
+//! client --{"op":"plan","qmp":null,"ask":{..}}-----------------> daemon (every followed VM,
+//!        <-{"ok":true,"plans":[{"qmp":..,"plan":{..}},..]}-------    cheapest to move first)
 //! client --{"op":"expect","vm":"vm1","incoming":"tcp:..",..}-----> daemon (the target side
 //!        <-{"ok":true}-------------------------------------------    delivers vm1 there, once)
 //! ```
@@ -32,6 +34,11 @@ pub enum Request {
     Unfollow { qmp: PathBuf },
     /// Every followed VM, its map and the follower's drops.
     Status,
+    /// Plans for the VM behind `qmp`, or for every followed VM (cheapest to move first).
+    Plan {
+        qmp: Option<PathBuf>,
+        ask: crate::plan::Ask,
+    },
     /// Run a migration from this host, with the VM's map when the daemon keeps one.
     Migrate { request: Box<MigrateRequest> },
     /// Expect one incoming migration of `vm` within `ttl_secs`, delivered to `incoming`
@@ -69,6 +76,9 @@ pub struct MigrateRequest {
     /// The nice value for the pause (`agent migrate --pause-nice`); absent from older clients.
     #[serde(default)]
     pub pause_nice: Option<i32>,
+    /// The prediction `agent migrate` made before asking (added to the report).
+    #[serde(default)]
+    pub predicted: Option<crate::plan::model::Forecast>,
 }
 
 /// Errors talking to the daemon.

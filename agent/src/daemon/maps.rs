@@ -8,6 +8,7 @@ use std::{
 
 use crate::{
     migration::pagemap::{Claim, PageMap},
+    plan::observed::Observed,
     telemetry::{
         track::VmTrack,
         vm::{Disk, DiskPath},
@@ -19,11 +20,19 @@ use crate::{
 pub struct Followed {
     pub qmp: PathBuf,
     pub track: Mutex<VmTrack>,
+    /// Its dirty rate and sampled RAM (see [`super::figures`]).
+    pub figures: Mutex<Observed>,
+    /// Held while its dirty rate is measured: QEMU runs one `calc-dirty-rate` at a time.
+    pub measuring: tokio::sync::Mutex<()>,
 }
 
 impl Followed {
     pub fn track(&self) -> std::sync::MutexGuard<'_, VmTrack> {
         self.track.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn figures(&self) -> std::sync::MutexGuard<'_, Observed> {
+        self.figures.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -44,6 +53,8 @@ impl Registry {
         let vm = Arc::new(Followed {
             qmp,
             track: Mutex::new(track),
+            figures: Mutex::default(),
+            measuring: tokio::sync::Mutex::new(()),
         });
         self.vms().insert(pid, vm.clone());
         vm

@@ -7,6 +7,7 @@
 //! ```
 //! - [`control`]: the request/reply protocol of the control socket, and its client.
 //! - [`maps`]: the followed VMs and the view of a map a migration's source side asks.
+//! - [`figures`]: per followed VM, its dirty rate on a schedule, its sampled RAM, its plans.
 //!
 //! Migrations asked over the control socket run here, with the VM's map, so pages it places
 //! go out MAPPED with no index round trip. When the daemon is down, `agent migrate` runs the
@@ -14,6 +15,7 @@
 //! object, a refused program) the daemon still serves and migrates, and says why it keeps no
 //! maps.
 pub mod control;
+pub mod figures;
 pub mod maps;
 
 use std::{
@@ -33,6 +35,7 @@ use tokio::{
 
 use self::{
     control::{read_line, MigrateRequest, Request},
+    figures::FiguresConfig,
     maps::{export_name, Registry, VmPageMap},
 };
 use crate::{
@@ -41,6 +44,7 @@ use crate::{
         target::TargetConfig,
     },
     orchestrate::{migrate, MigrateOptions, StreamSpec},
+    plan::{plan_now, Ask},
     qmp::Qmp,
     serve::serve,
     telemetry::{track::VmTrack, vm::Vm, IoFollower, ObjectSource},
@@ -55,6 +59,7 @@ pub struct DaemonConfig {
     pub link: TcpListener,
     pub target: TargetConfig,
     pub ebpf: ObjectSource,
+    pub figures: FiguresConfig,
 }
 
 /// Changes to what the follower follows, sent to the event loop that owns it.
@@ -64,7 +69,8 @@ enum Follow {
 }
 
 struct Shared {
-    registry: Registry,
+    registry: Arc<Registry>,
+    figures: FiguresConfig,
     /// Where follow changes go, or why the eBPF side could not be attached.
     follow: Result<mpsc::Sender<Follow>, String>,
     drops: watch::Receiver<[u64; SyscallDrop::COUNT as usize]>,
@@ -88,7 +94,8 @@ pub async fn run(config: DaemonConfig, shutdown: watch::Receiver<bool>) -> std::
         }
     };
     let shared = Arc::new(Shared {
-        registry: Registry::default(),
+        registry: Arc::default(),
+        figures: config.figures.clone(),
         follow: follow
             .as_ref()
             .map(|(tx, _, _)| tx.clone())
@@ -105,6 +112,11 @@ pub async fn run(config: DaemonConfig, shutdown: watch::Receiver<bool>) -> std::
             shutdown.clone(),
         ));
     }
+    tokio::spawn(figures::sampler(
+        shared.registry.clone(),
+        config.figures.clone(),
+        shutdown.clone(),
+    ));
     let serving = tokio::spawn(serve(config.link, config.target, shutdown.clone()));
     let slots = Arc::new(Semaphore::new(MAX_CONTROL));
     let mut stop = shutdown.clone();
@@ -257,6 +269,7 @@ async fn answer(
         Request::Follow { qmp } => follow(&qmp, shared).await,
         Request::Unfollow { qmp } => unfollow(&qmp, shared).await,
         Request::Status => Ok(status(shared)),
+        Request::Plan { qmp, ask } => plan(qmp, &ask, shared).await,
         Request::Migrate { request } => run_migration(*request, shared, cancel).await,
         Request::Expect {
             vm,
@@ -367,6 +380,11 @@ fn status(shared: &Shared) -> Value {
             d["events"] = json!(t.events());
             d["decode"] = json!(format!("{:?}", t.decode_stats()));
             d["map"] = json!(format!("{:?}", t.map().stats()));
+            drop(t);
+            let f = figures::status(vm, shared.figures.bandwidth);
+            if let (Value::Object(d), Value::Object(f)) = (&mut d, f) {
+                d.extend(f);
+            }
             d
         })
         .collect();
@@ -390,6 +408,28 @@ fn status(shared: &Shared) -> Value {
     })
 }
 
+/// Plans for one VM (followed: with its map and smoothed dirty rate; else measured now), or
+/// for every followed VM, cheapest to move first.
+async fn plan(qmp: Option<PathBuf>, ask: &Ask, shared: &Shared) -> Result<Value, String> {
+    let window = shared.figures.window;
+    // A smoothed rate is used while younger than two rounds of the schedule.
+    let fresh = shared
+        .figures
+        .interval
+        .map_or(Duration::ZERO, |i| 2 * i + window);
+    let vms = match &qmp {
+        None => shared.registry.all(),
+        Some(q) => match shared.registry.by_qmp(q) {
+            Some(vm) => vec![vm],
+            None => {
+                let plan = plan_now(q, window, ask).await.map_err(|e| e.to_string())?;
+                return Ok(json!({"plans": [{"qmp": q, "plan": plan, "followed": false}]}));
+            }
+        },
+    };
+    Ok(json!({ "plans": figures::rank(vms, ask, window, fresh).await }))
+}
+
 async fn run_migration(
     r: MigrateRequest,
     shared: &Shared,
@@ -406,11 +446,7 @@ async fn run_migration(
             r.source_qmp.display()
         );
     }
-    let zstd = match r.zstd.as_str() {
-        "always" => Compression::Always,
-        "never" => Compression::Never,
-        _ => Compression::Auto,
-    };
+    let zstd = Compression::parse(&r.zstd);
     let opts = MigrateOptions {
         source_qmp: r.source_qmp,
         target_qmp: r.target_qmp,
@@ -435,6 +471,7 @@ async fn run_migration(
         pause_nice: r.pause_nice,
         timeout: Duration::from_secs(r.timeout_secs),
     };
-    let report = migrate(opts, cancel).await.map_err(|e| e.to_string())?;
+    let mut report = migrate(opts, cancel).await.map_err(|e| e.to_string())?;
+    report.predicted = r.predicted;
     Ok(json!({ "report": report }))
 }

@@ -32,6 +32,17 @@ pub enum Compression {
     Always,
 }
 
+impl Compression {
+    /// From its command-line name (`never`, `always`; anything else is `auto`).
+    pub fn parse(name: &str) -> Self {
+        match name {
+            "always" => Self::Always,
+            "never" => Self::Never,
+            _ => Self::Auto,
+        }
+    }
+}
+
 /// zstd level: the fastest regular one, several times a 1 Gbit/s link per core on guest
 /// memory (docs/benchmarks.md).
 const LEVEL: i32 = 1;

@@ -2,7 +2,10 @@
 //! link ends, QEMU's times, where the guest runs, and the Prometheus counters it adds to.
 use serde::{Deserialize, Serialize};
 
-use crate::migration::{moments::PauseStages, report::Figures};
+use crate::{
+    migration::{moments::PauseStages, report::Figures},
+    plan::model::Forecast,
+};
 
 /// The per-migration report.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -43,6 +46,10 @@ pub struct MigrationReport {
     /// The cap (bytes/s) the agent link was paced to while the guest ran: `--max-bandwidth`,
     /// or the source QEMU's `max-bandwidth`, lifted from QEMU's stream meanwhile; `None`: none.
     pub link_bandwidth: Option<u64>,
+    /// What `agent plan` predicted for this migration through the agents, made just before it
+    /// started (see [`crate::plan`]); `None` when no prediction could be made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub predicted: Option<Forecast>,
 }
 
 impl MigrationReport {
@@ -99,6 +106,9 @@ impl MigrationReport {
                 None => "QEMU's own stream rate".to_string(),
             },
         );
+        if let Some(p) = &self.predicted {
+            s.push_str(&format!("\n  {}", self.against(p)));
+        }
         if let Some(e) = &self.error {
             s.push_str(&format!("\n  error: {e}"));
         }
@@ -106,6 +116,33 @@ impl MigrationReport {
             s.push_str(&format!("\n  warning: {w}"));
         }
         s
+    }
+
+    /// Predicted against measured, one line.
+    pub fn against(&self, p: &Forecast) -> String {
+        let mib = |b: f64| b / (1 << 20) as f64;
+        let off = |predicted: f64, measured: f64| {
+            format!(
+                "{:+.0}%",
+                100.0 * (predicted - measured) / measured.max(1.0)
+            )
+        };
+        let (link, qemu) = (
+            self.figures.link_bytes as f64,
+            self.figures.qemu_bytes as f64,
+        );
+        format!(
+            "predicted    link {:.1} MiB ({}), QEMU {:.1} MiB ({}), {} (measured {:.1} s)",
+            mib(p.link_bytes),
+            off(p.link_bytes, link),
+            mib(p.qemu_bytes),
+            off(p.qemu_bytes, qemu),
+            match p.total_s {
+                Some(t) => format!("{t:.1} s"),
+                None => "never converging".to_string(),
+            },
+            self.total_time_ms as f64 / 1e3,
+        )
     }
 
     /// Adds this migration to the Prometheus counters.

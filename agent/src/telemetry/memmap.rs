@@ -112,6 +112,16 @@ impl MemoryMap {
         })
     }
 
+    /// The hash the map claims for the page at `offset` in RAM block number `block`.
+    pub fn claim_at(&self, block: u32, offset: u64) -> Option<Hash> {
+        self.pages
+            .get(&PageKey {
+                block,
+                page: offset / PAGE,
+            })
+            .map(|e| e.hash)
+    }
+
     /// Every entry, for reports and tests.
     pub fn entries(&self) -> impl Iterator<Item = (PageKey, &MapEntry)> {
         self.pages.iter().map(|(k, v)| (*k, v))

@@ -33,6 +33,7 @@
 //! `max-bandwidth` at 1 Gbit/s: plain QEMU holds its stream to it; `agent migrate` holds the
 //! agent link to it instead (`agent::orchestrate::bandwidth`).
 mod ideal;
+mod predict;
 mod summary;
 
 use std::{path::Path, sync::atomic::Ordering, time::Duration};
@@ -49,7 +50,7 @@ use crate::{
     sh,
 };
 
-use self::{ideal::stream_content, summary::summary};
+use self::{ideal::stream_content, predict::link_bytes, summary::summary};
 
 /// 1 Gbit/s in bytes per second.
 pub const LINK: u64 = 125_000_000;
@@ -228,6 +229,7 @@ fn round(
     read_mb: u32,
 ) -> anyhow::Result<Round> {
     let mut rows = Vec::new();
+    let mut predictions = Vec::new();
 
     let mut touch = None;
     // Twice the guest's RAM: what the target QEMU will fault in, and then some.
@@ -268,6 +270,12 @@ fn round(
             ram == Prealloc,
         )?;
         let relay_bytes = std::cell::RefCell::new(None);
+        // Predicted where a 1 Gbit/s limit applies (the relay, or QEMU's cap at it).
+        let predicted = if (limited || cap == LINK) && !multifd {
+            Some(link_bytes(&pair, None)?)
+        } else {
+            None
+        };
         if ram == Warm {
             warm()?;
         }
@@ -313,6 +321,7 @@ fn round(
             || info["ram"]["transferred"].as_u64().unwrap_or(0),
             |b| b.load(Ordering::Relaxed),
         );
+        predict::record(&mut predictions, name, predicted, wire);
         rows.push(Row {
             name,
             wire,
@@ -362,7 +371,13 @@ fn round(
         if ram == Warm {
             warm()?;
         }
-        let mut args = vec!["--zstd", zstd];
+        // Predicted here, at the link's rate (`agent migrate` would predict at QEMU's cap).
+        let predicted = if limited || capped {
+            Some(link_bytes(&pair, Some(zstd))?)
+        } else {
+            None
+        };
+        let mut args = vec!["--zstd", zstd, "--no-plan"];
         let record = stream.to_string_lossy();
         if tag == "agents-unlimited" {
             // QEMU's exact stream, for the offline ideal. Not in the timed run: writing it
@@ -394,13 +409,15 @@ fn round(
             );
         }
         eprintln!("bench: {tag}: {this}");
+        let wire = relay
+            .as_ref()
+            .map_or(this["link_bytes"].as_u64().unwrap_or(0), |r| {
+                r.bytes.load(Ordering::Relaxed)
+            });
+        predict::record(&mut predictions, name, predicted, wire);
         rows.push(Row {
             name,
-            wire: relay
-                .as_ref()
-                .map_or(this["link_bytes"].as_u64().unwrap_or(0), |r| {
-                    r.bytes.load(Ordering::Relaxed)
-                }),
+            wire,
             total_ms: this["total_time_ms"].as_u64().unwrap_or(0),
             downtime_ms: this["downtime_ms"].as_u64().unwrap_or(0),
             paused_ms: this["guest_paused_ms"]
@@ -467,6 +484,8 @@ fn round(
             parts.iter().sum::<f64>()
         );
     }
+
+    predict::table(&predictions);
 
     let touch = touch.context("the warm runs touched memory")?;
     println!();
