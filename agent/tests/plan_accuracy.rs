@@ -14,7 +14,7 @@ use std::path::Path;
 
 use agent::plan::dirty::WINDOW;
 use serde_json::Value;
-use support::{agent, follow_and_run, json_of, migrate_via, start_daemon};
+use support::{agent, follow, follow_and_run, json_of, migrate_via, start_daemon, vm_status};
 use testkit::{
     qemu::{carried_on, exclusive, Guest, GuestSpec},
     require_root, require_tool, Scratch,
@@ -94,12 +94,7 @@ fn plan(control: &Path, qmp: &Path) -> Value {
 /// samples taken from now on (none of the guest's boot): plans are of a VM in its steady
 /// state, as an operator's would be.
 fn settled(control: &Path, qmp: &Path) {
-    let vm = || {
-        let s = json_of(agent().args(["status", "--json", "--control"]).arg(control));
-        let vms = s["vms"].as_array().cloned().unwrap_or_default();
-        let vm = vms.into_iter().find(|v| v["qmp"].as_str() == qmp.to_str());
-        vm.unwrap_or(Value::Null)
-    };
+    let vm = || vm_status(control, qmp);
     let first = vm();
     let progress = |v: &Value| (v["map_entries"].as_u64(), v["events"].as_u64());
     let mut last = progress(&first);
@@ -225,14 +220,7 @@ fn plans_predict_link_bytes_within_15_and_qemu_bytes_within_10_percent() {
             },
         ];
         // Plain QEMU, from the first target to a second, planned again first.
-        json_of(
-            agent()
-                .arg("follow")
-                .arg("--qmp")
-                .arg(&first.qmp_path)
-                .arg("--control")
-                .arg(&control),
-        );
+        follow(&control, &first.qmp_path);
         settled(&control, &first.qmp_path);
         let predicted = plan(&control, &first.qmp_path);
         eprintln!("{}: plan before plain QEMU: {predicted:#}", w.name);

@@ -7,21 +7,13 @@ use std::{path::Path, process::Stdio, time::Duration};
 
 use agent::qmp::Qmp;
 use serde_json::Value;
-use support::{agent, follow_and_run, json_of, start_daemon};
+use support::{agent, follow_and_run, json_of, start_daemon, vm_status as vm};
 use testkit::{
     qemu::{exclusive, Guest, GuestSpec},
     require_root, Scratch,
 };
 
 mod support;
-
-fn vm(control: &Path, qmp: &Path) -> Value {
-    let s = json_of(agent().args(["status", "--json", "--control"]).arg(control));
-    let vms = s["vms"].as_array().cloned().unwrap_or_default();
-    vms.into_iter()
-        .find(|v| v["qmp"].as_str() == qmp.to_str())
-        .unwrap_or(Value::Null)
-}
 
 /// Polls the VM's status until `cond` holds (at most 30 s); the status that satisfied it.
 fn until(control: &Path, qmp: &Path, what: &str, cond: impl Fn(&Value) -> bool) -> Value {

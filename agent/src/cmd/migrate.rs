@@ -141,7 +141,7 @@ async fn predict(args: &Args) -> Option<Forecast> {
     let ask = Ask {
         bandwidth: args.max_bandwidth.filter(|b| *b > 0).map(|b| b as f64),
         final_bandwidth: None,
-        zstd: format!("{:?}", args.stream.zstd).to_lowercase(),
+        zstd: args.stream.zstd.name().to_string(),
         index: (!args.stream.no_index).then(|| IndexAsk {
             addr: args.stream.nas_index.to_string(),
             exports: args.stream.exports.clone(),
@@ -216,7 +216,7 @@ async fn via_daemon(
         nas_index: (!s.no_index).then(|| s.nas_index.to_string()),
         nas_tls_creds: s.nas_tls_creds.clone(),
         qemu_listen: args.qemu_listen.as_ref().map(ToString::to_string),
-        zstd: format!("{:?}", s.zstd).to_lowercase(),
+        zstd: s.zstd.name().to_string(),
         passthrough: s.passthrough,
         max_bandwidth: args.max_bandwidth,
         pause_nice: Some(args.pause_nice),

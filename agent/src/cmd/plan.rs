@@ -9,7 +9,6 @@ use agent::{
     plan::{plan_now, Ask, IndexAsk, Plan},
 };
 use anyhow::bail;
-use clap::ValueEnum;
 use serde_json::{json, Value};
 
 #[derive(Debug, clap::Args)]
@@ -83,10 +82,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let ask = Ask {
         bandwidth: args.bandwidth,
         final_bandwidth: args.final_bandwidth,
-        zstd: args
-            .zstd
-            .to_possible_value()
-            .map_or("auto".into(), |v| v.get_name().to_string()),
+        zstd: args.zstd.name().to_string(),
         index: args.nas_index.clone().map(|addr| IndexAsk {
             addr,
             exports: args.exports.clone(),

@@ -33,6 +33,15 @@ pub enum Compression {
 }
 
 impl Compression {
+    /// Its command-line name, as [`Compression::parse`] reads it back.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Never => "never",
+            Self::Auto => "auto",
+            Self::Always => "always",
+        }
+    }
+
     /// From its command-line name (`never`, `always`; anything else is `auto`).
     pub fn parse(name: &str) -> Self {
         match name {

@@ -60,17 +60,31 @@ pub fn start_daemon(dir: &Scratch, extra: &[&std::ffi::OsStr]) -> (PathBuf, u16,
     (control, link, daemon)
 }
 
-/// Has the daemon follow the paused guest `g`, lets it run, and waits until it is ready (its
-/// disk read, its memory filled as asked).
-pub fn follow_and_run(rt: &tokio::runtime::Runtime, g: &Guest, control: &Path) {
-    let followed = json_of(
+/// `agent follow` of the QEMU behind `qmp`: what the daemon found of it.
+pub fn follow(control: &Path, qmp: &Path) -> Value {
+    json_of(
         agent()
             .arg("follow")
             .arg("--qmp")
-            .arg(&g.qmp_path)
+            .arg(qmp)
             .arg("--control")
             .arg(control),
-    );
+    )
+}
+
+/// The VM behind `qmp` as `agent status --json` shows it (`null` if the daemon lists none).
+pub fn vm_status(control: &Path, qmp: &Path) -> Value {
+    let s = json_of(agent().args(["status", "--json", "--control"]).arg(control));
+    let vms = s["vms"].as_array().cloned().unwrap_or_default();
+    vms.into_iter()
+        .find(|v| v["qmp"].as_str() == qmp.to_str())
+        .unwrap_or(Value::Null)
+}
+
+/// Has the daemon follow the paused guest `g`, lets it run, and waits until it is ready (its
+/// disk read, its memory filled as asked).
+pub fn follow_and_run(rt: &tokio::runtime::Runtime, g: &Guest, control: &Path) {
+    let followed = follow(control, &g.qmp_path);
     assert_eq!(followed["disks"][0]["followed"], true, "{followed}");
     rt.block_on(async {
         let mut q = Qmp::connect(&g.qmp_path).await.expect("QMP");
