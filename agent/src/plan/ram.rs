@@ -185,8 +185,11 @@ pub fn sample_pages(
     let (mut zero, mut mirrored, mut stale) = (0u64, 0u64, 0u64);
     let (mut hashed, mut hash_time) = (0u64, 0f64);
     for i in 0..n {
-        // Evenly spaced, offset to the middle of each stride.
-        let global = (i * total + total / (2 * n)) / n;
+        // One page in each of `n` equal strides, at a fixed pseudo-random place in it: evenly
+        // spaced pages would alias with the guest's power-of-two allocation patterns, and
+        // the same `i` must give the same page in every sample (changes are compared).
+        let (start, end) = (i * total / n, (i + 1) * total / n);
+        let global = start + jitter(i) % (end - start).max(1);
         let (block, page) = locate(&pages, global);
         let b = &blocks[block];
         let kept = if reader.read(b.host + page * PAGE, &mut buf).is_err() {
@@ -227,6 +230,14 @@ pub fn sample_pages(
         seen,
         content,
     }
+}
+
+/// A fixed pseudo-random number for sample `i` (splitmix64).
+fn jitter(i: u64) -> u64 {
+    let mut z = i.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 /// The block and page of the `global`-th page of all blocks.
