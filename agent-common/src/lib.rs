@@ -5,6 +5,7 @@
 //! maps. The `user` feature implements `aya::Pod` so user space can read the maps directly.
 #![no_std]
 
+pub mod dirty;
 pub mod syscalls;
 
 /// Map names, shared so neither side can drift from the other.
@@ -24,6 +25,18 @@ pub mod maps {
     pub const IO_COUNTS: &str = "IO_COUNTS";
     /// `PerCpuArray<u64>` indexed by [`super::IoDrop`]: events that could not be counted.
     pub const IO_DROPS: &str = "IO_DROPS";
+    /// `PerCpuHashMap<u32, dirty::DirtyStats>`: processes whose dirty pages are followed, with
+    /// their counters.
+    pub const DIRTY_VMS: &str = "DIRTY_VMS";
+    /// `HashMap<dirty::SlotKey, dirty::Slot>`: KVM memory slots declared by followed processes.
+    pub const KVM_SLOTS: &str = "KVM_SLOTS";
+    /// `HashMap<u64, dirty::Slot>`: a slot ioctl's arguments from its entry to its exit, by
+    /// thread.
+    pub const SLOT_CALLS: &str = "SLOT_CALLS";
+    /// `PerCpuHashMap<dirty::ChunkKey, dirty::Chunk>`: the dirty set, 512 pages per entry.
+    pub const DIRTY_CHUNKS: &str = "DIRTY_CHUNKS";
+    /// `LruPerCpuHashMap<dirty::HotKey, u64>`: pushes per page, for the hottest pages.
+    pub const HOT_PAGES: &str = "HOT_PAGES";
 }
 
 /// Program names in the eBPF object.
@@ -50,6 +63,17 @@ pub mod programs {
         ("exit_pwritev2", "sys_exit_pwritev2"),
         ("enter_madvise", "sys_enter_madvise"),
         ("exit_madvise", "sys_exit_madvise"),
+    ];
+    /// The dirty-ring raw tracepoints: (program, tracepoint).
+    pub const DIRTY_RING: [(&str, &str); 3] = [
+        ("dirty_ring_push", "kvm_dirty_ring_push"),
+        ("dirty_ring_reset", "kvm_dirty_ring_reset"),
+        ("dirty_ring_exit", "kvm_dirty_ring_exit"),
+    ];
+    /// The slot ioctl tracepoints: (program, tracepoint in `syscalls`).
+    pub const SLOT_IOCTL: [(&str, &str); 2] = [
+        ("enter_ioctl", "sys_enter_ioctl"),
+        ("exit_ioctl", "sys_exit_ioctl"),
     ];
 }
 
@@ -128,6 +152,12 @@ mod pod {
     unsafe impl aya::Pod for super::syscalls::FdKey {}
     unsafe impl aya::Pod for super::syscalls::PendingCall {}
     unsafe impl aya::Pod for super::syscalls::IoEvent {}
+    unsafe impl aya::Pod for super::dirty::SlotKey {}
+    unsafe impl aya::Pod for super::dirty::Slot {}
+    unsafe impl aya::Pod for super::dirty::ChunkKey {}
+    unsafe impl aya::Pod for super::dirty::Chunk {}
+    unsafe impl aya::Pod for super::dirty::HotKey {}
+    unsafe impl aya::Pod for super::dirty::DirtyStats {}
 }
 
 #[cfg(test)]

@@ -1,7 +1,9 @@
 //! eBPF programs of the agent: kernel-side telemetry on guests' disk I/O.
 //!
 //! [`syscalls`] follows QEMU's own I/O syscalls for the (process, fd) pairs user space names,
-//! into a ring buffer of events; below, the block-layer counter.
+//! into a ring buffer of events; [`dirty`] follows the pages KVM's dirty ring reports for the
+//! processes user space names, into a bounded dirty set and hot-page counts; below, the
+//! block-layer counter.
 //!
 //! `block_rq_issue` runs on the `block:block_rq_issue` tracepoint and counts requests and bytes
 //! per (device, process) into `IO_COUNTS`. Events that cannot be counted are never lost
@@ -11,6 +13,7 @@
 #![no_std]
 #![no_main]
 
+mod dirty;
 mod syscalls;
 
 use agent_common::{IoCount, IoDrop, IoKey, IO_COUNTS_CAPACITY};

@@ -88,6 +88,10 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
         );
     }
     println!("follower drops: {}", reply["drops"]);
+    println!(
+        "dirty ring: {}",
+        reply["dirty_ring"].as_str().unwrap_or("?")
+    );
     for vm in reply["vms"].as_array().into_iter().flatten() {
         let mib = |v: &Value| v.as_u64().unwrap_or(0) as f64 / (1 << 20) as f64;
         println!(
@@ -102,6 +106,9 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
             vm["events"],
         );
         println!("  {}", memory_line(vm));
+        if let Some(line) = ring_line(&vm["dirty_ring"]) {
+            println!("  {line}");
+        }
         for d in vm["disks"].as_array().into_iter().flatten() {
             match d["followed"].as_bool() {
                 Some(true) => println!("  {}: followed ({})", d["device"], d["export"]),
@@ -114,6 +121,29 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// What KVM's dirty ring said of a VM in the last second, when it ever said anything.
+fn ring_line(r: &Value) -> Option<String> {
+    let counts = &r["counts"];
+    if counts["pushes"].as_u64().unwrap_or(0) == 0 && counts["unmapped"].as_u64().unwrap_or(0) == 0
+    {
+        return None;
+    }
+    let state = if r["logging"] == true {
+        format!(
+            "logging: {:.1} MiB/s, {} pages, {} map entries dropped",
+            r["bytes_per_sec"].as_f64().unwrap_or(0.0) / (1 << 20) as f64,
+            r["pages"],
+            r["map_entries_dropped"],
+        )
+    } else {
+        "dirty logging off".to_string()
+    };
+    Some(format!(
+        "dirty ring: {state} ({} pushes, {} unmapped, {} ring-full exits since followed)",
+        counts["pushes"], counts["unmapped"], counts["full_exits"]
+    ))
 }
 
 /// A followed VM's dirty rate, with its age, and whether a migration would converge.

@@ -10,6 +10,7 @@ use crate::{
     migration::pagemap::{Claim, PageMap},
     plan::observed::Observed,
     telemetry::{
+        dirty_ring::RingView,
         track::VmTrack,
         vm::{Disk, DiskPath},
     },
@@ -24,6 +25,8 @@ pub struct Followed {
     pub figures: Mutex<Observed>,
     /// Held while its dirty rate is measured: QEMU runs one `calc-dirty-rate` at a time.
     pub measuring: tokio::sync::Mutex<()>,
+    /// What KVM's dirty ring reported of it (see [`super::ring`]).
+    pub ring: Mutex<RingView>,
 }
 
 impl Followed {
@@ -33,6 +36,10 @@ impl Followed {
 
     pub fn figures(&self) -> std::sync::MutexGuard<'_, Observed> {
         self.figures.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn ring(&self) -> std::sync::MutexGuard<'_, RingView> {
+        self.ring.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -55,6 +62,7 @@ impl Registry {
             track: Mutex::new(track),
             figures: Mutex::default(),
             measuring: tokio::sync::Mutex::new(()),
+            ring: Mutex::default(),
         });
         self.vms().insert(pid, vm.clone());
         vm

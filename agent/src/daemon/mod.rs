@@ -8,6 +8,8 @@
 //! - [`control`]: the request/reply protocol of the control socket, and its client.
 //! - [`maps`]: the followed VMs and the view of a map a migration's source side asks.
 //! - [`figures`]: per followed VM, its dirty rate on a schedule, its sampled RAM, its plans.
+//! - [`ring`]: per followed VM, the pages KVM's dirty ring saw written (dropped from its map),
+//!   and the ring's rates and hot pages.
 //!
 //! Migrations asked over the control socket run here, with the VM's map, so pages it places
 //! go out MAPPED with no index round trip. When the daemon is down, `agent migrate` runs the
@@ -17,6 +19,7 @@
 pub mod control;
 pub mod figures;
 pub mod maps;
+pub mod ring;
 
 use std::{
     os::unix::fs::PermissionsExt,
@@ -74,6 +77,8 @@ struct Shared {
     /// Where follow changes go, or why the eBPF side could not be attached.
     follow: Result<mpsc::Sender<Follow>, String>,
     drops: watch::Receiver<[u64; SyscallDrop::COUNT as usize]>,
+    /// Whether KVM's dirty ring is followed, or why not.
+    dirty_ring: Result<(), String>,
     /// The target side's delivery settings: `expect` registers into them.
     delivery: Delivery,
 }
@@ -101,6 +106,10 @@ pub async fn run(config: DaemonConfig, shutdown: watch::Receiver<bool>) -> std::
             .map(|(tx, _, _)| tx.clone())
             .map_err(Clone::clone),
         drops,
+        dirty_ring: match &follow {
+            Ok((_, _, f)) => f.dirty_ring_state(),
+            Err(e) => Err(e.clone()),
+        },
         delivery: config.target.delivery.clone(),
     });
     if let Ok((_, rx, follower)) = follow {
@@ -197,10 +206,17 @@ async fn event_loop(
                     Some(Follow::Remove(k)) => (k, false),
                     None => return,
                 };
+                let keys_tgid = keys.first().map(|k| k.tgid);
                 for key in keys {
                     let r = if add { follower.follow(key) } else { follower.unfollow(key) };
                     if let Err(e) = r {
                         tracing::warn!("cannot change what is followed ({key:?}): {e}");
+                    }
+                }
+                if let (Some(tgid), Ok(dirty)) = (keys_tgid, follower.dirty_ring()) {
+                    let r = if add { dirty.follow(tgid) } else { dirty.unfollow(tgid) };
+                    if let Err(e) = r {
+                        tracing::warn!("cannot change whose dirty pages are followed: {e}");
                     }
                 }
             }
@@ -215,7 +231,13 @@ async fn event_loop(
                         for key in vm.track().keys() {
                             let _ = follower.unfollow(key);
                         }
+                        if let Ok(dirty) = follower.dirty_ring() {
+                            let _ = dirty.unfollow(pid);
+                        }
                     }
+                }
+                if let Ok(dirty) = follower.dirty_ring() {
+                    ring::tick(dirty, &shared.registry);
                 }
                 if let Ok(d) = follower.drops() {
                     for reason in SyscallDrop::ALL {
@@ -381,6 +403,7 @@ fn status(shared: &Shared) -> Value {
             d["decode"] = json!(format!("{:?}", t.decode_stats()));
             d["map"] = json!(format!("{:?}", t.map().stats()));
             drop(t);
+            d["dirty_ring"] = ring::status(vm);
             let f = figures::status(vm, shared.figures.bandwidth);
             if let (Value::Object(d), Value::Object(f)) = (&mut d, f) {
                 d.extend(f);
@@ -403,6 +426,7 @@ fn status(shared: &Shared) -> Value {
     json!({
         "telemetry": shared.follow.as_ref().map(|_| "on".to_string()).unwrap_or_else(|w| format!("off: {w}")),
         "drops": drops,
+        "dirty_ring": shared.dirty_ring.as_ref().map(|()| "on".to_string()).unwrap_or_else(|w| format!("off: {w}")),
         "vms": vms,
         "expected_migrations": expected,
     })

@@ -56,7 +56,8 @@ pub enum DirtyMode {
 }
 
 impl DirtyMode {
-    fn qmp_name(self) -> &'static str {
+    /// The mode's name in `calc-dirty-rate`.
+    pub fn qmp_name(self) -> &'static str {
         match self {
             Self::PageSampling => "page-sampling",
             Self::DirtyRing => "dirty-ring",
@@ -93,6 +94,22 @@ impl Sample {
             self.bytes_per_sec = (self.qemu_bytes_per_sec * a + rate * b) / (a + b);
         }
         self.sampler_bytes_per_sec = Some(rate);
+    }
+}
+
+/// Measures once in the best mode the accelerator has: under KVM its dirty ring, or, when QEMU
+/// runs without `dirty-ring-size` and refuses that, its dirty bitmap (both count every page
+/// written, with dirty logging on for the window); under TCG, page sampling.
+pub async fn measure_for(qmp: &Path, window: Duration, kvm: bool) -> Result<Sample, DirtyError> {
+    if !kvm {
+        return measure(qmp, window, DirtyMode::PageSampling).await;
+    }
+    match measure(qmp, window, DirtyMode::DirtyRing).await {
+        Err(DirtyError::Refused(e)) => {
+            tracing::debug!("dirty-ring mode refused ({e}); measuring with the dirty bitmap");
+            measure(qmp, window, DirtyMode::DirtyBitmap).await
+        }
+        r => r,
     }
 }
 

@@ -68,6 +68,8 @@ pub struct QemuView {
     /// `max-bandwidth` (bytes/s) and `downtime-limit`.
     pub max_bandwidth: f64,
     pub downtime_limit: Duration,
+    /// The VM runs under KVM (`query-kvm`): its dirty rate can come from KVM's dirty logging.
+    pub kvm: bool,
 }
 
 impl QemuView {
@@ -79,9 +81,11 @@ impl QemuView {
             return Err(PlanError::NoRam);
         }
         let p = qmp.execute("query-migrate-parameters", None).await?;
+        let kvm = qmp.execute("query-kvm", None).await?;
         Ok(Self {
             pid,
             blocks,
+            kvm: kvm["enabled"].as_bool().unwrap_or(false),
             max_bandwidth: p["max-bandwidth"]
                 .as_f64()
                 .filter(|b| *b > 0.0)
@@ -153,11 +157,16 @@ pub async fn measure(
     };
     let before = ram::fingerprints(&seen);
     let first = started + started.elapsed() / 2;
-    let mut rate = dirty::measure(qmp, window, dirty::DirtyMode::PageSampling).await;
+    let mut rate = dirty::measure_for(qmp, window, view.kvm).await;
     // The same pages again: the sampler's own count of changed pages over the window, pooled
-    // with QEMU's (its sample is capped at 4096 pages per GiB; together the estimate's
-    // standard error shrinks by about the square root of the pages sampled).
-    if let Ok(sample) = &mut rate {
+    // with QEMU's sampled figure (capped at 4096 pages per GiB; together the estimate's
+    // standard error shrinks by about the square root of the pages sampled). KVM's dirty
+    // logging counts every page, so its figure is taken as it is.
+    if let Some(sample) = rate
+        .as_mut()
+        .ok()
+        .filter(|s| s.mode == dirty::DirtyMode::PageSampling)
+    {
         let again = Instant::now();
         if let Ok((_, after)) = sample_ram(view, DEFAULT_SAMPLES, claim, None).await {
             let span = (again + again.elapsed() / 2).saturating_duration_since(first);

@@ -5,7 +5,8 @@
 //! QEMU's recvmsg/sendmsg/pread/pwrite/madvise -> syscall tracepoints (FOLLOWED filter)
 //!   -> IO_EVENTS ring buffer -> IoFollower::next_events -> the NBD decoder / the map
 //! ```
-//! Events come in the order their calls returned. Drops are counted by the kernel side per
+//! The same object's dirty-ring programs are attached beside them ([`DirtyRing`], when the
+//! kernel has KVM). Events come in the order their calls returned. Drops are counted by the kernel side per
 //! reason ([`SyscallDrop`]) and read with [`IoFollower::drops`]; a consumer that sees the
 //! ring-full count move must treat every followed conversation as broken.
 use agent_common::{
@@ -21,9 +22,10 @@ use tokio::{io::unix::AsyncFd, task::JoinHandle};
 
 use super::{
     block_io::ProgramCost,
+    dirty_ring::DirtyRing,
     loader::{
-        attach_tracepoint, load_object, program_runs, require_root, spawn_logger, ObjectSource,
-        TelemetryError,
+        attach_tracepoint, forget, load_object, program_runs, require_root, spawn_logger,
+        typed_map, ObjectSource, TelemetryError,
     },
     tracefs,
 };
@@ -40,6 +42,8 @@ pub struct IoFollower {
     tgids: HashMap<MapData, u32, u32>,
     /// What is followed, by process.
     keys: std::collections::HashMap<u32, std::collections::HashSet<FdKey>>,
+    /// KVM's dirty ring, from the same object, or why it could not be attached.
+    dirty: Result<DirtyRing, String>,
     logger: Option<JoinHandle<()>>,
 }
 
@@ -54,31 +58,25 @@ impl IoFollower {
             attach_tracepoint(&mut ebpf, name, "syscalls", tracepoint)?;
         }
         tracing::info!("attached {} syscall tracepoints", SYSCALLS.len());
-        let ring = take(&mut ebpf, maps::IO_EVENTS)?;
-        let ring = RingBuf::try_from(ring).map_err(|source| TelemetryError::Map {
-            name: maps::IO_EVENTS,
-            source,
-        })?;
+        let dirty = DirtyRing::attach(&mut ebpf).map_err(|e| e.to_string());
+        match &dirty {
+            Ok(_) => tracing::info!("attached the dirty-ring tracepoints"),
+            Err(e) => tracing::warn!("no dirty-page telemetry: {e}"),
+        }
+        let ring = typed_map(&mut ebpf, maps::IO_EVENTS, RingBuf::try_from)?;
         // SAFETY: the ring buffer owns its map fd for its whole life and always returns that
         // same fd; the AsyncFd takes ownership of it, so the fd outlives the registration.
         let events =
             unsafe { AsyncFd::register(ring) }.map_err(|e| TelemetryError::Stats(e.to_string()))?;
-        let followed = take(&mut ebpf, maps::FOLLOWED)?;
-        let followed = HashMap::try_from(followed).map_err(|source| TelemetryError::Map {
-            name: maps::FOLLOWED,
-            source,
-        })?;
-        let tgids = take(&mut ebpf, maps::FOLLOWED_TGIDS)?;
-        let tgids = HashMap::try_from(tgids).map_err(|source| TelemetryError::Map {
-            name: maps::FOLLOWED_TGIDS,
-            source,
-        })?;
+        let followed = typed_map(&mut ebpf, maps::FOLLOWED, HashMap::try_from)?;
+        let tgids = typed_map(&mut ebpf, maps::FOLLOWED_TGIDS, HashMap::try_from)?;
         Ok(Self {
             ebpf,
             events,
             followed,
             tgids,
             keys: std::collections::HashMap::new(),
+            dirty,
             logger,
         })
     }
@@ -100,6 +98,21 @@ impl IoFollower {
                 name: maps::FOLLOWED_TGIDS,
                 source,
             })
+    }
+
+    /// The dirty-ring follower, or why there is none.
+    pub fn dirty_ring(&mut self) -> Result<&mut DirtyRing, &str> {
+        self.dirty.as_mut().map_err(|e| e.as_str())
+    }
+
+    /// Whether the dirty-ring follower is attached, or why not.
+    pub fn dirty_ring_state(&self) -> Result<(), String> {
+        self.dirty.as_ref().map(|_| ()).map_err(Clone::clone)
+    }
+
+    /// What the kernel measured of the dirty-ring programs' runs so far.
+    pub fn dirty_cost(&self) -> Result<ProgramCost, TelemetryError> {
+        DirtyRing::cost(&self.ebpf)
     }
 
     /// Stops following `key` (a key not followed is no error).
@@ -177,24 +190,6 @@ impl Drop for IoFollower {
             logger.abort();
         }
     }
-}
-
-/// A removal's result, where a key that was not there is no error.
-fn forget(r: Result<(), aya::maps::MapError>, name: &'static str) -> Result<(), TelemetryError> {
-    match r {
-        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-        Err(aya::maps::MapError::SyscallError(e))
-            if e.io_error.kind() == std::io::ErrorKind::NotFound =>
-        {
-            Ok(())
-        }
-        Err(source) => Err(TelemetryError::Map { name, source }),
-    }
-}
-
-fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, TelemetryError> {
-    ebpf.take_map(name)
-        .ok_or(TelemetryError::Missing { kind: "map", name })
 }
 
 /// An event from its ring-buffer record (records are exactly one `IoEvent`; a shorter one,

@@ -158,6 +158,65 @@ pub fn attach_tracepoint(
     Ok(())
 }
 
+/// Loads program `name` of `ebpf` into the kernel and attaches it to raw tracepoint
+/// `tracepoint` (its arguments are the tracepoint's `TP_PROTO`, not the record's fields).
+pub fn attach_raw_tracepoint(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    tracepoint: &'static str,
+) -> Result<(), TelemetryError> {
+    let program: &mut aya::programs::RawTracePoint = ebpf
+        .program_mut(name)
+        .ok_or(TelemetryError::Missing {
+            kind: "program",
+            name,
+        })?
+        .try_into()
+        .map_err(|source| TelemetryError::ProgramLoad { name, source })?;
+    program
+        .load()
+        .map_err(|source| TelemetryError::ProgramLoad { name, source })?;
+    program
+        .attach(tracepoint)
+        .map_err(|source| TelemetryError::Attach {
+            name,
+            tracepoint,
+            source,
+        })?;
+    Ok(())
+}
+
+/// Takes map `name` out of `ebpf`.
+pub fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, TelemetryError> {
+    ebpf.take_map(name)
+        .ok_or(TelemetryError::Missing { kind: "map", name })
+}
+
+/// Takes map `name` out of `ebpf` as the type `convert` makes of it.
+pub fn typed_map<T>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    convert: impl FnOnce(aya::maps::Map) -> Result<T, aya::maps::MapError>,
+) -> Result<T, TelemetryError> {
+    convert(take_map(ebpf, name)?).map_err(|source| TelemetryError::Map { name, source })
+}
+
+/// A map removal's result, where a key that was not there is no error.
+pub fn forget(
+    r: Result<(), aya::maps::MapError>,
+    name: &'static str,
+) -> Result<(), TelemetryError> {
+    match r {
+        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.kind() == io::ErrorKind::NotFound =>
+        {
+            Ok(())
+        }
+        Err(source) => Err(TelemetryError::Map { name, source }),
+    }
+}
+
 /// The kernel's run statistics of program `name` so far: (runs, run time).
 pub fn program_runs(
     ebpf: &Ebpf,

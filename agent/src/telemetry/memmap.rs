@@ -66,6 +66,8 @@ pub struct MapStats {
     pub unreadable: u64,
     /// Entries dropped by a write, zeroing or trim of their block, or a discard of the page.
     pub invalidated: u64,
+    /// Of those, entries dropped because KVM's dirty ring said the guest wrote the page.
+    pub dirtied: u64,
 }
 
 /// One VM's map.
@@ -271,6 +273,23 @@ impl MemoryMap {
             let end = (start + len).min(self.blocks[block as usize].len);
             self.discard_block_range(block, start, end);
         }
+    }
+
+    /// The guest wrote the pages at `addrs` (host addresses, from KVM's dirty ring): their
+    /// entries are dropped. Returns how many were.
+    pub fn dirtied(&mut self, addrs: impl Iterator<Item = u64>) -> u64 {
+        let before = self.pages.len();
+        for addr in addrs {
+            if let Some((block, offset)) = self.locate(addr) {
+                self.remove(PageKey {
+                    block,
+                    page: offset / PAGE,
+                });
+            }
+        }
+        let dropped = (before - self.pages.len()) as u64;
+        self.stats.dirtied += dropped;
+        dropped
     }
 
     fn discard_block_range(&mut self, block: u32, start: u64, end: u64) {

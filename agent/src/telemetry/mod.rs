@@ -4,10 +4,12 @@
 //! own I/O syscalls on the fds it is told, as a stream of events, which [`nbd_decode`] turns
 //! back into the NBD conversation they carried, and [`memmap`] into a map of which guest page
 //! holds which disk block; [`vm`] says which fds and RAM blocks of a QEMU process to follow.
-//! [`track`] ties them together for one VM. [`loader`] finds and loads the object,
+//! [`dirty_ring`] follows the pages KVM's dirty ring reports written, which drop out of the
+//! map. [`track`] ties them together for one VM. [`loader`] finds and loads the object,
 //! [`tracefs`] reads tracepoint layouts, [`device`] names disks.
 pub mod block_io;
 pub mod device;
+pub mod dirty_ring;
 pub mod follower;
 pub mod loader;
 pub mod memmap;
@@ -17,5 +19,6 @@ pub mod track;
 pub mod vm;
 
 pub use block_io::{BlockIoProbe, IoSnapshot, ProgramCost};
+pub use dirty_ring::{DirtyRing, DirtySet};
 pub use follower::IoFollower;
 pub use loader::{ObjectSource, TelemetryError};

@@ -4,11 +4,13 @@
 //! IoEvent on an NBD fd  -> nbd_decode -> Landed / Stored / Changed -> memmap
 //! IoEvent on an image fd (pread/pwrite at an offset)  ---------------> memmap
 //! IoEvent Discard (madvise on guest RAM)  ---------------------------> memmap
+//! DirtySet (pages KVM's dirty ring saw written)  --------------------> memmap
 //! ```
 //! Disks are numbered as the VM's registry lists them; that number is the map's export.
 use agent_common::syscalls::{FdKey, IoEvent, IoKind, FD_MEMORY};
 
 use super::{
+    dirty_ring::DirtySet,
     memmap::{MemoryMap, ProcessMemory},
     nbd_decode::{DecodeStats, Decoder, Observed},
     vm::{DiskPath, Vm},
@@ -65,6 +67,11 @@ impl VmTrack {
         });
         keys.sort_unstable();
         keys
+    }
+
+    /// The guest wrote these pages (KVM's dirty ring): the map drops their entries.
+    pub fn dirtied(&mut self, pages: &DirtySet) -> u64 {
+        self.map.dirtied(pages.pages())
     }
 
     /// Takes one event (events of other processes are ignored).
