@@ -1,6 +1,7 @@
 //! The host daemon follows a KVM guest's dirty ring, end to end with the real binary and a real
 //! KVM QEMU (its firmware runs; a full guest cannot boot on this machine's nested KVM):
-//! followed after it started, the VM shows the ring quiet while dirty logging is off; a
+//! the ring's programs are attached only once a KVM VM is followed; followed after it started,
+//! the VM shows the ring quiet while dirty logging is off; a
 //! `calc-dirty-rate` in mode `dirty-ring` turns logging on, and `agent status` shows it on, the
 //! slots QEMU declared again with logging, pushes per second and the hottest pages placed in
 //! the VM's RAM blocks; once the window ends it shows logging off again. `agent plan` on the same
@@ -64,7 +65,18 @@ fn the_daemon_shows_a_kvm_guests_dirty_ring_while_logging_is_on() {
     });
     let rt = tokio::runtime::Runtime::new().unwrap();
     std::thread::sleep(Duration::from_millis(200));
-    follow(&control, &qmp_path);
+    // No KVM VM followed yet: no ioctl of the host pays for the slot programs.
+    let status = json_of(
+        agent()
+            .args(["status", "--json", "--control"])
+            .arg(&control),
+    );
+    assert!(
+        status["dirty_ring"].as_str().unwrap().starts_with("idle"),
+        "{status:#}"
+    );
+    let vm = follow(&control, &qmp_path);
+    assert_eq!(vm["kvm"], true, "{vm:#}");
     let status = json_of(
         agent()
             .args(["status", "--json", "--control"])

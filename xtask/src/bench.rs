@@ -51,6 +51,9 @@ enum Target {
     /// The I/O follower: QEMU's NBD reads with and without the probes, cost per event, drops,
     /// map memory per GiB.
     Telemetry,
+    /// KVM's dirty ring: every process's ioctls with the slot programs and without, and a
+    /// followed KVM guest's pushes, cost per push and per drain.
+    DirtyRing,
 }
 
 struct Row {
@@ -102,6 +105,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     if let Target::Downtime = args.target {
         return crate::bench_downtime::run(&args.cells, args.repeat.unwrap_or(10));
+    }
+    if let Target::DirtyRing = args.target {
+        return crate::bench_dirty_ring::run(args.repeat.unwrap_or(5));
     }
     if let Target::Telemetry = args.target {
         return crate::bench_telemetry::run(args.repeat.unwrap_or(3));

@@ -20,6 +20,11 @@ pub struct DaemonArgs {
     /// Window of each dirty-rate measurement (milliseconds).
     #[arg(long, default_value_t = 1000)]
     dirty_window_ms: u64,
+    /// Never follow KVM's dirty rings. By default the slot and dirty-ring programs are
+    /// attached when the first KVM VM is followed; from then on every ioctl of the host pays
+    /// for them (`cargo xtask bench dirty-ring`).
+    #[arg(long)]
+    no_dirty_ring: bool,
     /// The link bandwidth `agent status` judges convergence at (K, M, G suffixes). Default:
     /// each VM's max-bandwidth.
     #[arg(long, value_parser = super::plan::parse_rate)]
@@ -43,6 +48,7 @@ pub async fn run_daemon(source: &ObjectSource, args: DaemonArgs) -> anyhow::Resu
             window: Duration::from_millis(args.dirty_window_ms.clamp(100, 60_000)),
             bandwidth: args.plan_bandwidth,
         },
+        dirty_ring: !args.no_dirty_ring,
     };
     run(config, super::stop_on_signals()).await?;
     Ok(())

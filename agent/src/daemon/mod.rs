@@ -24,7 +24,7 @@ pub mod ring;
 use std::{
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, PoisonError},
     time::Duration,
 };
 
@@ -63,11 +63,15 @@ pub struct DaemonConfig {
     pub target: TargetConfig,
     pub ebpf: ObjectSource,
     pub figures: FiguresConfig,
+    /// Follow KVM VMs' dirty rings (the slot programs cost every ioctl of the host; see
+    /// docs/design/plan.md).
+    pub dirty_ring: bool,
 }
 
 /// Changes to what the follower follows, sent to the event loop that owns it.
 enum Follow {
-    Add(Vec<FdKey>),
+    /// A VM's keys, and whether it runs under KVM (its dirty ring is followed too).
+    Add(Vec<FdKey>, bool),
     Remove(Vec<FdKey>),
 }
 
@@ -77,8 +81,10 @@ struct Shared {
     /// Where follow changes go, or why the eBPF side could not be attached.
     follow: Result<mpsc::Sender<Follow>, String>,
     drops: watch::Receiver<[u64; SyscallDrop::COUNT as usize]>,
-    /// Whether KVM's dirty ring is followed, or why not.
-    dirty_ring: Result<(), String>,
+    /// Whether to follow KVM's dirty rings at all (`--no-dirty-ring`).
+    want_ring: bool,
+    /// Whether KVM's dirty ring is followed, or why not (the event loop keeps it current).
+    dirty_ring: std::sync::Mutex<String>,
     /// The target side's delivery settings: `expect` registers into them.
     delivery: Delivery,
 }
@@ -106,10 +112,12 @@ pub async fn run(config: DaemonConfig, shutdown: watch::Receiver<bool>) -> std::
             .map(|(tx, _, _)| tx.clone())
             .map_err(Clone::clone),
         drops,
-        dirty_ring: match &follow {
+        want_ring: config.dirty_ring,
+        dirty_ring: std::sync::Mutex::new(match &follow {
+            Ok(_) if !config.dirty_ring => "off: --no-dirty-ring".to_string(),
             Ok((_, _, f)) => f.dirty_ring_state(),
-            Err(e) => Err(e.clone()),
-        },
+            Err(e) => format!("off: {e}"),
+        }),
         delivery: config.target.delivery.clone(),
     });
     if let Ok((_, rx, follower)) = follow {
@@ -201,11 +209,16 @@ async fn event_loop(
                 }
             }
             change = changes.recv() => {
-                let (keys, add) = match change {
-                    Some(Follow::Add(k)) => (k, true),
-                    Some(Follow::Remove(k)) => (k, false),
+                let (keys, add, kvm) = match change {
+                    Some(Follow::Add(k, kvm)) => (k, true, kvm),
+                    Some(Follow::Remove(k)) => (k, false, false),
                     None => return,
                 };
+                if kvm && shared.want_ring {
+                    let _ = follower.start_dirty_ring();
+                    *shared.dirty_ring.lock().unwrap_or_else(PoisonError::into_inner) =
+                        follower.dirty_ring_state();
+                }
                 let keys_tgid = keys.first().map(|k| k.tgid);
                 for key in keys {
                     let r = if add { follower.follow(key) } else { follower.unfollow(key) };
@@ -213,7 +226,7 @@ async fn event_loop(
                         tracing::warn!("cannot change what is followed ({key:?}): {e}");
                     }
                 }
-                if let (Some(tgid), Ok(dirty)) = (keys_tgid, follower.dirty_ring()) {
+                if let (Some(tgid), Some(dirty)) = (keys_tgid, follower.dirty_ring()) {
                     let r = if add { dirty.follow(tgid) } else { dirty.unfollow(tgid) };
                     if let Err(e) = r {
                         tracing::warn!("cannot change whose dirty pages are followed: {e}");
@@ -231,12 +244,12 @@ async fn event_loop(
                         for key in vm.track().keys() {
                             let _ = follower.unfollow(key);
                         }
-                        if let Ok(dirty) = follower.dirty_ring() {
+                        if let Some(dirty) = follower.dirty_ring() {
                             let _ = dirty.unfollow(pid);
                         }
                     }
                 }
-                if let Ok(dirty) = follower.dirty_ring() {
+                if let Some(dirty) = follower.dirty_ring() {
                     ring::tick(dirty, &shared.registry);
                 }
                 if let Ok(d) = follower.drops() {
@@ -320,8 +333,9 @@ async fn follow(qmp: &Path, shared: &Shared) -> Result<Value, String> {
     let described = describe(&vm);
     let track = VmTrack::new(vm);
     let keys = track.keys();
+    let kvm = track.vm().kvm;
     shared.registry.add(qmp.to_path_buf(), track);
-    tx.send(Follow::Add(keys))
+    tx.send(Follow::Add(keys, kvm))
         .await
         .map_err(|_| "the follower stopped".to_string())?;
     Ok(json!({ "vm": described }))
@@ -381,7 +395,7 @@ fn describe(vm: &Vm) -> Value {
         })
         .collect();
     let ram: u64 = vm.blocks.iter().map(|b| b.len).sum();
-    json!({"pid": vm.pid, "ram_bytes": ram, "disks": disks})
+    json!({"pid": vm.pid, "ram_bytes": ram, "kvm": vm.kvm, "disks": disks})
 }
 
 fn status(shared: &Shared) -> Value {
@@ -426,7 +440,7 @@ fn status(shared: &Shared) -> Value {
     json!({
         "telemetry": shared.follow.as_ref().map(|_| "on".to_string()).unwrap_or_else(|w| format!("off: {w}")),
         "drops": drops,
-        "dirty_ring": shared.dirty_ring.as_ref().map(|()| "on".to_string()).unwrap_or_else(|w| format!("off: {w}")),
+        "dirty_ring": *shared.dirty_ring.lock().unwrap_or_else(PoisonError::into_inner),
         "vms": vms,
         "expected_migrations": expected,
     })

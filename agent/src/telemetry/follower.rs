@@ -5,8 +5,8 @@
 //! QEMU's recvmsg/sendmsg/pread/pwrite/madvise -> syscall tracepoints (FOLLOWED filter)
 //!   -> IO_EVENTS ring buffer -> IoFollower::next_events -> the NBD decoder / the map
 //! ```
-//! The same object's dirty-ring programs are attached beside them ([`DirtyRing`], when the
-//! kernel has KVM). Events come in the order their calls returned. Drops are counted by the kernel side per
+//! The same object's dirty-ring programs are attached beside them when the first KVM VM is
+//! followed ([`IoFollower::start_dirty_ring`]). Events come in the order their calls returned. Drops are counted by the kernel side per
 //! reason ([`SyscallDrop`]) and read with [`IoFollower::drops`]; a consumer that sees the
 //! ring-full count move must treat every followed conversation as broken.
 use agent_common::{
@@ -42,8 +42,8 @@ pub struct IoFollower {
     tgids: HashMap<MapData, u32, u32>,
     /// What is followed, by process.
     keys: std::collections::HashMap<u32, std::collections::HashSet<FdKey>>,
-    /// KVM's dirty ring, from the same object, or why it could not be attached.
-    dirty: Result<DirtyRing, String>,
+    /// KVM's dirty ring, from the same object, once started: or why it could not be attached.
+    dirty: Option<Result<DirtyRing, String>>,
     logger: Option<JoinHandle<()>>,
 }
 
@@ -58,11 +58,6 @@ impl IoFollower {
             attach_tracepoint(&mut ebpf, name, "syscalls", tracepoint)?;
         }
         tracing::info!("attached {} syscall tracepoints", SYSCALLS.len());
-        let dirty = DirtyRing::attach(&mut ebpf).map_err(|e| e.to_string());
-        match &dirty {
-            Ok(_) => tracing::info!("attached the dirty-ring tracepoints"),
-            Err(e) => tracing::warn!("no dirty-page telemetry: {e}"),
-        }
         let ring = typed_map(&mut ebpf, maps::IO_EVENTS, RingBuf::try_from)?;
         // SAFETY: the ring buffer owns its map fd for its whole life and always returns that
         // same fd; the AsyncFd takes ownership of it, so the fd outlives the registration.
@@ -76,7 +71,7 @@ impl IoFollower {
             followed,
             tgids,
             keys: std::collections::HashMap::new(),
-            dirty,
+            dirty: None,
             logger,
         })
     }
@@ -100,14 +95,33 @@ impl IoFollower {
             })
     }
 
-    /// The dirty-ring follower, or why there is none.
-    pub fn dirty_ring(&mut self) -> Result<&mut DirtyRing, &str> {
-        self.dirty.as_mut().map_err(|e| e.as_str())
+    /// Attaches the dirty-ring programs, once: the first KVM VM followed calls this. Until
+    /// then no ioctl of the host pays for the slot programs (see `bench dirty-ring`).
+    pub fn start_dirty_ring(&mut self) -> Result<&mut DirtyRing, &str> {
+        let ebpf = &mut self.ebpf;
+        let dirty = self.dirty.get_or_insert_with(|| {
+            let r = DirtyRing::attach(ebpf).map_err(|e| e.to_string());
+            match &r {
+                Ok(_) => tracing::info!("attached the dirty-ring tracepoints"),
+                Err(e) => tracing::warn!("no dirty-page telemetry: {e}"),
+            }
+            r
+        });
+        dirty.as_mut().map_err(|e| e.as_str())
     }
 
-    /// Whether the dirty-ring follower is attached, or why not.
-    pub fn dirty_ring_state(&self) -> Result<(), String> {
-        self.dirty.as_ref().map(|_| ()).map_err(Clone::clone)
+    /// The dirty-ring follower, when started and attached.
+    pub fn dirty_ring(&mut self) -> Option<&mut DirtyRing> {
+        self.dirty.as_mut().and_then(|d| d.as_mut().ok())
+    }
+
+    /// Whether the dirty-ring follower is attached, not started yet, or why it failed.
+    pub fn dirty_ring_state(&self) -> String {
+        match &self.dirty {
+            None => "idle: no KVM VM followed yet".to_string(),
+            Some(Ok(_)) => "on".to_string(),
+            Some(Err(e)) => format!("off: {e}"),
+        }
     }
 
     /// What the kernel measured of the dirty-ring programs' runs so far.

@@ -57,6 +57,8 @@ pub struct Vm {
     pub disks: Vec<Disk>,
     /// File descriptor -> index into `disks`.
     pub fds: HashMap<u32, usize>,
+    /// The VM runs under KVM (`query-kvm`): its dirty pages can come from KVM's dirty ring.
+    pub kvm: bool,
 }
 
 impl Vm {
@@ -71,11 +73,13 @@ impl Vm {
         }
         let disks = parse_disks(&qmp.execute("query-block", None).await?);
         let fds = match_fds(Path::new(&format!("/proc/{pid}")), &disks);
+        let kvm = qmp.execute("query-kvm", None).await?["enabled"] == true;
         Ok(Self {
             pid,
             blocks,
             disks,
             fds,
+            kvm,
         })
     }
 }
