@@ -10,6 +10,9 @@
 //! by plain QEMU to a second target; QEMU's bytes must be within 10%. Both must converge as
 //! predicted. Every migration is at QEMU's default cap, 128 MiB/s, and the agents run with
 //! `--zstd never` (compression follows the link's timing, noise these bounds would not hide).
+//!
+//! And the verdict the other way: the dirtying guest at 16 MiB/s is predicted not to converge,
+//! and a real migration at that rate keeps iterating until cancelled.
 use std::path::Path;
 
 use agent::plan::dirty::WINDOW;
@@ -259,4 +262,105 @@ fn plans_predict_link_bytes_within_15_and_qemu_bytes_within_10_percent() {
         drop((first, second));
     }
     assert!(failures.is_empty(), "predictions off: {failures:#?}");
+}
+
+/// The verdict the other way: a guest dirtying faster than the link carries is predicted not
+/// to converge, plainly or through the agents, and a real migration at that bandwidth indeed
+/// keeps iterating (pass after pass, still active) until it is cancelled, the guest running on
+/// at the source throughout.
+#[test]
+fn a_guest_dirtying_faster_than_the_link_is_predicted_not_to_converge_and_does_not() {
+    if !require_root(
+        "a_guest_dirtying_faster_than_the_link_is_predicted_not_to_converge_and_does_not",
+    ) {
+        return;
+    }
+    const SLOW: u64 = 16 << 20;
+    let _qemu = exclusive();
+    let dir = Scratch::new("plan-no-convergence");
+    let image = dir.image("disk.raw", 64 << 20);
+    let schedule =
+        ["--dirty-interval", "0.2", "--dirty-window-ms", "1000"].map(std::ffi::OsStr::new);
+    let (control, _link, _daemon) = start_daemon(&dir, &schedule);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let w = Workload {
+        name: "fast-dirtying",
+        read_mb: 0,
+        fill_mb: 0,
+        dirty_mb: 32,
+    };
+    let source = guest(&dir.0, "fast-src", image.to_str().unwrap(), w, false);
+    follow_and_run(&rt, &source, &control);
+    settled(&control, &source.qmp_path);
+    let reply = json_of(
+        agent()
+            .arg("plan")
+            .arg(&source.qmp_path)
+            .args([
+                "--bandwidth",
+                &SLOW.to_string(),
+                "--zstd",
+                "never",
+                "--json",
+            ])
+            .arg("--control")
+            .arg(&control),
+    );
+    let plan = &reply["plans"][0]["plan"];
+    eprintln!("plan at 16 MiB/s: {plan:#}");
+    assert_eq!(plan["plain"]["converges"], false, "{plan:#}");
+    assert_eq!(plan["agents"]["converges"], false, "{plan:#}");
+
+    let (passes, status) = rt.block_on(async {
+        let mut q = source.qmp().await;
+        q.set_migration_parameter("max-bandwidth", SLOW)
+            .await
+            .expect("max-bandwidth");
+        q.execute(
+            "migrate",
+            Some(serde_json::json!({"uri": "exec:cat > /dev/null"})),
+        )
+        .await
+        .expect("migrate");
+        // Four passes over the guest's RAM take about 30 s at this rate; a migration that
+        // converged would have completed long before.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+        let info = loop {
+            let info = q
+                .execute("query-migrate", None)
+                .await
+                .expect("query-migrate");
+            let passes = info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0);
+            if info["status"] != "active" || passes >= 4 || std::time::Instant::now() > deadline {
+                break info;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        };
+        eprintln!("after the passes: {info:#}");
+        q.execute("migrate_cancel", None)
+            .await
+            .expect("migrate_cancel");
+        let state = loop {
+            let s = q
+                .execute("query-migrate", None)
+                .await
+                .expect("query-migrate");
+            if s["status"] != "active" && s["status"] != "cancelling" {
+                break s;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        };
+        assert_eq!(state["status"], "cancelled", "{state:#}");
+        let running = q.status().await.expect("query-status");
+        (
+            info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0),
+            (info["status"].clone(), running),
+        )
+    });
+    assert_eq!(
+        status.0, "active",
+        "the migration never converged, as predicted"
+    );
+    assert!(passes >= 4, "pass after pass: {passes}");
+    assert_eq!(status.1, "running", "the guest runs on at the source");
 }
