@@ -66,22 +66,10 @@ fn the_daemon_shows_a_kvm_guests_dirty_ring_while_logging_is_on() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     std::thread::sleep(Duration::from_millis(200));
     // No KVM VM followed yet: no ioctl of the host pays for the slot programs.
-    let status = json_of(
-        agent()
-            .args(["status", "--json", "--control"])
-            .arg(&control),
-    );
-    assert!(
-        status["dirty_ring"].as_str().unwrap().starts_with("idle"),
-        "{status:#}"
-    );
+    assert!(support::dirty_ring_idle(&control), "no KVM VM followed yet");
     let vm = follow(&control, &qmp_path);
     assert_eq!(vm["kvm"], true, "{vm:#}");
-    let status = json_of(
-        agent()
-            .args(["status", "--json", "--control"])
-            .arg(&control),
-    );
+    let status = support::status(&control);
     assert_eq!(status["dirty_ring"], "on", "{status:#}");
     qmp(&rt, &qmp_path, "cont", None);
 

@@ -169,34 +169,12 @@ impl DirtyRing {
     /// Stops following `tgid` and forgets its slots, dirty pages and counts.
     pub fn unfollow(&mut self, tgid: u32) -> Result<(), TelemetryError> {
         forget(self.vms.remove(&tgid), maps::DIRTY_VMS)?;
-        let slots: Vec<SlotKey> = self
-            .slots
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.tgid == tgid)
-            .collect();
-        for k in slots {
-            forget(self.slots.remove(&k), maps::KVM_SLOTS)?;
-        }
-        let chunks: Vec<ChunkKey> = self
-            .chunks
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.tgid == tgid)
-            .collect();
-        for k in chunks {
-            forget(self.chunks.remove(&k), maps::DIRTY_CHUNKS)?;
-        }
-        let hot: Vec<HotKey> = self
-            .hot
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.tgid == tgid)
-            .collect();
-        for k in hot {
-            forget(self.hot.remove(&k), maps::HOT_PAGES)?;
-        }
-        Ok(())
+        let slots = of_tgid(self.slots.keys(), |k: &SlotKey| k.tgid == tgid);
+        remove_all(slots, |k| self.slots.remove(k), maps::KVM_SLOTS)?;
+        let chunks = of_tgid(self.chunks.keys(), |k: &ChunkKey| k.tgid == tgid);
+        remove_all(chunks, |k| self.chunks.remove(k), maps::DIRTY_CHUNKS)?;
+        let hot = of_tgid(self.hot.keys(), |k: &HotKey| k.tgid == tgid);
+        remove_all(hot, |k| self.hot.remove(k), maps::HOT_PAGES)
     }
 
     /// `tgid`'s counters, or `None` when it is not followed.
@@ -331,6 +309,23 @@ pub struct HotPage {
 pub struct RingView {
     pub last: Option<(DirtyCounts, Instant)>,
     pub report: Option<RingReport>,
+}
+
+/// The keys `keys` lists that `mine` picks (a map's keys, collected before any is removed).
+fn of_tgid<K>(
+    keys: impl Iterator<Item = Result<K, aya::maps::MapError>>,
+    mine: impl Fn(&K) -> bool,
+) -> Vec<K> {
+    keys.filter_map(Result::ok).filter(|k| mine(k)).collect()
+}
+
+/// Removes every key of `keys` with `remove` (a key gone already is no error).
+fn remove_all<K>(
+    keys: Vec<K>,
+    mut remove: impl FnMut(&K) -> Result<(), aya::maps::MapError>,
+    name: &'static str,
+) -> Result<(), TelemetryError> {
+    keys.iter().try_for_each(|k| forget(remove(k), name))
 }
 
 /// `BPF_MAP_LOOKUP_AND_DELETE_ELEM` on a per-CPU hash map: fills `out` (one value per possible

@@ -137,17 +137,7 @@ pub fn attach_tracepoint(
     category: &'static str,
     tracepoint: &'static str,
 ) -> Result<(), TelemetryError> {
-    let program: &mut aya::programs::TracePoint = ebpf
-        .program_mut(name)
-        .ok_or(TelemetryError::Missing {
-            kind: "program",
-            name,
-        })?
-        .try_into()
-        .map_err(|source| TelemetryError::ProgramLoad { name, source })?;
-    program
-        .load()
-        .map_err(|source| TelemetryError::ProgramLoad { name, source })?;
+    let program = loaded(ebpf, name, aya::programs::TracePoint::load)?;
     program
         .attach(category, tracepoint)
         .map_err(|source| TelemetryError::Attach {
@@ -165,17 +155,7 @@ pub fn attach_raw_tracepoint(
     name: &'static str,
     tracepoint: &'static str,
 ) -> Result<(), TelemetryError> {
-    let program: &mut aya::programs::RawTracePoint = ebpf
-        .program_mut(name)
-        .ok_or(TelemetryError::Missing {
-            kind: "program",
-            name,
-        })?
-        .try_into()
-        .map_err(|source| TelemetryError::ProgramLoad { name, source })?;
-    program
-        .load()
-        .map_err(|source| TelemetryError::ProgramLoad { name, source })?;
+    let program = loaded(ebpf, name, aya::programs::RawTracePoint::load)?;
     program
         .attach(tracepoint)
         .map_err(|source| TelemetryError::Attach {
@@ -184,6 +164,27 @@ pub fn attach_raw_tracepoint(
             source,
         })?;
     Ok(())
+}
+
+/// Program `name` of `ebpf` as its type `P`, loaded into the kernel by `load`.
+fn loaded<'a, P>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+    load: impl FnOnce(&mut P) -> Result<(), aya::programs::ProgramError>,
+) -> Result<&'a mut P, TelemetryError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let program: &mut P = ebpf
+        .program_mut(name)
+        .ok_or(TelemetryError::Missing {
+            kind: "program",
+            name,
+        })?
+        .try_into()
+        .map_err(|source| TelemetryError::ProgramLoad { name, source })?;
+    load(program).map_err(|source| TelemetryError::ProgramLoad { name, source })?;
+    Ok(program)
 }
 
 /// Takes map `name` out of `ebpf`.

@@ -73,8 +73,20 @@ pub fn follow(control: &Path, qmp: &Path) -> Value {
 }
 
 /// The VM behind `qmp` as `agent status --json` shows it (`null` if the daemon lists none).
+/// `agent status --json` of the daemon at `control`.
+pub fn status(control: &Path) -> Value {
+    json_of(agent().args(["status", "--json", "--control"]).arg(control))
+}
+
+/// Whether the daemon at `control` left the dirty-ring programs detached (no KVM VM followed).
+pub fn dirty_ring_idle(control: &Path) -> bool {
+    status(control)["dirty_ring"]
+        .as_str()
+        .is_some_and(|s| s.starts_with("idle"))
+}
+
 pub fn vm_status(control: &Path, qmp: &Path) -> Value {
-    let s = json_of(agent().args(["status", "--json", "--control"]).arg(control));
+    let s = status(control);
     let vms = s["vms"].as_array().cloned().unwrap_or_default();
     vms.into_iter()
         .find(|v| v["qmp"].as_str() == qmp.to_str())
