@@ -331,7 +331,8 @@ fn a_guest_dirtying_faster_than_the_link_is_predicted_not_to_converge_and_does_n
                 .await
                 .expect("query-migrate");
             let passes = info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0);
-            if info["status"] != "active" || passes >= 4 || std::time::Instant::now() > deadline {
+            let under_way = info["status"] == "setup" || info["status"] == "active";
+            if !under_way || passes >= 4 || std::time::Instant::now() > deadline {
                 break info;
             }
             tokio::time::sleep(std::time::Duration::from_millis(250)).await;

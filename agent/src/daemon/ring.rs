@@ -6,7 +6,8 @@
 //! every tick of the event loop (1 s):
 //!   DirtyRing::drain -> per VM: VmTrack::dirtied (its map's entries for those pages dropped)
 //!   DirtyRing::counts -> the change since the last tick -> RingReport (rates, logging on?)
-//!   DirtyRing::hottest (while logging) -> the most rewritten pages, by RAM block and offset
+//!   DirtyRing::hottest (while logging, every 10 s) -> the most rewritten pages, by RAM block
+//!   and offset
 //! ```
 //! The ring reports nothing while logging is off (see `telemetry::dirty_ring`); a report then
 //! says `logging: false`, and its rates are zero because nothing was measured, not because the
@@ -21,6 +22,9 @@ use crate::telemetry::dirty_ring::{DirtyRing, HotPage, RingReport};
 
 /// Hot pages a report lists.
 const HOT_SHOWN: usize = 8;
+/// How often the hot pages are looked up while logging: it walks the whole LRU map (up to
+/// 65,536 entries, two syscalls each), too long to do every tick in the event loop.
+const HOT_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// One tick for every followed VM.
 pub fn tick(ring: &mut DirtyRing, registry: &Registry) {
@@ -53,10 +57,14 @@ pub fn tick(ring: &mut DirtyRing, registry: &Registry) {
             None => (0.0, false),
         };
         let slots = ring.slots(pid);
-        let hot = if logging {
-            place(&vm, ring.hottest(pid, HOT_SHOWN))
-        } else {
-            Vec::new()
+        let earlier = view
+            .report
+            .as_ref()
+            .filter(|r| r.hot_at.is_some_and(|t| now.duration_since(t) < HOT_EVERY));
+        let (hot, hot_at) = match (logging, earlier) {
+            (false, _) => (Vec::new(), None),
+            (true, Some(r)) => (r.hot.clone(), r.hot_at),
+            (true, None) => (place(&vm, ring.hottest(pid, HOT_SHOWN)), Some(now)),
         };
         let report = RingReport {
             counts: DirtyEvent::ALL
@@ -74,6 +82,8 @@ pub fn tick(ring: &mut DirtyRing, registry: &Registry) {
                 .filter(|s| s.flags & KVM_MEM_LOG_DIRTY_PAGES != 0)
                 .count(),
             hot,
+            hot_age_s: hot_at.map(|t| now.duration_since(t).as_secs_f64()),
+            hot_at,
             at: Some(now),
         };
         gauges(&vm, &report);

@@ -2,7 +2,8 @@
 //! slot-ioctl tracepoints, says which QEMU processes to follow, and drains what they saw.
 //!
 //! ```text
-//! QEMU: KVM_SET_USER_MEMORY_REGION(2) -> sys_enter/exit_ioctl -> KVM_SLOTS (pid, slot) -> host range
+//! QEMU: KVM_SET_USER_MEMORY_REGION(2) -> sys_enter/exit_ioctl -> KVM_SLOTS (pid, slot):
+//!       the slot's host range
 //! KVM:  kvm_dirty_ring_push(slot, offset) -> DIRTY_CHUNKS bit + HOT_PAGES count (+ counters)
 //! DirtyRing::drain: BPF_MAP_LOOKUP_AND_DELETE_ELEM per chunk -> DirtySet of host addresses
 //! ```
@@ -287,8 +288,11 @@ pub struct RingReport {
     /// Slots the VM declared since it was followed, and how many have logging on.
     pub slots: usize,
     pub slots_logging: usize,
-    /// The most often dirtied pages, while logging.
+    /// The most often dirtied pages, while logging, and how old that list is.
     pub hot: Vec<HotPage>,
+    pub hot_age_s: Option<f64>,
+    #[serde(skip)]
+    pub hot_at: Option<Instant>,
     #[serde(skip)]
     pub at: Option<Instant>,
 }

@@ -6,9 +6,10 @@
 //!   -> IO_EVENTS ring buffer -> IoFollower::next_events -> the NBD decoder / the map
 //! ```
 //! The same object's dirty-ring programs are attached beside them when the first KVM VM is
-//! followed ([`IoFollower::start_dirty_ring`]). Events come in the order their calls returned. Drops are counted by the kernel side per
-//! reason ([`SyscallDrop`]) and read with [`IoFollower::drops`]; a consumer that sees the
-//! ring-full count move must treat every followed conversation as broken.
+//! followed ([`IoFollower::start_dirty_ring`]). Events come in the order their calls returned.
+//! Drops are counted by the kernel side per reason ([`SyscallDrop`]) and read with
+//! [`IoFollower::drops`]; a consumer that sees the ring-full count move must treat every
+//! followed conversation as broken.
 use agent_common::{
     maps,
     programs::SYSCALLS,
