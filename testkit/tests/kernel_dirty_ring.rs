@@ -11,7 +11,7 @@
 //!    `calc-dirty-rate` in mode `dirty-ring` turns logging on, QEMU declares its slots again,
 //!    and the pages KVM pushes land in its RAM blocks, as many as QEMU itself counted.
 //! 4. The dirty rate of a KVM guest is measured with KVM's logging: its dirty ring when QEMU has
-//!    one, else its dirty bitmap (page sampling is for TCG).
+//!    one, else its dirty bitmap (page sampling is for TCG); never while it is being migrated.
 use std::{
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     path::Path,
@@ -20,7 +20,7 @@ use std::{
 
 use agent::{
     plan::{
-        dirty::{measure_for, DirtyMode},
+        dirty::{measure_for, DirtyError, DirtyMode},
         QemuView,
     },
     qmp::Qmp,
@@ -432,6 +432,23 @@ async fn a_kvm_guests_dirty_rate_comes_from_kvms_own_logging() {
             "{accel}: {} B/s in mode {:?}",
             sample.bytes_per_sec, sample.mode
         );
+
+        // While the VM is being migrated, its dirty logging is the migration's: not measured.
+        let mut qmp = connect(&path).await;
+        qmp.set_migration_parameter("max-bandwidth", 1 << 20)
+            .await
+            .expect("max-bandwidth");
+        qmp.execute(
+            "migrate",
+            Some(serde_json::json!({"uri": "exec:cat > /dev/null"})),
+        )
+        .await
+        .expect("migrate");
+        drop(qmp);
+        match measure_for(&path, Duration::from_millis(500), view.kvm).await {
+            Err(DirtyError::Migrating(state)) => eprintln!("{accel}: not measured while {state}"),
+            other => panic!("{accel}: measured during a migration: {other:?}"),
+        }
     }
 }
 

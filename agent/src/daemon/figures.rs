@@ -130,8 +130,9 @@ fn claims(vm: &Arc<Followed>) -> Claims {
     Arc::new(move |block, offset| vm.track().map().claim_at(block, offset))
 }
 
-/// A plan for `vm`: RAM sampled now; the smoothed dirty rate from the rounds while fresh
-/// (younger than `fresh`), else from a round now.
+/// A plan for `vm`: the smoothed dirty rate from the rounds while fresh (younger than
+/// `fresh`), else from a round now; RAM sampled now (by that round, when it ran and no index
+/// is asked).
 pub async fn plan_for(
     vm: &Arc<Followed>,
     ask: &Ask,
@@ -141,6 +142,13 @@ pub async fn plan_for(
     let stale = vm.figures().dirty.age().is_none_or(|a| a > fresh);
     if stale {
         refresh(vm, window).await?;
+        // The round just sampled the RAM; without an index to ask, that sample is the plan's.
+        if ask.index.is_none() {
+            let f = vm.figures();
+            if let (Some((ram, _)), Some(view)) = (&f.ram, &f.view) {
+                return Ok(Plan::make(ram.clone(), f.dirty.report(), view, ask));
+            }
+        }
     }
     let view = view(vm).await?;
     let at = Instant::now();

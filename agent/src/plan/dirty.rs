@@ -40,6 +40,11 @@ pub enum DirtyError {
     Unfinished(Duration),
     #[error("QEMU's answer has no dirty rate: {0}")]
     Unreadable(String),
+    #[error(
+        "not measured: a migration is under way ({0}), and KVM's dirty logging is the \
+         migration's until it ends"
+    )]
+    Migrating(String),
 }
 
 /// How QEMU measures.
@@ -103,6 +108,17 @@ impl Sample {
 pub async fn measure_for(qmp: &Path, window: Duration, kvm: bool) -> Result<Sample, DirtyError> {
     if !kvm {
         return measure(qmp, window, DirtyMode::PageSampling).await;
+    }
+    // KVM's modes start, sync and stop dirty logging themselves; a migration relies on the
+    // same logging, so a VM being migrated is left alone (the migration reports its own rate).
+    let mut session = open(qmp).await?;
+    let state = session
+        .execute_timeout("query-migrate", None, STEP_LIMIT)
+        .await?;
+    drop(session);
+    let status = state["status"].as_str().unwrap_or("none");
+    if !matches!(status, "none" | "completed" | "failed" | "cancelled") {
+        return Err(DirtyError::Migrating(status.to_string()));
     }
     match measure(qmp, window, DirtyMode::DirtyRing).await {
         Err(DirtyError::Refused(e)) => {
