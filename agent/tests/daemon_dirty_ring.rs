@@ -6,12 +6,12 @@
 //! slots QEMU declared again with logging, pushes per second and the hottest pages placed in
 //! the VM's RAM blocks; once the window ends it shows logging off again. `agent plan` on the same
 //! VM measures its dirty rate with the ring, not by sampling.
-use std::{path::Path, process::Stdio, time::Duration};
+use std::{path::Path, time::Duration};
 
 use agent::qmp::Qmp;
 use serde_json::{json, Value};
 use support::{agent, follow, json_of, start_daemon, vm_status};
-use testkit::{qemu::qemu_command, require_root, Running, Scratch};
+use testkit::{require_root, Scratch};
 
 mod support;
 
@@ -51,15 +51,7 @@ fn the_daemon_shows_a_kvm_guests_dirty_ring_while_logging_is_on() {
     let (control, _link, _daemon) =
         start_daemon(&dir, &["--dirty-interval", "0"].map(std::ffi::OsStr::new));
     let qmp_path = dir.path("kvm.qmp");
-    let _qemu = Running(
-        qemu_command(None)
-            .args(["-accel", "kvm,dirty-ring-size=4096", "-m", "256"])
-            .args(["-nodefaults", "-display", "none", "-S", "-qmp"])
-            .arg(format!("unix:{},server=on,wait=off", qmp_path.display()))
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start qemu-system-x86_64"),
-    );
+    let _qemu = testkit::qemu::kvm_qemu(&qmp_path, "kvm,dirty-ring-size=4096");
     support::wait_for("QEMU's monitor", Duration::from_secs(10), || {
         qmp_path.exists()
     });

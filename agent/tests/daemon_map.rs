@@ -5,8 +5,9 @@
 //!    following the source QEMU from before its guest runs, `agent status` showing the RAM
 //!    mirrored on storage, and `agent migrate --no-index` handed to the daemon: pages go out
 //!    MAPPED from the map alone, and the guest carries on.
-//! 3. Stale pages: the guest drops its page cache and fills the memory with random data; the
-//!    map's claims for those pages are counted stale, never sent, and the guest carries on.
+//! 3. Stale pages: once the map shows its read, the guest drops its page cache and fills the
+//!    memory with random data; the map's claims for those pages are counted stale, never
+//!    sent, and the guest carries on.
 //! 2. The daemon killed: its map is lost, and `agent migrate` (same flags, the index path on
 //!    nas-server) still migrates from its own process. Its savings and the map-only run's are
 //!    within 3 points of each other.
@@ -18,9 +19,12 @@
 use std::{
     path::Path,
     process::{Command, Stdio},
+    time::Duration,
 };
 
-use support::{agent, follow_and_run, json_of, migrate_via, start_daemon};
+use support::{
+    agent, follow_and_cont, follow_and_run, json_of, migrate_via, start_daemon, vm_status, wait_for,
+};
 use testkit::{
     free_port,
     qemu::{agent_qmp_dir, carried_on, exclusive, Guest, GuestSpec, Pair},
@@ -66,12 +70,16 @@ fn guest_writing(
             qemu: None,
             iothread: false,
             fill_mb,
+            // The fill waits until the test saw the map built: "stale" means the memory was
+            // reused after the daemon recorded it.
+            fill_gate: fill_mb > 0,
             dirty_mb: 0,
         },
     )
 }
 
 /// A guest on `uri`, followed by the daemon from before it runs, past its first RAM checksum.
+/// With `fill_mb`, its memory is reused only once the daemon's map shows its read.
 fn followed_guest(
     rt: &tokio::runtime::Runtime,
     dir: &Path,
@@ -81,7 +89,30 @@ fn followed_guest(
     (fill_mb, writes): (u32, Writes),
 ) -> Guest {
     let g = guest_writing(dir, name, uri, (false, true), fill_mb, writes);
-    follow_and_run(rt, &g, control);
+    if fill_mb == 0 {
+        follow_and_run(rt, &g, control);
+        return g;
+    }
+    follow_and_cont(rt, &g, control);
+    g.wait_line("QEVAL-FILL-WAIT", 0, Duration::from_secs(240));
+    // The guest is idle now: once two looks half a second apart agree, the daemon has taken
+    // in every reply of the read.
+    let mut last = u64::MAX;
+    wait_for(
+        "the map of the guest's read",
+        Duration::from_secs(60),
+        || {
+            std::thread::sleep(Duration::from_millis(500));
+            let mirrored = vm_status(control, &g.qmp_path)["mirrored_bytes"]
+                .as_u64()
+                .unwrap_or(0);
+            let settled = mirrored == last && mirrored >= (u64::from(READ_MB) << 20) * 9 / 10;
+            last = mirrored;
+            settled
+        },
+    );
+    g.release_fill();
+    g.wait_line("QEVAL-READY", 0, Duration::from_secs(240));
     g
 }
 
@@ -160,7 +191,8 @@ fn the_daemons_map_migrates_against_qemu_nbd_and_its_loss_costs_no_correctness()
     //    match, nothing is fetched for them, and the guest carries on.
     let source = followed_guest(&rt, &dir.0, "stale", &uri, &control, (160, Writes::Yes));
     let blob = source.blob_sums()[0].clone();
-    let target = guest(&dir.0, "stale-target", &uri, true, false, 0);
+    // Started as its source was: the fill's gate is a serial port, a device in the stream.
+    let target = guest(&dir.0, "stale-target", &uri, true, false, 160);
     let stale = json_of(
         migrate(
             &control,

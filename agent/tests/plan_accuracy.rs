@@ -74,6 +74,7 @@ fn guest(dir: &Path, name: &str, uri: &str, w: Workload, incoming: bool) -> Gues
             qemu: None,
             iothread: false,
             fill_mb: w.fill_mb,
+            fill_gate: false,
             dirty_mb: w.dirty_mb,
         },
     )

@@ -54,6 +54,7 @@ fn a_busy_or_vanished_monitor_shows_as_such_and_no_stale_figure_passes_for_fresh
             qemu: None,
             iothread: false,
             fill_mb: 0,
+            fill_gate: false,
             dirty_mb: 0,
         },
     );

@@ -30,6 +30,8 @@ pub struct Guest {
     /// directory, where `agent serve --qmp-dir` finds the VM by name.
     pub agent_qmp_path: PathBuf,
     pub serial_path: PathBuf,
+    /// The second serial port's socket, with [`GuestSpec::fill_gate`].
+    gate_path: Option<PathBuf>,
     child: Child,
 }
 
@@ -55,6 +57,8 @@ pub struct GuestSpec<'a> {
     pub iothread: bool,
     /// After reading, drop the page cache and fill this many MiB of memory with random data.
     pub fill_mb: u32,
+    /// Hold that until [`Guest::release_fill`]: the guest prints `QEVAL-FILL-WAIT` and waits.
+    pub fill_gate: bool,
     /// Then keep dirtying about this many MiB of memory a second (at most 48).
     pub dirty_mb: u32,
 }
@@ -96,6 +100,33 @@ pub fn qemu_command(binary: Option<&Path>) -> Command {
     cmd
 }
 
+/// A KVM QEMU with no guest, paused at start (`-S`), its monitor at `qmp`; `accel` is the
+/// `-accel` value (`kvm,dirty-ring-size=4096`). No full guest boots under this machine kind's
+/// nested KVM, but the firmware runs, and with dirty logging on it dirties memory.
+pub fn kvm_qemu(qmp: &Path, accel: &str) -> crate::Running {
+    std::fs::remove_file(qmp).ok();
+    let child = qemu_command(None)
+        .args(["-accel", accel, "-m", "256"])
+        .args(["-nodefaults", "-display", "none", "-S", "-qmp"])
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start qemu-system-x86_64");
+    crate::Running(child)
+}
+
+/// The monitor at `path`, once QEMU opened it (within 5 s), else the last failure.
+pub async fn qmp_when_up(path: &Path) -> Result<Qmp, agent::qmp::QmpError> {
+    let mut tries = 100;
+    loop {
+        match Qmp::connect(path).await {
+            Err(_) if tries > 0 => tries -= 1,
+            done => return done,
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 impl Guest {
     pub fn start(dir: &Path, spec: &GuestSpec) -> Guest {
         let images = image_dir();
@@ -126,10 +157,12 @@ impl Guest {
         .arg(&initrd)
         .arg("-append")
         .arg(format!(
-            "console=ttyS0 quiet panic=-1 readmb={} diskwrite={} fillmb={} dirtymb={}",
+            "console=ttyS0 quiet panic=-1 readmb={} diskwrite={} fillmb={} fillgate={} \
+             dirtymb={}",
             spec.read_mb,
             u8::from(spec.disk_writes),
             spec.fill_mb,
+            u8::from(spec.fill_gate),
             spec.dirty_mb
         ))
         .args(if spec.iothread {
@@ -173,6 +206,19 @@ impl Guest {
         if spec.prealloc {
             cmd.arg("-mem-prealloc");
         }
+        let gate_path = spec
+            .fill_gate
+            .then(|| dir.join(format!("{}-gate.sock", spec.name)));
+        if let Some(gate) = &gate_path {
+            std::fs::remove_file(gate).ok();
+            // A second ISA serial port (the guest's ttyS1), fed from a socket.
+            cmd.arg("-chardev")
+                .arg(format!(
+                    "socket,id=gate,path={},server=on,wait=off",
+                    gate.display()
+                ))
+                .args(["-device", "isa-serial,chardev=gate"]);
+        }
         let child = cmd.spawn().expect("start qemu-system-x86_64");
         let guest = Guest {
             name: spec.name.to_string(),
@@ -180,6 +226,7 @@ impl Guest {
             operator_qmp_path,
             agent_qmp_path,
             serial_path,
+            gate_path,
             child,
         };
         guest.wait_for_file(&guest.qmp_path, Duration::from_secs(30));
@@ -232,6 +279,21 @@ impl Guest {
                 self.serial()
             )
         })
+    }
+
+    /// Lets a guest started with [`GuestSpec::fill_gate`] drop its page cache and fill its
+    /// memory, and waits until it did.
+    pub fn release_fill(&self) {
+        use std::io::Write;
+        let gate = self
+            .gate_path
+            .as_ref()
+            .expect("the guest was started with fill_gate");
+        self.wait_line("QEVAL-FILL-WAIT", 0, Duration::from_secs(240));
+        let mut s = std::os::unix::net::UnixStream::connect(gate).expect("connect the gate");
+        s.write_all(b"go\n").expect("write to the gate");
+        // Held open until the guest took the line.
+        self.wait_line("QEVAL-FILLED", 0, Duration::from_secs(240));
     }
 
     /// The last heartbeat number printed.
@@ -366,6 +428,7 @@ pub async fn record_stream(
             qemu,
             iothread: false,
             fill_mb: 0,
+            fill_gate: false,
             dirty_mb: 0,
         },
     );
@@ -472,6 +535,7 @@ impl Pair {
             qemu: None,
             iothread: false,
             fill_mb: 0,
+            fill_gate: false,
             dirty_mb: 0,
         };
         let source = Guest::start(&dir.0, &spec("source", false, false));

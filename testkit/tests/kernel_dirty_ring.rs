@@ -37,7 +37,7 @@ use aya::{
     programs::{RawTracePoint, RawTracePointRunOptions, TestRun},
     Ebpf,
 };
-use testkit::{qemu::qemu_command, require_root, Running, Scratch};
+use testkit::{require_root, Running, Scratch};
 
 const MIB: u64 = 1 << 20;
 const PAGE: u64 = 4096;
@@ -362,7 +362,7 @@ async fn a_kvm_guests_dirty_ring_is_followed_from_its_qemu() {
         rate["dirty-rate"],
         pages.len(),
         logging_slots,
-        c.to_json()
+        serde_json::json!(c.named())
     );
     assert!(
         logging_slots > 0,
@@ -389,23 +389,7 @@ async fn a_kvm_guests_dirty_ring_is_followed_from_its_qemu() {
 /// A KVM QEMU, paused at start, with `accel` options; its monitor's path.
 fn kvm_qemu(dir: &Scratch, name: &str, accel: &str) -> (Running, std::path::PathBuf) {
     let qmp = dir.path(&format!("{name}.sock"));
-    let child = qemu_command(None)
-        .args([
-            "-accel",
-            accel,
-            "-m",
-            "256",
-            "-nodefaults",
-            "-display",
-            "none",
-            "-S",
-        ])
-        .arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("start qemu-system-x86_64");
-    (Running(child), qmp)
+    (testkit::qemu::kvm_qemu(&qmp, accel), qmp)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -453,11 +437,7 @@ async fn a_kvm_guests_dirty_rate_comes_from_kvms_own_logging() {
 }
 
 async fn connect(path: &Path) -> Qmp {
-    for _ in 0..100 {
-        if let Ok(q) = Qmp::connect(path).await {
-            return q;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("QEMU's monitor never came up at {}", path.display());
+    testkit::qemu::qmp_when_up(path)
+        .await
+        .unwrap_or_else(|e| panic!("QEMU's monitor never came up: {e}"))
 }

@@ -66,6 +66,7 @@ fn measure(
             qemu: None,
             iothread,
             fill_mb: 0,
+            fill_gate: false,
             dirty_mb: 0,
         },
     );

@@ -57,6 +57,7 @@ fn spec<'a>(name: &'a str, uri: &'a str, incoming: bool) -> GuestSpec<'a> {
         qemu: None,
         iothread: false,
         fill_mb: 0,
+        fill_gate: false,
         dirty_mb: 0,
     }
 }

@@ -14,14 +14,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agent::{
-    qmp::Qmp,
-    telemetry::{
-        dirty_ring::DirtyRing,
-        loader::{attach_tracepoint, load_object, program_runs},
-        vm::Vm,
-        ObjectSource,
-    },
+use agent::telemetry::{
+    dirty_ring::DirtyRing,
+    loader::{attach_tracepoint, load_object, program_runs},
+    vm::Vm,
+    ObjectSource,
 };
 use agent_common::{dirty::DirtyEvent, programs::SYSCALLS};
 use anyhow::{bail, Context};
@@ -109,17 +106,8 @@ async fn followed_guest(object: &ObjectSource) -> anyhow::Result<()> {
     let dir = sh::workspace_root().join("target/xtask/bench-dirty-ring");
     std::fs::create_dir_all(&dir)?;
     let qmp_path = dir.join("kvm.qmp");
-    let _ = std::fs::remove_file(&qmp_path);
-    let _qemu = testkit::Running(
-        testkit::qemu::qemu_command(None)
-            .args(["-accel", "kvm,dirty-ring-size=4096", "-m", "256"])
-            .args(["-nodefaults", "-display", "none", "-S", "-qmp"])
-            .arg(format!("unix:{},server=on,wait=off", qmp_path.display()))
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .context("start qemu-system-x86_64")?,
-    );
-    let mut qmp = connect(&qmp_path).await?;
+    let _qemu = testkit::qemu::kvm_qemu(&qmp_path, "kvm,dirty-ring-size=4096");
+    let mut qmp = testkit::qemu::qmp_when_up(&qmp_path).await?;
     let vm = Vm::inspect(&mut qmp).await?;
     let mut ebpf = load_object(object, &[])?;
     let mut ring = DirtyRing::attach(&mut ebpf)?;
@@ -178,14 +166,4 @@ async fn followed_guest(object: &ObjectSource) -> anyhow::Result<()> {
         drain_time.as_micros() as f64 / f64::from(drains.max(1))
     );
     Ok(())
-}
-
-async fn connect(path: &std::path::Path) -> anyhow::Result<Qmp> {
-    for _ in 0..100 {
-        if let Ok(q) = Qmp::connect(path).await {
-            return Ok(q);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    bail!("QEMU's monitor never came up at {}", path.display())
 }

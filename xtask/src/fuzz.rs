@@ -40,7 +40,9 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     crate::setup::run()?;
-    sh::run(sh::cargo().args(["build", "--release", "-p", "nas-server"]))?;
+    // The seeds' server: the debug build `cargo test` made (the same selection of packages,
+    // so the same features: nothing is rebuilt when the suite ran first).
+    sh::run(sh::cargo().args(["build", "--tests"]))?;
     let corpus = sh::workspace_root().join("target/fuzz-corpus");
     record_seeds(&corpus)?;
     agent_seeds(&corpus)?;
@@ -51,6 +53,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             sh::cargo()
                 .current_dir(sh::workspace_root().join(krate))
                 .args(["+nightly", "fuzz", "run", target])
+                // One target directory for both crates: the dependencies they share (tokio,
+                // blake3, the protocol crates) are built once with the fuzzing flags.
+                .arg("--target-dir")
+                .arg(sh::workspace_root().join("target/fuzz"))
                 .arg(&dir)
                 .arg("--")
                 .arg(format!("-max_total_time={}", args.seconds))
@@ -293,7 +299,7 @@ struct Server(Child);
 
 impl Server {
     fn start(image: &Path) -> anyhow::Result<Self> {
-        let child = Command::new(sh::workspace_root().join("target/release/nas-server"))
+        let child = Command::new(sh::workspace_root().join("target/debug/nas-server"))
             .args(["--listen", &format!("127.0.0.1:{NBD_PORT}")])
             .args(["--index-listen", &format!("127.0.0.1:{INDEX_PORT}")])
             .arg("--export")

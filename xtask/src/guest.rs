@@ -6,6 +6,8 @@
 //! - loads virtio_ring, virtio, virtio_pci_modern_dev, virtio_pci_legacy_dev, virtio_pci,
 //!   virtio_blk (that order; there is no modprobe);
 //! - reads `readmb=` MiB of /dev/vda and keeps it open, so the page cache stays;
+//! - with `fillmb=N`, then drops its page cache and fills N MiB of memory with random data,
+//!   with `fillgate=1` only once a line arrives on its second serial port (`/dev/ttyS1`);
 //! - fills a 16 MiB RAM blob and prints its md5 (`QEVAL-BLOB`) with every 5th heartbeat;
 //! - with `diskwrite=1`, rewrites disk blocks every second (for migration fault tests);
 //! - with `dirtymb=N` (N <= 48), dirties about N MiB of memory a second with fresh content;
@@ -36,9 +38,9 @@ mount -t devtmpfs devtmpfs /dev
 for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk; do
   insmod /mods/$m.ko || echo "QEVAL-ERROR insmod $m"
 done
-READMB=0; DISKWRITE=0; FILLMB=0; DIRTYMB=0
+READMB=0; DISKWRITE=0; FILLMB=0; FILLGATE=0; DIRTYMB=0
 for a in $(cat /proc/cmdline); do
-  case "$a" in readmb=*) READMB="${a#readmb=}";; diskwrite=*) DISKWRITE="${a#diskwrite=}";; fillmb=*) FILLMB="${a#fillmb=}";; dirtymb=*) DIRTYMB="${a#dirtymb=}";; esac
+  case "$a" in readmb=*) READMB="${a#readmb=}";; diskwrite=*) DISKWRITE="${a#diskwrite=}";; fillmb=*) FILLMB="${a#fillmb=}";; fillgate=*) FILLGATE="${a#fillgate=}";; dirtymb=*) DIRTYMB="${a#dirtymb=}";; esac
 done
 i=0; while [ ! -b /dev/vda ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
 if [ -b /dev/vda ]; then
@@ -49,6 +51,12 @@ if [ -b /dev/vda ]; then
   fi
   echo "QEVAL-READ-DONE $READMB"
   if [ "$FILLMB" -gt 0 ]; then
+    if [ "$FILLGATE" = 1 ]; then
+      # Held until the host sends a line on the second serial port (after it saw the
+      # host-side map of the read built).
+      echo "QEVAL-FILL-WAIT"
+      read -r _ < /dev/ttyS1
+    fi
     # The page cache dropped, and its memory taken by random data: what a host-side map
     # recorded of those pages is stale now.
     sync; echo 3 > /proc/sys/vm/drop_caches

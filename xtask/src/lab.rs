@@ -157,6 +157,7 @@ impl Pair {
             qemu: None,
             iothread: false,
             fill_mb: load.fill_mb,
+            fill_gate: false,
             dirty_mb: load.dirty_mb,
         };
         let (source_name, target_name) = (format!("{tag}-source"), format!("{tag}-target"));

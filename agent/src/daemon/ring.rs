@@ -67,10 +67,7 @@ pub fn tick(ring: &mut DirtyRing, registry: &Registry) {
             (true, None) => (place(&vm, ring.hottest(pid, HOT_SHOWN)), Some(now)),
         };
         let report = RingReport {
-            counts: DirtyEvent::ALL
-                .iter()
-                .map(|e| (e.name(), counts.get(*e)))
-                .collect(),
+            counts: counts.named(),
             logging,
             pushes_per_sec: rate,
             bytes_per_sec: rate * 4096.0,

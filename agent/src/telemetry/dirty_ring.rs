@@ -50,13 +50,12 @@ impl DirtyCounts {
         self.0[event as usize]
     }
 
-    /// `{name: count}` for JSON output.
-    pub fn to_json(&self) -> serde_json::Value {
+    /// Every counter by its name.
+    pub fn named(&self) -> BTreeMap<&'static str, u64> {
         DirtyEvent::ALL
             .iter()
-            .map(|e| (e.name().to_string(), self.get(*e).into()))
-            .collect::<serde_json::Map<_, _>>()
-            .into()
+            .map(|e| (e.name(), self.get(*e)))
+            .collect()
     }
 }
 

@@ -96,13 +96,18 @@ pub fn vm_status(control: &Path, qmp: &Path) -> Value {
 /// Has the daemon follow the paused guest `g`, lets it run, and waits until it is ready (its
 /// disk read, its memory filled as asked).
 pub fn follow_and_run(rt: &tokio::runtime::Runtime, g: &Guest, control: &Path) {
+    follow_and_cont(rt, g, control);
+    g.wait_line("QEVAL-READY", 0, Duration::from_secs(240));
+}
+
+/// Has the daemon follow the paused guest `g` and lets it run.
+pub fn follow_and_cont(rt: &tokio::runtime::Runtime, g: &Guest, control: &Path) {
     let followed = follow(control, &g.qmp_path);
     assert_eq!(followed["disks"][0]["followed"], true, "{followed}");
     rt.block_on(async {
         let mut q = Qmp::connect(&g.qmp_path).await.expect("QMP");
         q.execute("cont", None).await.expect("cont");
     });
-    g.wait_line("QEVAL-READY", 0, Duration::from_secs(240));
 }
 
 /// `agent migrate` through the daemon at `control`, from `source` to `target` through the
