@@ -42,7 +42,25 @@ pub enum IoKind {
     /// `madvise(addr, len, advice)` that drops memory (`MADV_DONTNEED`, `MADV_FREE`,
     /// `MADV_REMOVE`): `iov[0]` is the range, `offset` the advice.
     Discard = 5,
+    /// `fallocate(fd, mode, offset, len)` with a mode that changes the file's content
+    /// ([`FALLOC_CHANGES`]: QEMU's write-zeroes and discard on image files): `offset` is the
+    /// range's start, `iov[0]` is `{ base: mode, len }`.
+    Fallocate = 6,
 }
+
+/// `FALLOC_FL_PUNCH_HOLE`: the range reads as zeroes afterwards.
+pub const FALLOC_FL_PUNCH_HOLE: u64 = 0x02;
+/// `FALLOC_FL_COLLAPSE_RANGE`: the range is removed, what follows moves down.
+pub const FALLOC_FL_COLLAPSE_RANGE: u64 = 0x08;
+/// `FALLOC_FL_ZERO_RANGE`: the range reads as zeroes afterwards.
+pub const FALLOC_FL_ZERO_RANGE: u64 = 0x10;
+/// `FALLOC_FL_INSERT_RANGE`: a hole is inserted, what follows moves up.
+pub const FALLOC_FL_INSERT_RANGE: u64 = 0x20;
+/// The `fallocate` modes that change what a file holds; plain allocation does not.
+pub const FALLOC_CHANGES: u64 =
+    FALLOC_FL_PUNCH_HOLE | FALLOC_FL_COLLAPSE_RANGE | FALLOC_FL_ZERO_RANGE | FALLOC_FL_INSERT_RANGE;
+/// The modes that move the content after the range (every later block changes).
+pub const FALLOC_SHIFTS: u64 = FALLOC_FL_COLLAPSE_RANGE | FALLOC_FL_INSERT_RANGE;
 
 impl IoKind {
     pub const fn from_u32(v: u32) -> Option<Self> {
@@ -52,6 +70,7 @@ impl IoKind {
             3 => Self::Read,
             4 => Self::Write,
             5 => Self::Discard,
+            6 => Self::Fallocate,
             _ => return None,
         })
     }
@@ -67,7 +86,7 @@ pub enum CallShape {
     Buffer = 1,
     /// An iovec array and its count (preadv, pwritev and their `2` forms).
     Vector = 2,
-    /// An address range (madvise).
+    /// An address range (madvise), or a file range (fallocate: `ptr` holds the mode).
     Range = 3,
 }
 

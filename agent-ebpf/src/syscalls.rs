@@ -1,6 +1,7 @@
 //! The I/O follower: syscall tracepoints on the calls through which QEMU moves guest data
-//! (recvmsg/sendmsg on NBD sockets, pread/pwrite and their vectored forms on image files) and
-//! on madvise, for the (process, fd) pairs user space put in `FOLLOWED`.
+//! (recvmsg/sendmsg on NBD sockets, pread/pwrite and their vectored forms on image files), on
+//! fallocate (image ranges zeroed or punched) and on madvise, for the (process, fd) pairs user
+//! space put in `FOLLOWED`.
 //!
 //! At entry a followed call's arguments go to `IO_CALLS` under the calling thread; at exit
 //! they come out again and, unless the call failed, become one `IoEvent` in the `IO_EVENTS`
@@ -9,7 +10,7 @@
 //! `SYSCALL_DROPS` by reason.
 use agent_common::syscalls::{
     CallShape, FdKey, IoEvent, IoKind, IoVec, PendingCall, SyscallDrop, CALLS_CAPACITY,
-    EVENTS_BYTES, FD_ANY, FD_MEMORY, FOLLOWED_CAPACITY, HEAD_BYTES, MAX_IOV,
+    EVENTS_BYTES, FALLOC_CHANGES, FD_ANY, FD_MEMORY, FOLLOWED_CAPACITY, HEAD_BYTES, MAX_IOV,
 };
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
@@ -358,5 +359,28 @@ pub fn enter_madvise(ctx: TracePointContext) -> u32 {
 
 #[tracepoint]
 pub fn exit_madvise(ctx: TracePointContext) -> u32 {
+    exit(&ctx)
+}
+
+/// fallocate(fd, mode, offset, len) on a followed file, when the mode changes its content
+/// (QEMU's write-zeroes and discard on an image file; a plain allocation changes nothing).
+#[tracepoint]
+pub fn enter_fallocate(ctx: TracePointContext) -> u32 {
+    let mode = arg(&ctx, 1);
+    if mode & FALLOC_CHANGES == 0 {
+        return 0;
+    }
+    enter(
+        IoKind::Fallocate,
+        CallShape::Range,
+        arg(&ctx, 0),
+        mode,
+        arg(&ctx, 3),
+        arg(&ctx, 2),
+    )
+}
+
+#[tracepoint]
+pub fn exit_fallocate(ctx: TracePointContext) -> u32 {
     exit(&ctx)
 }

@@ -8,6 +8,8 @@
 //! 3. Stale pages: once the map shows its read, the guest drops its page cache and fills the
 //!    memory with random data; the map's claims for those pages are counted stale, never
 //!    sent, and the guest carries on.
+//! 4. Followed late: a guest that read its disk before the follow has almost nothing placed
+//!    by the map; the savings of both runs are printed (the price of a late follow).
 //! 2. The daemon killed: its map is lost, and `agent migrate` (same flags, the index path on
 //!    nas-server) still migrates from its own process. Its savings and the map-only run's are
 //!    within 3 points of each other.
@@ -126,6 +128,26 @@ fn migrate(control: &Path, source: &Guest, target: &Guest, link: u16, nas: &str)
     cmd
 }
 
+/// `agent migrate --no-index` through the daemon, against qemu-nbd on `nbd_port`: its report.
+fn map_only_via(
+    control: &Path,
+    source: &Guest,
+    target: &Guest,
+    link: u16,
+    nbd_port: u16,
+) -> serde_json::Value {
+    json_of(
+        migrate(
+            control,
+            source,
+            target,
+            link,
+            &format!("127.0.0.1:{nbd_port}"),
+        )
+        .arg("--no-index"),
+    )
+}
+
 #[test]
 fn the_daemons_map_migrates_against_qemu_nbd_and_its_loss_costs_no_correctness() {
     if !require_root("the_daemons_map_migrates_against_qemu_nbd_and_its_loss_costs_no_correctness")
@@ -161,16 +183,7 @@ fn the_daemons_map_migrates_against_qemu_nbd_and_its_loss_costs_no_correctness()
     );
     assert_eq!(status["drops"]["ring_full"], 0);
     let target = guest(&dir.0, "target", &uri, true, false, 0);
-    let map_only = json_of(
-        migrate(
-            &control,
-            &source,
-            &target,
-            link,
-            &format!("127.0.0.1:{nbd_port}"),
-        )
-        .arg("--no-index"),
-    );
+    let map_only = map_only_via(&control, &source, &target, link, nbd_port);
     eprintln!("map only: {map_only:#}");
     assert_eq!(map_only["ok"], true, "{map_only}");
     let pages_map = map_only["pages_map"].as_u64().unwrap_or(0);
@@ -193,16 +206,7 @@ fn the_daemons_map_migrates_against_qemu_nbd_and_its_loss_costs_no_correctness()
     let blob = source.blob_sums()[0].clone();
     // Started as its source was: the fill's gate is a serial port, a device in the stream.
     let target = guest(&dir.0, "stale-target", &uri, true, false, 160);
-    let stale = json_of(
-        migrate(
-            &control,
-            &source,
-            &target,
-            link,
-            &format!("127.0.0.1:{nbd_port}"),
-        )
-        .arg("--no-index"),
-    );
+    let stale = map_only_via(&control, &source, &target, link, nbd_port);
     eprintln!("stale: {stale:#}");
     assert_eq!(stale["ok"], true, "{stale}");
     assert!(
@@ -216,6 +220,32 @@ fn the_daemons_map_migrates_against_qemu_nbd_and_its_loss_costs_no_correctness()
     );
     assert_eq!(stale["pages_fallback"], 0, "a stale page was announced");
     carried_on(&source, &target, &blob).unwrap_or_else(|e| panic!("stale: {e}"));
+    drop((source, target));
+
+    // 4. Followed late: the guest read its disk before the daemon followed it, so the map holds
+    //    only what it wrote since, and the same map-only migration places almost nothing: the
+    //    price of a late follow (README, Limitations), measured against step 1.
+    let source = guest(&dir.0, "late", &uri, false, false, 0);
+    source.wait_line("QEVAL-READY", 0, Duration::from_secs(240));
+    let followed = support::follow(&control, &source.qmp_path);
+    assert_eq!(followed["disks"][0]["followed"], true, "{followed}");
+    let blob = source.blob_sums()[0].clone();
+    let target = guest(&dir.0, "late-target", &uri, true, false, 0);
+    let late = map_only_via(&control, &source, &target, link, nbd_port);
+    eprintln!("followed late: {late:#}");
+    assert_eq!(late["ok"], true, "{late}");
+    let late_map = late["pages_map"].as_u64().unwrap_or(0);
+    assert!(
+        late_map < read_pages / 10,
+        "{late_map} pages placed after a late follow, of {read_pages} read before it"
+    );
+    carried_on(&source, &target, &blob).unwrap_or_else(|e| panic!("late: {e}"));
+    eprintln!(
+        "map-only savings: followed from boot {:.1}% ({pages_map} pages placed), followed after \
+         the read {:.1}% ({late_map})",
+        map_only["savings_pct"].as_f64().unwrap_or(0.0),
+        late["savings_pct"].as_f64().unwrap_or(0.0),
+    );
     drop((source, target));
 
     // 2. The daemon dies; the same command migrates through the index path on its own.

@@ -60,6 +60,7 @@ pub fn direct_writes(file: &File, count: u64) -> io::Result<()> {
     Ok(())
 }
 
+pub mod follower;
 pub mod nbd_fixture;
 pub mod plain;
 pub mod qemu;

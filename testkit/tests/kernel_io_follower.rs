@@ -2,44 +2,21 @@
 //! running kernel; followed calls become events with the right kind, length, offset, iovecs
 //! and copied headers; calls not followed make none; and a real NBD client (qemu-io, QEMU's own
 //! NBD code) reading from nas-server and from qemu-nbd is decoded back into the disk ranges it
-//! read, landed in its memory.
-use std::{
-    io::Write,
-    os::fd::AsRawFd,
-    process::{Command, Stdio},
-    time::{Duration, Instant},
-};
+//! read, landed in its memory. Fallocates: `kernel_fallocate.rs`.
+use std::{io::Write, os::fd::AsRawFd};
 
 use agent::telemetry::{
     nbd_decode::{Decoder, Observed},
-    IoFollower, ObjectSource,
+    IoFollower,
 };
-use agent_common::syscalls::{FdKey, IoEvent, IoKind, SyscallDrop, FD_ANY, FD_MEMORY};
-use testkit::{nbd_fixture::NbdFixture, require_root, require_tool, Scratch};
+use agent_common::syscalls::{FdKey, IoEvent, IoKind, SyscallDrop, FD_MEMORY};
+use testkit::{
+    follower::{attach, qemu_io_events, wait_for},
+    nbd_fixture::NbdFixture,
+    require_root, require_tool, Scratch,
+};
 
 const MIB: u64 = 1 << 20;
-
-fn attach() -> IoFollower {
-    IoFollower::attach(&ObjectSource::Embedded)
-        .unwrap_or_else(|e| panic!("cannot attach the syscall tracepoints: {e}"))
-}
-
-/// Waits up to 2 s for events matching `pred`, collecting everything seen.
-async fn wait_for(
-    f: &mut IoFollower,
-    seen: &mut Vec<IoEvent>,
-    pred: impl Fn(&[IoEvent]) -> bool,
-) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while !pred(seen) {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return false;
-        }
-        let _ = tokio::time::timeout(left, f.next_events(seen)).await;
-    }
-    true
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn followed_calls_become_events_with_their_memory_and_headers() {
@@ -238,33 +215,15 @@ fn sendmsg(s: &std::os::unix::net::UnixStream, iov: &[libc::iovec]) -> usize {
 /// Runs qemu-io's `commands` against `uri`, following the process from before its first
 /// syscall (it waits on stdin until followed), and decodes its NBD conversation.
 async fn qemu_io_decoded(f: &mut IoFollower, uri: &str, commands: &[&str]) -> Vec<Observed> {
-    let mut script = String::from("read _ && exec qemu-io -r -f raw");
+    let mut args = vec!["-r", "-f", "raw"];
     for c in commands {
-        script.push_str(&format!(" -c '{c}'"));
+        args.extend(["-c", c]);
     }
-    script.push_str(&format!(" '{uri}'"));
-    let mut child = Command::new("sh")
-        .args(["-c", &script])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start qemu-io");
-    let tgid = child.id();
-    let key = FdKey { tgid, fd: FD_ANY };
-    f.follow(key).unwrap();
-    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
-    let out = child.wait_with_output().expect("qemu-io runs");
-    assert!(out.status.success(), "qemu-io failed: {out:?}");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(!text.contains("failed"), "{text}");
-    let mut events = Vec::new();
-    // Every event is in the ring by the time the process has exited.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    f.drain(&mut events);
-    f.unfollow(key).unwrap();
+    args.push(uri);
+    let events = qemu_io_events(f, &args).await;
     let mut decoder = Decoder::new();
     let mut seen = Vec::new();
-    for ev in events.iter().filter(|e| e.tgid == tgid) {
+    for ev in &events {
         decoder.event(ev, &mut seen);
     }
     let stats = decoder.stats();

@@ -10,6 +10,7 @@
 //! - [`figures`]: per followed VM, its dirty rate on a schedule, its sampled RAM, its plans.
 //! - [`ring`]: per followed VM, the pages KVM's dirty ring saw written (dropped from its map),
 //!   and the ring's rates and hot pages.
+//! - [`layout`]: per followed VM, its RAM blocks, disks and their fds kept current.
 //!
 //! Migrations asked over the control socket run here, with the VM's map, so pages it places
 //! go out MAPPED with no index round trip. When the daemon is down, `agent migrate` runs the
@@ -18,6 +19,7 @@
 //! maps.
 pub mod control;
 pub mod figures;
+pub mod layout;
 pub mod maps;
 pub mod ring;
 
@@ -73,6 +75,11 @@ enum Follow {
     /// A VM's keys, and whether it runs under KVM (its dirty ring is followed too).
     Add(Vec<FdKey>, bool),
     Remove(Vec<FdKey>),
+    /// A followed VM's layout changed: fds to follow and to drop (its dirty ring is untouched).
+    Change {
+        add: Vec<FdKey>,
+        remove: Vec<FdKey>,
+    },
 }
 
 struct Shared {
@@ -120,7 +127,13 @@ pub async fn run(config: DaemonConfig, shutdown: watch::Receiver<bool>) -> std::
         }),
         delivery: config.target.delivery.clone(),
     });
-    if let Ok((_, rx, follower)) = follow {
+    if let Ok((tx, rx, follower)) = follow {
+        tokio::spawn(layout::watch(
+            shared.registry.clone(),
+            tx,
+            layout::LOOK_EVERY,
+            shutdown.clone(),
+        ));
         tokio::spawn(event_loop(
             follower,
             rx,
@@ -212,6 +225,15 @@ async fn event_loop(
                 let (keys, add, kvm) = match change {
                     Some(Follow::Add(k, kvm)) => (k, true, kvm),
                     Some(Follow::Remove(k)) => (k, false, false),
+                    Some(Follow::Change { add, remove }) => {
+                        for (key, r) in add.iter().map(|k| (k, true)).chain(remove.iter().map(|k| (k, false))) {
+                            let r = if r { follower.follow(*key) } else { follower.unfollow(*key) };
+                            if let Err(e) = r {
+                                tracing::warn!("cannot change what is followed ({key:?}): {e}");
+                            }
+                        }
+                        continue;
+                    }
                     None => return,
                 };
                 if kvm && shared.want_ring {
@@ -395,7 +417,17 @@ fn describe(vm: &Vm) -> Value {
         })
         .collect();
     let ram: u64 = vm.blocks.iter().map(|b| b.len).sum();
-    json!({"pid": vm.pid, "ram_bytes": ram, "kvm": vm.kvm, "disks": disks})
+    // RAM blocks that are files (memfd, hugetlbfs), whose discards are followed on these fds.
+    let ram_files: Vec<Value> = vm
+        .ram_fds
+        .iter()
+        .flat_map(|(fd, files)| {
+            files
+                .iter()
+                .map(move |f| json!({"fd": fd, "block": vm.blocks.get(f.block).map(|b| &b.name)}))
+        })
+        .collect();
+    json!({"pid": vm.pid, "ram_bytes": ram, "kvm": vm.kvm, "disks": disks, "ram_files": ram_files})
 }
 
 fn status(shared: &Shared) -> Value {

@@ -301,14 +301,50 @@ impl MemoryMap {
         }
     }
 
+    /// The VM's RAM blocks are `blocks` now (a block added, resized or removed): entries
+    /// follow their block by name and host address, and go when their block or page is gone,
+    /// or when `keep_export` refuses their disk.
+    pub fn relayout(&mut self, blocks: Vec<RamBlock>, keep_export: impl Fn(u32) -> bool) {
+        let moved: Vec<Option<u32>> = self
+            .blocks
+            .iter()
+            .map(|old| {
+                blocks
+                    .iter()
+                    .position(|b| b.name == old.name && b.host == old.host)
+                    .map(|i| i as u32)
+            })
+            .collect();
+        self.blocks = blocks;
+        self.by_disk.clear();
+        for (key, entry) in std::mem::take(&mut self.pages) {
+            let block = moved
+                .get(key.block as usize)
+                .copied()
+                .flatten()
+                .filter(|&b| {
+                    (key.page + 1) * PAGE <= self.blocks[b as usize].len
+                        && keep_export(entry.export)
+                });
+            match block {
+                Some(block) => self.link(PageKey { block, ..key }, entry),
+                None => self.stats.invalidated += 1,
+            }
+        }
+    }
+
     fn insert(&mut self, key: PageKey, entry: MapEntry) {
         self.remove(key);
+        self.link(key, entry);
+        self.stats.mapped += 1;
+    }
+
+    fn link(&mut self, key: PageKey, entry: MapEntry) {
         self.pages.insert(key, entry);
         self.by_disk
             .entry((entry.export, entry.offset / PAGE))
             .or_default()
             .push(key);
-        self.stats.mapped += 1;
     }
 
     fn remove(&mut self, key: PageKey) {

@@ -123,3 +123,47 @@ fn ranges_at_the_end_of_the_address_space_do_not_overflow() {
     m.landed(0, u64::MAX - 100, BASE, 2 * PAGE, &mut mem);
     assert!(m.len() <= 2);
 }
+
+#[test]
+fn a_new_layout_keeps_entries_by_block_name_and_drops_what_is_gone() {
+    let mut mem = memory(8);
+    let mut m = map(8);
+    m.landed(1, 0, BASE, 6 * PAGE, &mut mem);
+    m.landed(2, 0, BASE + 6 * PAGE, 2 * PAGE, &mut mem);
+    assert_eq!(m.len(), 8);
+    // A DIMM plugged in ahead of it in QEMU's list, and pc.ram's used length cut to 7 pages.
+    m.relayout(
+        vec![
+            RamBlock {
+                name: "dimm0".into(),
+                host: BASE + (1 << 30),
+                len: 16 * PAGE,
+            },
+            RamBlock {
+                name: "pc.ram".into(),
+                host: BASE,
+                len: 7 * PAGE,
+            },
+        ],
+        |export| export == 1 || export == 2,
+    );
+    assert_eq!(m.len(), 7, "page 7 is past the block's end now");
+    assert_eq!(m.get("pc.ram", 2 * PAGE).map(|e| e.offset), Some(2 * PAGE));
+    assert_eq!(
+        m.locate(BASE + PAGE),
+        Some((1, PAGE)),
+        "pc.ram is block 1 now"
+    );
+    assert_eq!(
+        m.claim_at(1, 6 * PAGE),
+        m.get("pc.ram", 6 * PAGE).map(|e| e.hash)
+    );
+    // The reverse index follows: a write to disk block 2 of export 1 still finds its page.
+    m.changed(1, 2 * PAGE, PAGE);
+    assert!(m.get("pc.ram", 2 * PAGE).is_none());
+    assert_eq!(m.len(), 6);
+    // A disk gone: its entries go.
+    m.relayout(m.blocks().to_vec(), |export| export == 1);
+    assert_eq!(m.len(), 5, "export 2's page 6 dropped");
+    assert!(m.get("pc.ram", 6 * PAGE).is_none());
+}

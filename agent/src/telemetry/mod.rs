@@ -3,7 +3,8 @@
 //! [`block_io`] counts host block requests per disk and process; [`follower`] follows QEMU's
 //! own I/O syscalls on the fds it is told, as a stream of events, which [`nbd_decode`] turns
 //! back into the NBD conversation they carried, and [`memmap`] into a map of which guest page
-//! holds which disk block; [`vm`] says which fds and RAM blocks of a QEMU process to follow.
+//! holds which disk block; [`vm`] says which fds and RAM blocks of a QEMU process to follow,
+//! [`ram_files`] which fds hold its RAM when that RAM is a file ([`procfs`] reads `/proc`).
 //! [`dirty_ring`] follows the pages KVM's dirty ring reports written, which drop out of the
 //! map. [`track`] ties them together for one VM. [`loader`] finds and loads the object,
 //! [`tracefs`] reads tracepoint layouts, [`device`] names disks.
@@ -14,6 +15,8 @@ pub mod follower;
 pub mod loader;
 pub mod memmap;
 pub mod nbd_decode;
+pub mod procfs;
+pub mod ram_files;
 pub mod tracefs;
 pub mod track;
 pub mod vm;

@@ -3,11 +3,13 @@
 //! ```text
 //! IoEvent on an NBD fd  -> nbd_decode -> Landed / Stored / Changed -> memmap
 //! IoEvent on an image fd (pread/pwrite at an offset)  ---------------> memmap
+//! IoEvent Fallocate on an image fd (zeroed, punched, shifted)  -------> memmap (changed)
 //! IoEvent Discard (madvise on guest RAM)  ---------------------------> memmap
+//! IoEvent Fallocate on a RAM file's fd (memfd, hugetlbfs)  -----------> memmap (discarded)
 //! DirtySet (pages KVM's dirty ring saw written)  --------------------> memmap
 //! ```
 //! Disks are numbered as the VM's registry lists them; that number is the map's export.
-use agent_common::syscalls::{FdKey, IoEvent, IoKind, FD_MEMORY};
+use agent_common::syscalls::{FdKey, IoEvent, IoKind, FALLOC_SHIFTS, FD_MEMORY};
 
 use super::{
     dirty_ring::DirtySet,
@@ -60,13 +62,70 @@ impl VmTrack {
     /// What the follower must follow for this VM: every disk fd, and its memory events.
     pub fn keys(&self) -> Vec<FdKey> {
         let tgid = self.vm.pid;
-        let mut keys: Vec<FdKey> = self.vm.fds.keys().map(|&fd| FdKey { tgid, fd }).collect();
+        let mut keys: Vec<FdKey> = self
+            .vm
+            .fds
+            .keys()
+            .chain(self.vm.ram_fds.keys())
+            .map(|&fd| FdKey { tgid, fd })
+            .collect();
         keys.push(FdKey {
             tgid,
             fd: FD_MEMORY,
         });
         keys.sort_unstable();
         keys
+    }
+
+    /// Takes the VM's layout as QEMU reports it now (`vm`, inspected again: RAM blocks, disks
+    /// and the fds that carry them), if it changed; returns whether it did. Disk numbers (the
+    /// map's exports) stay stable: a disk still there keeps its number, a new one gets the
+    /// next, a removed one stays listed as removed and its entries go.
+    pub fn relayout(&mut self, vm: Vm) -> bool {
+        if vm.pid != self.vm.pid {
+            return false;
+        }
+        let mut disks = self.vm.disks.clone();
+        let number: Vec<usize> = vm
+            .disks
+            .iter()
+            .map(|d| {
+                disks.iter().position(|o| o == d).unwrap_or_else(|| {
+                    disks.push(d.clone());
+                    disks.len() - 1
+                })
+            })
+            .collect();
+        for (i, d) in disks.iter_mut().enumerate() {
+            if !number.contains(&i) && !matches!(&d.path, DiskPath::Unfollowable { .. }) {
+                d.path = DiskPath::Unfollowable {
+                    reason: "removed from the VM".into(),
+                };
+            }
+        }
+        let fds = vm
+            .fds
+            .iter()
+            .filter_map(|(&fd, &d)| number.get(d).map(|&n| (fd, n)))
+            .collect();
+        let next = Vm { disks, fds, ..vm };
+        let same = next.blocks == self.vm.blocks
+            && next.disks == self.vm.disks
+            && next.fds == self.vm.fds
+            && next.ram_fds == self.vm.ram_fds;
+        if same {
+            return false;
+        }
+        let kept: Vec<bool> = next
+            .disks
+            .iter()
+            .map(|d| !matches!(d.path, DiskPath::Unfollowable { .. }))
+            .collect();
+        self.map.relayout(next.blocks.clone(), |export| {
+            kept.get(export as usize).copied().unwrap_or(false)
+        });
+        self.vm = next;
+        true
     }
 
     /// The guest wrote these pages (KVM's dirty ring): the map drops their entries.
@@ -84,6 +143,19 @@ impl VmTrack {
         if kind == Some(IoKind::Discard) {
             if let Some(range) = ev.iovecs().first() {
                 self.map.discarded(range.base, range.len);
+            }
+            return;
+        }
+        if let (Some(IoKind::Fallocate), Some(files)) = (kind, self.vm.ram_fds.get(&ev.fd)) {
+            // Guest RAM punched out of its file: the pages there read as zeroes now.
+            let len = ev.iovecs().first().map_or(0, |c| c.len);
+            for f in files {
+                let Some(block) = self.vm.blocks.get(f.block) else {
+                    continue;
+                };
+                if let Some((addr, len)) = f.host_range(block, ev.offset, len) {
+                    self.map.discarded(addr, len);
+                }
             }
             return;
         }
@@ -129,7 +201,95 @@ impl VmTrack {
                     self.map.changed(export, offset, left);
                 }
             }
+            (DiskPath::File { .. }, Some(IoKind::Fallocate)) => {
+                if let Some(call) = ev.iovecs().first() {
+                    // A shift moves every block after the range: all of them changed.
+                    let len = if call.base & FALLOC_SHIFTS != 0 {
+                        u64::MAX - ev.offset
+                    } else {
+                        call.len
+                    };
+                    self.map.changed(export, ev.offset, len);
+                }
+            }
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use agent_common::syscalls::IoVec;
+
+    use super::*;
+    use crate::telemetry::{memmap::RamBlock, vm::Disk};
+
+    fn file(path: &str) -> Disk {
+        Disk {
+            device: path.into(),
+            path: DiskPath::File { path: path.into() },
+        }
+    }
+
+    fn vm(host: u64, disks: Vec<Disk>, fds: &[(u32, usize)]) -> Vm {
+        Vm {
+            pid: std::process::id(),
+            blocks: vec![RamBlock {
+                name: "pc.ram".into(),
+                host,
+                len: 2 * 4096,
+            }],
+            disks,
+            fds: fds.iter().copied().collect(),
+            ram_fds: Default::default(),
+            kvm: false,
+        }
+    }
+
+    /// A pread of one page at disk offset 0 on `fd` into `addr`.
+    fn read(fd: u32, addr: u64) -> IoEvent {
+        let mut ev = IoEvent {
+            kind: IoKind::Read as u32,
+            tgid: std::process::id(),
+            fd,
+            ret: 4096,
+            iov_total: 1,
+            iov_count: 1,
+            ..IoEvent::default()
+        };
+        ev.iov[0] = IoVec {
+            base: addr,
+            len: 4096,
+        };
+        ev
+    }
+
+    #[test]
+    fn disks_keep_their_numbers_across_layouts_and_a_removed_ones_entries_go() {
+        // Two pages of this process stand in for guest RAM (the map reads them back).
+        let ram = vec![0x5au8; 3 * 4096];
+        let host = (ram.as_ptr() as u64).div_ceil(4096) * 4096;
+        let mut t = VmTrack::new(vm(host, vec![file("/a"), file("/b")], &[(10, 0), (11, 1)]));
+        t.event(&read(10, host));
+        t.event(&read(11, host + 4096));
+        assert_eq!(t.map().len(), 2);
+
+        // /a unplugged, /c plugged in: QEMU lists [/b, /c].
+        let next = vm(host, vec![file("/b"), file("/c")], &[(11, 0), (12, 1)]);
+        assert!(t.relayout(next.clone()));
+        let disks = &t.vm().disks;
+        assert_eq!(disks[1], file("/b"), "/b keeps number 1");
+        assert_eq!(disks[2], file("/c"), "/c gets the next");
+        assert!(matches!(
+            &disks[0].path,
+            DiskPath::Unfollowable { reason } if reason == "removed from the VM"
+        ));
+        assert_eq!(t.vm().fds, [(11, 1), (12, 2)].into_iter().collect());
+        let fds: Vec<u32> = t.keys().iter().map(|k| k.fd).collect();
+        assert_eq!(fds, vec![11, 12, FD_MEMORY]);
+        assert_eq!(t.map().len(), 1, "/a's entry went");
+        assert_eq!(t.map().get("pc.ram", 4096).map(|e| e.export), Some(1));
+        assert!(!t.relayout(next), "the same layout again changes nothing");
+        drop(ram);
     }
 }

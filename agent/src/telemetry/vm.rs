@@ -16,7 +16,11 @@ use std::{
 
 use serde_json::Value;
 
-use super::memmap::RamBlock;
+use super::{
+    memmap::RamBlock,
+    procfs::open_fds,
+    ram_files::{match_ram_fds, RamFile},
+};
 use crate::qmp::{Qmp, QmpError};
 
 /// How a disk's I/O leaves QEMU.
@@ -57,6 +61,9 @@ pub struct Vm {
     pub disks: Vec<Disk>,
     /// File descriptor -> index into `disks`.
     pub fds: HashMap<u32, usize>,
+    /// File descriptor -> the RAM blocks in that file, when guest RAM is a file (memfd,
+    /// hugetlbfs): QEMU discards such RAM with fallocate on these fds.
+    pub ram_fds: HashMap<u32, Vec<RamFile>>,
     /// The VM runs under KVM (`query-kvm`): its dirty pages can come from KVM's dirty ring.
     pub kvm: bool,
 }
@@ -72,13 +79,16 @@ impl Vm {
             return Err(VmError::NoRamBlocks(text.to_string()));
         }
         let disks = parse_disks(&qmp.execute("query-block", None).await?);
-        let fds = match_fds(Path::new(&format!("/proc/{pid}")), &disks);
+        let proc_dir = format!("/proc/{pid}");
+        let fds = match_fds(Path::new(&proc_dir), &disks);
+        let ram_fds = match_ram_fds(Path::new(&proc_dir), &blocks);
         let kvm = qmp.execute("query-kvm", None).await?["enabled"] == true;
         Ok(Self {
             pid,
             blocks,
             disks,
             fds,
+            ram_fds,
             kvm,
         })
     }
@@ -197,18 +207,8 @@ fn resolve(host_port: &str) -> Option<SocketAddr> {
 pub fn match_fds(proc_dir: &Path, disks: &[Disk]) -> HashMap<u32, usize> {
     let mut out = HashMap::new();
     let peers = tcp_peers(proc_dir);
-    let Ok(dir) = fs::read_dir(proc_dir.join("fd")) else {
-        return out;
-    };
-    for entry in dir.flatten() {
-        let Some(fd) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(target) = fs::read_link(entry.path()) else {
+    for (fd, link) in open_fds(proc_dir) {
+        let Ok(target) = fs::read_link(link) else {
             continue;
         };
         let target = target.to_string_lossy();
