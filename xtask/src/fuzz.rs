@@ -36,6 +36,11 @@ pub struct Args {
     /// Seconds each target runs.
     #[arg(long, default_value_t = 60)]
     pub seconds: u64,
+    /// cargo-fuzz's sanitizer (`address`, `none`, ...). The targets run safe Rust on in-memory
+    /// exports and buffers, so `none` (as the suite's short run uses) loses little and builds
+    /// and runs faster; a long run keeps AddressSanitizer.
+    #[arg(long, default_value = "address")]
+    pub sanitizer: String,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -52,7 +57,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         sh::run(
             sh::cargo()
                 .current_dir(sh::workspace_root().join(krate))
-                .args(["+nightly", "fuzz", "run", target])
+                .args([
+                    "+nightly",
+                    "fuzz",
+                    "run",
+                    "--sanitizer",
+                    &args.sanitizer,
+                    target,
+                ])
                 // One target directory for both crates: the dependencies they share (tokio,
                 // blake3, the protocol crates) are built once with the fuzzing flags.
                 .arg("--target-dir")

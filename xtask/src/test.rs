@@ -49,6 +49,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // A short fuzz run on freshly recorded sessions; longer runs: `cargo xtask fuzz`.
     fuzz::run(fuzz::Args {
         seconds: args.fuzz_seconds,
+        sanitizer: "none".into(),
     })?;
     // One plain closing line for the whole suite, after cargo's per-binary lines.
     println!("tests: {} passed, {} failed", totals.passed, totals.failed);
