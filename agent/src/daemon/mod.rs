@@ -226,12 +226,8 @@ async fn event_loop(
                     Some(Follow::Add(k, kvm)) => (k, true, kvm),
                     Some(Follow::Remove(k)) => (k, false, false),
                     Some(Follow::Change { add, remove }) => {
-                        for (key, r) in add.iter().map(|k| (k, true)).chain(remove.iter().map(|k| (k, false))) {
-                            let r = if r { follower.follow(*key) } else { follower.unfollow(*key) };
-                            if let Err(e) = r {
-                                tracing::warn!("cannot change what is followed ({key:?}): {e}");
-                            }
-                        }
+                        set_followed(&mut follower, &add, true);
+                        set_followed(&mut follower, &remove, false);
                         continue;
                     }
                     None => return,
@@ -242,12 +238,7 @@ async fn event_loop(
                         follower.dirty_ring_state();
                 }
                 let keys_tgid = keys.first().map(|k| k.tgid);
-                for key in keys {
-                    let r = if add { follower.follow(key) } else { follower.unfollow(key) };
-                    if let Err(e) = r {
-                        tracing::warn!("cannot change what is followed ({key:?}): {e}");
-                    }
-                }
+                set_followed(&mut follower, &keys, add);
                 if let (Some(tgid), Some(dirty)) = (keys_tgid, follower.dirty_ring()) {
                     let r = if add { dirty.follow(tgid) } else { dirty.unfollow(tgid) };
                     if let Err(e) = r {
@@ -289,6 +280,20 @@ async fn event_loop(
                     metrics::gauge!("agent_follower_events", "qmp" => name).set(t.events() as f64);
                 }
             }
+        }
+    }
+}
+
+/// Follows (`on`) or stops following `keys`; a key the follower refuses is logged.
+fn set_followed(follower: &mut IoFollower, keys: &[FdKey], on: bool) {
+    for &key in keys {
+        let r = if on {
+            follower.follow(key)
+        } else {
+            follower.unfollow(key)
+        };
+        if let Err(e) = r {
+            tracing::warn!("cannot change what is followed ({key:?}): {e}");
         }
     }
 }
