@@ -1,5 +1,7 @@
 //! Shared helpers for the end-to-end tests in `testkit/tests/`: privilege checks that fail loudly
-//! instead of skipping silently, and real I/O generators.
+//! instead of skipping silently, and real I/O generators. Tests that boot guests hold
+//! [`qemu::exclusive`], which also arms a [`watchdog`]: a hung test aborts with a report of what
+//! it waited on instead of running into CI's limit.
 //!
 //! The tests run against real peers: the running kernel (eBPF), real NBD clients and real QEMU
 //! guests. A test that cannot run because the machine lacks something fails and says why. The
@@ -66,6 +68,7 @@ pub mod plain;
 pub mod qemu;
 pub mod roundtrip;
 pub mod tls;
+pub mod watchdog;
 
 /// Fails with a clear reason when `tool` is not on PATH.
 pub fn require_tool(tool: &str) {

@@ -11,6 +11,7 @@ use agent::qmp::Qmp;
 
 use crate::{
     nbd_fixture::{ExportConf, NbdFixture},
+    watchdog::Watchdog,
     Scratch,
 };
 
@@ -464,11 +465,24 @@ pub fn carried_on(source: &Guest, target: &Guest, blob: &str) -> Result<(), Stri
     Ok(())
 }
 
+/// Held by a test that boots guests; see [`exclusive`].
+pub struct Exclusive {
+    _watchdog: Watchdog,
+    _lock: std::sync::MutexGuard<'static, ()>,
+}
+
 /// Serialises tests that boot guests: TCG guests are CPU-bound and the machine has two cores.
-pub fn exclusive() -> std::sync::MutexGuard<'static, ()> {
+/// Once the lock is taken, a [`Watchdog`] aborts the test binary, with a report, if the test
+/// still holds it past the watchdog's limit.
+pub fn exclusive() -> Exclusive {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    LOCK.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+    let lock = LOCK
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    Exclusive {
+        _watchdog: Watchdog::arm(),
+        _lock: lock,
+    }
 }
 
 /// A live-migration setup: a nas-server (in process) exporting a 256 MiB patterned disk as

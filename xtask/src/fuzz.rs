@@ -41,6 +41,10 @@ pub struct Args {
     /// and runs faster; a long run keeps AddressSanitizer.
     #[arg(long, default_value = "address")]
     pub sanitizer: String,
+    /// Build the targets unoptimised: minutes faster to build, many times slower to run. For
+    /// a smoke run of a few seconds a target (the suite's), not for a search.
+    #[arg(long)]
+    pub dev: bool,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -67,6 +71,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 ])
                 // One target directory for both crates: the dependencies they share (tokio,
                 // blake3, the protocol crates) are built once with the fuzzing flags.
+                .args(args.dev.then_some("--dev"))
                 .arg("--target-dir")
                 .arg(sh::workspace_root().join("target/fuzz"))
                 .arg(&dir)

@@ -3,7 +3,8 @@
 //! Order: setup, the guest image, the eBPF object, rustfmt, the module-cycle check, clippy over
 //! user space, clippy over the eBPF crate
 //! for its own target (two passes, so the no_std crate is never unified with std deps), then
-//! every unit, integration and kernel test, then a short run of every fuzz target. Kernel and
+//! every unit, integration and kernel test, then a short smoke run of every fuzz target (built
+//! unoptimised and without AddressSanitizer, which a 10-second run does not repay). Kernel and
 //! QEMU tests need root; run without it, they fail and say why.
 use std::{
     io::{BufRead, BufReader},
@@ -50,6 +51,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     fuzz::run(fuzz::Args {
         seconds: args.fuzz_seconds,
         sanitizer: "none".into(),
+        dev: true,
     })?;
     // One plain closing line for the whole suite, after cargo's per-binary lines.
     println!("tests: {} passed, {} failed", totals.passed, totals.failed);

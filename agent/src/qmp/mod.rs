@@ -23,6 +23,13 @@ use tokio::{
 const MAX_EVENTS: usize = 256;
 /// Longest QMP line accepted.
 const MAX_LINE: usize = 16 << 20;
+/// How long QEMU may take to greet and to accept `qmp_capabilities`: a monitor socket that
+/// accepts and never greets (its QEMU wedged, or exiting) must not hold the agent.
+const GREETING_LIMIT: Duration = Duration::from_secs(10);
+/// How long a command may take when its caller sets no shorter limit. QEMU answers in its main
+/// loop, which a migration's completion or a stuck device can hold; past this the command is
+/// given up (its late reply, matched by id, is dropped).
+pub const COMMAND_LIMIT: Duration = Duration::from_secs(60);
 
 /// QMP failures.
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +85,8 @@ pub struct Qmp {
     events: VecDeque<Value>,
     /// A message read in part (see [`Qmp::read_message`]).
     line: Vec<u8>,
+    /// The id the next command carries; QEMU echoes it in the reply.
+    next_id: u64,
     /// QEMU version from the greeting, e.g. (10, 0, 2).
     pub version: (u64, u64, u64),
     /// The QEMU process at the other end of the socket (SO_PEERCRED), when the kernel says.
@@ -104,17 +113,23 @@ impl Qmp {
             writer: w,
             events: VecDeque::new(),
             line: Vec::new(),
+            next_id: 0,
             version: (0, 0, 0),
             peer_pid,
         };
-        let greeting = qmp.read_message().await?;
-        let v = &greeting["QMP"]["version"]["qemu"];
-        qmp.version = (
-            v["major"].as_u64().unwrap_or(0),
-            v["minor"].as_u64().unwrap_or(0),
-            v["micro"].as_u64().unwrap_or(0),
-        );
-        qmp.execute("qmp_capabilities", None).await?;
+        let greeted = async {
+            let greeting = qmp.read_message().await?;
+            let v = &greeting["QMP"]["version"]["qemu"];
+            qmp.version = (
+                v["major"].as_u64().unwrap_or(0),
+                v["minor"].as_u64().unwrap_or(0),
+                v["micro"].as_u64().unwrap_or(0),
+            );
+            qmp.run("qmp_capabilities", None).await.map(drop)
+        };
+        tokio::time::timeout(GREETING_LIMIT, greeted)
+            .await
+            .map_err(|_| QmpError::Timeout(format!("the greeting on {}", path.display())))??;
         Ok(qmp)
     }
 
@@ -162,16 +177,34 @@ impl Qmp {
         self.events.push_back(event);
     }
 
-    /// Runs `command` with optional arguments and returns its `return` value.
+    /// Runs `command` with optional arguments and returns its `return` value; gives up after
+    /// [`COMMAND_LIMIT`].
     pub async fn execute(&mut self, command: &str, args: Option<Value>) -> Result<Value, QmpError> {
-        let mut msg = json!({ "execute": command });
+        self.execute_timeout(command, args, COMMAND_LIMIT).await
+    }
+
+    /// A command line carrying the next id; returns the line and the id.
+    fn command_line(
+        &mut self,
+        command: &str,
+        args: Option<Value>,
+    ) -> Result<(Vec<u8>, u64), QmpError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut msg = json!({ "execute": command, "id": id });
         if let Some(a) = args {
             msg["arguments"] = a;
         }
         let mut line = serde_json::to_vec(&msg)?;
         line.push(b'\n');
+        Ok((line, id))
+    }
+
+    /// Sends `command` and waits, without a limit, for its reply.
+    async fn run(&mut self, command: &str, args: Option<Value>) -> Result<Value, QmpError> {
+        let (line, id) = self.command_line(command, args)?;
         self.writer.write_all(&line).await?;
-        self.reply(command).await
+        self.reply(command, id).await
     }
 
     /// `getfd`: hands QEMU `fd` under `name`, for `fd:NAME` URIs.
@@ -180,20 +213,28 @@ impl Qmp {
         name: &str,
         fd: std::os::fd::BorrowedFd<'_>,
     ) -> Result<(), QmpError> {
-        let msg = json!({ "execute": "getfd", "arguments": { "fdname": name } });
-        let mut line = serde_json::to_vec(&msg)?;
-        line.push(b'\n');
-        let sent = fdpass::send_with_fd(self.writer.as_ref(), &line, fd).await?;
-        self.writer.write_all(&line[sent..]).await?;
-        self.reply("getfd").await.map(drop)
+        let (line, id) = self.command_line("getfd", Some(json!({ "fdname": name })))?;
+        let sent = async {
+            let sent = fdpass::send_with_fd(self.writer.as_ref(), &line, fd).await?;
+            self.writer.write_all(&line[sent..]).await?;
+            self.reply("getfd", id).await.map(drop)
+        };
+        tokio::time::timeout(COMMAND_LIMIT, sent)
+            .await
+            .map_err(|_| QmpError::Timeout("getfd".into()))?
     }
 
-    /// The reply to the command just sent; events before it are kept.
-    async fn reply(&mut self, command: &str) -> Result<Value, QmpError> {
+    /// The reply to command `id`; events before it are kept, and the late replies of commands
+    /// given up on are dropped.
+    async fn reply(&mut self, command: &str, id: u64) -> Result<Value, QmpError> {
         loop {
             let reply = self.read_message().await?;
             if reply.get("event").is_some() {
                 self.keep_event(reply);
+                continue;
+            }
+            if reply.get("id").is_some_and(|got| *got != id) {
+                tracing::debug!("dropping the late QMP reply {reply}");
                 continue;
             }
             if let Some(err) = reply.get("error") {
@@ -214,7 +255,7 @@ impl Qmp {
         args: Option<Value>,
         limit: Duration,
     ) -> Result<Value, QmpError> {
-        tokio::time::timeout(limit, self.execute(command, args))
+        tokio::time::timeout(limit, self.run(command, args))
             .await
             .map_err(|_| QmpError::Timeout(command.to_string()))?
     }
@@ -364,6 +405,73 @@ mod tests {
             (kept[0]["event"].as_str(), kept[1]["event"].as_str()),
             (Some("STOP"), Some("RESUME"))
         );
+        server.await.unwrap();
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    /// A monitor socket that accepts and never greets (a wedged or exiting QEMU) fails the
+    /// connection in bounded time instead of holding the caller.
+    #[tokio::test(start_paused = true)]
+    async fn a_monitor_that_never_greets_times_out() {
+        let dir = std::env::temp_dir().join(format!("qmp-mute-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("qmp.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let server = tokio::spawn(async move {
+            let (s, _) = listener.accept().await.unwrap();
+            std::future::pending::<()>().await;
+            drop(s);
+        });
+        match Qmp::connect(&path).await {
+            Err(QmpError::Timeout(what)) => assert!(what.contains("greeting"), "{what}"),
+            other => panic!("{:?}", other.map(|q| q.version)),
+        }
+        server.abort();
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    /// A command given up on may still be answered later: that reply carries its own id and is
+    /// dropped, so the next command gets its own reply.
+    #[tokio::test]
+    async fn a_late_reply_is_never_taken_for_the_next_commands() {
+        let dir = std::env::temp_dir().join(format!("qmp-late-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("qmp.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let server = tokio::spawn(async move {
+            let (s, _) = listener.accept().await.unwrap();
+            let (r, mut w) = s.into_split();
+            let mut r = BufReader::new(r);
+            w.write_all(b"{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 0, \"minor\": 0, \"major\": 10}}, \"capabilities\": []}}\n").await.unwrap();
+            let mut ids = Vec::new();
+            for n in 0..3 {
+                let mut line = String::new();
+                r.read_line(&mut line).await.unwrap();
+                let command: Value = serde_json::from_str(&line).unwrap();
+                ids.push(command["id"].clone());
+                if n == 0 {
+                    let ok = json!({ "return": {}, "id": ids[0] });
+                    w.write_all(format!("{ok}\n").as_bytes()).await.unwrap();
+                }
+            }
+            // The first query-status's reply comes late, after the second was sent.
+            assert_ne!(ids[1], ids[2]);
+            let replies = format!(
+                "{}\n{}\n",
+                json!({ "return": { "status": "paused" }, "id": ids[1] }),
+                json!({ "return": { "status": "running" }, "id": ids[2] }),
+            );
+            w.write_all(replies.as_bytes()).await.unwrap();
+        });
+        let mut q = Qmp::connect(&path).await.unwrap();
+        match q
+            .execute_timeout("query-status", None, Duration::from_millis(50))
+            .await
+        {
+            Err(QmpError::Timeout(what)) => assert_eq!(what, "query-status"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(q.status().await.unwrap(), "running");
         server.await.unwrap();
         std::fs::remove_dir_all(dir).ok();
     }

@@ -356,6 +356,9 @@ where
                 && in_flight < config.lookup_window
                 && batches.len() < MAX_BATCHES;
             tokio::select! {
+                // The emitter stopped (its error is collected below): nothing frames what is
+                // read any more, and nothing will wake a reader held to the paced queue.
+                () = emit_tx.closed() => return Ok(()),
                 () = flow.framed_moved.notified(), if !eof && !paced_room => {}
                 reply = async { index.as_mut().expect("in flight implies a client").recv().await },
                     if in_flight > 0 => {
@@ -522,94 +525,4 @@ async fn savevm_header<Q: AsyncRead + Unpin>(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// 16 MiB of distinct pages in QEMU 10's layout.
-    fn unique_stream() -> Vec<u8> {
-        crate::migration::stream::synthetic::Builder::ram_stream(4096, |i| {
-            let mut page = [0x33u8; PAGE_SIZE];
-            page[..8].copy_from_slice(&i.to_le_bytes());
-            page
-        })
-    }
-
-    /// Runs the source against a target that greets, takes frames until the source nears its
-    /// 2 MiB link window (it then waits for an ACK), sends `frame`, and keeps taking frames as
-    /// a live target would. Returns how the source ended.
-    async fn source_against(frame: LinkFrame) -> SourceError {
-        use tokio::io::AsyncWriteExt;
-        let stream = unique_stream();
-        let (mut qemu_w, qemu_r) = tokio::io::duplex(1 << 20);
-        tokio::spawn(async move {
-            let _ = qemu_w.write_all(&stream).await;
-        });
-        let (source_link, target_link) = tokio::io::duplex(1 << 16);
-        let config = SourceConfig::new("vm", vec![], "127.0.0.1:1", None);
-        let source = tokio::spawn(run_source(
-            qemu_r,
-            source_link,
-            config,
-            Arc::new(Counters::default()),
-        ));
-        let (mut rd, mut wr) = tokio::io::split(target_link);
-        let mut frames = FrameReader::new();
-        let hello = frames.next(&mut rd).await.unwrap();
-        assert!(matches!(hello, Some(LinkFrame::Hello(_))));
-        let ack = LinkFrame::HelloAck {
-            version: VERSION,
-            caps: 0,
-        };
-        wr.write_all(&ack.to_bytes()).await.unwrap();
-        let mut received = 0usize;
-        while received < 3 << 19 {
-            match frames.next(&mut rd).await.unwrap() {
-                Some(LinkFrame::Page(_)) => received += PAGE_SIZE,
-                Some(_) => {}
-                None => panic!("the source closed the link early"),
-            }
-        }
-        let drain =
-            tokio::spawn(async move { while let Ok(Some(_)) = frames.next(&mut rd).await {} });
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        wr.write_all(&frame.to_bytes()).await.unwrap();
-        let outcome = tokio::time::timeout(Duration::from_secs(10), source)
-            .await
-            .expect("the source stopped waiting for ACKs")
-            .unwrap();
-        drop(wr);
-        drain.abort();
-        outcome.expect_err("the session must end with an error")
-    }
-
-    #[tokio::test]
-    async fn an_ack_beyond_what_was_sent_ends_the_session() {
-        let err = source_against(LinkFrame::Ack {
-            mapped: 0,
-            credit: 1 << 40,
-            received: None,
-        })
-        .await;
-        assert!(err.to_string().contains("acknowledged"), "{err}");
-    }
-
-    #[tokio::test]
-    async fn an_ack_with_a_received_count_nobody_agreed_on_ends_the_session() {
-        // The HELLO_ACK above accepted no capability.
-        let err = source_against(LinkFrame::Ack {
-            mapped: 0,
-            credit: 0,
-            received: Some(1),
-        })
-        .await;
-        assert!(err.to_string().contains("without CAP_RECEIVED"), "{err}");
-    }
-
-    #[tokio::test]
-    async fn a_back_channel_failure_ends_a_source_waiting_for_acks() {
-        // No page was mapped, so a fallback request is a protocol violation that ends the
-        // back channel while the source waits for an ACK that will now never come.
-        let err = source_against(LinkFrame::FallbackReq { seq: 999 }).await;
-        assert!(err.to_string().contains("unknown page 999"), "{err}");
-    }
-}
+mod tests;
