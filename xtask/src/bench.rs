@@ -36,6 +36,9 @@ pub struct Args {
     /// Synthetic stream size in MiB (`pipeline`).
     #[arg(long, default_value_t = 2048)]
     stream_mib: u64,
+    /// Guests that leave the host at once (`evacuate`).
+    #[arg(long, default_value_t = 8)]
+    vms: usize,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -54,6 +57,9 @@ enum Target {
     /// KVM's dirty ring: every process's ioctls with the slot programs and without, and a
     /// followed KVM guest's pushes, cost per push and per drain.
     DirtyRing,
+    /// A host evacuation: N guests at once through the agents (two target agents) and as N
+    /// plain QEMU migrations.
+    Evacuate,
 }
 
 struct Row {
@@ -111,6 +117,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     if let Target::Telemetry = args.target {
         return crate::bench_telemetry::run(args.repeat.unwrap_or(3));
+    }
+    if let Target::Evacuate = args.target {
+        return crate::bench_evacuate::run(args.vms);
     }
     if let Target::Pipeline = args.target {
         return crate::bench_pipeline::run(args.stream_mib);

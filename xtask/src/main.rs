@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod bench_dirty_ring;
 mod bench_downtime;
+mod bench_evacuate;
 mod bench_migration;
 mod bench_pipeline;
 mod bench_telemetry;

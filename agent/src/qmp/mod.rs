@@ -24,8 +24,10 @@ const MAX_EVENTS: usize = 256;
 /// Longest QMP line accepted.
 const MAX_LINE: usize = 16 << 20;
 /// How long QEMU may take to greet and to accept `qmp_capabilities`: a monitor socket that
-/// accepts and never greets (its QEMU wedged, or exiting) must not hold the agent.
-const GREETING_LIMIT: Duration = Duration::from_secs(10);
+/// accepts and never greets (its QEMU wedged, or exiting) must not hold the agent. A QEMU still
+/// starting greets only once its machine is built, which with `-mem-prealloc` includes
+/// allocating all guest RAM: seconds, on a loaded host.
+const GREETING_LIMIT: Duration = Duration::from_secs(60);
 /// How long a command may take when its caller sets no shorter limit. QEMU answers in its main
 /// loop, which a migration's completion or a stuck device can hold; past this the command is
 /// given up (its late reply, matched by id, is dropped).

@@ -1,0 +1,340 @@
+//! `cargo xtask bench evacuate`: a host evacuation. `--vms N` guests (default 8, 256 MiB each,
+//! each having read 48 MiB of its own disk) on one nas-server, one export each, all leave the
+//! source host at once, twice in one run:
+//!
+//! - through the agents: one `agent migrate` per VM, all started together, half of them to each
+//!   of two `agent serve` daemons (two target hosts), each session scoped to its VM's export;
+//! - as N plain QEMU migrations started together, QEMU to QEMU.
+//!
+//! Both run the same way: loopback links, QEMU's default `max-bandwidth` (which `agent migrate`
+//! moves onto its link), no TLS (`bench pipeline` measures what TLS costs). Each run reports
+//! its total time (first start to last finish), the spread of the migrations' own times, the
+//! bytes that crossed (the agent links' bytes; QEMU's `ram.transferred` for plain QEMU), the
+//! guests' pauses, and that every guest carried on at its target with its memory intact; then
+//! the peak memory of each `agent serve` daemon, which ran several sessions at once. On two
+//! cores the N guests' and QEMUs' CPU time is most of what is measured, for both.
+use std::{
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context};
+use serde_json::Value;
+use testkit::qemu::{agent_qmp_dir, carried_on, Guest, GuestSpec};
+
+use crate::{
+    guest,
+    lab::{release_bin, wait_port, Daemon},
+    sh,
+};
+
+const MEM_MB: u32 = 256;
+const READ_MB: u32 = 48;
+const NBD_PORT: u16 = 10_930;
+const INDEX_PORT: u16 = 10_931;
+/// The two target hosts' agents.
+const AGENT_PORTS: [u16; 2] = [17_830, 17_831];
+
+/// The guests of one run: sources that have read their disks, and targets waiting.
+struct Fleet {
+    sources: Vec<Guest>,
+    targets: Vec<Guest>,
+    blobs: Vec<String>,
+}
+
+impl Fleet {
+    fn boot(dir: &Path, tag: &str, vms: usize) -> anyhow::Result<Self> {
+        let uri = |i: usize| format!("nbd://127.0.0.1:{NBD_PORT}/vm{i}");
+        let spec = |name: &str, uri: &str, incoming: bool| {
+            Guest::start(
+                dir,
+                &GuestSpec {
+                    name,
+                    mem_mb: MEM_MB,
+                    read_mb: READ_MB,
+                    disk_uri: uri,
+                    disk_writes: false,
+                    incoming,
+                    paused: false,
+                    prealloc: false,
+                    qemu: None,
+                    iothread: false,
+                    fill_mb: 0,
+                    fill_gate: false,
+                    dirty_mb: 0,
+                },
+            )
+        };
+        let sources: Vec<Guest> = (0..vms)
+            .map(|i| spec(&format!("{tag}-src{i}"), &uri(i), false))
+            .collect();
+        let mut blobs = Vec::new();
+        for s in &sources {
+            s.wait_line("QEVAL-READY", 0, Duration::from_secs(900));
+            blobs.push(s.blob_sums().first().cloned().context("no RAM checksum")?);
+        }
+        let targets = (0..vms)
+            .map(|i| spec(&format!("{tag}-vm{i}"), &uri(i), true))
+            .collect();
+        Ok(Self {
+            sources,
+            targets,
+            blobs,
+        })
+    }
+
+    /// How many targets carry on from their sources with their memory intact.
+    fn verified(&self) -> usize {
+        (0..self.sources.len())
+            .filter(
+                |&i| match carried_on(&self.sources[i], &self.targets[i], &self.blobs[i]) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        eprintln!("bench: {} did not carry on: {e}", self.targets[i].name);
+                        false
+                    }
+                },
+            )
+            .count()
+    }
+}
+
+/// One migration's figures.
+struct Migration {
+    ok: bool,
+    total_ms: u64,
+    bytes: u64,
+    paused_ms: Option<u64>,
+}
+
+/// One run's figures.
+struct Run {
+    name: &'static str,
+    wall: Duration,
+    migrations: Vec<Migration>,
+    verified: usize,
+}
+
+pub fn run(vms: usize) -> anyhow::Result<()> {
+    if vms == 0 {
+        bail!("--vms must be at least 1");
+    }
+    guest::build()?;
+    sh::run(sh::cargo().args(["build", "--release", "-p", "agent", "-p", "nas-server"]))?;
+    let dir = sh::workspace_root().join("target/xtask/bench-evacuate");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let mut nas = Command::new(release_bin("nas-server"));
+    nas.args(["--listen", &format!("127.0.0.1:{NBD_PORT}")])
+        .args(["--index-listen", &format!("127.0.0.1:{INDEX_PORT}")]);
+    for i in 0..vms {
+        let disk = dir.join(format!("vm{i}.raw"));
+        std::fs::write(&disk, testkit::pattern(300 + i as u64, 256 << 20))?;
+        nas.arg("--export").arg(format!("vm{i}={}", disk.display()));
+    }
+    let _nas = Daemon(
+        nas.env("RUST_LOG", "warn")
+            .stderr(std::fs::File::create(dir.join("nas-server.log"))?)
+            .spawn()
+            .context("cannot start nas-server")?,
+    );
+    let agents = AGENT_PORTS
+        .iter()
+        .map(|port| {
+            Ok(Daemon(
+                Command::new(release_bin("agent"))
+                    .args(["serve", "--insecure"])
+                    .args(["--link-listen", &format!("127.0.0.1:{port}")])
+                    .arg("--qmp-dir")
+                    .arg(agent_qmp_dir(&dir))
+                    .stderr(std::fs::File::create(
+                        dir.join(format!("agent-{port}.log")),
+                    )?)
+                    .spawn()
+                    .context("cannot start agent serve")?,
+            ))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    for port in [NBD_PORT, INDEX_PORT].iter().chain(&AGENT_PORTS) {
+        wait_port(*port)?;
+    }
+    eprintln!("bench: booting {vms} guests for the agents");
+    let fleet = Fleet::boot(&dir, "agents", vms)?;
+    let agents_run = through_agents(&fleet)?;
+    let peaks: Vec<u64> = agents.iter().map(|a| peak_rss_kib(a.0.id())).collect();
+    drop(fleet);
+    eprintln!("bench: booting {vms} guests for plain QEMU");
+    let fleet = Fleet::boot(&dir, "plain", vms)?;
+    let plain_run = plain(&fleet)?;
+    drop(fleet);
+    report(vms, &[&agents_run, &plain_run], &peaks);
+    Ok(())
+}
+
+/// Every VM through `agent migrate` at once, alternating between the two target agents.
+fn through_agents(fleet: &Fleet) -> anyhow::Result<Run> {
+    let started = Instant::now();
+    let children: Vec<Child> = (0..fleet.sources.len())
+        .map(|i| {
+            Command::new(release_bin("agent"))
+                .arg("migrate")
+                .arg("--source-qmp")
+                .arg(&fleet.sources[i].qmp_path)
+                .arg("--target-qmp")
+                .arg(&fleet.targets[i].qmp_path)
+                .args(["--vm", &fleet.targets[i].name])
+                .args([
+                    "--target-agent",
+                    &format!("127.0.0.1:{}", AGENT_PORTS[i % 2]),
+                ])
+                .args(["--export", &format!("vm{i}")])
+                .args(["--nas-nbd", &format!("127.0.0.1:{NBD_PORT}")])
+                .args(["--nas-index", &format!("127.0.0.1:{INDEX_PORT}")])
+                .args(["--json", "--insecure"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .context("cannot run agent migrate")
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let mut migrations = Vec::new();
+    for child in children {
+        let out = child.wait_with_output()?;
+        let report: Value = serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "agent migrate printed no report: {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })?;
+        migrations.push(Migration {
+            ok: report["ok"] == true,
+            total_ms: report["total_time_ms"].as_u64().unwrap_or(0),
+            bytes: report["link_bytes"].as_u64().unwrap_or(0),
+            paused_ms: report["guest_paused_ms"].as_u64(),
+        });
+    }
+    Ok(Run {
+        name: "agents",
+        wall: started.elapsed(),
+        migrations,
+        verified: fleet.verified(),
+    })
+}
+
+/// Every VM QEMU to QEMU at once, each migration driven from its own thread.
+fn plain(fleet: &Fleet) -> anyhow::Result<Run> {
+    let started = Instant::now();
+    let migrations = std::thread::scope(|scope| {
+        let runs: Vec<_> = (0..fleet.sources.len())
+            .map(|i| {
+                let (source, target) = (&fleet.sources[i], &fleet.targets[i]);
+                scope.spawn(move || plain_one(source, target))
+            })
+            .collect();
+        runs.into_iter()
+            .map(|run| {
+                run.join()
+                    .unwrap_or_else(|_| Err("the migration's thread panicked".into()))
+                    .unwrap_or_else(|e| {
+                        eprintln!("bench: plain migration failed: {e}");
+                        Migration {
+                            ok: false,
+                            total_ms: 0,
+                            bytes: 0,
+                            paused_ms: None,
+                        }
+                    })
+            })
+            .collect()
+    });
+    Ok(Run {
+        name: "plain QEMU",
+        wall: started.elapsed(),
+        migrations,
+        verified: fleet.verified(),
+    })
+}
+
+fn plain_one(source: &Guest, target: &Guest) -> Result<Migration, String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let mut src = source.qmp().await;
+        let mut dst = target.qmp().await;
+        let info = testkit::plain::plain_migrate(&mut src, &mut dst, None).await?;
+        let paused = agent::qmp::guest_pause(&src.events(), &dst.events());
+        Ok(Migration {
+            ok: true,
+            total_ms: info["total-time"].as_u64().unwrap_or(0),
+            bytes: info["ram"]["transferred"].as_u64().unwrap_or(0),
+            paused_ms: paused.map(|d| d.as_millis() as u64),
+        })
+    })
+}
+
+/// A process's peak resident memory (`VmHWM`), in KiB; 0 if unknown.
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn median(mut v: Vec<u64>) -> u64 {
+    v.sort_unstable();
+    v.get(v.len() / 2).copied().unwrap_or(0)
+}
+
+fn report(vms: usize, runs: &[&Run; 2], peaks: &[u64]) {
+    println!();
+    println!(
+        "{vms} guests of {MEM_MB} MiB ({READ_MB} MiB of each one's disk read) leave one host at \
+         once."
+    );
+    println!();
+    println!(
+        "| run | migrations ok | guests verified | total time | per-VM time min / median / max \
+         | bytes crossed | guest paused median / max |"
+    );
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for r in runs {
+        let times: Vec<u64> = r.migrations.iter().map(|m| m.total_ms).collect();
+        let paused: Vec<u64> = r.migrations.iter().filter_map(|m| m.paused_ms).collect();
+        let bytes: u64 = r.migrations.iter().map(|m| m.bytes).sum();
+        println!(
+            "| {} | {}/{vms} | {}/{vms} | {:.1} s | {:.1} / {:.1} / {:.1} s | {:.1} MiB | {} / {} ms |",
+            r.name,
+            r.migrations.iter().filter(|m| m.ok).count(),
+            r.verified,
+            r.wall.as_secs_f64(),
+            times.iter().min().copied().unwrap_or(0) as f64 / 1e3,
+            median(times.clone()) as f64 / 1e3,
+            times.iter().max().copied().unwrap_or(0) as f64 / 1e3,
+            bytes as f64 / f64::from(1 << 20),
+            median(paused.clone()),
+            paused.iter().max().copied().unwrap_or(0),
+        );
+    }
+    let [agents, plain] = runs;
+    let sum = |r: &Run| r.migrations.iter().map(|m| m.bytes).sum::<u64>() as f64;
+    println!();
+    println!(
+        "agents vs plain QEMU: total time {:.2}x, bytes {:.2}x ({:.1}% fewer)",
+        agents.wall.as_secs_f64() / plain.wall.as_secs_f64(),
+        sum(agents) / sum(plain),
+        100.0 * (1.0 - sum(agents) / sum(plain)),
+    );
+    for (port, kib) in AGENT_PORTS.iter().zip(peaks) {
+        println!(
+            "agent serve on port {port}: peak resident memory {:.1} MiB",
+            *kib as f64 / 1024.0
+        );
+    }
+}
