@@ -36,7 +36,10 @@ pub struct Guest {
     child: Child,
 }
 
-/// How to start a guest.
+/// How to start a guest. `..GuestSpec::default()` leaves out what a plain guest does not do
+/// (disk writes, a paused or incoming start, preallocation, another QEMU, an I/O thread,
+/// filling or dirtying memory).
+#[derive(Default)]
 pub struct GuestSpec<'a> {
     pub name: &'a str,
     pub mem_mb: u32,

@@ -16,6 +16,7 @@
 use std::{
     path::Path,
     process::{Child, Command, Stdio},
+    sync::atomic::Ordering,
     time::{Duration, Instant},
 };
 
@@ -24,8 +25,10 @@ use serde_json::Value;
 use testkit::qemu::{agent_qmp_dir, carried_on, Guest, GuestSpec};
 
 use crate::{
+    bench_migration::LINK,
     guest,
     lab::{release_bin, wait_port, Daemon},
+    relay::Relay,
     sh,
 };
 
@@ -54,15 +57,8 @@ impl Fleet {
                     mem_mb: MEM_MB,
                     read_mb: READ_MB,
                     disk_uri: uri,
-                    disk_writes: false,
                     incoming,
-                    paused: false,
-                    prealloc: false,
-                    qemu: None,
-                    iothread: false,
-                    fill_mb: 0,
-                    fill_gate: false,
-                    dirty_mb: 0,
+                    ..GuestSpec::default()
                 },
             )
         };
@@ -111,6 +107,8 @@ struct Migration {
 /// One run's figures.
 struct Run {
     name: &'static str,
+    /// Each migration's link rate, when held to a share of an uplink.
+    share: Option<u64>,
     wall: Duration,
     migrations: Vec<Migration>,
     verified: usize,
@@ -159,24 +157,40 @@ pub fn run(vms: usize) -> anyhow::Result<()> {
     for port in [NBD_PORT, INDEX_PORT].iter().chain(&AGENT_PORTS) {
         wait_port(*port)?;
     }
-    eprintln!("bench: booting {vms} guests for the agents");
-    let fleet = Fleet::boot(&dir, "agents", vms)?;
-    let agents_run = through_agents(&fleet)?;
+    let mut runs = Vec::new();
+    // Loopback, as fast as the host goes; then each migration held to an equal share of a
+    // 1 Gbit/s uplink (a relay per migration), as when a host's one link carries them all.
+    for share in [None, Some(LINK / vms as u64)] {
+        for agents_run in [true, false] {
+            let tag = if agents_run { "agents" } else { "plain" };
+            eprintln!("bench: booting {vms} guests ({tag}, share {share:?})");
+            let fleet = Fleet::boot(&dir, tag, vms)?;
+            runs.push(if agents_run {
+                through_agents(&fleet, share)?
+            } else {
+                plain(&fleet, share)?
+            });
+        }
+    }
     let peaks: Vec<u64> = agents.iter().map(|a| peak_rss_kib(a.0.id())).collect();
-    drop(fleet);
-    eprintln!("bench: booting {vms} guests for plain QEMU");
-    let fleet = Fleet::boot(&dir, "plain", vms)?;
-    let plain_run = plain(&fleet)?;
-    drop(fleet);
-    report(vms, &[&agents_run, &plain_run], &peaks);
+    report(vms, &runs, &peaks);
     Ok(())
 }
 
-/// Every VM through `agent migrate` at once, alternating between the two target agents.
-fn through_agents(fleet: &Fleet) -> anyhow::Result<Run> {
+/// Every VM through `agent migrate` at once, alternating between the two target agents; each
+/// agent link through a relay at `share` bytes/s, if given.
+fn through_agents(fleet: &Fleet, share: Option<u64>) -> anyhow::Result<Run> {
+    let relays = (0..fleet.sources.len())
+        .map(|i| {
+            share
+                .map(|rate| Relay::start(AGENT_PORTS[i % 2], rate))
+                .transpose()
+        })
+        .collect::<std::io::Result<Vec<_>>>()?;
     let started = Instant::now();
     let children: Vec<Child> = (0..fleet.sources.len())
         .map(|i| {
+            let port = relays[i].as_ref().map_or(AGENT_PORTS[i % 2], |r| r.port);
             Command::new(release_bin("agent"))
                 .arg("migrate")
                 .arg("--source-qmp")
@@ -184,14 +198,12 @@ fn through_agents(fleet: &Fleet) -> anyhow::Result<Run> {
                 .arg("--target-qmp")
                 .arg(&fleet.targets[i].qmp_path)
                 .args(["--vm", &fleet.targets[i].name])
-                .args([
-                    "--target-agent",
-                    &format!("127.0.0.1:{}", AGENT_PORTS[i % 2]),
-                ])
+                .args(["--target-agent", &format!("127.0.0.1:{port}")])
                 .args(["--export", &format!("vm{i}")])
                 .args(["--nas-nbd", &format!("127.0.0.1:{NBD_PORT}")])
                 .args(["--nas-index", &format!("127.0.0.1:{INDEX_PORT}")])
                 .args(["--json", "--insecure"])
+                .env("RUST_LOG", "warn")
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit())
                 .spawn()
@@ -199,7 +211,7 @@ fn through_agents(fleet: &Fleet) -> anyhow::Result<Run> {
         })
         .collect::<anyhow::Result<_>>()?;
     let mut migrations = Vec::new();
-    for child in children {
+    for (child, relay) in children.into_iter().zip(&relays) {
         let out = child.wait_with_output()?;
         let report: Value = serde_json::from_slice(&out.stdout).with_context(|| {
             format!(
@@ -210,26 +222,31 @@ fn through_agents(fleet: &Fleet) -> anyhow::Result<Run> {
         migrations.push(Migration {
             ok: report["ok"] == true,
             total_ms: report["total_time_ms"].as_u64().unwrap_or(0),
-            bytes: report["link_bytes"].as_u64().unwrap_or(0),
+            bytes: relay.as_ref().map_or_else(
+                || report["link_bytes"].as_u64().unwrap_or(0),
+                |r| r.bytes.load(Ordering::Relaxed),
+            ),
             paused_ms: report["guest_paused_ms"].as_u64(),
         });
     }
     Ok(Run {
         name: "agents",
+        share,
         wall: started.elapsed(),
         migrations,
         verified: fleet.verified(),
     })
 }
 
-/// Every VM QEMU to QEMU at once, each migration driven from its own thread.
-fn plain(fleet: &Fleet) -> anyhow::Result<Run> {
+/// Every VM QEMU to QEMU at once, each migration driven from its own thread, through a relay at
+/// `share` bytes/s if given.
+fn plain(fleet: &Fleet, share: Option<u64>) -> anyhow::Result<Run> {
     let started = Instant::now();
     let migrations = std::thread::scope(|scope| {
         let runs: Vec<_> = (0..fleet.sources.len())
             .map(|i| {
                 let (source, target) = (&fleet.sources[i], &fleet.targets[i]);
-                scope.spawn(move || plain_one(source, target))
+                scope.spawn(move || plain_one(source, target, share))
             })
             .collect();
         runs.into_iter()
@@ -250,26 +267,38 @@ fn plain(fleet: &Fleet) -> anyhow::Result<Run> {
     });
     Ok(Run {
         name: "plain QEMU",
+        share,
         wall: started.elapsed(),
         migrations,
         verified: fleet.verified(),
     })
 }
 
-fn plain_one(source: &Guest, target: &Guest) -> Result<Migration, String> {
+fn plain_one(source: &Guest, target: &Guest, share: Option<u64>) -> Result<Migration, String> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
+    let relay = std::cell::RefCell::new(None);
+    let via = |port: u16| -> Result<u16, String> {
+        let r = Relay::start(port, share.unwrap_or(u64::MAX)).map_err(|e| e.to_string())?;
+        let p = r.port;
+        *relay.borrow_mut() = Some(r);
+        Ok(p)
+    };
+    let via: &dyn Fn(u16) -> Result<u16, String> = &via;
     rt.block_on(async {
         let mut src = source.qmp().await;
         let mut dst = target.qmp().await;
-        let info = testkit::plain::plain_migrate(&mut src, &mut dst, None).await?;
+        let info = testkit::plain::plain_migrate(&mut src, &mut dst, share.map(|_| via)).await?;
         let paused = agent::qmp::guest_pause(&src.events(), &dst.events());
         Ok(Migration {
             ok: true,
             total_ms: info["total-time"].as_u64().unwrap_or(0),
-            bytes: info["ram"]["transferred"].as_u64().unwrap_or(0),
+            bytes: relay.borrow().as_ref().map_or_else(
+                || info["ram"]["transferred"].as_u64().unwrap_or(0),
+                |r: &Relay| r.bytes.load(Ordering::Relaxed),
+            ),
             paused_ms: paused.map(|d| d.as_millis() as u64),
         })
     })
@@ -292,7 +321,7 @@ fn median(mut v: Vec<u64>) -> u64 {
     v.get(v.len() / 2).copied().unwrap_or(0)
 }
 
-fn report(vms: usize, runs: &[&Run; 2], peaks: &[u64]) {
+fn report(vms: usize, runs: &[Run], peaks: &[u64]) {
     println!();
     println!(
         "{vms} guests of {MEM_MB} MiB ({READ_MB} MiB of each one's disk read) leave one host at \
@@ -300,41 +329,55 @@ fn report(vms: usize, runs: &[&Run; 2], peaks: &[u64]) {
     );
     println!();
     println!(
-        "| run | migrations ok | guests verified | total time | per-VM time min / median / max \
-         | bytes crossed | guest paused median / max |"
+        "| run | link per migration | migrations ok | guests verified | total time | per-VM \
+         time min / median / max | bytes crossed | guest paused median / max |"
     );
-    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |");
     for r in runs {
         let times: Vec<u64> = r.migrations.iter().map(|m| m.total_ms).collect();
         let paused: Vec<u64> = r.migrations.iter().filter_map(|m| m.paused_ms).collect();
-        let bytes: u64 = r.migrations.iter().map(|m| m.bytes).sum();
         println!(
-            "| {} | {}/{vms} | {}/{vms} | {:.1} s | {:.1} / {:.1} / {:.1} s | {:.1} MiB | {} / {} ms |",
+            "| {} | {} | {}/{vms} | {}/{vms} | {:.1} s | {:.1} / {:.1} / {:.1} s | {:.1} MiB | \
+             {} / {} ms |",
             r.name,
+            r.share.map_or("loopback".to_string(), |b| format!(
+                "{:.1} MB/s",
+                b as f64 / 1e6
+            )),
             r.migrations.iter().filter(|m| m.ok).count(),
             r.verified,
             r.wall.as_secs_f64(),
             times.iter().min().copied().unwrap_or(0) as f64 / 1e3,
             median(times.clone()) as f64 / 1e3,
             times.iter().max().copied().unwrap_or(0) as f64 / 1e3,
-            bytes as f64 / f64::from(1 << 20),
+            bytes(r) / f64::from(1 << 20),
             median(paused.clone()),
             paused.iter().max().copied().unwrap_or(0),
         );
     }
-    let [agents, plain] = runs;
-    let sum = |r: &Run| r.migrations.iter().map(|m| m.bytes).sum::<u64>() as f64;
     println!();
-    println!(
-        "agents vs plain QEMU: total time {:.2}x, bytes {:.2}x ({:.1}% fewer)",
-        agents.wall.as_secs_f64() / plain.wall.as_secs_f64(),
-        sum(agents) / sum(plain),
-        100.0 * (1.0 - sum(agents) / sum(plain)),
-    );
+    for pair in runs.chunks(2) {
+        if let [agents, plain] = pair {
+            println!(
+                "agents vs plain QEMU, {}: total time {:.2}x, bytes {:.2}x ({:.1}% fewer)",
+                agents.share.map_or("loopback".to_string(), |b| format!(
+                    "{:.1} MB/s each",
+                    b as f64 / 1e6
+                )),
+                agents.wall.as_secs_f64() / plain.wall.as_secs_f64(),
+                bytes(agents) / bytes(plain),
+                100.0 * (1.0 - bytes(agents) / bytes(plain)),
+            );
+        }
+    }
     for (port, kib) in AGENT_PORTS.iter().zip(peaks) {
         println!(
             "agent serve on port {port}: peak resident memory {:.1} MiB",
             *kib as f64 / 1024.0
         );
     }
+}
+
+fn bytes(r: &Run) -> f64 {
+    r.migrations.iter().map(|m| m.bytes).sum::<u64>() as f64
 }

@@ -323,14 +323,20 @@ mod tests {
     use super::*;
     use tokio::net::UnixListener;
 
+    /// A fake monitor's socket in a directory of its own: (directory, socket path, listener).
+    fn monitor(tag: &str) -> (std::path::PathBuf, std::path::PathBuf, UnixListener) {
+        let dir = std::env::temp_dir().join(format!("qmp-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("qmp.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        (dir, path, listener)
+    }
+
     /// A scripted fake monitor: enough to test framing, events and errors. The real QEMU is
     /// exercised by the end-to-end tests.
     #[tokio::test]
     async fn handles_greeting_events_and_errors() {
-        let dir = std::env::temp_dir().join(format!("qmp-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("qmp.sock");
-        let listener = UnixListener::bind(&path).unwrap();
+        let (dir, path, listener) = monitor("test");
         let server = tokio::spawn(async move {
             let (s, _) = listener.accept().await.unwrap();
             let (r, mut w) = s.into_split();
@@ -369,10 +375,7 @@ mod tests {
     /// read stays, and the next command's reply is still its own.
     #[tokio::test]
     async fn waiting_for_an_event_is_cancel_safe() {
-        let dir = std::env::temp_dir().join(format!("qmp-event-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("qmp.sock");
-        let listener = UnixListener::bind(&path).unwrap();
+        let (dir, path, listener) = monitor("event");
         let (half_sent_tx, half_sent_rx) = tokio::sync::oneshot::channel();
         let server = tokio::spawn(async move {
             let (s, _) = listener.accept().await.unwrap();
@@ -415,10 +418,7 @@ mod tests {
     /// connection in bounded time instead of holding the caller.
     #[tokio::test(start_paused = true)]
     async fn a_monitor_that_never_greets_times_out() {
-        let dir = std::env::temp_dir().join(format!("qmp-mute-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("qmp.sock");
-        let listener = UnixListener::bind(&path).unwrap();
+        let (dir, path, listener) = monitor("mute");
         let server = tokio::spawn(async move {
             let (s, _) = listener.accept().await.unwrap();
             std::future::pending::<()>().await;
@@ -436,10 +436,7 @@ mod tests {
     /// dropped, so the next command gets its own reply.
     #[tokio::test]
     async fn a_late_reply_is_never_taken_for_the_next_commands() {
-        let dir = std::env::temp_dir().join(format!("qmp-late-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("qmp.sock");
-        let listener = UnixListener::bind(&path).unwrap();
+        let (dir, path, listener) = monitor("late");
         let server = tokio::spawn(async move {
             let (s, _) = listener.accept().await.unwrap();
             let (r, mut w) = s.into_split();

@@ -11,10 +11,19 @@ fn unique_stream() -> Vec<u8> {
     })
 }
 
-/// Runs the source against a target that greets, takes frames until the source nears its
-/// 2 MiB link window (it then waits for an ACK), sends `frame`, and keeps taking frames as
-/// a live target would. Returns how the source ended.
-async fn source_against(frame: LinkFrame) -> SourceError {
+type TargetRead = tokio::io::ReadHalf<tokio::io::DuplexStream>;
+type TargetWrite = tokio::io::WriteHalf<tokio::io::DuplexStream>;
+
+/// Runs the source with `config` on 16 MiB of distinct pages, and answers its HELLO as a target
+/// accepting no capability would. Returns the source's task and the target's ends of the link.
+async fn greeted(
+    config: SourceConfig,
+) -> (
+    tokio::task::JoinHandle<Result<SourceReport, SourceError>>,
+    TargetRead,
+    TargetWrite,
+    FrameReader,
+) {
     use tokio::io::AsyncWriteExt;
     let stream = unique_stream();
     let (mut qemu_w, qemu_r) = tokio::io::duplex(1 << 20);
@@ -22,7 +31,6 @@ async fn source_against(frame: LinkFrame) -> SourceError {
         let _ = qemu_w.write_all(&stream).await;
     });
     let (source_link, target_link) = tokio::io::duplex(1 << 16);
-    let config = SourceConfig::new("vm", vec![], "127.0.0.1:1", None);
     let source = tokio::spawn(run_source(
         qemu_r,
         source_link,
@@ -38,6 +46,16 @@ async fn source_against(frame: LinkFrame) -> SourceError {
         caps: 0,
     };
     wr.write_all(&ack.to_bytes()).await.unwrap();
+    (source, rd, wr, frames)
+}
+
+/// Runs the source against a target that greets, takes frames until the source nears its
+/// 2 MiB link window (it then waits for an ACK), sends `frame`, and keeps taking frames as
+/// a live target would. Returns how the source ended.
+async fn source_against(frame: LinkFrame) -> SourceError {
+    use tokio::io::AsyncWriteExt;
+    let (source, mut rd, mut wr, mut frames) =
+        greeted(SourceConfig::new("vm", vec![], "127.0.0.1:1", None)).await;
     let mut received = 0usize;
     while received < 3 << 19 {
         match frames.next(&mut rd).await.unwrap() {
@@ -96,31 +114,10 @@ async fn a_back_channel_failure_ends_a_source_waiting_for_acks() {
 /// final iteration, holds its monitor (seen under load: a migration that never ended).
 #[tokio::test]
 async fn a_link_lost_while_the_reader_waits_on_a_paced_emitter_ends_the_session() {
-    use tokio::io::AsyncWriteExt;
-    let stream = unique_stream();
-    let (mut qemu_w, qemu_r) = tokio::io::duplex(1 << 20);
-    tokio::spawn(async move {
-        let _ = qemu_w.write_all(&stream).await;
-    });
-    let (source_link, target_link) = tokio::io::duplex(1 << 16);
     let mut config = SourceConfig::new("vm", vec![], "127.0.0.1:1", None);
     // 1 MB/s: the paced queue is at its floor and a batch takes a quarter of a second.
     config.link_cap = Arc::new(Cap::new(Some(1_000_000)));
-    let source = tokio::spawn(run_source(
-        qemu_r,
-        source_link,
-        config,
-        Arc::new(Counters::default()),
-    ));
-    let (mut rd, mut wr) = tokio::io::split(target_link);
-    let mut frames = FrameReader::new();
-    let hello = frames.next(&mut rd).await.unwrap();
-    assert!(matches!(hello, Some(LinkFrame::Hello(_))));
-    let ack = LinkFrame::HelloAck {
-        version: VERSION,
-        caps: 0,
-    };
-    wr.write_all(&ack.to_bytes()).await.unwrap();
+    let (source, mut rd, wr, mut frames) = greeted(config).await;
     for _ in 0..8 {
         assert!(frames.next(&mut rd).await.unwrap().is_some());
     }
