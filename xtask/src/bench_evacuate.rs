@@ -1,18 +1,20 @@
 //! `cargo xtask bench evacuate`: a host evacuation. `--vms N` guests (default 8, 256 MiB each,
 //! each having read 48 MiB of its own disk) on one nas-server, one export each, all leave the
-//! source host at once, twice in one run:
+//! source host at once:
 //!
 //! - through the agents: one `agent migrate` per VM, all started together, half of them to each
 //!   of two `agent serve` daemons (two target hosts), each session scoped to its VM's export;
 //! - as N plain QEMU migrations started together, QEMU to QEMU.
 //!
-//! Both run the same way: loopback links, QEMU's default `max-bandwidth` (which `agent migrate`
-//! moves onto its link), no TLS (`bench pipeline` measures what TLS costs). Each run reports
-//! its total time (first start to last finish), the spread of the migrations' own times, the
-//! bytes that crossed (the agent links' bytes; QEMU's `ram.transferred` for plain QEMU), the
-//! guests' pauses, and that every guest carried on at its target with its memory intact; then
-//! the peak memory of each `agent serve` daemon, which ran several sessions at once. On two
-//! cores the N guests' and QEMUs' CPU time is most of what is measured, for both.
+//! Both run the same way, with QEMU's default `max-bandwidth` (which `agent migrate` moves onto
+//! its link) and no TLS (`bench pipeline` measures what TLS costs), in two settings: loopback,
+//! and each migration's link held by a relay to an equal share of a 1 Gbit/s uplink. Each run
+//! reports its total time (first start to last finish), the spread of the migrations' own
+//! times, the bytes that crossed (the relays' count; on loopback the agent links' bytes and
+//! QEMU's `ram.transferred`), the guests' pauses, and that every guest carried on at its target
+//! with its memory intact; then the peak memory of each `agent serve` daemon, which ran several
+//! sessions at once. On two cores the N guests' and QEMUs' CPU time is much of what is
+//! measured, for both.
 use std::{
     path::Path,
     process::{Child, Command, Stdio},
