@@ -29,8 +29,8 @@ use testkit::qemu::{agent_qmp_dir, carried_on, Guest, GuestSpec};
 use crate::{
     bench_migration::LINK,
     guest,
-    lab::{release_bin, wait_port, Daemon},
-    relay::Relay,
+    lab::{plain_migration, release_bin, wait_port, Daemon},
+    relay::{self, Relay},
     sh,
 };
 
@@ -254,9 +254,9 @@ fn plain(fleet: &Fleet, share: Option<u64>) -> anyhow::Result<Run> {
         runs.into_iter()
             .map(|run| {
                 run.join()
-                    .unwrap_or_else(|_| Err("the migration's thread panicked".into()))
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("the migration's thread panicked")))
                     .unwrap_or_else(|e| {
-                        eprintln!("bench: plain migration failed: {e}");
+                        eprintln!("bench: plain migration failed: {e:#}");
                         Migration {
                             ok: false,
                             total_ms: 0,
@@ -276,33 +276,23 @@ fn plain(fleet: &Fleet, share: Option<u64>) -> anyhow::Result<Run> {
     })
 }
 
-fn plain_one(source: &Guest, target: &Guest, share: Option<u64>) -> Result<Migration, String> {
+fn plain_one(source: &Guest, target: &Guest, share: Option<u64>) -> anyhow::Result<Migration> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
+        .build()?;
     let relay = std::cell::RefCell::new(None);
-    let via = |port: u16| -> Result<u16, String> {
-        let r = Relay::start(port, share.unwrap_or(u64::MAX)).map_err(|e| e.to_string())?;
-        let p = r.port;
-        *relay.borrow_mut() = Some(r);
-        Ok(p)
-    };
-    let via: &dyn Fn(u16) -> Result<u16, String> = &via;
-    rt.block_on(async {
-        let mut src = source.qmp().await;
-        let mut dst = target.qmp().await;
-        let info = testkit::plain::plain_migrate(&mut src, &mut dst, share.map(|_| via)).await?;
-        let paused = agent::qmp::guest_pause(&src.events(), &dst.events());
-        Ok(Migration {
-            ok: true,
-            total_ms: info["total-time"].as_u64().unwrap_or(0),
-            bytes: relay.borrow().as_ref().map_or_else(
-                || info["ram"]["transferred"].as_u64().unwrap_or(0),
-                |r: &Relay| r.bytes.load(Ordering::Relaxed),
-            ),
-            paused_ms: paused.map(|d| d.as_millis() as u64),
-        })
+    let via = relay::via_into(&relay, share.unwrap_or(u64::MAX));
+    let via: &dyn Fn(u16) -> anyhow::Result<u16> = &via;
+    let done = rt.block_on(plain_migration(source, target, share.map(|_| via)))?;
+    let bytes = relay.borrow().as_ref().map_or_else(
+        || done.info["ram"]["transferred"].as_u64().unwrap_or(0),
+        |r| r.bytes.load(Ordering::Relaxed),
+    );
+    Ok(Migration {
+        ok: true,
+        total_ms: done.info["total-time"].as_u64().unwrap_or(0),
+        bytes,
+        paused_ms: done.guest_paused_ms,
     })
 }
 

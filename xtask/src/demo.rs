@@ -44,7 +44,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     eprintln!("demo: run 1/2: plain QEMU migration");
     let plain = {
         let pair = Pair::boot(&dir, "plain", &uri, args.mem_mb, args.read_mb, false)?;
-        let done = rt.block_on(plain_migration(&pair, None))?;
+        let done = rt.block_on(plain_migration(&pair.source, &pair.target, None))?;
         let (info, verified) = (done.info, pair.verify());
         json!({
             "qemu_bytes": info["ram"]["transferred"],

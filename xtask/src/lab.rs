@@ -205,14 +205,16 @@ pub struct PlainMigration {
     pub stopped_at: Option<Duration>,
 }
 
-/// QEMU to QEMU without the agents; `via` maps the target's port to the one the source uses
-/// (a relay), if any. Returns once the target runs.
+/// QEMU to QEMU without the agents, from `source` to `target` (started with `-incoming
+/// defer`); `via` maps the target's port to the one the source uses (a relay), if any. Returns
+/// once the target runs.
 pub async fn plain_migration(
-    pair: &Pair,
+    source: &Guest,
+    target: &Guest,
     via: Option<&dyn Fn(u16) -> anyhow::Result<u16>>,
 ) -> anyhow::Result<PlainMigration> {
-    let mut src = pair.source.qmp().await;
-    let mut dst = pair.target.qmp().await;
+    let mut src = source.qmp().await;
+    let mut dst = target.qmp().await;
     let relay = via.map(|f| move |port| f(port).map_err(|e| format!("{e:#}")));
     let info = testkit::plain::plain_migrate(
         &mut src,

@@ -46,6 +46,21 @@ impl Bucket {
     }
 }
 
+/// The `via` of [`crate::lab::plain_migration`]: puts a relay at `rate` in front of the port
+/// the target QEMU listens on, and keeps it in `slot` for the caller to read once the migration
+/// is over.
+pub fn via_into(
+    slot: &std::cell::RefCell<Option<Relay>>,
+    rate: u64,
+) -> impl Fn(u16) -> anyhow::Result<u16> + '_ {
+    move |port| {
+        let relay = Relay::start(port, rate)?;
+        let p = relay.port;
+        *slot.borrow_mut() = Some(relay);
+        Ok(p)
+    }
+}
+
 /// A running relay.
 pub struct Relay {
     pub port: u16,

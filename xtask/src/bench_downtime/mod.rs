@@ -101,14 +101,14 @@ fn plain_run(rt: &tokio::runtime::Runtime, pair: &Pair, setting: Setting) -> any
             src.set_migration_parameter("max-bandwidth", UNCAPPED)
                 .await?;
         }
-        let via = |port: u16| -> anyhow::Result<u16> {
-            let r = Relay::start(port, LINK)?;
-            let p = r.port;
-            *relay.borrow_mut() = Some(r);
-            Ok(p)
-        };
+        let via = crate::relay::via_into(&relay, LINK);
         let via: &dyn Fn(u16) -> anyhow::Result<u16> = &via;
-        plain_migration(pair, (setting == Setting::Relay).then_some(via)).await
+        plain_migration(
+            &pair.source,
+            &pair.target,
+            (setting == Setting::Relay).then_some(via),
+        )
+        .await
     })?;
     let stop = done.stopped_at.context("plain run: no STOP event")?;
     Ok(Run {

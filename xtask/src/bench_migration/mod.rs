@@ -269,7 +269,7 @@ fn round(
             read_mb,
             ram == Prealloc,
         )?;
-        let relay_bytes = std::cell::RefCell::new(None);
+        let relay = std::cell::RefCell::new(None);
         // Predicted where a 1 Gbit/s limit applies (the relay, or QEMU's cap at it).
         let predicted = if (limited || cap == LINK) && !multifd {
             Some(link_bytes(&pair, None)?)
@@ -305,21 +305,16 @@ fn round(
                 }
             }
             drop((src, dst));
-            let via = |port: u16| -> anyhow::Result<u16> {
-                let relay = Relay::start(port, LINK)?;
-                let p = relay.port;
-                *relay_bytes.borrow_mut() = Some(relay.bytes);
-                Ok(p)
-            };
+            let via = crate::relay::via_into(&relay, LINK);
             let via: &dyn Fn(u16) -> anyhow::Result<u16> = &via;
-            plain_migration(&pair, limited.then_some(via)).await
+            plain_migration(&pair.source, &pair.target, limited.then_some(via)).await
         })?;
         let (info, paused) = (done.info, done.guest_paused_ms);
         let cpu = meter.stop()?;
         anyhow::ensure!(pair.verify(), "{name}: the target guest did not carry on");
-        let wire = relay_bytes.borrow().as_ref().map_or_else(
+        let wire = relay.borrow().as_ref().map_or_else(
             || info["ram"]["transferred"].as_u64().unwrap_or(0),
-            |b| b.load(Ordering::Relaxed),
+            |r| r.bytes.load(Ordering::Relaxed),
         );
         predict::record(&mut predictions, name, predicted, wire);
         rows.push(Row {
