@@ -6,7 +6,8 @@
 //! transfers (NBD headers and offsets, at most [`HEAD_BYTES`]) are copied whole; for the others
 //! the event carries the iovec list (address, length), at most [`MAX_IOV`] entries, and how many
 //! the call had. Nothing is dropped silently: every event that could not be made is counted in
-//! a [`SyscallDrop`] slot.
+//! a [`SyscallDrop`] slot. `io_submit` has no exit worth waiting for (its requests complete
+//! later, reaped from a ring in user memory): each followed iocb becomes an event at entry.
 
 /// `fd` value in a [`FdKey`] that follows every fd of the process (and its memory events).
 pub const FD_ANY: u32 = u32::MAX;
@@ -16,6 +17,9 @@ pub const FD_MEMORY: u32 = u32::MAX - 1;
 pub const HEAD_BYTES: usize = 32;
 /// Iovecs recorded per event; the rest are counted in [`IoEvent::iov_total`].
 pub const MAX_IOV: usize = 32;
+/// iocbs recorded per `io_submit` (QEMU's linux-aio submits at most 32 at once unless a
+/// device raises its batch); the rest are counted as [`SyscallDrop::AioOverflow`].
+pub const MAX_AIO_BATCH: u32 = 32;
 
 /// Key of `FOLLOWED`.
 #[repr(C)]
@@ -46,6 +50,13 @@ pub enum IoKind {
     /// ([`FALLOC_CHANGES`]: QEMU's write-zeroes and discard on image files): `offset` is the
     /// range's start, `iov[0]` is `{ base: mode, len }`.
     Fallocate = 6,
+    /// One `io_submit` iocb (`aio=native`) reading from a followed file at `offset` into
+    /// the iovecs (`IOCB_CMD_PREAD`, `IOCB_CMD_PREADV`), recorded at submission: the data has
+    /// not landed yet. `ret` is the request's length, or -1 when the iovecs give it.
+    AioRead = 7,
+    /// One `io_submit` iocb writing to a followed file (`IOCB_CMD_PWRITE`,
+    /// `IOCB_CMD_PWRITEV`), recorded at submission; `ret` as for [`IoKind::AioRead`].
+    AioWrite = 8,
 }
 
 /// `FALLOC_FL_PUNCH_HOLE`: the range reads as zeroes afterwards.
@@ -71,6 +82,8 @@ impl IoKind {
             4 => Self::Write,
             5 => Self::Discard,
             6 => Self::Fallocate,
+            7 => Self::AioRead,
+            8 => Self::AioWrite,
             _ => return None,
         })
     }
@@ -168,17 +181,21 @@ pub enum SyscallDrop {
     ReadArgs = 2,
     /// The call named more iovecs than an event records (the event says how many).
     IovOverflow = 3,
+    /// An `io_submit` carried more iocbs than one call records ([`MAX_AIO_BATCH`]): the
+    /// rest are lost.
+    AioOverflow = 4,
 }
 
 impl SyscallDrop {
     /// Number of slots in `SYSCALL_DROPS`.
-    pub const COUNT: u32 = 4;
+    pub const COUNT: u32 = 5;
     /// Every slot, in index order.
-    pub const ALL: [SyscallDrop; 4] = [
+    pub const ALL: [SyscallDrop; 5] = [
         SyscallDrop::RingFull,
         SyscallDrop::CallsFull,
         SyscallDrop::ReadArgs,
         SyscallDrop::IovOverflow,
+        SyscallDrop::AioOverflow,
     ];
 
     /// Name used in logs and metrics labels.
@@ -188,6 +205,7 @@ impl SyscallDrop {
             SyscallDrop::CallsFull => "calls_full",
             SyscallDrop::ReadArgs => "read_args",
             SyscallDrop::IovOverflow => "iov_overflow",
+            SyscallDrop::AioOverflow => "aio_overflow",
         }
     }
 }

@@ -1,16 +1,19 @@
 //! The I/O follower: syscall tracepoints on the calls through which QEMU moves guest data
-//! (recvmsg/sendmsg on NBD sockets, pread/pwrite and their vectored forms on image files), on
+//! (recvmsg/sendmsg on NBD sockets, pread/pwrite and their vectored forms on image files, the
+//! iocbs of io_submit on image files opened with `aio=native`), on
 //! fallocate (image ranges zeroed or punched) and on madvise, for the (process, fd) pairs user
 //! space put in `FOLLOWED`.
 //!
 //! At entry a followed call's arguments go to `IO_CALLS` under the calling thread; at exit
 //! they come out again and, unless the call failed, become one `IoEvent` in the `IO_EVENTS`
 //! ring buffer: the bytes moved, the iovec list, and the data itself when the call moved at
-//! most `HEAD_BYTES` (an NBD header or offset). Whatever cannot be recorded is counted in
+//! most `HEAD_BYTES` (an NBD header or offset). io_submit's iocbs become events at its entry,
+//! one each (their reads complete later). Whatever cannot be recorded is counted in
 //! `SYSCALL_DROPS` by reason.
 use agent_common::syscalls::{
     CallShape, FdKey, IoEvent, IoKind, IoVec, PendingCall, SyscallDrop, CALLS_CAPACITY,
-    EVENTS_BYTES, FALLOC_CHANGES, FD_ANY, FD_MEMORY, FOLLOWED_CAPACITY, HEAD_BYTES, MAX_IOV,
+    EVENTS_BYTES, FALLOC_CHANGES, FD_ANY, FD_MEMORY, FOLLOWED_CAPACITY, HEAD_BYTES, MAX_AIO_BATCH,
+    MAX_IOV,
 };
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
@@ -51,9 +54,14 @@ const MSG_IOVLEN: u64 = 24;
 
 #[inline(always)]
 fn drop_event(why: SyscallDrop) {
+    drop_events(why, 1);
+}
+
+#[inline(always)]
+fn drop_events(why: SyscallDrop, n: u64) {
     if let Some(slot) = SYSCALL_DROPS.get_ptr_mut(why as u32) {
         // SAFETY: per-CPU slot: no other CPU writes it and this program is not preempted.
-        unsafe { *slot += 1 };
+        unsafe { *slot += n };
     }
 }
 
@@ -116,12 +124,19 @@ fn exit(ctx: &TracePointContext) -> u32 {
         // Failed calls (EAGAIN on a non-blocking socket above all) moved nothing.
         return 0;
     }
+    record(pid_tgid, &call, ret);
+    0
+}
+
+/// Writes one event for `call` (which moved `ret` bytes) into the ring.
+#[inline(always)]
+fn record(pid_tgid: u64, call: &PendingCall, ret: i64) {
     let Some(kind) = IoKind::from_u32(call.kind) else {
-        return 0;
+        return;
     };
     let Some(mut entry) = IO_EVENTS.reserve::<IoEvent>(0) else {
         drop_event(SyscallDrop::RingFull);
-        return 0;
+        return;
     };
     let ev = entry.as_mut_ptr();
     // SAFETY: `ev` points at reserved ring-buffer memory the size of an IoEvent; every field is
@@ -226,7 +241,6 @@ fn exit(ctx: &TracePointContext) -> u32 {
         BPF_RB_NO_WAKEUP
     };
     entry.submit(u64::from(flags));
-    0
 }
 
 /// pread64/pwrite64: one buffer.
@@ -383,4 +397,81 @@ pub fn enter_fallocate(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn exit_fallocate(ctx: TracePointContext) -> u32 {
     exit(&ctx)
+}
+
+/// The start of `struct iocb` (x86_64, little-endian), up to `aio_offset`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct IocbHead {
+    data: u64,
+    /// `aio_key` and `aio_rw_flags`.
+    key: u64,
+    opcode: u16,
+    reqprio: i16,
+    fildes: u32,
+    buf: u64,
+    nbytes: u64,
+    offset: i64,
+}
+
+const IOCB_CMD_PREAD: u16 = 0;
+const IOCB_CMD_PWRITE: u16 = 1;
+const IOCB_CMD_PREADV: u16 = 7;
+const IOCB_CMD_PWRITEV: u16 = 8;
+
+/// io_submit(ctx, nr, iocbpp): each iocb that reads or writes a followed fd becomes an event
+/// now, with the request's length (one buffer) or -1 (an iovec array, which gives it).
+#[tracepoint]
+pub fn enter_io_submit(ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    // SAFETY: a lookup copies nothing out; the key lives on this stack.
+    if unsafe { FOLLOWED_TGIDS.get(tgid) }.is_none() {
+        return 0;
+    }
+    let nr = arg(&ctx, 1) as i64;
+    let list = arg(&ctx, 2);
+    if nr > i64::from(MAX_AIO_BATCH) {
+        drop_events(
+            SyscallDrop::AioOverflow,
+            (nr - i64::from(MAX_AIO_BATCH)) as u64,
+        );
+    }
+    for i in 0..MAX_AIO_BATCH {
+        if i64::from(i) >= nr {
+            break;
+        }
+        // SAFETY: bpf_probe_read_user checks the access; a bad pointer is an error.
+        let Ok(at) = (unsafe { bpf_probe_read_user((list + 8 * u64::from(i)) as *const u64) })
+        else {
+            drop_event(SyscallDrop::ReadArgs);
+            continue;
+        };
+        // SAFETY: as above.
+        let Ok(cb) = (unsafe { bpf_probe_read_user(at as *const IocbHead) }) else {
+            drop_event(SyscallDrop::ReadArgs);
+            continue;
+        };
+        let (kind, shape, ret) = match cb.opcode {
+            IOCB_CMD_PREAD => (IoKind::AioRead, CallShape::Buffer, cb.nbytes as i64),
+            IOCB_CMD_PWRITE => (IoKind::AioWrite, CallShape::Buffer, cb.nbytes as i64),
+            IOCB_CMD_PREADV => (IoKind::AioRead, CallShape::Vector, -1),
+            IOCB_CMD_PWRITEV => (IoKind::AioWrite, CallShape::Vector, -1),
+            _ => continue,
+        };
+        if !followed(tgid, cb.fildes) {
+            continue;
+        }
+        let call = PendingCall {
+            kind: kind as u32,
+            shape: shape as u32,
+            fd: cb.fildes,
+            reserved: 0,
+            ptr: cb.buf,
+            len: cb.nbytes,
+            offset: cb.offset as u64,
+        };
+        record(pid_tgid, &call, ret);
+    }
+    0
 }

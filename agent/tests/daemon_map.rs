@@ -15,9 +15,11 @@
 //!    within 3 points of each other.
 //!
 //! And map-only against a shared image file (set-up (c) of the telemetry issue): the guest's
-//! disk is a raw file QEMU opens itself (`aio=threads`), which both hosts see; the migration
-//! names the export by the image's path, with no index anywhere, and the target agent, allowed
-//! that directory with `--image-dir`, reads each mapped page from the file and verifies it.
+//! disk is a raw file QEMU opens itself (`aio=threads`, and again with `aio=native`, whose
+//! reads the daemon sees at io_submit and maps once landed), which both hosts see; the
+//! migration names the export by the image's path, with no index anywhere, and the target
+//! agent, allowed that directory with `--image-dir`, reads each mapped page from the file and
+//! verifies it.
 use std::{
     path::Path,
     process::{Command, Stdio},
@@ -76,6 +78,7 @@ fn guest_writing(
             // reused after the daemon recorded it.
             fill_gate: fill_mb > 0,
             dirty_mb: 0,
+            native_aio: false,
         },
     )
 }
@@ -297,6 +300,21 @@ fn a_map_only_migration_reads_mapped_pages_from_a_shared_image_file() {
     if !require_root("a_map_only_migration_reads_mapped_pages_from_a_shared_image_file") {
         return;
     }
+    shared_image_file(false);
+}
+
+#[test]
+fn a_map_only_migration_reads_mapped_pages_from_a_shared_image_file_with_native_aio() {
+    if !require_root(
+        "a_map_only_migration_reads_mapped_pages_from_a_shared_image_file_with_native_aio",
+    ) {
+        return;
+    }
+    shared_image_file(true);
+}
+
+/// The source's disk is a raw file, opened with `aio=native` or QEMU's thread pool.
+fn shared_image_file(native_aio: bool) {
     let _qemu = exclusive();
     let dir = Scratch::new("daemon-map-file");
     let shared = dir.path("shared");
@@ -308,7 +326,26 @@ fn a_map_only_migration_reads_mapped_pages_from_a_shared_image_file() {
     let export = image.to_str().unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     // Read-only guests: the file is both hosts' disk.
-    let source = followed_guest(&rt, &dir.0, "source", export, &control, (0, Writes::No));
+    let source = Guest::start(
+        &dir.0,
+        &GuestSpec {
+            name: "source",
+            mem_mb: MEM_MB,
+            read_mb: READ_MB,
+            disk_uri: export,
+            paused: true,
+            native_aio,
+            ..GuestSpec::default()
+        },
+    );
+    follow_and_run(&rt, &source, &control);
+    if native_aio {
+        let aio = vm_status(&control, &source.qmp_path)["aio"].clone();
+        assert!(
+            aio["submitted"].as_u64().is_some_and(|n| n > 0),
+            "the daemon saw the reads at io_submit: {aio}"
+        );
+    }
     let blob = source.blob_sums()[0].clone();
     let target = guest_writing(&dir.0, "target", export, (true, false), 0, Writes::No);
     let report = json_of(
@@ -328,12 +365,23 @@ fn a_map_only_migration_reads_mapped_pages_from_a_shared_image_file() {
         report["pages_mapped"], report["pages_map"],
         "no index was asked"
     );
-    // Every mapped page was read from the image and verified; none had to be asked again.
+    // Every mapped page was read from the image and verified, or failed its verification and
+    // was asked of the source again.
+    let fallback = report["pages_fallback"].as_u64().unwrap_or(u64::MAX);
     assert_eq!(
         report["nas_bytes"].as_u64(),
-        Some(mapped * 4096),
+        Some((mapped - fallback) * 4096),
         "{report}"
     );
-    assert_eq!(report["pages_fallback"], 0, "{report}");
+    if native_aio {
+        // With aio=native no syscall says when a read landed: the daemon maps a read's pages
+        // 5-10 ms after its submission (telemetry::aio). A page the guest freed and reused
+        // within that time (its boot-time partition scan's, seen: 0 or 1 a run) pairs its
+        // new content with the block and costs one fetch for nothing; at most one in 1000.
+        assert!(fallback * 1000 <= mapped, "{report}");
+    } else {
+        // Pages are read as their pread returns: none had to be asked again.
+        assert_eq!(fallback, 0, "{report}");
+    }
     carried_on(&source, &target, &blob).unwrap_or_else(|e| panic!("{e}"));
 }

@@ -76,6 +76,7 @@ fn guest(dir: &Path, name: &str, uri: &str, w: Workload, incoming: bool) -> Gues
             fill_mb: w.fill_mb,
             fill_gate: false,
             dirty_mb: w.dirty_mb,
+            native_aio: false,
         },
     )
 }

@@ -65,6 +65,9 @@ pub struct GuestSpec<'a> {
     pub fill_gate: bool,
     /// Then keep dirtying about this many MiB of memory a second (at most 48).
     pub dirty_mb: u32,
+    /// Open a file disk with `aio=native,cache.direct=on` (io_submit on an O_DIRECT fd)
+    /// instead of QEMU's thread pool.
+    pub native_aio: bool,
 }
 
 /// The directory of the target agent's QMP sockets for guests started in `dir` (`--qmp-dir`):
@@ -181,7 +184,15 @@ impl Guest {
         } else {
             vec![
                 "-drive".to_string(),
-                format!("file={},format=raw,if=virtio", spec.disk_uri),
+                format!(
+                    "file={},format=raw,if=virtio{}",
+                    spec.disk_uri,
+                    if spec.native_aio {
+                        ",aio=native,cache.direct=on"
+                    } else {
+                        ""
+                    }
+                ),
             ]
         })
         .arg("-serial")
@@ -434,6 +445,7 @@ pub async fn record_stream(
             fill_mb: 0,
             fill_gate: false,
             dirty_mb: 0,
+            native_aio: false,
         },
     );
     guest.wait_line("QEVAL-READY", 0, Duration::from_secs(120));
@@ -554,6 +566,7 @@ impl Pair {
             fill_mb: 0,
             fill_gate: false,
             dirty_mb: 0,
+            native_aio: false,
         };
         let source = Guest::start(&dir.0, &spec("source", false, false));
         source.wait_line("QEVAL-READY", 0, Duration::from_secs(180));

@@ -59,6 +59,7 @@ fn spec<'a>(name: &'a str, uri: &'a str, incoming: bool) -> GuestSpec<'a> {
         fill_mb: 0,
         fill_gate: false,
         dirty_mb: 0,
+        native_aio: false,
     }
 }
 

@@ -159,6 +159,7 @@ impl Pair {
             fill_mb: load.fill_mb,
             fill_gate: false,
             dirty_mb: load.dirty_mb,
+            native_aio: false,
         };
         let (source_name, target_name) = (format!("{tag}-source"), format!("{tag}-target"));
         let source = Guest::start(dir, &spec(&source_name, false));

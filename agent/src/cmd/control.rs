@@ -109,6 +109,14 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
         if let Some(line) = ring_line(&vm["dirty_ring"]) {
             println!("  {line}");
         }
+        let aio = &vm["aio"];
+        if aio["submitted"].as_u64().unwrap_or(0) > 0 {
+            println!(
+                "  aio=native reads: {} seen at submission, {} waiting to land, {} cancelled, \
+                 {} lost to a full queue",
+                aio["submitted"], aio["pending"], aio["cancelled"], aio["overflowed"]
+            );
+        }
         for d in vm["disks"].as_array().into_iter().flatten() {
             match d["followed"].as_bool() {
                 Some(true) => println!("  {}: followed ({})", d["device"], d["export"]),

@@ -30,7 +30,7 @@ use std::{
     time::Duration,
 };
 
-use agent_common::syscalls::{FdKey, SyscallDrop};
+use agent_common::syscalls::{FdKey, IoEvent, SyscallDrop};
 use serde_json::{json, Value};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt, BufReader},
@@ -207,6 +207,10 @@ async fn event_loop(
 ) {
     let mut events = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // Reads submitted with io_submit are mapped once due; each event settles those due before
+    // it, this the rest (a VM that went quiet after its reads).
+    let mut landings = tokio::time::interval(crate::telemetry::aio::LANDING);
+    landings.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         tokio::select! {
             _ = stop.wait_for(|s| *s) => return,
@@ -215,11 +219,7 @@ async fn event_loop(
                     tracing::error!("the follower stopped: {e}");
                     return;
                 }
-                for ev in events.drain(..) {
-                    if let Some(vm) = shared.registry.by_pid(ev.tgid) {
-                        vm.track().event(&ev);
-                    }
-                }
+                route(&shared, &mut events);
             }
             change = changes.recv() => {
                 let (keys, add, kvm) = match change {
@@ -244,6 +244,16 @@ async fn event_loop(
                     if let Err(e) = r {
                         tracing::warn!("cannot change whose dirty pages are followed: {e}");
                     }
+                }
+            }
+            _ = landings.tick() => {
+                // This tick cancelled `next_events` (and its drain timer): drain here, so a
+                // tick faster than the drain timer never holds events back.
+                follower.drain(&mut events);
+                route(&shared, &mut events);
+                let now = std::time::Instant::now();
+                for vm in shared.registry.all() {
+                    vm.track().settle(Some(now));
                 }
             }
             _ = tick.tick() => {
@@ -277,9 +287,29 @@ async fn event_loop(
                     let name = vm.qmp.display().to_string();
                     metrics::gauge!("agent_map_entries", "qmp" => name.clone())
                         .set(t.map().len() as f64);
-                    metrics::gauge!("agent_follower_events", "qmp" => name).set(t.events() as f64);
+                    metrics::gauge!("agent_follower_events", "qmp" => name.clone())
+                        .set(t.events() as f64);
+                    let aio = t.aio_stats();
+                    for (state, n) in [
+                        ("submitted", aio.submitted),
+                        ("pending", aio.pending),
+                        ("cancelled", aio.cancelled),
+                        ("overflowed", aio.overflowed),
+                    ] {
+                        metrics::gauge!("agent_aio_reads", "qmp" => name.clone(), "state" => state)
+                            .set(n as f64);
+                    }
                 }
             }
+        }
+    }
+}
+
+/// Hands each event to its VM's map.
+fn route(shared: &Shared, events: &mut Vec<IoEvent>) {
+    for ev in events.drain(..) {
+        if let Some(vm) = shared.registry.by_pid(ev.tgid) {
+            vm.track().event(&ev);
         }
     }
 }
@@ -453,6 +483,7 @@ fn status(shared: &Shared) -> Value {
             d["events"] = json!(t.events());
             d["decode"] = json!(format!("{:?}", t.decode_stats()));
             d["map"] = json!(format!("{:?}", t.map().stats()));
+            d["aio"] = json!(t.aio_stats());
             drop(t);
             d["dirty_ring"] = ring::status(vm);
             let f = figures::status(vm, shared.figures.bandwidth);

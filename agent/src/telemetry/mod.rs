@@ -5,9 +5,10 @@
 //! back into the NBD conversation they carried, and [`memmap`] into a map of which guest page
 //! holds which disk block; [`vm`] says which fds and RAM blocks of a QEMU process to follow,
 //! [`ram_files`] which fds hold its RAM when that RAM is a file ([`procfs`] reads `/proc`).
-//! [`dirty_ring`] follows the pages KVM's dirty ring reports written, which drop out of the
+//! [`aio`] holds reads submitted with `io_submit` until they land. [`dirty_ring`] follows the pages KVM's dirty ring reports written, which drop out of the
 //! map. [`track`] ties them together for one VM. [`loader`] finds and loads the object,
 //! [`tracefs`] reads tracepoint layouts, [`device`] names disks.
+pub mod aio;
 pub mod block_io;
 pub mod device;
 pub mod dirty_ring;

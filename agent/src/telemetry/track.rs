@@ -3,15 +3,20 @@
 //! ```text
 //! IoEvent on an NBD fd  -> nbd_decode -> Landed / Stored / Changed -> memmap
 //! IoEvent on an image fd (pread/pwrite at an offset)  ---------------> memmap
+//! IoEvent AioRead on an image fd (io_submit)  -> aio::Landings -> (20 ms) -> memmap
+//! IoEvent AioWrite on an image fd (io_submit)  ----------------------> memmap
 //! IoEvent Fallocate on an image fd (zeroed, punched, shifted)  -------> memmap (changed)
 //! IoEvent Discard (madvise on guest RAM)  ---------------------------> memmap
 //! IoEvent Fallocate on a RAM file's fd (memfd, hugetlbfs)  -----------> memmap (discarded)
 //! DirtySet (pages KVM's dirty ring saw written)  --------------------> memmap
 //! ```
 //! Disks are numbered as the VM's registry lists them; that number is the map's export.
+use std::time::Instant;
+
 use agent_common::syscalls::{FdKey, IoEvent, IoKind, FALLOC_SHIFTS, FD_MEMORY};
 
 use super::{
+    aio::Landings,
     dirty_ring::DirtySet,
     memmap::{MemoryMap, ProcessMemory},
     nbd_decode::{DecodeStats, Decoder, Observed},
@@ -25,7 +30,21 @@ pub struct VmTrack {
     decoder: Decoder,
     memory: ProcessMemory,
     observed: Vec<Observed>,
+    landings: Landings,
     events: u64,
+}
+
+/// What became of the reads submitted with `io_submit`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct AioStats {
+    /// Reads (iovecs) recorded at submission.
+    pub submitted: u64,
+    /// Waiting to land now.
+    pub pending: u64,
+    /// Not mapped: the queue was full.
+    pub overflowed: u64,
+    /// Not mapped: their memory or disk range changed before they were due.
+    pub cancelled: u64,
 }
 
 impl VmTrack {
@@ -38,6 +57,7 @@ impl VmTrack {
             decoder: Decoder::new(),
             memory,
             observed: Vec::new(),
+            landings: Landings::default(),
             events: 0,
         }
     }
@@ -52,6 +72,24 @@ impl VmTrack {
 
     pub fn decode_stats(&self) -> DecodeStats {
         self.decoder.stats()
+    }
+
+    pub fn aio_stats(&self) -> AioStats {
+        AioStats {
+            submitted: self.landings.submitted,
+            pending: self.landings.len() as u64,
+            overflowed: self.landings.overflowed,
+            cancelled: self.landings.cancelled,
+        }
+    }
+
+    /// Maps the reads submitted with `io_submit` that are due by `now` (every one with `None`,
+    /// once QEMU has drained its I/O: a stopped VM).
+    pub fn settle(&mut self, now: Option<Instant>) {
+        while let Some(l) = self.landings.pop_due(now) {
+            self.map
+                .landed(l.export, l.offset, l.addr, l.len, &mut self.memory);
+        }
     }
 
     /// Events taken so far.
@@ -139,10 +177,13 @@ impl VmTrack {
             return;
         }
         self.events += 1;
+        if !self.landings.is_empty() {
+            self.settle(Some(Instant::now()));
+        }
         let kind = IoKind::from_u32(ev.kind);
         if kind == Some(IoKind::Discard) {
             if let Some(range) = ev.iovecs().first() {
-                self.map.discarded(range.base, range.len);
+                self.discarded(range.base, range.len);
             }
             return;
         }
@@ -154,6 +195,7 @@ impl VmTrack {
                     continue;
                 };
                 if let Some((addr, len)) = f.host_range(block, ev.offset, len) {
+                    self.landings.cancel_memory(addr, len);
                     self.map.discarded(addr, len);
                 }
             }
@@ -170,13 +212,11 @@ impl VmTrack {
                     match o {
                         Observed::Landed {
                             offset, addr, len, ..
-                        } => self.map.landed(export, offset, addr, len, &mut self.memory),
+                        } => self.landed(export, offset, addr, len),
                         Observed::Stored {
                             offset, addr, len, ..
-                        } => self.map.stored(export, offset, addr, len, &mut self.memory),
-                        Observed::Changed { offset, len, .. } => {
-                            self.map.changed(export, offset, len)
-                        }
+                        } => self.stored(export, offset, addr, len),
+                        Observed::Changed { offset, len, .. } => self.changed(export, offset, len),
                     }
                 }
             }
@@ -189,17 +229,20 @@ impl VmTrack {
                         break;
                     }
                     if k == IoKind::Read {
-                        self.map.landed(export, offset, v.base, n, &mut self.memory);
+                        self.landed(export, offset, v.base, n);
                     } else {
-                        self.map.stored(export, offset, v.base, n, &mut self.memory);
+                        self.stored(export, offset, v.base, n);
                     }
                     offset = offset.saturating_add(n);
                     left -= n;
                 }
                 // Bytes beyond the recorded iovecs: the disk range is known, the memory not.
                 if left > 0 && k == IoKind::Write {
-                    self.map.changed(export, offset, left);
+                    self.changed(export, offset, left);
                 }
+            }
+            (DiskPath::File { .. }, Some(k @ (IoKind::AioRead | IoKind::AioWrite))) => {
+                self.submitted(ev, export, k == IoKind::AioRead);
             }
             (DiskPath::File { .. }, Some(IoKind::Fallocate)) => {
                 if let Some(call) = ev.iovecs().first() {
@@ -209,11 +252,68 @@ impl VmTrack {
                     } else {
                         call.len
                     };
-                    self.map.changed(export, ev.offset, len);
+                    self.changed(export, ev.offset, len);
                 }
             }
             _ => {}
         }
+    }
+
+    /// One iocb of an `io_submit`: a read's pages are overwritten (mapped once it lands), a
+    /// write's pages hold what its blocks will.
+    fn submitted(&mut self, ev: &IoEvent, export: u32, read: bool) {
+        let iovecs = ev.iovecs();
+        // A one-buffer request gives its length; an iovec array is as long as its iovecs.
+        let mut left = if ev.ret >= 0 {
+            ev.ret as u64
+        } else {
+            iovecs.iter().map(|v| v.len).sum()
+        };
+        let mut offset = ev.offset;
+        let now = Instant::now();
+        for v in iovecs {
+            let n = v.len.min(left);
+            if n == 0 {
+                break;
+            }
+            if read {
+                self.discarded(v.base, n);
+                self.landings.push(now, export, offset, v.base, n);
+            } else {
+                self.stored(export, offset, v.base, n);
+            }
+            offset = offset.saturating_add(n);
+            left -= n;
+        }
+        // iovecs beyond those recorded (counted as iov_overflow): their lengths are unknown.
+        // A write's are taken as long as its longest recorded one; an entry a longer one
+        // should have dropped costs a fallback at migration, never a wrong page.
+        let unrecorded = u64::from(ev.iov_total.saturating_sub(ev.iov_count));
+        if !read && ev.ret < 0 && unrecorded > 0 {
+            let longest = iovecs.iter().map(|v| v.len).max().unwrap_or(4096);
+            self.changed(export, offset, unrecorded.saturating_mul(longest));
+        }
+    }
+
+    fn landed(&mut self, export: u32, offset: u64, addr: u64, len: u64) {
+        self.landings.cancel_memory(addr, len);
+        self.map.landed(export, offset, addr, len, &mut self.memory);
+    }
+
+    fn stored(&mut self, export: u32, offset: u64, addr: u64, len: u64) {
+        self.landings.cancel_memory(addr, len);
+        self.landings.cancel_disk(export, offset, len);
+        self.map.stored(export, offset, addr, len, &mut self.memory);
+    }
+
+    fn changed(&mut self, export: u32, offset: u64, len: u64) {
+        self.landings.cancel_disk(export, offset, len);
+        self.map.changed(export, offset, len);
+    }
+
+    fn discarded(&mut self, addr: u64, len: u64) {
+        self.landings.cancel_memory(addr, len);
+        self.map.discarded(addr, len);
     }
 }
 
@@ -262,6 +362,46 @@ mod tests {
             len: 4096,
         };
         ev
+    }
+
+    #[test]
+    fn an_io_submit_read_is_mapped_once_it_has_landed_and_a_write_at_once() {
+        let mut ram = vec![0x11u8; 4 * 4096];
+        let host = (ram.as_ptr() as u64).div_ceil(4096) * 4096;
+        let at = (host - ram.as_ptr() as u64) as usize;
+        let mut t = VmTrack::new(vm(host, vec![file("/a")], &[(10, 0)]));
+        t.event(&read(10, host));
+        assert_eq!(t.map().len(), 1);
+        // An aio read into the same page: its entry goes at once (the page is being written),
+        // and the page is mapped to the new block only once the read is due.
+        let mut aio = read(10, host);
+        aio.kind = IoKind::AioRead as u32;
+        aio.offset = 8 * 4096;
+        t.event(&aio);
+        assert_eq!(t.map().len(), 0);
+        assert_eq!(t.aio_stats().pending, 1);
+        ram[at..at + 4096].fill(0x22);
+        t.settle(None);
+        let e = t.map().get("pc.ram", 0).expect("mapped once landed");
+        assert_eq!(
+            (e.offset, e.hash),
+            (8 * 4096, blockhash::hash(&ram[at..at + 4096]))
+        );
+        // A vectored aio read (`ret` -1: the iovecs give its length) cancelled by a write to
+        // the same block before it was due maps nothing; the write maps its own page.
+        let mut aio = read(10, host);
+        aio.kind = IoKind::AioRead as u32;
+        aio.ret = -1;
+        t.event(&aio);
+        let mut write = read(10, host + 4096);
+        write.kind = IoKind::AioWrite as u32;
+        t.event(&write);
+        t.settle(None);
+        let s = t.aio_stats();
+        assert_eq!((s.submitted, s.pending, s.cancelled), (2, 0, 1));
+        assert!(t.map().get("pc.ram", 0).is_none());
+        assert_eq!(t.map().get("pc.ram", 4096).map(|e| e.offset), Some(0));
+        drop(ram);
     }
 
     #[test]
