@@ -44,7 +44,7 @@ pub mod programs {
     /// Tracepoint program attached to `block:block_rq_issue`.
     pub const BLOCK_RQ_ISSUE: &str = "block_rq_issue";
     /// The syscall tracepoints of the I/O follower: (program, tracepoint in `syscalls`).
-    pub const SYSCALLS: [(&str, &str); 21] = [
+    pub const SYSCALLS: [(&str, &str); 22] = [
         ("enter_recvmsg", "sys_enter_recvmsg"),
         ("exit_recvmsg", "sys_exit_recvmsg"),
         ("enter_sendmsg", "sys_enter_sendmsg"),
@@ -66,6 +66,7 @@ pub mod programs {
         ("enter_fallocate", "sys_enter_fallocate"),
         ("exit_fallocate", "sys_exit_fallocate"),
         ("enter_io_submit", "sys_enter_io_submit"),
+        ("enter_blk_ioctl", "sys_enter_ioctl"),
     ];
     /// The dirty-ring raw tracepoints: (program, tracepoint).
     pub const DIRTY_RING: [(&str, &str); 3] = [

@@ -57,7 +57,18 @@ pub enum IoKind {
     /// One `io_submit` iocb writing to a followed file (`IOCB_CMD_PWRITE`,
     /// `IOCB_CMD_PWRITEV`), recorded at submission; `ret` as for [`IoKind::AioRead`].
     AioWrite = 8,
+    /// `ioctl(fd, BLKDISCARD | BLKSECDISCARD | BLKZEROOUT, {start, len})` on a followed block
+    /// device (QEMU's discard and write-zeroes on a host device), recorded at entry: `offset`
+    /// is the range's start, `iov[0]` is `{ base: the ioctl command, len }`.
+    BlockDiscard = 9,
 }
+
+/// `BLKDISCARD`: the range's blocks are discarded (they read back as anything).
+pub const BLKDISCARD: u64 = 0x1277;
+/// `BLKSECDISCARD`: the same, securely.
+pub const BLKSECDISCARD: u64 = 0x127d;
+/// `BLKZEROOUT`: the range reads as zeroes afterwards.
+pub const BLKZEROOUT: u64 = 0x127f;
 
 /// `FALLOC_FL_PUNCH_HOLE`: the range reads as zeroes afterwards.
 pub const FALLOC_FL_PUNCH_HOLE: u64 = 0x02;
@@ -84,6 +95,7 @@ impl IoKind {
             6 => Self::Fallocate,
             7 => Self::AioRead,
             8 => Self::AioWrite,
+            9 => Self::BlockDiscard,
             _ => return None,
         })
     }

@@ -1,6 +1,7 @@
 //! The I/O follower: syscall tracepoints on the calls through which QEMU moves guest data
 //! (recvmsg/sendmsg on NBD sockets, pread/pwrite and their vectored forms on image files, the
-//! iocbs of io_submit on image files opened with `aio=native`), on
+//! iocbs of io_submit on image files opened with `aio=native`), on the discard and zero-out
+//! ioctls of host block devices, on
 //! fallocate (image ranges zeroed or punched) and on madvise, for the (process, fd) pairs user
 //! space put in `FOLLOWED`.
 //!
@@ -11,9 +12,9 @@
 //! one each (their reads complete later). Whatever cannot be recorded is counted in
 //! `SYSCALL_DROPS` by reason.
 use agent_common::syscalls::{
-    CallShape, FdKey, IoEvent, IoKind, IoVec, PendingCall, SyscallDrop, CALLS_CAPACITY,
-    EVENTS_BYTES, FALLOC_CHANGES, FD_ANY, FD_MEMORY, FOLLOWED_CAPACITY, HEAD_BYTES, MAX_AIO_BATCH,
-    MAX_IOV,
+    CallShape, FdKey, IoEvent, IoKind, IoVec, PendingCall, SyscallDrop, BLKDISCARD, BLKSECDISCARD,
+    BLKZEROOUT, CALLS_CAPACITY, EVENTS_BYTES, FALLOC_CHANGES, FD_ANY, FD_MEMORY, FOLLOWED_CAPACITY,
+    HEAD_BYTES, MAX_AIO_BATCH, MAX_IOV,
 };
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
@@ -473,5 +474,37 @@ pub fn enter_io_submit(ctx: TracePointContext) -> u32 {
         };
         record(pid_tgid, &call, ret);
     }
+    0
+}
+
+/// ioctl(fd, BLKDISCARD | BLKSECDISCARD | BLKZEROOUT, &[start, len]) on a followed block
+/// device: the range changes. Recorded at entry (the range is taken as changed whether or not
+/// the call succeeds: an entry dropped for nothing costs less than one kept wrongly).
+#[tracepoint]
+pub fn enter_blk_ioctl(ctx: TracePointContext) -> u32 {
+    let cmd = arg(&ctx, 1);
+    if !matches!(cmd, BLKDISCARD | BLKSECDISCARD | BLKZEROOUT) {
+        return 0;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let fd = arg(&ctx, 0) as u32;
+    if !followed((pid_tgid >> 32) as u32, fd) {
+        return 0;
+    }
+    // SAFETY: bpf_probe_read_user checks the access; a bad pointer is an error.
+    let Ok(range) = (unsafe { bpf_probe_read_user(arg(&ctx, 2) as *const [u64; 2]) }) else {
+        drop_event(SyscallDrop::ReadArgs);
+        return 0;
+    };
+    let call = PendingCall {
+        kind: IoKind::BlockDiscard as u32,
+        shape: CallShape::Range as u32,
+        fd,
+        reserved: 0,
+        ptr: cmd,
+        len: range[1],
+        offset: range[0],
+    };
+    record(pid_tgid, &call, 0);
     0
 }

@@ -2,7 +2,8 @@
 //! an image file (qemu-io, QEMU's own block layer) become Fallocate events with their ranges
 //! and modes; a zeroed, punched or collapsed range of a followed image, or guest RAM punched
 //! out of its memfd, drops exactly the map's entries it touches; and a QEMU whose RAM is a
-//! memfd has that file found by the registry.
+//! memfd has that file found by the registry. On a host block device (a loop device) QEMU's
+//! discards and zero-outs are ioctls, followed as BlockDiscard events.
 use std::{collections::HashMap, os::fd::AsRawFd, process::Stdio};
 
 use agent::telemetry::{
@@ -12,7 +13,8 @@ use agent::telemetry::{
     vm::{Disk, DiskPath, Vm},
 };
 use agent_common::syscalls::{
-    IoKind, FALLOC_FL_COLLAPSE_RANGE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE,
+    IoEvent, IoKind, BLKDISCARD, FALLOC_FL_COLLAPSE_RANGE, FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE,
 };
 use testkit::{
     follower::{attach, qemu_io_events, wait_for},
@@ -69,6 +71,142 @@ fn qemu_zeroing_and_discarding_an_image_file_become_fallocate_events() {
         ],
         "QEMU's write-zeroes, write-zeroes with unmap, discard"
     );
+}
+
+/// A loop device set up over a file, detached when dropped.
+struct Loop(String);
+
+impl Loop {
+    fn over(file: &std::path::Path) -> Self {
+        require_tool("losetup");
+        let out = std::process::Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(file)
+            .output()
+            .expect("run losetup");
+        assert!(out.status.success(), "losetup: {out:?}");
+        Self(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &self.0])
+            .status();
+    }
+}
+
+/// On a host block device QEMU discards with the BLKDISCARD ioctl (and zeroes with fallocate or
+/// BLKZEROOUT): run by QEMU's own block layer (qemu-io on a loop device), the ioctl becomes a
+/// BlockDiscard event with its range and command, and a followed disk's map drops exactly the
+/// entries those ranges touch.
+#[test]
+fn qemu_discarding_and_zeroing_a_block_device_become_block_discard_events() {
+    if !require_root("qemu_discarding_and_zeroing_a_block_device_become_block_discard_events") {
+        return;
+    }
+    require_tool("qemu-io");
+    let rt = tokio::runtime::Runtime::new().expect("a runtime");
+    let _entered = rt.enter();
+    let mut f = attach();
+    let dir = Scratch::new("follower-blkdev");
+    let image = dir.image("disk.raw", 16 * MIB);
+    std::fs::write(&image, testkit::pattern(8, (16 * MIB) as usize)).unwrap();
+    let dev = Loop::over(&image);
+    let events = rt.block_on(qemu_io_events(
+        &mut f,
+        &[
+            "-f",
+            "raw",
+            "-d",
+            "unmap",
+            "-c",
+            "write -z 0 64k",
+            "-c",
+            "write -z -u 1M 64k",
+            "-c",
+            "discard 2M 128k",
+            &dev.0,
+        ],
+    ));
+    let calls: Vec<(u64, u64, u64)> = events
+        .iter()
+        .filter(|e| e.kind == IoKind::BlockDiscard as u32 || e.kind == IoKind::Fallocate as u32)
+        .map(|e| (e.offset, e.iovecs()[0].len, e.iovecs()[0].base))
+        .collect();
+    eprintln!("{}: {calls:x?}", dev.0);
+    // QEMU 10 on a loop device: write-zeroes without unmap is a write of zeroes, with unmap a
+    // fallocate that punches, a discard the BLKDISCARD ioctl. (BLKZEROOUT, followed too, is
+    // what it uses on devices that advertise a zeroing write; a loop device does not.)
+    assert!(
+        events
+            .iter()
+            .any(|e| e.kind == IoKind::Write as u32 && e.offset == 0),
+        "QEMU's write-zeroes: a write"
+    );
+    assert_eq!(
+        calls,
+        vec![
+            (MIB, 65536, FALLOC_FL_PUNCH_HOLE | KEEP_SIZE),
+            (2 * MIB, 131072, BLKDISCARD),
+        ],
+        "QEMU's write-zeroes with unmap, discard"
+    );
+
+    // Those events, on a followed disk whose pages 0-3 hold disk blocks 0x100-0x103 (1 MiB on)
+    // and 0x200 (2 MiB): the blocks the ioctls changed leave the map; block 0x110 stays.
+    let ram = vec![0x5au8; 6 * 4096];
+    let host = (ram.as_ptr() as u64).div_ceil(4096) * 4096;
+    let mut t = VmTrack::new(Vm {
+        pid: std::process::id(),
+        blocks: vec![RamBlock {
+            name: "pc.ram".into(),
+            host,
+            len: 5 * 4096,
+        }],
+        disks: vec![Disk {
+            device: "vda".into(),
+            path: DiskPath::File {
+                path: dev.0.clone().into(),
+            },
+        }],
+        fds: [(7, 0)].into_iter().collect(),
+        ram_fds: HashMap::new(),
+        kvm: false,
+    });
+    for (page, block) in [(0u64, 0x100u64), (1, 0x103), (2, 0x110), (3, 0x200)] {
+        t.event(&read_event(7, host + page * 4096, block * 4096));
+    }
+    assert_eq!(t.map().len(), 4);
+    let changes = [IoKind::BlockDiscard as u32, IoKind::Fallocate as u32];
+    for e in events.iter().filter(|e| changes.contains(&e.kind)) {
+        t.event(&IoEvent {
+            tgid: std::process::id(),
+            fd: 7,
+            ..*e
+        });
+    }
+    let left: Vec<u64> = t.map().entries().map(|(_, e)| e.offset / 4096).collect();
+    assert_eq!(left, vec![0x110]);
+    drop(ram);
+}
+
+/// A pread of one page at disk offset `offset` on `fd` into `addr`, by this process.
+fn read_event(fd: u32, addr: u64, offset: u64) -> IoEvent {
+    let mut ev = IoEvent {
+        kind: IoKind::Read as u32,
+        tgid: std::process::id(),
+        fd,
+        ret: 4096,
+        offset,
+        iov_total: 1,
+        iov_count: 1,
+        ..IoEvent::default()
+    };
+    ev.iov[0].base = addr;
+    ev.iov[0].len = 4096;
+    ev
 }
 
 /// A range of a followed image that is zeroed, punched or collapsed drops the map's entries

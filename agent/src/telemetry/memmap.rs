@@ -8,12 +8,12 @@
 //! Discarded (madvise on guest RAM) -> every entry in the range is dropped
 //! ```
 //! At most one entry per guest page; a reverse index finds the pages of a disk block, so a
-//! write to the block invalidates them wherever they are. An entry is a claim to check, never
+//! write to the block invalidates them wherever they are ([`super::map_table`] holds both). An entry is a claim to check, never
 //! a fact: the source hashes the page it is about to send and compares, and the target
 //! verifies the block it fetches.
-use std::collections::HashMap;
-
 use blockhash::{hash_block, Hash, BLOCK};
+
+use super::map_table::{disk_key, disk_of, MapTable};
 
 const PAGE: u64 = BLOCK;
 
@@ -73,18 +73,20 @@ pub struct MapStats {
 /// One VM's map.
 pub struct MemoryMap {
     blocks: Vec<RamBlock>,
-    pages: HashMap<PageKey, MapEntry>,
-    /// (export, disk block number) -> the pages holding it.
-    by_disk: HashMap<(u32, u64), Vec<PageKey>>,
+    table: MapTable,
     stats: MapStats,
+}
+
+fn table_for(blocks: &[RamBlock]) -> MapTable {
+    let pages: Vec<u64> = blocks.iter().map(|b| b.len / PAGE).collect();
+    MapTable::new(&pages)
 }
 
 impl MemoryMap {
     pub fn new(blocks: Vec<RamBlock>) -> Self {
         Self {
+            table: table_for(&blocks),
             blocks,
-            pages: HashMap::new(),
-            by_disk: HashMap::new(),
             stats: MapStats::default(),
         }
     }
@@ -98,17 +100,17 @@ impl MemoryMap {
     }
 
     pub fn len(&self) -> usize {
-        self.pages.len()
+        self.table.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.pages.is_empty()
+        self.table.is_empty()
     }
 
     /// The page at `offset` in RAM block `name`, if the map has it.
-    pub fn get(&self, name: &str, offset: u64) -> Option<&MapEntry> {
+    pub fn get(&self, name: &str, offset: u64) -> Option<MapEntry> {
         let block = self.blocks.iter().position(|b| b.name == name)? as u32;
-        self.pages.get(&PageKey {
+        self.table.get(PageKey {
             block,
             page: offset / PAGE,
         })
@@ -116,8 +118,8 @@ impl MemoryMap {
 
     /// The hash the map claims for the page at `offset` in RAM block number `block`.
     pub fn claim_at(&self, block: u32, offset: u64) -> Option<Hash> {
-        self.pages
-            .get(&PageKey {
+        self.table
+            .get(PageKey {
                 block,
                 page: offset / PAGE,
             })
@@ -125,15 +127,13 @@ impl MemoryMap {
     }
 
     /// Every entry, for reports and tests.
-    pub fn entries(&self) -> impl Iterator<Item = (PageKey, &MapEntry)> {
-        self.pages.iter().map(|(k, v)| (*k, v))
+    pub fn entries(&self) -> impl Iterator<Item = (PageKey, MapEntry)> + '_ {
+        self.table.entries()
     }
 
-    /// Bytes the map's tables take, roughly (capacity, not just length).
+    /// Bytes the map's tables take (capacity, not just length).
     pub fn memory_bytes(&self) -> usize {
-        let page = size_of::<(PageKey, MapEntry)>() + 8;
-        let disk = size_of::<((u32, u64), Vec<PageKey>)>() + size_of::<PageKey>() + 8;
-        self.pages.capacity() * page + self.by_disk.capacity() * disk
+        self.table.memory_bytes()
     }
 
     /// The RAM block and offset in it of host address `addr`.
@@ -249,20 +249,24 @@ impl MemoryMap {
         }
         // Offsets come from requests QEMU sent: saturate rather than trust them to fit.
         let (first, last) = (offset / PAGE, offset.saturating_add(len - 1) / PAGE);
-        if last - first + 1 > self.by_disk.len() as u64 {
+        if last - first + 1 > self.table.disk_count() as u64 {
             // A large range (a TRIM of the whole disk): walk the index, not the range.
-            let hit: Vec<(u32, u64)> = self
-                .by_disk
-                .keys()
-                .filter(|(e, b)| *e == export && (first..=last).contains(b))
-                .copied()
+            let hit: Vec<u64> = self
+                .table
+                .disks()
+                .filter(|&k| {
+                    let (e, b) = disk_of(k);
+                    e == export && (first..=last).contains(&b)
+                })
                 .collect();
             for key in hit {
-                self.unlink_block(key);
+                self.stats.invalidated += self.table.remove_disk(key);
             }
         } else {
             for b in first..=last {
-                self.unlink_block((export, b));
+                if let Some(key) = disk_key(export, b) {
+                    self.stats.invalidated += self.table.remove_disk(key);
+                }
             }
         }
     }
@@ -278,7 +282,7 @@ impl MemoryMap {
     /// The guest wrote the pages at `addrs` (host addresses, from KVM's dirty ring): their
     /// entries are dropped. Returns how many were.
     pub fn dirtied(&mut self, addrs: impl Iterator<Item = u64>) -> u64 {
-        let before = self.pages.len();
+        let before = self.table.len();
         for addr in addrs {
             if let Some((block, offset)) = self.locate(addr) {
                 self.remove(PageKey {
@@ -287,7 +291,7 @@ impl MemoryMap {
                 });
             }
         }
-        let dropped = (before - self.pages.len()) as u64;
+        let dropped = (before - self.table.len()) as u64;
         self.stats.dirtied += dropped;
         dropped
     }
@@ -315,9 +319,10 @@ impl MemoryMap {
                     .map(|i| i as u32)
             })
             .collect();
+        let entries: Vec<(PageKey, MapEntry)> = self.table.entries().collect();
+        self.table = table_for(&blocks);
         self.blocks = blocks;
-        self.by_disk.clear();
-        for (key, entry) in std::mem::take(&mut self.pages) {
+        for (key, entry) in entries {
             let block = moved
                 .get(key.block as usize)
                 .copied()
@@ -326,48 +331,27 @@ impl MemoryMap {
                     (key.page + 1) * PAGE <= self.blocks[b as usize].len
                         && keep_export(entry.export)
                 });
-            match block {
-                Some(block) => self.link(PageKey { block, ..key }, entry),
-                None => self.stats.invalidated += 1,
+            let kept = block.is_some_and(|block| self.table.link(PageKey { block, ..key }, entry));
+            if !kept {
+                self.stats.invalidated += 1;
             }
         }
     }
 
     fn insert(&mut self, key: PageKey, entry: MapEntry) {
         self.remove(key);
-        self.link(key, entry);
-        self.stats.mapped += 1;
-    }
-
-    fn link(&mut self, key: PageKey, entry: MapEntry) {
-        self.pages.insert(key, entry);
-        self.by_disk
-            .entry((entry.export, entry.offset / PAGE))
-            .or_default()
-            .push(key);
-    }
-
-    fn remove(&mut self, key: PageKey) {
-        let Some(old) = self.pages.remove(&key) else {
-            return;
-        };
-        self.stats.invalidated += 1;
-        let disk = (old.export, old.offset / PAGE);
-        if let Some(pages) = self.by_disk.get_mut(&disk) {
-            pages.retain(|p| *p != key);
-            if pages.is_empty() {
-                self.by_disk.remove(&disk);
-            }
+        if self.table.link(key, entry) {
+            self.stats.mapped += 1;
+        } else {
+            // A page or disk offset past what the tables index (a 16 TiB RAM block, a
+            // 1 EiB disk): not mapped.
+            self.stats.unaligned += 1;
         }
     }
 
-    fn unlink_block(&mut self, disk: (u32, u64)) {
-        if let Some(pages) = self.by_disk.remove(&disk) {
-            for key in pages {
-                if self.pages.remove(&key).is_some() {
-                    self.stats.invalidated += 1;
-                }
-            }
+    fn remove(&mut self, key: PageKey) {
+        if self.table.remove(key) {
+            self.stats.invalidated += 1;
         }
     }
 }

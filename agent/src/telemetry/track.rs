@@ -6,6 +6,7 @@
 //! IoEvent AioRead on an image fd (io_submit)  -> aio::Landings -> (20 ms) -> memmap
 //! IoEvent AioWrite on an image fd (io_submit)  ----------------------> memmap
 //! IoEvent Fallocate on an image fd (zeroed, punched, shifted)  -------> memmap (changed)
+//! IoEvent BlockDiscard on a block device fd (discard, zero-out)  -----> memmap (changed)
 //! IoEvent Discard (madvise on guest RAM)  ---------------------------> memmap
 //! IoEvent Fallocate on a RAM file's fd (memfd, hugetlbfs)  -----------> memmap (discarded)
 //! DirtySet (pages KVM's dirty ring saw written)  --------------------> memmap
@@ -243,6 +244,11 @@ impl VmTrack {
             }
             (DiskPath::File { .. }, Some(k @ (IoKind::AioRead | IoKind::AioWrite))) => {
                 self.submitted(ev, export, k == IoKind::AioRead);
+            }
+            (DiskPath::File { .. }, Some(IoKind::BlockDiscard)) => {
+                if let Some(call) = ev.iovecs().first() {
+                    self.changed(export, ev.offset, call.len);
+                }
             }
             (DiskPath::File { .. }, Some(IoKind::Fallocate)) => {
                 if let Some(call) = ev.iovecs().first() {
