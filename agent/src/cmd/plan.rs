@@ -145,10 +145,11 @@ pub fn describe(rank: usize, qmp: &str, p: &Plan, ranked: bool) -> String {
         out += &format!("#{rank} ");
     }
     out += &format!(
-        "{qmp}: RAM {:.0} MiB: zero {:.1}%, mirrored on storage {:.1}%, the rest zstd's to {:.2}; \
-         dirty {:.1} MiB/s ({})\n",
+        "{qmp}: RAM {:.0} MiB: zero {:.1}%, repeats {:.1}%, mirrored on storage {:.1}%, the rest \
+         zstd's to {:.2}; dirty {:.1} MiB/s ({})\n",
         r.ram_bytes as f64 / MIB,
         100.0 * r.zero,
+        100.0 * r.repeated,
         100.0 * r.mirrored,
         r.compress_ratio,
         d.bytes_per_sec.unwrap_or(0.0) / MIB,

@@ -174,7 +174,8 @@ pub fn status(vm: &Followed, bandwidth: Option<f64>) -> Value {
             .as_secs_f64()
     };
     let ram = f.ram.as_ref().map(|(r, at)| {
-        json!({"zero": r.zero, "mirrored": r.mirrored, "compress_ratio": r.compress_ratio,
+        json!({"zero": r.zero, "repeated": r.repeated, "mirrored": r.mirrored,
+               "compress_ratio": r.compress_ratio,
                "sampled": r.sampled, "age_s": age(at)})
     });
     let verdict = match (&f.ram, &f.view, dirty.bytes_per_sec) {

@@ -3,7 +3,8 @@
 //! docs/design/plan.md gives the formulas and where each input comes from.
 //!
 //! ```text
-//! pass 1: every page; zero pages 9 B, mirrored pages a MAPPED frame, the rest 4 KiB (zstd'd)
+//! pass 1: every page; zero pages 9 B, repeats a DUP frame, mirrored pages a MAPPED frame, the
+//!   rest 4 KiB (zstd'd)
 //!   while it runs the guest dirties unique(t) = min(D t, W) bytes, all re-sent: QEMU's dirty
 //!   log gathers every write since its last sync, sent or not (W: the working set, when the
 //!   sampler saw the guest rewrite the same memory)
@@ -25,6 +26,9 @@ pub const QEMU_ZERO: f64 = 9.0;
 /// MAPPED frame (5 + seq 8 + export 4 + offset 8 + BLAKE3 32).
 pub const LINK_PAGE: f64 = 13.0 + 5.0 + PAGE;
 pub const LINK_MAPPED: f64 = 13.0 + 57.0;
+/// A page whose content the agents sent moments before: the page header and a DUP frame (5 +
+/// ordinal 8).
+pub const LINK_DUP: f64 = 13.0 + 13.0;
 /// QEMU re-checks what is left about every 100 ms (its rate-limit window): a pass ends within
 /// that much of reaching the threshold.
 const CHECK: f64 = 0.1;
@@ -86,13 +90,13 @@ struct PerPage {
 
 /// The first pass: every page as it is now.
 fn first_pass(ram: &RamProfile, method: Method) -> PerPage {
-    let (z, m) = (ram.zero, ram.mirrored);
-    let rest = (1.0 - z - m).max(0.0);
+    let (z, r, m) = (ram.zero, ram.repeated, ram.mirrored);
+    let rest = (1.0 - z - r - m).max(0.0);
     let qemu = z * QEMU_ZERO + (1.0 - z) * QEMU_PAGE;
     let link = match method {
         Method::Plain => qemu,
         Method::Agents { compress } => {
-            z * QEMU_ZERO + m * LINK_MAPPED + rest * full_page(ram, compress)
+            z * QEMU_ZERO + r * LINK_DUP + m * LINK_MAPPED + rest * full_page(ram, compress)
         }
     };
     PerPage { qemu, link }

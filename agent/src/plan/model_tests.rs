@@ -64,6 +64,22 @@ fn mirrored_pages_cost_a_mapped_frame_on_the_link_and_qemu_sends_the_same() {
 }
 
 #[test]
+fn repeated_pages_cost_a_dup_frame_on_the_link_and_qemu_sends_them_whole() {
+    let mut r = ram(0.25, 0.5);
+    r.repeated = 0.125;
+    let c = conditions(0.0, 128.0);
+    let plain = forecast(&r, &c, Method::Plain);
+    let agents = forecast(&r, &c, Method::Agents { compress: false });
+    let pages = (512 << 8) as f64;
+    let qemu = pages * (0.25 * QEMU_ZERO + 0.75 * QEMU_PAGE);
+    assert!((plain.qemu_bytes - qemu).abs() < 1.0, "{plain:?}");
+    assert!((agents.qemu_bytes - qemu).abs() < 1.0, "{agents:?}");
+    let link =
+        pages * (0.25 * QEMU_ZERO + 0.125 * LINK_DUP + 0.5 * LINK_MAPPED + 0.125 * LINK_PAGE);
+    assert!((agents.link_bytes - link).abs() / link < 1e-6, "{agents:?}");
+}
+
+#[test]
 fn dirtying_adds_passes_and_bytes_and_faster_than_the_link_never_converges() {
     let r = ram(0.5, 0.0);
     let idle = forecast(&r, &conditions(0.0, 64.0), Method::Plain);

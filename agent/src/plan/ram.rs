@@ -1,14 +1,16 @@
 //! What a VM's RAM holds, by sampling it: the share of pages that are all zero (QEMU sends
-//! those as 9-byte records), the share the memory-to-disk map places on storage *and* whose
-//! content still hashes to the map's claim (those go out MAPPED), and how well the rest
-//! compresses. The same pass times the source agent's per-page work on this host (BLAKE3 of
+//! those as 9-byte records), the share that repeat the content of a page sampled before them
+//! (the agents send those as DUP frames: a guest holds some contents hundreds of times), the
+//! share the memory-to-disk map places on storage *and* whose content still hashes to the
+//! map's claim (those go out MAPPED), and how well the rest compresses. The same pass times the source agent's per-page work on this host (BLAKE3 of
 //! a page, zstd of a page), the model's cost figures.
 //!
 //! ```text
-//! RAM blocks -> N pages spread evenly -> process_vm_readv -> zero? | map claim == BLAKE3? | zstd
-//!            -> RamProfile {zero, mirrored, compress ratio, ns per hash, ns per zstd page}
+//! RAM blocks -> N pages spread evenly -> process_vm_readv
+//!   -> zero? | BLAKE3 sampled before? | map claim == BLAKE3? | zstd
+//!   -> RamProfile {zero, repeated, mirrored, compress ratio, ns per hash, ns per zstd page}
 //! ```
-use std::time::Instant;
+use std::{collections::HashSet, time::Instant};
 
 use blockhash::{is_zero, Hash};
 use serde::{Deserialize, Serialize};
@@ -30,6 +32,12 @@ pub struct RamProfile {
     pub sampled: u64,
     /// Shares of pages, each 0..=1.
     pub zero: f64,
+    /// Pages whose content a page sampled before (in RAM order, the order a pass sends them)
+    /// already had: a content the guest holds `m` times is sampled about `m x n / N` times,
+    /// and all but the first count, so a content held hundreds of times is seen at its share
+    /// while pairs are mostly missed (an under-estimate).
+    #[serde(default)]
+    pub repeated: f64,
     pub mirrored: f64,
     /// Pages the map claimed whose content no longer matches (counted in neither share).
     pub stale_claims: f64,
@@ -61,6 +69,8 @@ pub enum Seen {
     Unreadable,
     Zero,
     Mirrored(Hash),
+    /// The content of a page sampled before it.
+    Repeat(Hash),
     Other(Hash),
 }
 
@@ -71,7 +81,7 @@ impl Seen {
         match self {
             Self::Unreadable => u64::MAX,
             Self::Zero => 0,
-            Self::Mirrored(h) | Self::Other(h) => {
+            Self::Mirrored(h) | Self::Repeat(h) | Self::Other(h) => {
                 u64::from_le_bytes(h[..8].try_into().expect("8 bytes")).max(1)
             }
         }
@@ -182,7 +192,8 @@ pub fn sample_pages(
     }
     let n = samples.clamp(1, total);
     let mut buf = vec![0u8; PAGE as usize];
-    let (mut zero, mut mirrored, mut stale) = (0u64, 0u64, 0u64);
+    let (mut zero, mut mirrored, mut stale, mut repeated) = (0u64, 0u64, 0u64, 0u64);
+    let mut contents = HashSet::new();
     let (mut hashed, mut hash_time) = (0u64, 0f64);
     for i in 0..n {
         // One page in each of `n` equal strides, at a fixed pseudo-random place in it: evenly
@@ -203,15 +214,18 @@ pub fn sample_pages(
             let hash = blockhash::hash(&buf);
             hash_time += t.elapsed().as_secs_f64();
             hashed += 1;
-            match claim(block as u32, page * PAGE) {
-                Some(h) if h == hash => {
-                    mirrored += 1;
-                    Seen::Mirrored(hash)
-                }
-                c => {
-                    stale += u64::from(c.is_some());
-                    Seen::Other(hash)
-                }
+            let claimed = claim(block as u32, page * PAGE);
+            stale += u64::from(claimed.is_some_and(|h| h != hash));
+            if !contents.insert(hash) {
+                // The agents' content cache holds what they sent recently: a repeat goes as a
+                // DUP frame whether or not the map also places it.
+                repeated += 1;
+                Seen::Repeat(hash)
+            } else if claimed == Some(hash) {
+                mirrored += 1;
+                Seen::Mirrored(hash)
+            } else {
+                Seen::Other(hash)
             }
         };
         content.push(matches!(kept, Seen::Other(_)).then(|| buf.clone()));
@@ -220,6 +234,7 @@ pub fn sample_pages(
     p.sampled = n - p.unreadable;
     let s = p.sampled.max(1) as f64;
     p.zero = zero as f64 / s;
+    p.repeated = repeated as f64 / s;
     p.mirrored = mirrored as f64 / s;
     p.stale_claims = stale as f64 / s;
     if hashed > 0 {
@@ -256,7 +271,8 @@ mod tests {
     use super::*;
 
     /// A fake process memory: block 0 of 1024 pages, the first quarter zero, the second
-    /// random, the rest a repeating pattern that compresses well.
+    /// random, then 384 pages of a pattern that compresses well (each page its own), then 128
+    /// copies of one page.
     struct Fake(Vec<u8>);
 
     impl PageReader for Fake {
@@ -277,9 +293,13 @@ mod tests {
             x ^= x << 5;
             *b = x as u8;
         }
-        for (i, b) in mem[512 * 4096..].iter_mut().enumerate() {
+        for (i, b) in mem[512 * 4096..896 * 4096].iter_mut().enumerate() {
             *b = (i % 7) as u8 + 1;
         }
+        for page in 512..896 {
+            mem[page * 4096..page * 4096 + 8].copy_from_slice(&(page as u64).to_le_bytes());
+        }
+        mem[896 * 4096..].fill(0xff);
         let blocks = [RamBlock {
             name: "pc.ram".into(),
             host: 0x1000_0000,
@@ -301,9 +321,11 @@ mod tests {
         assert!((p.zero - 0.25).abs() < 0.01, "{p:?}");
         assert!((p.mirrored - 0.125).abs() < 0.01, "{p:?}");
         assert!((p.stale_claims - 0.125).abs() < 0.01, "{p:?}");
-        // The rest, sent in full: the stale-claimed random pages (a fifth) and the patterned
-        // ones (four fifths, tiny), in batches of both.
-        assert!(p.compress_ratio > 0.15 && p.compress_ratio < 0.3, "{p:?}");
+        // The 128 copies: all but the first sampled one repeat it.
+        assert!((p.repeated - 0.125).abs() < 0.01, "{p:?}");
+        // The rest, sent in full: the stale-claimed random pages (a quarter) and the patterned
+        // ones (three quarters, tiny), in batches of both.
+        assert!(p.compress_ratio > 0.2 && p.compress_ratio < 0.4, "{p:?}");
         assert!(p.hash_ns > 0.0 && p.zstd_ns > 0.0);
     }
 
