@@ -40,9 +40,29 @@ fn qemu_zeroing_and_discarding_an_image_file_become_fallocate_events() {
     let dir = Scratch::new("follower-fallocate");
     let image = dir.image("disk.raw", 16 * MIB);
     std::fs::write(&image, testkit::pattern(6, (16 * MIB) as usize)).unwrap();
-    // `-d unmap`: discards reach the file (QEMU drops them by default).
-    let events = rt.block_on(qemu_io_events(
-        &mut f,
+    let events = zero_and_discard(&rt, &mut f, image.to_str().unwrap());
+    let calls = ranges(&events, &[IoKind::Fallocate]);
+    assert_eq!(
+        calls,
+        vec![
+            (0, 65536, FALLOC_FL_ZERO_RANGE),
+            (MIB, 65536, FALLOC_FL_PUNCH_HOLE | KEEP_SIZE),
+            (2 * MIB, 131072, FALLOC_FL_PUNCH_HOLE | KEEP_SIZE),
+        ],
+        "QEMU's write-zeroes, write-zeroes with unmap, discard"
+    );
+}
+
+/// qemu-io on `target` (an image or a block device): write-zeroes at 0, write-zeroes with unmap
+/// at 1 MiB, a discard at 2 MiB (`-d unmap`: discards reach the disk; QEMU drops them by
+/// default). Its events.
+fn zero_and_discard(
+    rt: &tokio::runtime::Runtime,
+    f: &mut agent::telemetry::IoFollower,
+    target: &str,
+) -> Vec<IoEvent> {
+    rt.block_on(qemu_io_events(
+        f,
         &[
             "-f",
             "raw",
@@ -54,23 +74,18 @@ fn qemu_zeroing_and_discarding_an_image_file_become_fallocate_events() {
             "write -z -u 1M 64k",
             "-c",
             "discard 2M 128k",
-            image.to_str().unwrap(),
+            target,
         ],
-    ));
-    let calls: Vec<(u64, u64, u64)> = events
+    ))
+}
+
+/// (offset, length, mode or ioctl command) of the events of these kinds.
+fn ranges(events: &[IoEvent], kinds: &[IoKind]) -> Vec<(u64, u64, u64)> {
+    events
         .iter()
-        .filter(|e| e.kind == IoKind::Fallocate as u32)
+        .filter(|e| kinds.iter().any(|&k| e.kind == k as u32))
         .map(|e| (e.offset, e.iovecs()[0].len, e.iovecs()[0].base))
-        .collect();
-    assert_eq!(
-        calls,
-        vec![
-            (0, 65536, FALLOC_FL_ZERO_RANGE),
-            (MIB, 65536, FALLOC_FL_PUNCH_HOLE | KEEP_SIZE),
-            (2 * MIB, 131072, FALLOC_FL_PUNCH_HOLE | KEEP_SIZE),
-        ],
-        "QEMU's write-zeroes, write-zeroes with unmap, discard"
-    );
+        .collect()
 }
 
 /// A loop device set up over a file, detached when dropped.
@@ -114,27 +129,8 @@ fn qemu_discarding_and_zeroing_a_block_device_become_block_discard_events() {
     let image = dir.image("disk.raw", 16 * MIB);
     std::fs::write(&image, testkit::pattern(8, (16 * MIB) as usize)).unwrap();
     let dev = Loop::over(&image);
-    let events = rt.block_on(qemu_io_events(
-        &mut f,
-        &[
-            "-f",
-            "raw",
-            "-d",
-            "unmap",
-            "-c",
-            "write -z 0 64k",
-            "-c",
-            "write -z -u 1M 64k",
-            "-c",
-            "discard 2M 128k",
-            &dev.0,
-        ],
-    ));
-    let calls: Vec<(u64, u64, u64)> = events
-        .iter()
-        .filter(|e| e.kind == IoKind::BlockDiscard as u32 || e.kind == IoKind::Fallocate as u32)
-        .map(|e| (e.offset, e.iovecs()[0].len, e.iovecs()[0].base))
-        .collect();
+    let events = zero_and_discard(&rt, &mut f, &dev.0);
+    let calls = ranges(&events, &[IoKind::Fallocate, IoKind::BlockDiscard]);
     eprintln!("{}: {calls:x?}", dev.0);
     // QEMU 10 on a loop device: write-zeroes without unmap is a write of zeroes, with unmap a
     // fallocate that punches, a discard the BLKDISCARD ioctl. (BLKZEROOUT, followed too, is
