@@ -3,7 +3,7 @@
 //! ```text
 //! IoEvent on an NBD fd  -> nbd_decode -> Landed / Stored / Changed -> memmap
 //! IoEvent on an image fd (pread/pwrite at an offset)  ---------------> memmap
-//! IoEvent AioRead on an image fd (io_submit)  -> aio::Landings -> (20 ms) -> memmap
+//! IoEvent AioRead on an image fd (io_submit)  -> aio::Landings -> (5 ms) -> memmap
 //! IoEvent AioWrite on an image fd (io_submit)  ----------------------> memmap
 //! IoEvent Fallocate on an image fd (zeroed, punched, shifted)  -------> memmap (changed)
 //! IoEvent BlockDiscard on a block device fd (discard, zero-out)  -----> memmap (changed)
