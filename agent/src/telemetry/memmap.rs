@@ -8,9 +8,9 @@
 //! Discarded (madvise on guest RAM) -> every entry in the range is dropped
 //! ```
 //! At most one entry per guest page; a reverse index finds the pages of a disk block, so a
-//! write to the block invalidates them wherever they are ([`super::map_table`] holds both). An entry is a claim to check, never
-//! a fact: the source hashes the page it is about to send and compares, and the target
-//! verifies the block it fetches.
+//! write to the block invalidates them wherever they are ([`super::map_table`] holds both).
+//! An entry is a claim to check, never a fact: the source hashes the page it is about to send
+//! and compares, and the target verifies the block it fetches.
 use blockhash::{hash_block, Hash, BLOCK};
 
 use super::map_table::{disk_key, disk_of, MapTable};
