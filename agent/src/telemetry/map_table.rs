@@ -11,7 +11,22 @@ use std::collections::HashMap;
 
 use blockhash::Hash;
 
-use super::memmap::{MapEntry, PageKey};
+/// A guest page: its RAM block (index into the VM's blocks) and page number in it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PageKey {
+    pub block: u32,
+    pub page: u64,
+}
+
+/// Where a page's content sits on the disks, and what it hashed to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapEntry {
+    /// The export (disk) number the VM's registry gave it.
+    pub export: u32,
+    /// 4 KiB-aligned byte offset on that disk.
+    pub offset: u64,
+    pub hash: Hash,
+}
 
 const NONE: u32 = u32::MAX;
 /// Disk blocks per export that the reverse index can name (2^48 4 KiB blocks: 1 EiB).

@@ -14,6 +14,7 @@
 use blockhash::{hash_block, Hash, BLOCK};
 
 use super::map_table::{disk_key, disk_of, MapTable};
+pub use super::map_table::{MapEntry, PageKey};
 
 const PAGE: u64 = BLOCK;
 
@@ -26,23 +27,6 @@ pub struct RamBlock {
     pub host: u64,
     /// Bytes in use.
     pub len: u64,
-}
-
-/// A guest page: its RAM block (index into the VM's blocks) and page number in it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct PageKey {
-    pub block: u32,
-    pub page: u64,
-}
-
-/// Where a page's content sits on the disks, and what it hashed to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MapEntry {
-    /// The export (disk) number the VM's registry gave it.
-    pub export: u32,
-    /// 4 KiB-aligned byte offset on that disk.
-    pub offset: u64,
-    pub hash: Hash,
 }
 
 /// Reads QEMU's memory.
