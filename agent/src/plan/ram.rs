@@ -2,8 +2,9 @@
 //! those as 9-byte records), the share that repeat the content of a page sampled before them
 //! (the agents send those as DUP frames: a guest holds some contents hundreds of times), the
 //! share the memory-to-disk map places on storage *and* whose content still hashes to the
-//! map's claim (those go out MAPPED), and how well the rest compresses. The same pass times the source agent's per-page work on this host (BLAKE3 of
-//! a page, zstd of a page), the model's cost figures.
+//! map's claim (those go out MAPPED), and how well the rest compresses. The same pass times
+//! the source agent's per-page work on this host (BLAKE3 of a page, zstd of a page), the
+//! model's cost figures.
 //!
 //! ```text
 //! RAM blocks -> N pages spread evenly -> process_vm_readv

@@ -3,10 +3,11 @@
 //! [`block_io`] counts host block requests per disk and process; [`follower`] follows QEMU's
 //! own I/O syscalls on the fds it is told, as a stream of events, which [`nbd_decode`] turns
 //! back into the NBD conversation they carried, and [`memmap`] into a map of which guest page
-//! holds which disk block (its tables in [`map_table`]); [`vm`] says which fds and RAM blocks of a QEMU process to follow,
-//! [`ram_files`] which fds hold its RAM when that RAM is a file ([`procfs`] reads `/proc`).
-//! [`aio`] holds reads submitted with `io_submit` until they land. [`dirty_ring`] follows the pages KVM's dirty ring reports written, which drop out of the
-//! map. [`track`] ties them together for one VM. [`loader`] finds and loads the object,
+//! holds which disk block (its tables in [`map_table`]); [`aio`] holds reads submitted with
+//! `io_submit` until they land. [`vm`] says which fds and RAM blocks of a QEMU process to
+//! follow, [`ram_files`] which fds hold its RAM when that RAM is a file ([`procfs`] reads
+//! `/proc`). [`dirty_ring`] follows the pages KVM's dirty ring reports written, which drop out
+//! of the map. [`track`] ties them together for one VM. [`loader`] finds and loads the object,
 //! [`tracefs`] reads tracepoint layouts, [`device`] names disks.
 pub mod aio;
 pub mod block_io;
