@@ -36,16 +36,25 @@ pub struct Landing {
     pub len: u64,
 }
 
+/// What became of the reads submitted with `io_submit`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct AioStats {
+    /// Reads (iovecs) recorded at submission.
+    pub submitted: u64,
+    /// Waiting to land now.
+    pub pending: u64,
+    /// Not mapped: the queue was full.
+    pub overflowed: u64,
+    /// Not mapped: their memory or disk range changed before they were due.
+    pub cancelled: u64,
+}
+
 /// The reads waiting, oldest first.
 #[derive(Debug, Default)]
 pub struct Landings {
     queue: VecDeque<Landing>,
-    /// Reads kept so far.
-    pub submitted: u64,
-    /// Reads not kept because the queue was full.
-    pub overflowed: u64,
-    /// Reads cancelled before they were due (their memory or disk range changed again).
-    pub cancelled: u64,
+    /// Counts so far (`pending` is the queue's length, filled in by [`Landings::stats`]).
+    counts: AioStats,
 }
 
 fn overlaps(a: u64, a_len: u64, b: u64, b_len: u64) -> bool {
@@ -61,13 +70,20 @@ impl Landings {
         self.queue.len()
     }
 
+    pub fn stats(&self) -> AioStats {
+        AioStats {
+            pending: self.queue.len() as u64,
+            ..self.counts
+        }
+    }
+
     /// Keeps a read submitted at `now`; `false` when the queue is full.
     pub fn push(&mut self, now: Instant, export: u32, offset: u64, addr: u64, len: u64) -> bool {
         if self.queue.len() >= CAPACITY {
-            self.overflowed += 1;
+            self.counts.overflowed += 1;
             return false;
         }
-        self.submitted += 1;
+        self.counts.submitted += 1;
         self.queue.push_back(Landing {
             due: now + LANDING,
             export,
@@ -103,7 +119,7 @@ impl Landings {
         }
         let before = self.queue.len();
         self.queue.retain(|l| !hit(l));
-        self.cancelled += (before - self.queue.len()) as u64;
+        self.counts.cancelled += (before - self.queue.len()) as u64;
     }
 }
 
@@ -135,7 +151,7 @@ mod tests {
         assert!(l.push(t0, 1, 0, 0x20000, 0x1000));
         l.cancel_memory(0x1f000, 0x1001);
         assert!(l.is_empty());
-        assert_eq!(l.cancelled, 2);
+        assert_eq!(l.stats().cancelled, 2);
         // Adjacent ranges do not overlap.
         assert!(l.push(t0, 1, 0, 0x20000, 0x1000));
         l.cancel_memory(0x21000, 0x1000);
@@ -151,8 +167,9 @@ mod tests {
             assert!(l.push(t0, 0, i << 12, i << 12, 4096));
         }
         assert!(!l.push(t0, 0, 0, 0, 4096));
-        assert_eq!((l.len(), l.overflowed), (CAPACITY, 1));
-        assert_eq!(l.submitted, CAPACITY as u64);
+        let s = l.stats();
+        assert_eq!((s.pending, s.overflowed), (CAPACITY as u64, 1));
+        assert_eq!(s.submitted, CAPACITY as u64);
         let mut n = 0;
         while l.pop_due(None).is_some() {
             n += 1;

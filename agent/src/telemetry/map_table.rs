@@ -44,13 +44,13 @@ struct Slot {
 }
 
 /// The reverse index's key of disk block `block` of `export`, when it fits.
-pub fn disk_key(export: u32, block: u64) -> Option<u64> {
+fn disk_key(export: u32, block: u64) -> Option<u64> {
     (export < 1 << (64 - DISK_BITS) && block < 1 << DISK_BITS)
         .then(|| u64::from(export) << DISK_BITS | block)
 }
 
 /// The export and disk block of a reverse-index key.
-pub fn disk_of(key: u64) -> (u32, u64) {
+fn disk_of(key: u64) -> (u32, u64) {
     ((key >> DISK_BITS) as u32, key & ((1 << DISK_BITS) - 1))
 }
 
@@ -184,8 +184,30 @@ impl MapTable {
         self.len -= 1;
     }
 
+    /// Drops every entry of disk blocks `first..=last` of `export`; returns how many.
+    pub fn remove_disk_range(&mut self, export: u32, first: u64, last: u64) -> u64 {
+        if last - first + 1 > self.by_disk.len() as u64 {
+            // A large range (a TRIM of the whole disk): walk the index, not the range.
+            let hit: Vec<u64> = self
+                .by_disk
+                .keys()
+                .copied()
+                .filter(|&k| {
+                    let (e, b) = disk_of(k);
+                    e == export && (first..=last).contains(&b)
+                })
+                .collect();
+            hit.into_iter().map(|k| self.remove_disk(k)).sum()
+        } else {
+            (first..=last)
+                .filter_map(|b| disk_key(export, b))
+                .map(|k| self.remove_disk(k))
+                .sum()
+        }
+    }
+
     /// Drops every entry of disk block `disk` (a [`disk_key`]); returns how many.
-    pub fn remove_disk(&mut self, disk: u64) -> u64 {
+    fn remove_disk(&mut self, disk: u64) -> u64 {
         let Some(mut at) = self.by_disk.remove(&disk) else {
             return 0;
         };
@@ -198,16 +220,6 @@ impl MapTable {
             at = s.next;
         }
         n
-    }
-
-    /// The reverse index's keys (disk blocks with an entry).
-    pub fn disks(&self) -> impl Iterator<Item = u64> + '_ {
-        self.by_disk.keys().copied()
-    }
-
-    /// Disk blocks with an entry.
-    pub fn disk_count(&self) -> usize {
-        self.by_disk.len()
     }
 
     /// Every entry, by RAM block and page.
@@ -266,14 +278,14 @@ mod tests {
         assert!(t.link(key(0, 2), entry(0, 7, 1)));
         assert!(t.link(key(1, 3), entry(0, 7, 1)));
         assert!(t.link(key(0, 4), entry(1, 7, 2)));
-        assert_eq!((t.len(), t.disk_count()), (4, 2));
+        assert_eq!((t.len(), t.by_disk.len()), (4, 2));
         // Out of the middle of the chain, then its head.
         assert!(t.remove(key(0, 2)));
         assert!(!t.remove(key(0, 2)), "gone already");
         assert!(t.remove(key(1, 3)));
         assert_eq!(t.get(key(0, 1)).map(|e| e.offset), Some(7 * 4096));
         // The rest of block 7 of export 0 goes with one write; export 1's block 7 stays.
-        assert_eq!(t.remove_disk(disk_key(0, 7).unwrap()), 1);
+        assert_eq!(t.remove_disk_range(0, 7, 7), 1);
         assert_eq!(t.len(), 1);
         assert!(t.get(key(0, 1)).is_none());
         assert_eq!(t.get(key(0, 4)).map(|e| e.hash), Some([2; 32]));

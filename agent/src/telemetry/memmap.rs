@@ -13,7 +13,7 @@
 //! and compares, and the target verifies the block it fetches.
 use blockhash::{hash_block, Hash, BLOCK};
 
-use super::map_table::{disk_key, disk_of, MapTable};
+use super::map_table::MapTable;
 pub use super::map_table::{MapEntry, PageKey};
 
 const PAGE: u64 = BLOCK;
@@ -233,26 +233,7 @@ impl MemoryMap {
         }
         // Offsets come from requests QEMU sent: saturate rather than trust them to fit.
         let (first, last) = (offset / PAGE, offset.saturating_add(len - 1) / PAGE);
-        if last - first + 1 > self.table.disk_count() as u64 {
-            // A large range (a TRIM of the whole disk): walk the index, not the range.
-            let hit: Vec<u64> = self
-                .table
-                .disks()
-                .filter(|&k| {
-                    let (e, b) = disk_of(k);
-                    e == export && (first..=last).contains(&b)
-                })
-                .collect();
-            for key in hit {
-                self.stats.invalidated += self.table.remove_disk(key);
-            }
-        } else {
-            for b in first..=last {
-                if let Some(key) = disk_key(export, b) {
-                    self.stats.invalidated += self.table.remove_disk(key);
-                }
-            }
-        }
+        self.stats.invalidated += self.table.remove_disk_range(export, first, last);
     }
 
     /// Host memory `[addr, addr + len)` was discarded (madvise): its entries go.

@@ -17,7 +17,7 @@ use std::time::Instant;
 use agent_common::syscalls::{FdKey, IoEvent, IoKind, FALLOC_SHIFTS, FD_MEMORY};
 
 use super::{
-    aio::Landings,
+    aio::{AioStats, Landings},
     dirty_ring::DirtySet,
     memmap::{MemoryMap, ProcessMemory},
     nbd_decode::{DecodeStats, Decoder, Observed},
@@ -33,19 +33,6 @@ pub struct VmTrack {
     observed: Vec<Observed>,
     landings: Landings,
     events: u64,
-}
-
-/// What became of the reads submitted with `io_submit`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct AioStats {
-    /// Reads (iovecs) recorded at submission.
-    pub submitted: u64,
-    /// Waiting to land now.
-    pub pending: u64,
-    /// Not mapped: the queue was full.
-    pub overflowed: u64,
-    /// Not mapped: their memory or disk range changed before they were due.
-    pub cancelled: u64,
 }
 
 impl VmTrack {
@@ -76,12 +63,7 @@ impl VmTrack {
     }
 
     pub fn aio_stats(&self) -> AioStats {
-        AioStats {
-            submitted: self.landings.submitted,
-            pending: self.landings.len() as u64,
-            overflowed: self.landings.overflowed,
-            cancelled: self.landings.cancelled,
-        }
+        self.landings.stats()
     }
 
     /// Maps the reads submitted with `io_submit` that are due by `now` (every one with `None`,
@@ -191,14 +173,12 @@ impl VmTrack {
         if let (Some(IoKind::Fallocate), Some(files)) = (kind, self.vm.ram_fds.get(&ev.fd)) {
             // Guest RAM punched out of its file: the pages there read as zeroes now.
             let len = ev.iovecs().first().map_or(0, |c| c.len);
-            for f in files {
-                let Some(block) = self.vm.blocks.get(f.block) else {
-                    continue;
-                };
-                if let Some((addr, len)) = f.host_range(block, ev.offset, len) {
-                    self.landings.cancel_memory(addr, len);
-                    self.map.discarded(addr, len);
-                }
+            let ranges: Vec<(u64, u64)> = files
+                .iter()
+                .filter_map(|f| f.host_range(self.vm.blocks.get(f.block)?, ev.offset, len))
+                .collect();
+            for (addr, len) in ranges {
+                self.discarded(addr, len);
             }
             return;
         }
@@ -222,24 +202,17 @@ impl VmTrack {
                 }
             }
             (DiskPath::File { .. }, Some(k @ (IoKind::Read | IoKind::Write))) => {
-                let mut left = ev.ret.max(0) as u64;
-                let mut offset = ev.offset;
-                for v in ev.iovecs() {
-                    let n = v.len.min(left);
-                    if n == 0 {
-                        break;
-                    }
-                    if k == IoKind::Read {
-                        self.landed(export, offset, v.base, n);
+                let read = k == IoKind::Read;
+                let (end, left) = pieces(ev, ev.ret.max(0) as u64, |offset, addr, n| {
+                    if read {
+                        self.landed(export, offset, addr, n);
                     } else {
-                        self.stored(export, offset, v.base, n);
+                        self.stored(export, offset, addr, n);
                     }
-                    offset = offset.saturating_add(n);
-                    left -= n;
-                }
+                });
                 // Bytes beyond the recorded iovecs: the disk range is known, the memory not.
-                if left > 0 && k == IoKind::Write {
-                    self.changed(export, offset, left);
+                if left > 0 && !read {
+                    self.changed(export, end, left);
                 }
             }
             (DiskPath::File { .. }, Some(k @ (IoKind::AioRead | IoKind::AioWrite))) => {
@@ -270,34 +243,27 @@ impl VmTrack {
     fn submitted(&mut self, ev: &IoEvent, export: u32, read: bool) {
         let iovecs = ev.iovecs();
         // A one-buffer request gives its length; an iovec array is as long as its iovecs.
-        let mut left = if ev.ret >= 0 {
+        let bytes = if ev.ret >= 0 {
             ev.ret as u64
         } else {
             iovecs.iter().map(|v| v.len).sum()
         };
-        let mut offset = ev.offset;
         let now = Instant::now();
-        for v in iovecs {
-            let n = v.len.min(left);
-            if n == 0 {
-                break;
-            }
+        let (end, _) = pieces(ev, bytes, |offset, addr, n| {
             if read {
-                self.discarded(v.base, n);
-                self.landings.push(now, export, offset, v.base, n);
+                self.discarded(addr, n);
+                self.landings.push(now, export, offset, addr, n);
             } else {
-                self.stored(export, offset, v.base, n);
+                self.stored(export, offset, addr, n);
             }
-            offset = offset.saturating_add(n);
-            left -= n;
-        }
+        });
         // iovecs beyond those recorded (counted as iov_overflow): their lengths are unknown.
         // A write's are taken as long as its longest recorded one; an entry a longer one
         // should have dropped costs a fallback at migration, never a wrong page.
         let unrecorded = u64::from(ev.iov_total.saturating_sub(ev.iov_count));
         if !read && ev.ret < 0 && unrecorded > 0 {
             let longest = iovecs.iter().map(|v| v.len).max().unwrap_or(4096);
-            self.changed(export, offset, unrecorded.saturating_mul(longest));
+            self.changed(export, end, unrecorded.saturating_mul(longest));
         }
     }
 
@@ -321,6 +287,23 @@ impl VmTrack {
         self.landings.cancel_memory(addr, len);
         self.map.discarded(addr, len);
     }
+}
+
+/// Walks the first `bytes` of a file call's transfer over its recorded iovecs from its disk
+/// offset, handing each piece to `f` as (disk offset, host address, length); returns where
+/// the recorded pieces end on disk and how many of the `bytes` they did not cover.
+fn pieces(ev: &IoEvent, bytes: u64, mut f: impl FnMut(u64, u64, u64)) -> (u64, u64) {
+    let (mut offset, mut left) = (ev.offset, bytes);
+    for v in ev.iovecs() {
+        let n = v.len.min(left);
+        if n == 0 {
+            break;
+        }
+        f(offset, v.base, n);
+        offset = offset.saturating_add(n);
+        left -= n;
+    }
+    (offset, left)
 }
 
 #[cfg(test)]
