@@ -12,10 +12,11 @@ pub mod syscalls;
 pub mod maps {
     /// `HashMap<syscalls::FdKey, u32>`: the (process, fd) pairs whose I/O syscalls are followed.
     pub const FOLLOWED: &str = "FOLLOWED";
-    /// `HashMap<u32, u32>`: processes with at least one followed key, and how many.
+    /// `Array<u32>`: how many followed processes fall in each slot (tgid modulo
+    /// `syscalls::TGID_SLOTS`); a call from a process whose slot is 0 is turned away at once.
     pub const FOLLOWED_TGIDS: &str = "FOLLOWED_TGIDS";
-    /// `HashMap<u64, syscalls::PendingCall>`: a followed call's arguments, from its entry to its
-    /// exit, by thread (`pid_tgid`).
+    /// `Array<syscalls::PendingSlot>`: a followed call's arguments, from its entry to its exit,
+    /// by thread (its id modulo `syscalls::CALL_SLOTS`).
     pub const IO_CALLS: &str = "IO_CALLS";
     /// `RingBuf` of [`super::syscalls::IoEvent`], in the order the calls returned.
     pub const IO_EVENTS: &str = "IO_EVENTS";

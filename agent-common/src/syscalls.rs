@@ -134,6 +134,17 @@ pub struct PendingCall {
     pub offset: u64,
 }
 
+/// A thread's slot in `IO_CALLS` (index: the thread id modulo [`CALL_SLOTS`]). `owner` is the
+/// `pid_tgid` of the thread whose call it holds, 0 when free; it is claimed with a
+/// compare-and-swap at entry and cleared at exit, so two threads whose ids share a slot never
+/// read each other's arguments.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PendingSlot {
+    pub owner: u64,
+    pub call: PendingCall,
+}
+
 /// One range of user memory a call read or wrote.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -187,7 +198,7 @@ pub enum SyscallDrop {
     /// The ring buffer was full: the event is lost (user space must treat the fd's
     /// conversation as broken).
     RingFull = 0,
-    /// `IO_CALLS` was full at the call's entry.
+    /// The thread's slot in `IO_CALLS` held another thread's call (their ids share a slot).
     CallsFull = 1,
     /// The call's arguments (msghdr, iovec array) could not be read.
     ReadArgs = 2,
@@ -224,8 +235,12 @@ impl SyscallDrop {
 
 /// Capacity of `FOLLOWED`.
 pub const FOLLOWED_CAPACITY: u32 = 4096;
-/// Capacity of `IO_CALLS`: threads inside a followed call at once.
-pub const CALLS_CAPACITY: u32 = 8192;
+/// Slots of `FOLLOWED_TGIDS` (a power of two): how many followed processes have a thread-group
+/// id equal to the index modulo this. An array lookup costs the kernel side far less than a
+/// hash lookup, and nearly every call it sees is another process's.
+pub const TGID_SLOTS: u32 = 1 << 16;
+/// Slots of `IO_CALLS` (a power of two): one per thread id modulo this, 3 MiB in all.
+pub const CALL_SLOTS: u32 = 1 << 16;
 /// Bytes of `IO_EVENTS` (a power of two, a multiple of the page size).
 pub const EVENTS_BYTES: u32 = 4 << 20;
 
@@ -237,6 +252,8 @@ mod tests {
     fn layouts_have_no_padding() {
         assert_eq!(size_of::<FdKey>(), 8);
         assert_eq!(size_of::<PendingCall>(), 40);
+        assert_eq!(size_of::<PendingSlot>(), 48);
+        assert!(CALL_SLOTS.is_power_of_two());
         assert_eq!(size_of::<IoVec>(), 16);
         assert_eq!(
             size_of::<IoEvent>(),

@@ -12,6 +12,10 @@
 //! globals below before loading.
 #![no_std]
 #![no_main]
+// The slot claim in `syscalls` is a compare-and-swap, which the BPF target has (BPF_CMPXCHG)
+// but core's atomics do not offer there.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
 mod dirty;
 mod syscalls;

@@ -1,38 +1,52 @@
 //! The I/O follower: syscall tracepoints on the calls through which QEMU moves guest data
 //! (recvmsg/sendmsg on NBD sockets, pread/pwrite and their vectored forms on image files, the
 //! iocbs of io_submit on image files opened with `aio=native`), on the discard and zero-out
-//! ioctls of host block devices, on
-//! fallocate (image ranges zeroed or punched) and on madvise, for the (process, fd) pairs user
-//! space put in `FOLLOWED`.
+//! ioctls of host block devices, on fallocate (image ranges zeroed or punched) and on madvise,
+//! for the (process, fd) pairs user space put in `FOLLOWED`.
 //!
-//! At entry a followed call's arguments go to `IO_CALLS` under the calling thread; at exit
-//! they come out again and, unless the call failed, become one `IoEvent` in the `IO_EVENTS`
-//! ring buffer: the bytes moved, the iovec list, and the data itself when the call moved at
-//! most `HEAD_BYTES` (an NBD header or offset). io_submit's iocbs become events at its entry,
-//! one each (their reads complete later). Whatever cannot be recorded is counted in
-//! `SYSCALL_DROPS` by reason.
+//! Every call is first turned away unless its process's slot in `FOLLOWED_TGIDS` (an array)
+//! says a followed process may share it. At entry a followed call's arguments go to the calling
+//! thread's slot in `IO_CALLS` (an array indexed by thread id, claimed with a compare-and-swap:
+//! no hash-map insert and delete on every call); at exit they come out again and, unless the
+//! call failed, become one `IoEvent` in the `IO_EVENTS` ring buffer: the bytes moved, the iovec
+//! list, and the data itself when the call moved at most `HEAD_BYTES` (an NBD header or
+//! offset). io_submit's iocbs become events at its entry, one each (their reads complete
+//! later). Whatever cannot be recorded is counted in `SYSCALL_DROPS` by reason.
 use agent_common::syscalls::{
-    CallShape, FdKey, IoEvent, IoKind, IoVec, PendingCall, SyscallDrop, BLKDISCARD, BLKSECDISCARD,
-    BLKZEROOUT, CALLS_CAPACITY, EVENTS_BYTES, FALLOC_CHANGES, FD_ANY, FD_MEMORY, FOLLOWED_CAPACITY,
-    HEAD_BYTES, MAX_AIO_BATCH, MAX_IOV,
+    CallShape, FdKey, IoEvent, IoKind, IoVec, PendingCall, PendingSlot, SyscallDrop, BLKDISCARD,
+    BLKSECDISCARD, BLKZEROOUT, CALL_SLOTS, EVENTS_BYTES, FALLOC_CHANGES, FD_ANY, FD_MEMORY,
+    FOLLOWED_CAPACITY, HEAD_BYTES, MAX_AIO_BATCH, MAX_IOV, TGID_SLOTS,
 };
+use core::intrinsics::AtomicOrdering;
+
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user, generated},
     macros::{map, tracepoint},
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
+    EbpfContext,
 };
 
 #[map]
 static FOLLOWED: HashMap<FdKey, u32> = HashMap::with_max_entries(FOLLOWED_CAPACITY, 0);
 
-/// The processes with anything followed: one lookup turns every other process's calls away.
+/// How many followed processes fall in each slot (tgid modulo `TGID_SLOTS`): one array lookup
+/// turns nearly every other process's calls away.
 #[map]
-static FOLLOWED_TGIDS: HashMap<u32, u32> = HashMap::with_max_entries(FOLLOWED_CAPACITY, 0);
+static FOLLOWED_TGIDS: Array<u32> = Array::with_max_entries(TGID_SLOTS, 0);
+
+/// Whether `tgid` may have anything followed (its slot is shared with no other process, or
+/// `followed` tells).
+#[inline(always)]
+fn candidate(tgid: u32) -> bool {
+    FOLLOWED_TGIDS
+        .get(tgid & (TGID_SLOTS - 1))
+        .is_some_and(|n| *n > 0)
+}
 
 #[map]
-static IO_CALLS: HashMap<u64, PendingCall> = HashMap::with_max_entries(CALLS_CAPACITY, 0);
+static IO_CALLS: Array<PendingSlot> = Array::with_max_entries(CALL_SLOTS, 0);
 
 #[map]
 static IO_EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
@@ -49,9 +63,8 @@ const MADV_DONTNEED: u64 = 4;
 const MADV_FREE: u64 = 8;
 const MADV_REMOVE: u64 = 9;
 
-/// Offsets in `struct user_msghdr` (x86_64): `msg_iov` and `msg_iovlen`.
+/// Offset in `struct user_msghdr` (x86_64) of `msg_iov`, which `msg_iovlen` follows.
 const MSG_IOV: u64 = 16;
-const MSG_IOVLEN: u64 = 24;
 
 #[inline(always)]
 fn drop_event(why: SyscallDrop) {
@@ -66,27 +79,53 @@ fn drop_events(why: SyscallDrop, n: u64) {
     }
 }
 
+/// Argument `n` of a `sys_enter_*` record (`ret` for n = 0 in a `sys_exit_*` one), read
+/// straight from the context: the verifier bounds tracepoint context reads, and this costs no
+/// helper call.
 #[inline(always)]
 fn arg(ctx: &TracePointContext, n: usize) -> u64 {
-    // SAFETY: read_at goes through bpf_probe_read, which checks the access.
-    unsafe { ctx.read_at::<u64>(ARG0 + 8 * n) }.unwrap_or(0)
+    // SAFETY: an aligned 8-byte read inside the tracepoint's record (at most six arguments
+    // after ARG0); the verifier refuses the program otherwise.
+    unsafe {
+        ctx.as_ptr()
+            .cast::<u8>()
+            .add(ARG0 + 8 * n)
+            .cast::<u64>()
+            .read()
+    }
 }
 
+/// The calling thread's slot in `IO_CALLS`.
+#[inline(always)]
+fn slot(tid: u32) -> Option<*mut PendingSlot> {
+    IO_CALLS.get_ptr_mut(tid & (CALL_SLOTS - 1))
+}
+
+/// Whether `fd` of `tgid` is followed; asked once [`candidate`] said `tgid` may be.
 #[inline(always)]
 fn followed(tgid: u32, fd: u32) -> bool {
     // SAFETY: lookups copy nothing out and the keys live on this stack.
     unsafe {
-        FOLLOWED_TGIDS.get(tgid).is_some()
-            && (FOLLOWED.get(FdKey { tgid, fd }).is_some()
-                || FOLLOWED.get(FdKey { tgid, fd: FD_ANY }).is_some())
+        FOLLOWED.get(FdKey { tgid, fd }).is_some()
+            || FOLLOWED.get(FdKey { tgid, fd: FD_ANY }).is_some()
     }
 }
 
-/// Keeps a followed call's arguments until its exit.
+/// Keeps a followed call's arguments until its exit. The arguments are read (`args`) only once
+/// the call is known to be followed: most calls that reach here are other processes'.
 #[inline(always)]
-fn enter(kind: IoKind, shape: CallShape, fd: u64, ptr: u64, len: u64, offset: u64) -> u32 {
+fn enter(
+    ctx: &TracePointContext,
+    kind: IoKind,
+    shape: CallShape,
+    args: fn(&TracePointContext) -> (u64, u64, u64, u64),
+) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
+    if !candidate(tgid) {
+        return 0;
+    }
+    let (fd, ptr, len, offset) = args(ctx);
     let fd = fd as u32;
     let wanted = match kind {
         IoKind::Discard => followed(tgid, FD_MEMORY) || followed(tgid, FD_ANY),
@@ -95,17 +134,31 @@ fn enter(kind: IoKind, shape: CallShape, fd: u64, ptr: u64, len: u64, offset: u6
     if !wanted {
         return 0;
     }
-    let call = PendingCall {
-        kind: kind as u32,
-        shape: shape as u32,
-        fd,
-        reserved: 0,
-        ptr,
-        len,
-        offset,
+    let tid = pid_tgid as u32;
+    let Some(slot) = slot(tid) else {
+        return 0;
     };
-    if IO_CALLS.insert(pid_tgid, call, 0).is_err() {
-        drop_event(SyscallDrop::CallsFull);
+    // SAFETY: `slot` points at a live array element; `owner` is claimed atomically, and the
+    // call is written only by the thread that claimed it.
+    unsafe {
+        let (_, claimed) = core::intrinsics::atomic_cxchg::<
+            u64,
+            { AtomicOrdering::Acquire },
+            { AtomicOrdering::Relaxed },
+        >(&raw mut (*slot).owner, 0, pid_tgid);
+        if !claimed {
+            drop_event(SyscallDrop::CallsFull);
+            return 0;
+        }
+        (*slot).call = PendingCall {
+            kind: kind as u32,
+            shape: shape as u32,
+            fd,
+            reserved: 0,
+            ptr,
+            len,
+            offset,
+        };
     }
     0
 }
@@ -114,13 +167,23 @@ fn enter(kind: IoKind, shape: CallShape, fd: u64, ptr: u64, len: u64, offset: u6
 #[inline(always)]
 fn exit(ctx: &TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
-    // SAFETY: the value is copied out before the entry is removed.
-    let Some(call) = (unsafe { IO_CALLS.get(pid_tgid) }).copied() else {
+    let tid = pid_tgid as u32;
+    let Some(slot) = slot(tid) else {
         return 0;
     };
-    let _ = IO_CALLS.remove(pid_tgid);
-    // SAFETY: as in `arg`.
-    let ret = unsafe { ctx.read_at::<i64>(ARG0) }.unwrap_or(-1);
+    // SAFETY: `slot` points at a live array element. Only this thread writes a slot it owns,
+    // so the call is copied out whole before `owner` frees the slot.
+    let call = unsafe {
+        if core::ptr::read_volatile(&raw const (*slot).owner) != pid_tgid {
+            return 0;
+        }
+        // Volatile accesses keep their order in the compiled program, and the JIT's x86_64
+        // code keeps loads ahead of a later store: the call is read before the slot is freed.
+        let call = core::ptr::read_volatile(&raw const (*slot).call);
+        core::ptr::write_volatile(&raw mut (*slot).owner, 0);
+        call
+    };
+    let ret = arg(ctx, 0) as i64;
     if ret < 0 {
         // Failed calls (EAGAIN on a non-blocking socket above all) moved nothing.
         return 0;
@@ -156,12 +219,10 @@ fn record(pid_tgid: u64, call: &PendingCall, ret: i64) {
         (*ev).iov_count = 0;
         (*ev).iov[0] = IoVec { base: 0, len: 0 };
         let (iov_ptr, iov_total) = if call.shape == CallShape::Msghdr as u32 {
-            let msg = call.ptr;
-            let iov = bpf_probe_read_user((msg + MSG_IOV) as *const u64);
-            let len = bpf_probe_read_user((msg + MSG_IOVLEN) as *const u64);
-            match (iov, len) {
-                (Ok(iov), Ok(len)) => (iov, len),
-                _ => {
+            // `msg_iov` and `msg_iovlen` sit side by side: one read takes both.
+            match bpf_probe_read_user((call.ptr + MSG_IOV) as *const [u64; 2]) {
+                Ok([iov, len]) => (iov, len),
+                Err(_) => {
                     drop_event(SyscallDrop::ReadArgs);
                     (0, 0)
                 }
@@ -244,36 +305,30 @@ fn record(pid_tgid: u64, call: &PendingCall, ret: i64) {
     entry.submit(u64::from(flags));
 }
 
+/// The first four arguments: (fd, buffer or iovec array, length or count, offset).
+#[inline(always)]
+fn four_args(ctx: &TracePointContext) -> (u64, u64, u64, u64) {
+    (arg(ctx, 0), arg(ctx, 1), arg(ctx, 2), arg(ctx, 3))
+}
+
 /// pread64/pwrite64: one buffer.
 #[inline(always)]
 fn enter_buffer(ctx: &TracePointContext, kind: IoKind) -> u32 {
-    enter(
-        kind,
-        CallShape::Buffer,
-        arg(ctx, 0),
-        arg(ctx, 1),
-        arg(ctx, 2),
-        arg(ctx, 3),
-    )
+    enter(ctx, kind, CallShape::Buffer, four_args)
 }
 
 /// preadv/pwritev and their `2` forms: an iovec array; on x86_64 `pos_l` holds the offset.
 #[inline(always)]
 fn enter_vector(ctx: &TracePointContext, kind: IoKind) -> u32 {
-    enter(
-        kind,
-        CallShape::Vector,
-        arg(ctx, 0),
-        arg(ctx, 1),
-        arg(ctx, 2),
-        arg(ctx, 3),
-    )
+    enter(ctx, kind, CallShape::Vector, four_args)
 }
 
 /// recvmsg/sendmsg: the msghdr, read at exit.
 #[inline(always)]
 fn enter_msg(ctx: &TracePointContext, kind: IoKind) -> u32 {
-    enter(kind, CallShape::Msghdr, arg(ctx, 0), arg(ctx, 1), 0, 0)
+    enter(ctx, kind, CallShape::Msghdr, |ctx| {
+        (arg(ctx, 0), arg(ctx, 1), 0, 0)
+    })
 }
 
 #[tracepoint]
@@ -362,14 +417,9 @@ pub fn enter_madvise(ctx: TracePointContext) -> u32 {
     if !matches!(advice, MADV_DONTNEED | MADV_FREE | MADV_REMOVE) {
         return 0;
     }
-    enter(
-        IoKind::Discard,
-        CallShape::Range,
-        0,
-        arg(&ctx, 0),
-        arg(&ctx, 1),
-        advice,
-    )
+    enter(&ctx, IoKind::Discard, CallShape::Range, |ctx| {
+        (0, arg(ctx, 0), arg(ctx, 1), arg(ctx, 2))
+    })
 }
 
 #[tracepoint]
@@ -385,14 +435,9 @@ pub fn enter_fallocate(ctx: TracePointContext) -> u32 {
     if mode & FALLOC_CHANGES == 0 {
         return 0;
     }
-    enter(
-        IoKind::Fallocate,
-        CallShape::Range,
-        arg(&ctx, 0),
-        mode,
-        arg(&ctx, 3),
-        arg(&ctx, 2),
-    )
+    enter(&ctx, IoKind::Fallocate, CallShape::Range, |ctx| {
+        (arg(ctx, 0), arg(ctx, 1), arg(ctx, 3), arg(ctx, 2))
+    })
 }
 
 #[tracepoint]
@@ -426,8 +471,7 @@ const IOCB_CMD_PWRITEV: u16 = 8;
 pub fn enter_io_submit(ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
-    // SAFETY: a lookup copies nothing out; the key lives on this stack.
-    if unsafe { FOLLOWED_TGIDS.get(tgid) }.is_none() {
+    if !candidate(tgid) {
         return 0;
     }
     let nr = arg(&ctx, 1) as i64;
@@ -487,8 +531,9 @@ pub fn enter_blk_ioctl(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
     let fd = arg(&ctx, 0) as u32;
-    if !followed((pid_tgid >> 32) as u32, fd) {
+    if !candidate(tgid) || !followed(tgid, fd) {
         return 0;
     }
     // SAFETY: bpf_probe_read_user checks the access; a bad pointer is an error.

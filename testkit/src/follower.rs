@@ -66,3 +66,25 @@ pub async fn qemu_io_events(f: &mut IoFollower, args: &[&str]) -> Vec<IoEvent> {
     events.retain(|e| e.tgid == tgid);
     events
 }
+
+/// `recvmsg` into `iov` on `s`: the bytes received (panics on an error).
+pub fn recvmsg(s: &std::os::unix::net::UnixStream, iov: &mut [libc::iovec]) -> usize {
+    // SAFETY: a zeroed msghdr is valid; it points at iovecs that outlive the call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov.as_mut_ptr();
+    msg.msg_iovlen = iov.len();
+    // SAFETY: msg and its iovecs are valid for the call.
+    let n = unsafe { libc::recvmsg(std::os::fd::AsRawFd::as_raw_fd(s), &mut msg, 0) };
+    usize::try_from(n).expect("recvmsg")
+}
+
+/// `sendmsg` of `iov` on `s`: the bytes sent (panics on an error).
+pub fn sendmsg(s: &std::os::unix::net::UnixStream, iov: &[libc::iovec]) -> usize {
+    // SAFETY: as in recvmsg; sendmsg only reads the iovecs.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov.as_ptr() as *mut _;
+    msg.msg_iovlen = iov.len();
+    // SAFETY: msg and its iovecs are valid for the call.
+    let n = unsafe { libc::sendmsg(std::os::fd::AsRawFd::as_raw_fd(s), &msg, 0) };
+    usize::try_from(n).expect("sendmsg")
+}

@@ -11,7 +11,7 @@ use agent::telemetry::{
 };
 use agent_common::syscalls::{FdKey, IoEvent, IoKind, SyscallDrop, FD_MEMORY};
 use testkit::{
-    follower::{attach, qemu_io_events, wait_for},
+    follower::{attach, qemu_io_events, recvmsg, sendmsg, wait_for},
     nbd_fixture::NbdFixture,
     require_root, require_tool, Scratch,
 };
@@ -190,26 +190,6 @@ async fn followed_calls_become_events_with_their_memory_and_headers() {
     let drops = f.drops().unwrap();
     assert_eq!(drops[SyscallDrop::RingFull as usize], 0);
     assert_eq!(drops[SyscallDrop::ReadArgs as usize], 0);
-}
-
-fn recvmsg(s: &std::os::unix::net::UnixStream, iov: &mut [libc::iovec]) -> usize {
-    // SAFETY: a zeroed msghdr is valid; it points at iovecs that outlive the call.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = iov.as_mut_ptr();
-    msg.msg_iovlen = iov.len();
-    // SAFETY: msg and its iovecs are valid for the call.
-    let n = unsafe { libc::recvmsg(s.as_raw_fd(), &mut msg, 0) };
-    usize::try_from(n).expect("recvmsg")
-}
-
-fn sendmsg(s: &std::os::unix::net::UnixStream, iov: &[libc::iovec]) -> usize {
-    // SAFETY: as in recvmsg; sendmsg only reads the iovecs.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = iov.as_ptr() as *mut _;
-    msg.msg_iovlen = iov.len();
-    // SAFETY: msg and its iovecs are valid for the call.
-    let n = unsafe { libc::sendmsg(s.as_raw_fd(), &msg, 0) };
-    usize::try_from(n).expect("sendmsg")
 }
 
 /// Runs qemu-io's `commands` against `uri`, following the process from before its first

@@ -1,11 +1,13 @@
 //! `cargo xtask bench telemetry`: what following QEMU's disk I/O costs.
 //!
-//! QEMU's own NBD client (`qemu-img bench`: 1 GiB of 64 KiB reads, queue depth 4, from
-//! nas-server on loopback) reads the same image with the syscall probes following it and
-//! without, alternating which goes first, `--repeat` rounds. Printed side by side: the read
-//! throughput both ways and their ratio, events per second, the kernel's cost per event (BPF
-//! run-time statistics) and the user-space decoder's, drops under that storm, and what the
-//! memory-to-disk map's tables take per fully mapped GiB of guest RAM.
+//! QEMU's own NBD client (`qemu-img bench`: 4 GiB of 64 KiB reads over a 1 GiB image, queue
+//! depth 4, from nas-server on loopback) reads the same image with the syscall probes attached
+//! and following it, and with nothing attached, alternating which goes first, `--repeat`
+//! rounds. Printed side by side: the read throughput both ways and their ratio, events per
+//! second, drops under that storm, the decoder's cost per event, and what the memory-to-disk
+//! map's tables take per fully mapped GiB of guest RAM; then, from one more run with BPF
+//! run-time statistics on (which slow every program run, so the compared rounds run without
+//! them), the kernel's cost per event and per program.
 use std::{
     io::Write,
     process::{Command, Stdio},
@@ -25,14 +27,25 @@ use crate::{ebpf, lab, sh};
 const NBD_PORT: u16 = 10_990;
 const INDEX_PORT: u16 = 10_991;
 const IMAGE_MIB: u64 = 1024;
+/// Bytes read per run: the image four times over (`qemu-img bench` wraps around), so that a
+/// run lasts seconds and its start-up is noise no longer.
+const READ_MIB: u64 = 4 * IMAGE_MIB;
 const REQUEST: u64 = 64 << 10;
 
-/// One probed run's figures.
+/// One probed run's figures, or their sum.
 #[derive(Default)]
 struct Probed {
     events: u64,
     decode: Duration,
     desyncs: u64,
+}
+
+impl Probed {
+    fn add(&mut self, run: &Probed) {
+        self.events += run.events;
+        self.decode += run.decode;
+        self.desyncs += run.desyncs;
+    }
 }
 
 pub fn run(rounds: u32) -> anyhow::Result<()> {
@@ -50,43 +63,40 @@ pub fn run(rounds: u32) -> anyhow::Result<()> {
     lab::wait_port(NBD_PORT)?;
     let rt = tokio::runtime::Runtime::new()?;
     let _entered = rt.enter();
-    let object = sh::workspace_root().join(ebpf::OBJECT);
-    let mut follower = IoFollower::attach(&ObjectSource::File(object))?;
-    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
-        .context("cannot enable BPF run-time statistics")?;
-    let (cost0, drops0) = (follower.cost()?, follower.drops()?);
+    let object = ObjectSource::File(sh::workspace_root().join(ebpf::OBJECT));
     let (mut plain, mut probed) = (Vec::new(), Vec::new());
     let mut figures = Probed::default();
+    let mut drops = [0; SyscallDrop::COUNT as usize];
+    // Without probes, nothing is attached: the kernel's syscall tracepoint path is off too.
     for round in 0..rounds {
         for probes in if round % 2 == 0 {
             [false, true]
         } else {
             [true, false]
         } {
-            let (secs, p) = read_once(&rt, &mut follower, probes)?;
-            let mbs = (IMAGE_MIB << 20) as f64 / secs / 1e6;
+            let mut follower = probes.then(|| IoFollower::attach(&object)).transpose()?;
+            let (secs, p) = read_once(&rt, follower.as_mut())?;
+            let mbs = (READ_MIB << 20) as f64 / secs / 1e6;
             eprintln!(
                 "bench: round {round}, probes {}: {mbs:.0} MB/s",
                 if probes { "on" } else { "off" }
             );
-            if probes {
+            if let Some(follower) = &follower {
                 probed.push(mbs);
-                figures.events += p.events;
-                figures.decode += p.decode;
-                figures.desyncs += p.desyncs;
+                figures.add(&p);
+                for (total, n) in drops.iter_mut().zip(follower.drops()?) {
+                    *total += n;
+                }
             } else {
                 plain.push(mbs);
             }
         }
     }
-    let (cost, drops) = (follower.cost()?, follower.drops()?);
-    let runs = cost.runs - cost0.runs;
-    let kernel_ns = (cost.run_time - cost0.run_time).as_nanos() as f64 / runs.max(1) as f64;
     let (plain, probed) = (median(&mut plain), median(&mut probed));
     let events_per_run = figures.events as f64 / f64::from(rounds);
     println!(
-        "\nQEMU's NBD client reading {IMAGE_MIB} MiB in {} KiB requests from nas-server, \
-         median of {rounds}:\n",
+        "\nQEMU's NBD client reading {READ_MIB} MiB ({IMAGE_MIB} MiB image) in {} KiB \
+         requests from nas-server, median of {rounds}:\n",
         REQUEST >> 10
     );
     println!("| | without probes | with probes | ratio |");
@@ -97,22 +107,56 @@ pub fn run(rounds: u32) -> anyhow::Result<()> {
     );
     println!(
         "| events per run | | {events_per_run:.0} ({:.0}/s) | |",
-        events_per_run * probed * 1e6 / (IMAGE_MIB << 20) as f64
+        events_per_run * probed * 1e6 / (READ_MIB << 20) as f64
     );
-    println!("| kernel cost per program run (BPF stats, entry and exit) | | {kernel_ns:.0} ns | |");
+    // The kernel's cost comes from one more run with BPF run-time statistics on, which cost
+    // time of their own (a clock read before and after every program run): the rounds above
+    // ran without them.
+    let mut follower = IoFollower::attach(&object)?;
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+        .context("cannot enable BPF run-time statistics")?;
+    let (_, costed) = read_once(&rt, Some(&mut follower))?;
+    figures.add(&costed);
+    for (total, n) in drops.iter_mut().zip(follower.drops()?) {
+        *total += n;
+    }
+    let mut by_program: Vec<_> = follower
+        .cost_by_program()?
+        .into_iter()
+        .filter(|(_, cost)| cost.runs > 0)
+        .collect();
+    let runs: u64 = by_program.iter().map(|(_, c)| c.runs).sum();
+    let time: Duration = by_program.iter().map(|(_, c)| c.run_time).sum();
+    let per_event = |n: f64| n / costed.events.max(1) as f64;
+    println!(
+        "| kernel cost per program run (BPF stats, entry and exit) | | {:.0} ns | |",
+        time.as_nanos() as f64 / runs.max(1) as f64
+    );
     // Every program's time, the runs that turned other calls away included, per event made.
     println!(
         "| kernel time per event (all programs) | | {:.0} ns | |",
-        (cost.run_time - cost0.run_time).as_nanos() as f64 / (figures.events.max(1) as f64)
+        per_event(time.as_nanos() as f64)
     );
+    // Where that time goes: the programs that ran during the run, costliest first.
+    by_program.sort_by_key(|(_, cost)| std::cmp::Reverse(cost.run_time));
+    for (name, cost) in by_program.iter().take(6) {
+        println!(
+            "| {name}: runs per event, ns per run | | {:.2}, {:.0} ns | |",
+            per_event(cost.runs as f64),
+            cost.ns_per_event().unwrap_or(0.0)
+        );
+    }
     println!(
         "| decoder cost per event | | {:.0} ns | |",
         figures.decode.as_nanos() as f64 / figures.events.max(1) as f64
     );
     println!("| decoder desyncs | | {} | |", figures.desyncs);
     for reason in SyscallDrop::ALL {
-        let n = drops[reason as usize] - drops0[reason as usize];
-        println!("| drops: {} | | {n} | |", reason.name());
+        println!(
+            "| drops: {} | | {} | |",
+            reason.name(),
+            drops[reason as usize]
+        );
     }
     println!(
         "| map tables per fully mapped GiB of guest RAM | | {:.1} MiB | |",
@@ -121,14 +165,13 @@ pub fn run(rounds: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One `qemu-img bench` read of the whole image: seconds, and with `probes` what the
-/// follower saw of it.
+/// One `qemu-img bench` run reading [`READ_MIB`]: seconds, and with a follower what it saw of
+/// the run.
 fn read_once(
     rt: &tokio::runtime::Runtime,
-    follower: &mut IoFollower,
-    probes: bool,
+    mut follower: Option<&mut IoFollower>,
 ) -> anyhow::Result<(f64, Probed)> {
-    let count = (IMAGE_MIB << 20) / REQUEST;
+    let count = (READ_MIB << 20) / REQUEST;
     let script = format!(
         "read _ && exec qemu-img bench -f raw -c {count} -d 4 -s {REQUEST} -S {REQUEST} \
          nbd://127.0.0.1:{NBD_PORT}/disk >/dev/null"
@@ -142,7 +185,7 @@ fn read_once(
         tgid: child.id(),
         fd: FD_ANY,
     };
-    if probes {
+    if let Some(follower) = follower.as_mut() {
         follower.follow(key)?;
     }
     let mut p = Probed::default();
@@ -153,6 +196,14 @@ fn read_once(
     let started = Instant::now();
     stdin.write_all(b"go\n")?;
     drop(stdin);
+    let Some(follower) = follower else {
+        let status = child.wait()?;
+        let secs = started.elapsed().as_secs_f64();
+        if !status.success() {
+            bail!("qemu-img bench failed: {status}");
+        }
+        return Ok((secs, Probed::default()));
+    };
     let status = loop {
         if let Some(status) = child.try_wait()? {
             break status;
@@ -180,9 +231,7 @@ fn read_once(
     }
     p.events += events.len() as u64;
     p.desyncs = decoder.stats().desyncs;
-    if probes {
-        follower.unfollow(key)?;
-    }
+    follower.unfollow(key)?;
     Ok((secs, p))
 }
 

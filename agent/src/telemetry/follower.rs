@@ -13,10 +13,10 @@
 use agent_common::{
     maps,
     programs::SYSCALLS,
-    syscalls::{FdKey, IoEvent, SyscallDrop},
+    syscalls::{FdKey, IoEvent, SyscallDrop, TGID_SLOTS},
 };
 use aya::{
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     Ebpf,
 };
 use tokio::{io::unix::AsyncFd, task::JoinHandle};
@@ -39,8 +39,9 @@ pub struct IoFollower {
     ebpf: Ebpf,
     events: AsyncFd<RingBuf<MapData>>,
     followed: HashMap<MapData, FdKey, u32>,
-    /// Processes with a followed key, for the kernel side's first, cheapest filter.
-    tgids: HashMap<MapData, u32, u32>,
+    /// Followed processes per slot (tgid modulo [`TGID_SLOTS`]), for the kernel side's first,
+    /// cheapest filter.
+    tgids: Array<MapData, u32>,
     /// What is followed, by process.
     keys: std::collections::HashMap<u32, std::collections::HashSet<FdKey>>,
     /// KVM's dirty ring, from the same object, once started: or why it could not be attached.
@@ -65,7 +66,7 @@ impl IoFollower {
         let events =
             unsafe { AsyncFd::register(ring) }.map_err(|e| TelemetryError::Stats(e.to_string()))?;
         let followed = typed_map(&mut ebpf, maps::FOLLOWED, HashMap::try_from)?;
-        let tgids = typed_map(&mut ebpf, maps::FOLLOWED_TGIDS, HashMap::try_from)?;
+        let tgids = typed_map(&mut ebpf, maps::FOLLOWED_TGIDS, Array::try_from)?;
         Ok(Self {
             ebpf,
             events,
@@ -85,11 +86,20 @@ impl IoFollower {
                 name: maps::FOLLOWED,
                 source,
             })?;
-        let keys = self.keys.entry(key.tgid).or_default();
-        keys.insert(key);
-        let n = keys.len() as u32;
+        self.keys.entry(key.tgid).or_default().insert(key);
+        self.count_tgid_slot(key.tgid)
+    }
+
+    /// Writes how many followed processes share `tgid`'s slot of `FOLLOWED_TGIDS`.
+    fn count_tgid_slot(&mut self, tgid: u32) -> Result<(), TelemetryError> {
+        let slot = tgid & (TGID_SLOTS - 1);
+        let n = self
+            .keys
+            .keys()
+            .filter(|t| *t & (TGID_SLOTS - 1) == slot)
+            .count() as u32;
         self.tgids
-            .insert(key.tgid, n, 0)
+            .set(slot, n, 0)
             .map_err(|source| TelemetryError::Map {
                 name: maps::FOLLOWED_TGIDS,
                 source,
@@ -136,7 +146,7 @@ impl IoFollower {
             keys.remove(&key);
             if keys.is_empty() {
                 self.keys.remove(&key.tgid);
-                forget(self.tgids.remove(&key.tgid), maps::FOLLOWED_TGIDS)?;
+                self.count_tgid_slot(key.tgid)?;
             }
         }
         forget(self.followed.remove(&key), maps::FOLLOWED)
@@ -171,12 +181,22 @@ impl IoFollower {
     /// `kernel.bpf_stats_enabled` or [`aya::sys::enable_stats`] while they run).
     pub fn cost(&self) -> Result<ProgramCost, TelemetryError> {
         let mut total = ProgramCost::default();
-        for (name, _) in SYSCALLS {
-            let (runs, time) = program_runs(&self.ebpf, name)?;
-            total.runs += runs;
-            total.run_time += time;
+        for (_, cost) in self.cost_by_program()? {
+            total.runs += cost.runs;
+            total.run_time += cost.run_time;
         }
         Ok(total)
+    }
+
+    /// What the kernel measured of each syscall program's runs so far, by program name.
+    pub fn cost_by_program(&self) -> Result<Vec<(&'static str, ProgramCost)>, TelemetryError> {
+        SYSCALLS
+            .iter()
+            .map(|(name, _)| {
+                let (runs, run_time) = program_runs(&self.ebpf, name)?;
+                Ok((*name, ProgramCost { runs, run_time }))
+            })
+            .collect()
     }
 
     /// Events lost or incomplete so far, by [`SyscallDrop`] slot.
