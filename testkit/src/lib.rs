@@ -162,24 +162,48 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
 /// qemu-nbd serving `image` raw as export `disk` on a free loopback port, persistent (`-t`),
 /// with `extra` flags; the running server and its port, once it accepts connections.
 pub fn qemu_nbd(image: &Path, extra: &[&str]) -> (Running, u16) {
-    require_tool("qemu-nbd");
     let port = free_port();
+    let server = spawn_qemu_nbd(
+        image,
+        &["-b", "127.0.0.1", "-p", &port.to_string()],
+        extra,
+        || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+    );
+    (server, port)
+}
+
+/// qemu-nbd serving `image` raw as export `disk` on the unix socket `socket`, persistent,
+/// once it accepts connections.
+pub fn qemu_nbd_unix(image: &Path, socket: &Path) -> Running {
+    let path = socket.display().to_string();
+    spawn_qemu_nbd(image, &["-k", &path], &[], || {
+        std::os::unix::net::UnixStream::connect(socket).is_ok()
+    })
+}
+
+fn spawn_qemu_nbd(
+    image: &Path,
+    listen: &[&str],
+    extra: &[&str],
+    ready: impl Fn() -> bool,
+) -> Running {
+    require_tool("qemu-nbd");
     let server = Running(
         std::process::Command::new("qemu-nbd")
-            .args(["-f", "raw", "-t", "-b", "127.0.0.1", "-x", "disk"])
-            .args(["-p", &port.to_string()])
+            .args(["-f", "raw", "-t", "-x", "disk"])
+            .args(listen)
             .args(extra)
             .arg(image)
             .spawn()
             .expect("start qemu-nbd"),
     );
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+    while !ready() {
         assert!(
             std::time::Instant::now() < deadline,
             "qemu-nbd did not listen"
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    (server, port)
+    server
 }

@@ -4,8 +4,9 @@
 //! whose content equals a 4 KiB-aligned block of the disk), with every entry exact: the page
 //! still hashes to what the map recorded, and so does the disk block it names.
 //!
-//! Five set-ups: (a) the disk on nas-server over QEMU's NBD client, and (a') the same with the
-//! disk on an I/O thread, (b) the same image on qemu-nbd, (c) the image opened by QEMU as a raw
+//! Six set-ups: (a) the disk on nas-server over QEMU's NBD client, and (a') the same with the
+//! disk on an I/O thread, (b) the same image on qemu-nbd, and (b') on qemu-nbd over a unix
+//! socket (QEMU's fd matched by the path it is connected to), (c) the image opened by QEMU as a raw
 //! file (`aio=threads`), and (c') the same with `aio=native` (io_submit, O_DIRECT: reads are
 //! seen at submission and mapped once they have landed).
 use std::{
@@ -273,6 +274,17 @@ fn the_map_covers_a_guests_page_cache_on_nbd_and_on_a_file() {
         Via::MainLoop,
     );
     drop(nbd);
+    // (b') qemu-nbd on a unix socket: QEMU's socket is matched by the path it is connected to.
+    let socket = dir.path("nbd.sock");
+    let nbd = testkit::qemu_nbd_unix(&image, &socket);
+    let b_unix = measure(
+        &rt,
+        &dir.0,
+        &image,
+        &format!("nbd+unix:///disk?socket={}", socket.display()),
+        Via::MainLoop,
+    );
+    drop(nbd);
     // (c) the raw file.
     let file = image.display().to_string();
     let c = measure(&rt, &dir.0, &image, &file, Via::MainLoop);
@@ -281,6 +293,7 @@ fn the_map_covers_a_guests_page_cache_on_nbd_and_on_a_file() {
     check("nas-server", &a);
     check("nas-server, iothread", &a_io);
     check("qemu-nbd", &b);
+    check("qemu-nbd, unix socket", &b_unix);
     check("raw file", &c);
     check("raw file, aio=native", &c_native);
 }

@@ -22,6 +22,7 @@ pub mod procfs;
 pub mod ram_files;
 pub mod tracefs;
 pub mod track;
+pub mod unix_peer;
 pub mod vm;
 
 pub use block_io::{BlockIoProbe, IoSnapshot, ProgramCost};

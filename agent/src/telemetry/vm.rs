@@ -6,6 +6,7 @@
 //! QMP x-query-ramblock -> RamBlock {name, host address, length}
 //! QMP query-block      -> Disk {device, NBD endpoint + export | image path | why not}
 //! /proc/PID/fd + /proc/PID/net/tcp{,6} -> fd -> disk (several fds per disk with multi-conn)
+//! unix sockets: the peer's path (unix_peer) -> fd -> nbd+unix disk
 //! ```
 use std::{
     collections::HashMap,
@@ -23,14 +24,22 @@ use super::{
 };
 use crate::qmp::{Qmp, QmpError};
 
+/// Where QEMU's NBD client connects.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NbdServer {
+    Tcp(SocketAddr),
+    /// A unix socket's path, as QEMU was given it.
+    Unix(PathBuf),
+}
+
 /// How a disk's I/O leaves QEMU.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DiskPath {
-    /// QEMU's NBD client over TCP.
-    Nbd { server: SocketAddr, export: String },
+    /// QEMU's NBD client over TCP or a unix socket.
+    Nbd { server: NbdServer, export: String },
     /// An image file QEMU reads with pread/preadv (`aio=threads`, the default).
     File { path: PathBuf },
-    /// Not followed, and why (TLS, io_uring, unix-socket NBD, another driver).
+    /// Not followed, and why (TLS, io_uring, another driver).
     Unfollowable { reason: String },
 }
 
@@ -80,7 +89,12 @@ impl Vm {
         }
         let disks = parse_disks(&qmp.execute("query-block", None).await?);
         let proc_dir = format!("/proc/{pid}");
-        let fds = match_fds(Path::new(&proc_dir), &disks);
+        let fds = match_fds(Path::new(&proc_dir), &disks, |fd| {
+            super::unix_peer::peer_path(pid, fd).unwrap_or_else(|e| {
+                tracing::debug!(pid, fd, "cannot read the socket's peer: {e}");
+                None
+            })
+        });
         let ram_fds = match_ram_fds(Path::new(&proc_dir), &blocks);
         let kvm = qmp.execute("query-kvm", None).await?["enabled"] == true;
         Ok(Self {
@@ -153,8 +167,18 @@ fn disk_path(file: &str, inserted: &Value) -> DiskPath {
             return not("NBD over TLS: payloads are decrypted inside QEMU");
         }
         let server = &v["server"];
+        let export = v["export"].as_str().unwrap_or("").to_string();
+        if server["type"] == "unix" {
+            return match server["path"].as_str() {
+                Some(path) => DiskPath::Nbd {
+                    server: NbdServer::Unix(path.into()),
+                    export,
+                },
+                None => not("NBD unix socket without a path"),
+            };
+        }
         if server["type"] != "inet" {
-            return not("NBD over a unix socket is not matched to its fd yet");
+            return not("NBD over a socket type the follower does not know");
         }
         let addr = format!(
             "{}:{}",
@@ -163,8 +187,8 @@ fn disk_path(file: &str, inserted: &Value) -> DiskPath {
         );
         return match resolve(&addr) {
             Some(server) => DiskPath::Nbd {
-                server,
-                export: v["export"].as_str().unwrap_or("").to_string(),
+                server: NbdServer::Tcp(server),
+                export,
             },
             None => not("NBD server address not understood"),
         };
@@ -173,14 +197,23 @@ fn disk_path(file: &str, inserted: &Value) -> DiskPath {
         let (host, export) = rest.split_once('/').unwrap_or((rest, ""));
         return match resolve(host) {
             Some(server) => DiskPath::Nbd {
-                server,
+                server: NbdServer::Tcp(server),
                 export: export.to_string(),
             },
             None => not("NBD server address not understood"),
         };
     }
-    if file.starts_with("nbd+unix") {
-        return not("NBD over a unix socket is not matched to its fd yet");
+    // QEMU names a unix-socket NBD disk `nbd+unix:///EXPORT?socket=PATH`.
+    if let Some(rest) = file.strip_prefix("nbd+unix://") {
+        let (export, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let socket = query.split('&').find_map(|kv| kv.strip_prefix("socket="));
+        return match socket {
+            Some(path) if !path.is_empty() => DiskPath::Nbd {
+                server: NbdServer::Unix(path.into()),
+                export: export.trim_start_matches('/').to_string(),
+            },
+            _ => not("NBD unix socket without a path"),
+        };
     }
     if file.starts_with("nbds") || file.starts_with("nbd+tls") {
         return not("NBD over TLS: payloads are decrypted inside QEMU");
@@ -203,24 +236,46 @@ fn resolve(host_port: &str) -> Option<SocketAddr> {
 }
 
 /// Which of the process's fds carry each disk: image files by path, NBD sockets by their TCP
-/// peer address.
-pub fn match_fds(proc_dir: &Path, disks: &[Disk]) -> HashMap<u32, usize> {
+/// peer address or, over unix sockets, by the path `unix_peer` says the fd is connected to.
+pub fn match_fds(
+    proc_dir: &Path,
+    disks: &[Disk],
+    unix_peer: impl Fn(u32) -> Option<PathBuf>,
+) -> HashMap<u32, usize> {
     let mut out = HashMap::new();
     let peers = tcp_peers(proc_dir);
+    let any_unix = disks.iter().any(|d| {
+        matches!(
+            &d.path,
+            DiskPath::Nbd {
+                server: NbdServer::Unix(_),
+                ..
+            }
+        )
+    });
     for (fd, link) in open_fds(proc_dir) {
         let Ok(target) = fs::read_link(link) else {
             continue;
         };
         let target = target.to_string_lossy();
-        let peer = target
+        let inode = target
             .strip_prefix("socket:[")
             .and_then(|s| s.strip_suffix(']'))
-            .and_then(|s| s.parse::<u64>().ok())
-            .and_then(|inode| peers.get(&inode));
+            .and_then(|s| s.parse::<u64>().ok());
+        let peer = match inode {
+            Some(inode) => match peers.get(&inode) {
+                Some(addr) => Some(NbdServer::Tcp(*addr)),
+                None if any_unix => unix_peer(fd).map(NbdServer::Unix),
+                None => None,
+            },
+            None => None,
+        };
         for (i, disk) in disks.iter().enumerate() {
-            let hit = match (&disk.path, peer) {
-                (DiskPath::Nbd { server, .. }, Some(p)) => p == server,
-                (DiskPath::File { path }, None) => Path::new(target.as_ref()) == path,
+            let hit = match (&disk.path, &peer) {
+                (DiskPath::Nbd { server, .. }, Some(p)) => same_server(server, p),
+                (DiskPath::File { path }, None) => {
+                    inode.is_none() && Path::new(target.as_ref()) == path
+                }
                 _ => false,
             };
             if hit {
@@ -229,6 +284,24 @@ pub fn match_fds(proc_dir: &Path, disks: &[Disk]) -> HashMap<u32, usize> {
         }
     }
     out
+}
+
+/// Whether QEMU's configured server and an fd's peer are the same: equal addresses, or unix
+/// paths equal as given or, both absolute, once symlinks are resolved.
+fn same_server(configured: &NbdServer, peer: &NbdServer) -> bool {
+    match (configured, peer) {
+        (NbdServer::Tcp(a), NbdServer::Tcp(b)) => a == b,
+        (NbdServer::Unix(a), NbdServer::Unix(b)) => {
+            a == b
+                || (a.is_absolute()
+                    && b.is_absolute()
+                    && matches!(
+                        (fs::canonicalize(a), fs::canonicalize(b)),
+                        (Ok(x), Ok(y)) if x == y
+                    ))
+        }
+        _ => false,
+    }
 }
 
 /// Socket inode -> remote address, from the process's view of `/proc/net/tcp{,6}`.

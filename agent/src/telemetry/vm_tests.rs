@@ -29,10 +29,13 @@ fn disks_say_how_they_can_be_followed() {
         {"device": "", "inserted": {"drv": "raw", "node-name": "n3",
             "file": "json:{\"driver\": \"nbd\", \"server\": {\"type\": \"inet\", \"host\": \"10.0.0.5\", \"port\": \"10809\"}, \"export\": \"vm2\", \"tls-creds\": \"tls0\"}"}},
         {"device": "virtio3", "inserted": {"drv": "raw", "file": "nbd+unix:///vm3?socket=/run/nbd.sock"}},
+        {"device": "virtio4", "inserted": {"drv": "raw", "node-name": "n5",
+            "file": "json:{\"driver\": \"nbd\", \"server\": {\"type\": \"unix\", \"path\": \"/run/q.sock\"}, \"export\": \"vm4\"}"}},
+        {"device": "virtio5", "inserted": {"drv": "raw", "file": "nbd+unix://?socket="}},
         {"device": "ide1-cd0"}
     ]);
     let disks = parse_disks(&reply);
-    assert_eq!(disks.len(), 4);
+    assert_eq!(disks.len(), 6);
     assert_eq!(
         disks[0].path,
         DiskPath::File {
@@ -42,13 +45,29 @@ fn disks_say_how_they_can_be_followed() {
     assert_eq!(
         disks[1].path,
         DiskPath::Nbd {
-            server: "127.0.0.1:10809".parse().unwrap(),
+            server: NbdServer::Tcp("127.0.0.1:10809".parse().unwrap()),
             export: "vm1".into()
         }
     );
     assert_eq!(disks[2].device, "n3");
     assert!(matches!(&disks[2].path, DiskPath::Unfollowable { reason } if reason.contains("TLS")));
-    assert!(matches!(&disks[3].path, DiskPath::Unfollowable { reason } if reason.contains("unix")));
+    assert_eq!(
+        disks[3].path,
+        DiskPath::Nbd {
+            server: NbdServer::Unix("/run/nbd.sock".into()),
+            export: "vm3".into()
+        }
+    );
+    assert_eq!(
+        disks[4].path,
+        DiskPath::Nbd {
+            server: NbdServer::Unix("/run/q.sock".into()),
+            export: "vm4".into()
+        }
+    );
+    assert!(
+        matches!(&disks[5].path, DiskPath::Unfollowable { reason } if reason.contains("without a path"))
+    );
 }
 
 #[test]
@@ -68,7 +87,7 @@ fn proc_addresses_parse_in_both_families() {
 }
 
 #[test]
-fn fds_are_matched_to_disks_by_path_and_by_tcp_peer() {
+fn fds_are_matched_to_disks_by_path_and_by_socket_peer() {
     let dir = std::env::temp_dir().join(format!("vm-fds-{}", std::process::id()));
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(dir.join("fd")).unwrap();
@@ -76,6 +95,9 @@ fn fds_are_matched_to_disks_by_path_and_by_tcp_peer() {
     std::os::unix::fs::symlink("/srv/vm1.raw", dir.join("fd/5")).unwrap();
     std::os::unix::fs::symlink("socket:[4242]", dir.join("fd/9")).unwrap();
     std::os::unix::fs::symlink("socket:[4343]", dir.join("fd/10")).unwrap();
+    // Unix sockets: not in net/tcp; their peers come from the callback.
+    std::os::unix::fs::symlink("socket:[4444]", dir.join("fd/11")).unwrap();
+    std::os::unix::fs::symlink("socket:[4545]", dir.join("fd/12")).unwrap();
     std::os::unix::fs::symlink("/dev/null", dir.join("fd/0")).unwrap();
     fs::write(
         dir.join("net/tcp"),
@@ -94,12 +116,24 @@ fn fds_are_matched_to_disks_by_path_and_by_tcp_peer() {
         Disk {
             device: "b".into(),
             path: DiskPath::Nbd {
-                server: "127.0.0.1:10825".parse().unwrap(),
+                server: NbdServer::Tcp("127.0.0.1:10825".parse().unwrap()),
                 export: "x".into(),
             },
         },
+        Disk {
+            device: "c".into(),
+            path: DiskPath::Nbd {
+                server: NbdServer::Unix("/run/nbd.sock".into()),
+                export: "y".into(),
+            },
+        },
     ];
-    let fds = match_fds(&dir, &disks);
+    let peer = |fd: u32| match fd {
+        11 => Some(PathBuf::from("/run/nbd.sock")),
+        12 => Some(PathBuf::from("/run/other.sock")),
+        _ => None,
+    };
+    let fds = match_fds(&dir, &disks, peer);
     fs::remove_dir_all(&dir).ok();
-    assert_eq!(fds, HashMap::from([(5, 0), (9, 1)]));
+    assert_eq!(fds, HashMap::from([(5, 0), (9, 1), (11, 2)]));
 }
