@@ -30,6 +30,8 @@ pub struct Cap {
     /// Zero: none.
     rate: AtomicU64,
     lifted: AtomicBool,
+    /// Wakes writes waiting on the pacer when the cap is lifted.
+    on_lift: tokio::sync::Notify,
 }
 
 impl Cap {
@@ -38,6 +40,7 @@ impl Cap {
         Self {
             rate: AtomicU64::new(bytes_per_sec.unwrap_or(0)),
             lifted: AtomicBool::new(false),
+            on_lift: tokio::sync::Notify::new(),
         }
     }
 
@@ -54,14 +57,30 @@ impl Cap {
         }
     }
 
-    /// The guest is paused for the switchover: nothing is paced any more.
+    /// The guest is paused for the switchover: nothing is paced any more, and a write
+    /// waiting on the pacer goes at once.
     pub fn lift(&self) {
-        self.lifted.store(true, Ordering::Relaxed);
+        self.lifted.store(true, Ordering::Release);
+        self.on_lift.notify_waiters();
+    }
+
+    /// Returns once the cap is lifted.
+    async fn lifted(&self) {
+        loop {
+            let notified = self.on_lift.notified();
+            tokio::pin!(notified);
+            // Registered before the flag is read, so a lift in between is not missed.
+            notified.as_mut().enable();
+            if self.lifted.load(Ordering::Acquire) {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// The cap the link is paced to now: none once lifted.
     pub fn pacing(&self) -> Option<u64> {
-        self.get().filter(|_| !self.lifted.load(Ordering::Relaxed))
+        self.get().filter(|_| !self.lifted.load(Ordering::Acquire))
     }
 }
 
@@ -89,11 +108,16 @@ impl Pacer {
         due.saturating_duration_since(now)
     }
 
-    /// Waits until a write of `bytes` may go under `cap`.
-    pub async fn pace(&mut self, bytes: usize, cap: Option<u64>) {
-        let wait = self.delay(bytes, cap, Instant::now());
-        if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
+    /// Waits until a write of `bytes` may go under `cap`, or until the cap is lifted: a write
+    /// held back when QEMU stops the guest must not sleep out its pacing inside the pause.
+    pub async fn pace(&mut self, bytes: usize, cap: &Cap) {
+        let wait = self.delay(bytes, cap.pacing(), Instant::now());
+        if wait.is_zero() {
+            return;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = cap.lifted() => self.due = None,
         }
     }
 }
@@ -164,6 +188,37 @@ mod tests {
         assert_eq!(p.delay(1 << 30, None, t0), Duration::ZERO);
         // Capped again: starts from now, not from the gigabyte before.
         assert_eq!(p.delay(1, Some(MB), t0), Duration::ZERO);
+    }
+
+    #[tokio::test]
+    async fn lifting_the_cap_wakes_a_paced_write_at_once() {
+        let cap = std::sync::Arc::new(Cap::new(Some(MB)));
+        let mut p = Pacer::default();
+        // The burst goes at once; a megabyte after it would wait about a second.
+        p.pace(10_000, &cap).await;
+        let lifter = {
+            let cap = cap.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                cap.lift();
+            })
+        };
+        let t = Instant::now();
+        p.pace(1_000_000, &cap).await;
+        p.pace(1_000_000, &cap).await;
+        let waited = t.elapsed();
+        lifter.await.unwrap();
+        assert!(
+            waited < Duration::from_millis(500),
+            "waited {waited:?} after the lift"
+        );
+        assert!(
+            waited >= Duration::from_millis(15),
+            "did not wait before the lift"
+        );
+        assert_eq!(cap.pacing(), None);
+        // A cap lifted before the write never waits.
+        p.pace(1 << 30, &cap).await;
     }
 
     #[test]

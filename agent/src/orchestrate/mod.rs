@@ -276,28 +276,35 @@ async fn drive(
     // The source QEMU's STOP event lifts the link's cap at once: the stream QEMU wrote before
     // stopping the guest, still queued in the agents, then crosses at full speed (the reader
     // would lift it only on reaching the switchover in the stream, behind that backlog).
-    // It also raises this process's CPU priority for the rest of the migration.
+    // It also raises this process's CPU priority for the rest of the migration. The event is
+    // acted on as it is read, even while a command below waits for its reply.
     let cap = bandwidth.cap();
     let mut watching = cap.pacing().is_some() || opts.pause_nice.is_some();
+    let stopped = Arc::new(tokio::sync::Notify::new());
+    if watching {
+        let (cap, stopped) = (cap.clone(), stopped.clone());
+        src.on_event(Box::new(move |e| {
+            if e["event"] == "STOP" {
+                cap.lift();
+                stopped.notify_one();
+            }
+        }));
+    }
     let mut raised = None;
     let outcome = loop {
         tokio::select! {
             r = &mut source.0 => break r.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())),
-            event = src.next_event(), if watching => match event {
-                Ok(e) if e["event"] == "STOP" => {
-                    cap.lift();
-                    watching = false;
-                    if let Some(nice) = opts.pause_nice {
-                        match crate::priority::raise(nice) {
-                            Ok(r) => raised = Some(r),
-                            Err(e) => tracing::warn!("cannot raise the agent's priority to nice {nice} for the pause: {e}"),
-                        }
+            // Reads events while no command runs (the hook acts on them).
+            event = src.next_event(), if watching => if let Err(e) = event {
+                tracing::debug!("stopped watching the source QEMU's events: {e}");
+                watching = false;
+            },
+            () = stopped.notified(), if raised.is_none() && opts.pause_nice.is_some() => {
+                if let Some(nice) = opts.pause_nice {
+                    match crate::priority::raise(nice) {
+                        Ok(r) => raised = Some(r),
+                        Err(e) => tracing::warn!("cannot raise the agent's priority to nice {nice} for the pause: {e}"),
                     }
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::debug!("stopped watching the source QEMU's events: {e}");
-                    watching = false;
                 }
             },
             _ = tokio::time::sleep(Duration::from_millis(250)) => {

@@ -80,11 +80,16 @@ pub fn guest_pause(source_events: &[Value], target_events: &[Value]) -> Option<D
     last_event_time(target_events, "RESUME")?.checked_sub(stop)
 }
 
+/// What [`Qmp::on_event`] calls.
+pub type EventHook = Box<dyn Fn(&Value) + Send + Sync>;
+
 /// A QMP session.
 pub struct Qmp {
     reader: BufReader<OwnedReadHalf>,
     writer: OwnedWriteHalf,
     events: VecDeque<Value>,
+    /// Called with every event as it is read, also while a command waits for its reply.
+    on_event: Option<EventHook>,
     /// A message read in part (see [`Qmp::read_message`]).
     line: Vec<u8>,
     /// The id the next command carries; QEMU echoes it in the reply.
@@ -114,6 +119,7 @@ impl Qmp {
             reader: BufReader::new(r),
             writer: w,
             events: VecDeque::new(),
+            on_event: None,
             line: Vec::new(),
             next_id: 0,
             version: (0, 0, 0),
@@ -172,7 +178,18 @@ impl Qmp {
         }
     }
 
+    /// Calls `hook` with every event from now on, as soon as it is read: also one that arrives
+    /// while a command waits for its reply, which [`Qmp::next_event`] never returns. (QEMU
+    /// answers no command while its migration thread holds the big lock for the final
+    /// iteration, so a command sent just before the guest stops waits out the whole pause.)
+    pub fn on_event(&mut self, hook: EventHook) {
+        self.on_event = Some(hook);
+    }
+
     fn keep_event(&mut self, event: Value) {
+        if let Some(hook) = &self.on_event {
+            hook(&event);
+        }
         if self.events.len() == MAX_EVENTS {
             self.events.pop_front();
         }
@@ -358,7 +375,14 @@ mod tests {
         });
         let mut q = Qmp::connect(&path).await.unwrap();
         assert_eq!(q.version, (10, 0, 2));
+        // The hook sees the STOP that arrives while query-status waits for its reply.
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let hook_seen = seen.clone();
+        q.on_event(Box::new(move |e| {
+            hook_seen.lock().unwrap().push(e["event"].clone());
+        }));
         assert_eq!(q.status().await.unwrap(), "running");
+        assert_eq!(*seen.lock().unwrap(), vec![json!("STOP")]);
         assert_eq!(q.events().len(), 1);
         assert!(q.events().is_empty(), "events are drained");
         match q.execute("migrate", Some(json!({"uri": "x"}))).await {

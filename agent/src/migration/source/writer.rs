@@ -45,7 +45,7 @@ pub(super) async fn write_loop<W: AsyncWrite + Unpin>(mut w: Writer<W>) -> io::R
                 }
             },
         };
-        pacer.pace(batch.len(), w.flow.cap.pacing()).await;
+        pacer.pace(batch.len(), &w.flow.cap).await;
         Counters::add(&w.counters.link_bytes, batch.len() as u64);
         // An emitter held to the paced queue waits for this write (also once the cap was
         // lifted: it may have been waiting since before).
