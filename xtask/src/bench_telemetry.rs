@@ -188,22 +188,39 @@ fn read_once(
     if let Some(follower) = follower.as_mut() {
         follower.follow(key)?;
     }
-    let mut p = Probed::default();
-    let mut decoder = Decoder::new();
-    let mut events = Vec::new();
-    let mut sink = Vec::new();
     let mut stdin = child.stdin.take().context("no stdin")?;
     let started = Instant::now();
     stdin.write_all(b"go\n")?;
     drop(stdin);
-    let Some(follower) = follower else {
-        let status = child.wait()?;
-        let secs = started.elapsed().as_secs_f64();
-        if !status.success() {
-            bail!("qemu-img bench failed: {status}");
+    let (status, secs, p) = match follower {
+        None => {
+            let status = child.wait()?;
+            (status, started.elapsed().as_secs_f64(), Probed::default())
         }
-        return Ok((secs, Probed::default()));
+        Some(follower) => {
+            let run = follow_run(rt, &mut child, follower, started)?;
+            follower.unfollow(key)?;
+            run
+        }
     };
+    if !status.success() {
+        bail!("qemu-img bench failed: {status}");
+    }
+    Ok((secs, p))
+}
+
+/// Decodes `child`'s events as they come until it exits, then what is left in the ring: its
+/// exit status, seconds from `started` to its exit, and what the follower saw.
+fn follow_run(
+    rt: &tokio::runtime::Runtime,
+    child: &mut std::process::Child,
+    follower: &mut IoFollower,
+    started: Instant,
+) -> anyhow::Result<(std::process::ExitStatus, f64, Probed)> {
+    let mut p = Probed::default();
+    let mut decoder = Decoder::new();
+    let mut events = Vec::new();
+    let mut sink = Vec::new();
     let status = loop {
         if let Some(status) = child.try_wait()? {
             break status;
@@ -221,9 +238,6 @@ fn read_once(
         p.events += events.len() as u64;
     };
     let secs = started.elapsed().as_secs_f64();
-    if !status.success() {
-        bail!("qemu-img bench failed: {status}");
-    }
     events.clear();
     follower.drain(&mut events);
     for ev in &events {
@@ -231,8 +245,7 @@ fn read_once(
     }
     p.events += events.len() as u64;
     p.desyncs = decoder.stats().desyncs;
-    follower.unfollow(key)?;
-    Ok((secs, p))
+    Ok((status, secs, p))
 }
 
 /// The map's tables with every page of 1 GiB of guest RAM mapped.

@@ -89,8 +89,11 @@ impl Vm {
         }
         let disks = parse_disks(&qmp.execute("query-block", None).await?);
         let proc_dir = format!("/proc/{pid}");
+        let process = super::unix_peer::Process::open(pid)
+            .inspect_err(|e| tracing::debug!(pid, "cannot open the process for its sockets: {e}"))
+            .ok();
         let fds = match_fds(Path::new(&proc_dir), &disks, |fd| {
-            super::unix_peer::peer_path(pid, fd).unwrap_or_else(|e| {
+            process.as_ref()?.peer_path(fd).unwrap_or_else(|e| {
                 tracing::debug!(pid, fd, "cannot read the socket's peer: {e}");
                 None
             })
@@ -273,9 +276,7 @@ pub fn match_fds(
         for (i, disk) in disks.iter().enumerate() {
             let hit = match (&disk.path, &peer) {
                 (DiskPath::Nbd { server, .. }, Some(p)) => same_server(server, p),
-                (DiskPath::File { path }, None) => {
-                    inode.is_none() && Path::new(target.as_ref()) == path
-                }
+                (DiskPath::File { path }, None) => Path::new(target.as_ref()) == path,
                 _ => false,
             };
             if hit {
