@@ -133,6 +133,7 @@ impl Fleet {
                 nas_tls: None,
                 zstd: agent::migration::compress::Compression::default(),
                 passthrough: false,
+                dedup_paused: false,
                 record: None,
                 page_map: None,
             },

@@ -42,6 +42,7 @@ fn options(s: &Pair, agent: &str, max_bandwidth: Option<u64>) -> MigrateOptions 
             nas_tls: None,
             zstd: agent::migration::compress::Compression::default(),
             passthrough: false,
+            dedup_paused: false,
             record: Some(s.dir.path("source-stream.bin")),
             page_map: None,
         },

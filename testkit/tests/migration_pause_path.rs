@@ -3,7 +3,10 @@
 //! the link paced to a cap that is lifted at a random moment (as `agent migrate` lifts it on
 //! the source QEMU's STOP event) or only when the source reaches the switchover, QEMU's stream
 //! split into reads at pseudo-random points, and the link's buffer small or large. Every
-//! variation must deliver exactly the bytes QEMU sent.
+//! variation must deliver exactly the bytes QEMU sent. The final iteration goes out as QEMU
+//! sent it while the link keeps up, deduplicated once the link holds the stream up (a slow
+//! link), and always deduplicated when so configured: each form, and the switch between them,
+//! must rebuild the same bytes.
 use std::{sync::Arc, time::Duration};
 
 use agent::migration::{
@@ -87,15 +90,24 @@ fn a_large_final_iteration_rebuilds_byte_for_byte() {
     let server = NbdFixture::start(&[("disk", &disk_path, false)]);
     let stream = Arc::new(stream(&disk));
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let cases: [(u64, usize, Option<u64>); 5] = [
-        // (seed, link buffer, ms after which the cap is lifted from outside)
-        (1, 1 << 16, Some(0)),
-        (2, 997, Some(40)),
-        (3, 1 << 20, Some(90)),
-        (4, 1 << 16, None),
-        (5, 4093, Some(15)),
+    // The final iteration's form: whole while the link keeps up, or always deduplicated.
+    #[derive(PartialEq)]
+    enum Final {
+        Whole,
+        Slow,
+        Dedup,
+    }
+    let cases = [
+        // (seed, link buffer, ms after which the cap is lifted from outside, form)
+        (1, 1 << 16, Some(0), Final::Whole),
+        (2, 997, Some(40), Final::Whole),
+        (3, 1 << 20, Some(90), Final::Whole),
+        (4, 1 << 16, None, Final::Whole),
+        (5, 4093, Some(15), Final::Whole),
+        (6, 1 << 16, Some(0), Final::Dedup),
+        (7, 1 << 16, None, Final::Slow),
     ];
-    for (seed, buf, lift_after) in cases {
+    for (seed, buf, lift_after, form) in cases {
         let mut source = SourceConfig::new(
             "vm",
             vec!["disk".into()],
@@ -105,9 +117,11 @@ fn a_large_final_iteration_rebuilds_byte_for_byte() {
         // 80 MB/s: the ~25 MiB stream takes a few hundred ms, so the lift lands mid-stream.
         let cap = Arc::new(Cap::new(Some(80_000_000)));
         source.link_cap = cap.clone();
+        source.whole_when_paused = form != Final::Dedup;
         let link = Link {
             buf,
-            rate: None,
+            // Slower than the final iteration's pages whole (16 MiB): the link holds it up.
+            rate: (form == Final::Slow).then_some(40_000_000),
             qemu_rate: None,
             seed,
         };
@@ -143,5 +157,21 @@ fn a_large_final_iteration_rebuilds_byte_for_byte() {
             "seed {seed}: the cap was not lifted"
         );
         assert_eq!(run.target.fallbacks, 0, "seed {seed}");
+        eprintln!(
+            "seed {seed}: {} of the final iteration's {FINAL_PAGES} pages went whole",
+            f.pages_verbatim
+        );
+        match form {
+            // The in-process link keeps up with anything: most go whole (the first reads after
+            // the switchover may still find a hold-up the backlog met).
+            Final::Whole => assert!(f.pages_verbatim > 0, "seed {seed}: {f:?}"),
+            // At 40 MB/s the link window fills within ~50 ms of the switchover: from then on,
+            // deduplicated.
+            Final::Slow => assert!(
+                f.pages_verbatim < FINAL_PAGES / 2,
+                "seed {seed}: the slow link did not bring deduplication back: {f:?}"
+            ),
+            Final::Dedup => assert_eq!(f.pages_verbatim, 0, "seed {seed}"),
+        }
     }
 }

@@ -29,7 +29,9 @@ pub struct Args {
     #[command(flatten)]
     tls: super::LinkTlsArgs,
     /// Where this agent takes the source QEMU's stream: HOST:PORT, tcp:HOST:PORT or
-    /// unix:PATH (default: a free loopback port).
+    /// unix:PATH (default: a socket pair whose other end the source QEMU is handed over QMP,
+    /// with its send buffer kept small: what QEMU wrote before it stops the guest is read
+    /// inside the pause).
     #[arg(long, value_parser = super::parse_qemu_listen)]
     qemu_listen: Option<nas_proto::Endpoint>,
     /// Cap the agent link at this many bytes per second until the switchover (0: no cap).
@@ -218,6 +220,7 @@ async fn via_daemon(
         qemu_listen: args.qemu_listen.as_ref().map(ToString::to_string),
         zstd: s.zstd.name().to_string(),
         passthrough: s.passthrough,
+        dedup_paused: s.dedup_paused,
         max_bandwidth: args.max_bandwidth,
         pause_nice: Some(args.pause_nice),
         record: s.record.clone(),

@@ -51,6 +51,11 @@ pub struct StreamArgs {
     /// Forward the stream verbatim (for capabilities the rewriter cannot parse).
     #[arg(long)]
     pub passthrough: bool,
+    /// Deduplicate the pages QEMU sends while the guest is paused even when the link keeps
+    /// up: fewer link bytes, a longer pause. By default they go out as QEMU sent them unless
+    /// the link is what holds the stream up.
+    #[arg(long)]
+    pub dedup_paused: bool,
     /// Also write QEMU's exact stream here.
     #[arg(long)]
     pub record: Option<PathBuf>,
@@ -67,6 +72,7 @@ impl StreamArgs {
             nas_tls: StorageTls::load(self.nas_tls_creds.as_deref())?,
             zstd: self.zstd,
             passthrough: self.passthrough,
+            dedup_paused: self.dedup_paused,
             record: self.record,
             page_map: None,
         })

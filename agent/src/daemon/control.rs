@@ -67,6 +67,9 @@ pub struct MigrateRequest {
     /// `auto`, `always` or `never`.
     pub zstd: String,
     pub passthrough: bool,
+    /// `--dedup-paused` (absent from older clients: false).
+    #[serde(default)]
+    pub dedup_paused: bool,
     pub max_bandwidth: Option<u64>,
     pub record: Option<PathBuf>,
     pub timeout_secs: u64,

@@ -566,6 +566,7 @@ async fn run_migration(
                 .map_err(|e| e.to_string())?,
             zstd,
             passthrough: r.passthrough,
+            dedup_paused: r.dedup_paused,
             record: r.record,
             page_map,
         },

@@ -111,6 +111,11 @@ impl LinkCompressor {
         self.budget = (self.budget + held).min(MAX_BUDGET);
     }
 
+    /// Drops the hold-up time not yet spent.
+    pub fn forget_held_up(&mut self) {
+        self.budget = Duration::ZERO;
+    }
+
     /// What compressing `len` bytes is expected to cost.
     fn expected(&self, len: usize) -> Duration {
         Duration::from_nanos(self.ns_per_kib * len as u64 / 1024)

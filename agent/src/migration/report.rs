@@ -28,6 +28,8 @@ pub struct Counters {
     pub pages_map_stale: AtomicU64,
     pub pages_dup: AtomicU64,
     pub pages_sent: AtomicU64,
+    /// Of `pages_sent`, final-iteration pages forwarded unhashed while the link kept up.
+    pub pages_verbatim: AtomicU64,
     pub fallbacks: AtomicU64,
     pub zstd_in_bytes: AtomicU64,
     pub zstd_out_bytes: AtomicU64,
@@ -80,6 +82,7 @@ impl Counters {
             pages_map_stale: self.pages_map_stale.load(Relaxed),
             pages_dup: self.pages_dup.load(Relaxed),
             pages_sent: self.pages_sent.load(Relaxed),
+            pages_verbatim: self.pages_verbatim.load(Relaxed),
             fallbacks: self.fallbacks.load(Relaxed),
             zstd_in_bytes: self.zstd_in_bytes.load(Relaxed),
             zstd_out_bytes: self.zstd_out_bytes.load(Relaxed),
@@ -182,6 +185,11 @@ pub struct Figures {
     pub pages_dup: u64,
     /// Full pages forwarded with their content.
     pub pages_sent: u64,
+    /// Of `pages_sent`, the pages of the final iteration (the guest paused) forwarded as QEMU
+    /// sent them, neither hashed nor matched, because the link kept up (see
+    /// [`super::source`]). Absent from older agents' reports.
+    #[serde(default)]
+    pub pages_verbatim: u64,
     /// Mapped pages the target had to ask the source for.
     #[serde(rename = "pages_fallback")]
     pub fallbacks: u64,

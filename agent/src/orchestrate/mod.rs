@@ -5,7 +5,8 @@
 //! agent migrate (source host)                         agent serve (target host)
 //!   checks both QEMUs' capabilities and the index service (version, the VM's exports)
 //!   link -> target agent ---------------------------->  accepts the link
-//!   listens on 127.0.0.1:P; QMP source: migrate P
+//!   socket pair; QMP source: getfd, migrate fd:
+//!   (or listens where --qemu-listen says; migrate there)
 //!   HELLO {vm} -------------------------------------->  finds the VM's QEMU on its host,
 //!                                                       hands it a socket (getfd,
 //!                                                       migrate-incoming fd:), rebuilds
@@ -30,7 +31,6 @@ use std::{
 };
 
 use nas_proto::Endpoint;
-use serde_json::json;
 use tokio::sync::watch;
 
 pub mod bandwidth;
@@ -44,7 +44,7 @@ use self::{
     bandwidth::Bandwidth,
     error::{dst_err, src_err},
     settle::{cancel_if_active, settle, Outcome},
-    source_setup::{connect_link, listen_for_qemu},
+    source_setup::{connect_link, listen_for_qemu, qemu_socket_pair, Inlet},
     switchover::Switchover,
 };
 pub use self::{error::ControlError, report::MigrationReport, source_setup::StreamSpec};
@@ -82,7 +82,7 @@ pub struct MigrateOptions {
     /// TLS on the agent link, or the operator's plaintext opt-out.
     pub link_security: LinkSecurity,
     /// Where this agent takes the source QEMU's stream (`HOST:PORT` or `unix:PATH`); default
-    /// a free loopback TCP port.
+    /// a socket pair whose other end QEMU is handed ([`source_setup::qemu_socket_pair`]).
     pub source_listen: Option<Endpoint>,
     /// The cap on the agent link for this migration, bytes per second (0: none); `None`
     /// takes the source QEMU's `max-bandwidth` (see [`bandwidth`]).
@@ -191,13 +191,12 @@ async fn begin(opts: &MigrateOptions, lifted: &OnceLock<u64>) -> Result<Begun, C
     // The target agent starts the target QEMU's incoming migration itself, once the link
     // names the VM (or libvirt did, and the operator registered it there).
     let link = connect_link(&opts.target_agent, &opts.link_security).await?;
-    let listener = listen_for_qemu(
-        opts.source_listen
-            .as_ref()
-            .unwrap_or(&Endpoint::Tcp(([127, 0, 0, 1], 0).into())),
-    )
-    .await?;
-    let uri = qemu_uri(&listener.local_addr());
+    // The stream comes in where the operator said, or by default over a socket pair whose
+    // other end QEMU is handed: nothing listens, and QEMU's send buffer stays small.
+    let inlet = match &opts.source_listen {
+        Some(listen) => Inlet::Listener(listen_for_qemu(listen).await?),
+        None => Inlet::Pair(Some(qemu_socket_pair()?)),
+    };
     let bandwidth = Bandwidth::take_over(&mut src, opts.max_bandwidth)
         .await
         .map_err(src_err)?;
@@ -205,13 +204,7 @@ async fn begin(opts: &MigrateOptions, lifted: &OnceLock<u64>) -> Result<Begun, C
         let _ = lifted.set(v);
     }
     let started = Instant::now();
-    let connected = match src.execute("migrate", Some(json!({ "uri": uri }))).await {
-        Ok(_) => tokio::time::timeout(Duration::from_secs(30), listener.accept())
-            .await
-            .map_err(|_| ControlError::Refused("the source QEMU never connected".into()))
-            .and_then(|accepted| Ok(accepted?.0)),
-        Err(e) => Err(src_err(e)),
-    };
+    let connected = inlet.start(&mut src).await;
     let qemu = match connected {
         Ok(qemu) => qemu,
         Err(e) => {

@@ -59,7 +59,7 @@ impl MigrationReport {
         let mut s = format!(
             "migration {}\n  QEMU bytes   {:>10.1} MiB\n  link bytes   {:>10.1} MiB  \
              (saved {:.1}%)\n  NAS fetched  {:>10.1} MiB\n  pages        full {} zero {} \
-             mapped {} dup {} sent {} fallback {}\n  zstd         {:.1} MiB of frames sent as \
+             mapped {} dup {} sent {} (of them verbatim in the pause {}) fallback {}\n  zstd         {:.1} MiB of frames sent as \
              {:.1} MiB\n  total time   {} ms, downtime {} ms, \
              guest paused {}\n  pause stages {}\n  while paused {:.1} MiB of QEMU's stream, {:.1} MiB on the link\n  \
              hashing {:.0} ms, lookups in flight {:.0} ms, NAS fetches under way {:.0} ms\n  \
@@ -75,6 +75,7 @@ impl MigrationReport {
             self.figures.pages_mapped,
             self.figures.pages_dup,
             self.figures.pages_sent,
+            self.figures.pages_verbatim,
             self.figures.fallbacks,
             mib(self.figures.zstd_in_bytes),
             mib(self.figures.zstd_out_bytes),
@@ -166,6 +167,7 @@ impl MigrationReport {
             ("mapped", self.figures.pages_mapped),
             ("dup", self.figures.pages_dup),
             ("sent", self.figures.pages_sent),
+            ("verbatim", self.figures.pages_verbatim),
             ("fallback", self.figures.fallbacks),
         ] {
             metrics::counter!("agent_migration_pages_total", "kind" => kind).increment(n);

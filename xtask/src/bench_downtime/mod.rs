@@ -6,7 +6,8 @@
 //! goes first so a drift of the machine hits both; every target guest is verified. Reported
 //! per cell: the guest's pause (source STOP to target RESUME) median and 90th percentile for
 //! both, QEMU's downtime, the total time, and for the agents where the pause went
-//! (`paused_*_ms`, [`agent::migration::moments`]), stage by stage (medians). A cell that
+//! (`paused_*_ms`, [`agent::migration::moments`]), stage by stage (medians), and what the
+//! source QEMU sent of its RAM with the guest stopped (its `downtime-bytes`). A cell that
 //! misses the target says by how much. The last line: `cells within target: N of M`.
 mod cell;
 
@@ -41,6 +42,8 @@ struct Run {
     total_ms: u64,
     /// Relay bytes after the source's STOP event (relay cells).
     link_after_stop: Option<u64>,
+    /// What the source QEMU sent of its RAM with the guest stopped (`downtime-bytes`).
+    qemu_after_stop: Option<u64>,
     /// The agents' stages, in [`STAGES`] order.
     stages: Vec<Option<f64>>,
 }
@@ -118,6 +121,7 @@ fn plain_run(rt: &tokio::runtime::Runtime, pair: &Pair, setting: Setting) -> any
             .context("plain run: no pause measured")?,
         total_ms: done.info["total-time"].as_u64().unwrap_or(0),
         link_after_stop: relay.into_inner().map(|r| r.bytes_after(stop)),
+        qemu_after_stop: done.info["ram"]["downtime-bytes"].as_u64(),
         stages: Vec::new(),
     })
 }
@@ -137,9 +141,10 @@ fn agents_run(rt: &tokio::runtime::Runtime, pair: &Pair, setting: Setting) -> an
     let mut watch = rt.block_on(Qmp::connect(&pair.source.operator_qmp_path))?;
     let report = lab::agent_migrate(pair, port, args)?;
     anyhow::ensure!(report["ok"] == true, "agent migrate failed: {report}");
-    let events = rt.block_on(async {
+    let (events, info) = rt.block_on(async {
         watch.execute("query-status", None).await?;
-        Ok::<_, anyhow::Error>(watch.events())
+        let info = watch.execute("query-migrate", None).await?;
+        Ok::<_, anyhow::Error>((watch.events(), info))
     })?;
     let stop = last_event_time(&events, "STOP").context("agents run: no STOP event")?;
     let figure = |name: &str| report[name].as_u64();
@@ -148,6 +153,7 @@ fn agents_run(rt: &tokio::runtime::Runtime, pair: &Pair, setting: Setting) -> an
         paused_ms: figure("guest_paused_ms").context("agents run: no pause measured")?,
         total_ms: figure("total_time_ms").unwrap_or(0),
         link_after_stop: relay.map(|r| r.bytes_after(stop)),
+        qemu_after_stop: info["ram"]["downtime-bytes"].as_u64(),
         stages: STAGES.iter().map(|s| report[*s].as_f64()).collect(),
     })
 }
@@ -177,10 +183,10 @@ fn report(results: &[(Cell, Vec<Run>, Vec<Run>)]) {
     println!();
     println!(
         "| cell | plain paused | agents paused | plain / agents downtime | agents stages: \
-         backlog, final, source, link, target, load | plain / agents total | MiB after STOP \
-         plain / agents | target |"
+         backlog, final, source, link, target, load | plain / agents total | QEMU RAM MiB after \
+         STOP plain / agents | link MiB after STOP plain / agents | target |"
     );
-    println!("| --- | ---: | ---: | ---: | --- | ---: | ---: | --- |");
+    println!("| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | --- |");
     let mut met = 0;
     let mut summary = Vec::new();
     for (cell, plain, agents) in results {
@@ -195,8 +201,8 @@ fn report(results: &[(Cell, Vec<Run>, Vec<Run>)]) {
                     .map_or("-".to_string(), |ms| format!("{ms:.1}"))
             })
             .collect();
-        let after_stop = |runs: &[Run]| {
-            let v: Vec<u64> = runs.iter().filter_map(|r| r.link_after_stop).collect();
+        let after_stop = |runs: &[Run], f: fn(&Run) -> Option<u64>| {
+            let v: Vec<u64> = runs.iter().filter_map(f).collect();
             match v.is_empty() {
                 true => "-".to_string(),
                 false => format!("{:.1}", quantile(&v, 0.5) as f64 / (1 << 20) as f64),
@@ -204,7 +210,7 @@ fn report(results: &[(Cell, Vec<Run>, Vec<Run>)]) {
         };
         let median = |runs: &[Run], f: fn(&Run) -> u64| quantile(&get(runs, f), 0.5);
         println!(
-            "| {cell} | {} / {} | {} / {} | {} / {} | {} | {} / {} | {} / {} | {} |",
+            "| {cell} | {} / {} | {} / {} | {} / {} | {} | {} / {} | {} / {} | {} / {} | {} |",
             q(&pp).0,
             q(&pp).1,
             q(&ap).0,
@@ -214,8 +220,10 @@ fn report(results: &[(Cell, Vec<Run>, Vec<Run>)]) {
             stages.join(", "),
             median(plain, |r| r.total_ms),
             median(agents, |r| r.total_ms),
-            after_stop(plain),
-            after_stop(agents),
+            after_stop(plain, |r| r.qemu_after_stop),
+            after_stop(agents, |r| r.qemu_after_stop),
+            after_stop(plain, |r| r.link_after_stop),
+            after_stop(agents, |r| r.link_after_stop),
             verdict.as_deref().unwrap_or("met"),
         );
         summary.push(json!({

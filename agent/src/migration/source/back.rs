@@ -36,6 +36,12 @@ pub(super) async fn back_channel<R: AsyncRead + Unpin>(
                     }
                     match (&flow.received, received) {
                         (Some(bytes), Some(r)) => {
+                            // What had been written by now: the link bytes the target had not
+                            // read yet were still crossing when it sent this.
+                            flow.written_at_ack.store(
+                                counters.link_bytes.load(Ordering::Relaxed),
+                                Ordering::Release,
+                            );
                             bytes.fetch_max(r, Ordering::AcqRel);
                         }
                         (None, Some(_)) => return Err(BackError::ReceivedWithoutCap),

@@ -1,6 +1,7 @@
 //! The collect stage: the parser's output for one read of QEMU's stream becomes a [`Batch`]
 //! of items (verbatim ranges and pages), its pages hashed together and resolved against the
-//! hot-set replica where it can.
+//! hot-set replica where it can. A read taken whole (the guest paused, the link keeping up)
+//! keeps its pages' bytes as verbatim ranges instead: nothing to hash, match or fetch.
 use std::{
     sync::{Arc, Mutex, PoisonError},
     time::Instant,
@@ -52,9 +53,20 @@ pub(super) struct Collector<'a> {
     pub(super) map: Option<(&'a dyn PageMap, &'a [Option<u32>])>,
     /// The claim for the page the parser is about to hand over.
     pub(super) claim: Option<Claim>,
+    /// Pages go out as QEMU sent them, with the bytes around them.
+    pub(super) whole: bool,
+    /// Pages kept whole so far.
+    pub(super) whole_pages: u64,
 }
 
 impl Collector<'_> {
+    /// A page kept as QEMU sent it: a full page on the link, counted as one.
+    fn whole_page(&mut self, payload: &[u8; PAGE_SIZE]) {
+        self.claim = None;
+        self.whole_pages += 1;
+        self.verbatim(payload);
+    }
+
     pub(super) fn add_page(&mut self, at: At) {
         let claim = self.claim.take();
         self.items.push(Item::Page {
@@ -84,7 +96,10 @@ impl Collector<'_> {
             hash_blocks(&pages, &mut hashes);
         }
         Counters::add(&self.counters.hash_ns, started.elapsed().as_nanos() as u64);
-        Counters::add(&self.counters.pages_full, hashes.len() as u64);
+        let whole = self.whole_pages;
+        Counters::add(&self.counters.pages_full, hashes.len() as u64 + whole);
+        Counters::add(&self.counters.pages_sent, whole);
+        Counters::add(&self.counters.pages_verbatim, whole);
         let mut places = Vec::with_capacity(hashes.len());
         match self.replica.filter(|_| !hashes.is_empty()) {
             Some(replica) => replica
@@ -144,17 +159,25 @@ impl Sink for Collector<'_> {
     }
 
     fn page(&mut self, payload: &[u8; PAGE_SIZE]) {
+        if self.whole {
+            return self.whole_page(payload);
+        }
         let at = At::Side(self.side.len());
         self.side.extend_from_slice(payload);
         self.add_page(at);
     }
 
-    fn page_in_input(&mut self, offset: usize, _payload: &[u8; PAGE_SIZE]) {
+    fn page_in_input(&mut self, offset: usize, payload: &[u8; PAGE_SIZE]) {
+        if self.whole {
+            return self.whole_page(payload);
+        }
         self.add_page(At::Input(offset));
     }
 
     fn page_at(&mut self, block: &str, offset: u64) {
-        self.claim = self.map.and_then(|(map, _)| map.claim(block, offset));
+        if !self.whole {
+            self.claim = self.map.and_then(|(map, _)| map.claim(block, offset));
+        }
     }
 }
 

@@ -13,6 +13,7 @@ use super::{
     collect::{At, Batch, Item},
     flow::{link_holds_up, Flow},
     store::{recycle, Kept, Unacked},
+    window::StreamWindow,
     LinkFailure, SourceError,
 };
 use crate::migration::{
@@ -47,8 +48,13 @@ pub(super) struct Emitter {
     pub(super) wire_sent: u64,
     /// Link bytes the target has consumed, as far as its ACKs tell.
     pub(super) wire_acked: u64,
-    /// Per flush not yet acknowledged: (stream bytes, link bytes) sent up to and with it.
-    pub(super) checkpoints: VecDeque<(u64, u64)>,
+    /// Per flush not yet acknowledged: (stream bytes, link bytes) sent up to and with it, and
+    /// when.
+    pub(super) checkpoints: VecDeque<(u64, u64, Instant)>,
+    /// How much of the stream may be ahead of the target's acknowledgement.
+    pub(super) window: StreamWindow,
+    /// Whether the emitter has seen the link's cap off (or never on).
+    pub(super) unpaced: bool,
     pub(super) counters: Arc<Counters>,
     /// Pages of the read being emitted, by kind, not yet added to `counters`.
     pub(super) tally: Tally,
@@ -180,23 +186,33 @@ impl Emitter {
     }
 
     /// Banks the time since `held` as time the link held the stream up: compression may spend
-    /// it. Not when the bytes waited on had already crossed and wait at the target (for its
-    /// QEMU or the NAS): compressing would not make them go faster.
+    /// it, and the reader keeps deduplicating the final iteration ([`Flow::link_held`]). Not
+    /// when the bytes waited on had already crossed and wait at the target (for its QEMU or
+    /// the NAS): compressing or deduplicating would not make them go faster.
     pub(super) fn held_up_since(&mut self, held: Instant) {
-        if self.compress.is_none() {
-            return;
-        }
         self.take_acks();
         let crossing = match &self.flow.received {
             // No report yet (a report counts at least the HELLO): unknown, so not banked.
             Some(received) => match received.load(Ordering::Acquire) {
                 0 => false,
-                r => link_holds_up(self.wire_sent, r, self.wire_acked),
+                // Not yet at the target: what had been written when the report came and it
+                // had not read (bytes written since say nothing of where the earlier ones
+                // were), and what still waits here for the link (its pacer or its socket).
+                r => {
+                    let at_ack = self.flow.written_at_ack.load(Ordering::Acquire).max(r);
+                    let written = self.counters.link_bytes.load(Ordering::Relaxed);
+                    let queued = self.wire_sent.saturating_sub(written);
+                    link_holds_up(at_ack + queued, r, self.wire_acked)
+                }
             },
             // An older target does not say: take the wait as the link's.
             None => true,
         };
-        if let (true, Some(c)) = (crossing, &mut self.compress) {
+        if !crossing {
+            return;
+        }
+        self.flow.link_held();
+        if let Some(c) = &mut self.compress {
             c.held_up(held.elapsed());
         }
     }
@@ -205,13 +221,16 @@ impl Emitter {
     /// cover. Returns the stream bytes acknowledged.
     pub(super) fn take_acks(&mut self) -> u64 {
         let acked = self.flow.acked.load(Ordering::Acquire);
-        while let Some(&(stream, wire)) = self.checkpoints.front() {
+        let now = Instant::now();
+        while let Some(&(stream, wire, sent)) = self.checkpoints.front() {
             if stream > acked {
                 break;
             }
             self.wire_acked = wire;
+            self.window.delay(sent, now);
             self.checkpoints.pop_front();
         }
+        self.window.acked(now, acked);
         acked
     }
 
@@ -233,7 +252,7 @@ impl Emitter {
         });
         // Below two ACK steps of stream the target may not ack again: never wait there.
         Ok(paced
-            && stream_ahead <= flow.stream_window_bytes
+            && stream_ahead <= self.window.bytes()
             && (wire_ahead <= flow.link_window_bytes || stream_ahead < 2 * link::ACK_STEP))
     }
 
@@ -274,6 +293,14 @@ impl Emitter {
             .try_recv()
             .unwrap_or_else(|_| Outgoing::with_capacity(ZSTD_BATCH + 2 * PAGE_SIZE));
         let mut bytes = std::mem::replace(&mut self.pending, next);
+        if !self.unpaced && self.flow.cap.pacing().is_none() {
+            // The time the cap held the link up bought compression while it paced; with the
+            // cap off (the guest stopped), only the link's own hold-ups count.
+            self.unpaced = true;
+            if let Some(c) = &mut self.compress {
+                c.forget_held_up();
+            }
+        }
         if let Some(compress) = &mut self.compress {
             let spare = &self.spare;
             let raw = bytes.len() as u64;
@@ -288,7 +315,7 @@ impl Emitter {
         self.wire_sent += bytes.len() as u64;
         // The reader, held to a few milliseconds ahead of a paced link, may read on.
         self.flow.framed_moved.notify_one();
-        let point = (self.sent, self.wire_sent);
+        let point = (self.sent, self.wire_sent, Instant::now());
         if self.checkpoints.len() >= MAX_CHECKPOINTS {
             // Bounded: past the cap a flush joins the newest checkpoint (acked a little later).
             *self.checkpoints.back_mut().expect("at the cap, not empty") = point;

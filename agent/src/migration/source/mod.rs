@@ -13,7 +13,10 @@
 //! mapped page's content is kept (in place, in the read buffer it arrived in) until the target
 //! acknowledges it, at most `unacked_pages` pages in at most `KEPT_READS` buffers; past that
 //! the source stops reading QEMU (backpressure) until acks arrive. A FALLBACK_REQ is answered
-//! from that store, ahead of normal traffic. The link writer paces its writes to the
+//! from that store, ahead of normal traffic. Once the guest is paused, a read whose link did
+//! not hold the stream up in the last [`flow::LINK_HELD_RECENTLY`] goes out as QEMU sent it
+//! (its pages neither hashed nor matched): on a link that keeps up, a MAPPED page would only
+//! add a NAS fetch to the pause. The link writer paces its writes to the
 //! migration's bandwidth cap until the stream reaches the switchover ([`super::pace`]).
 //!
 //! Stages, each a module owning its channel ends:
@@ -37,6 +40,7 @@ mod error;
 mod flow;
 mod lookup;
 mod store;
+mod window;
 mod writer;
 
 use std::{
@@ -60,9 +64,10 @@ pub use self::error::{BackError, LinkFailure, SourceError};
 use self::{
     collect::{Batch, Collector, Item},
     emit::{emit_loop, Emitter, Tally, ZSTD_BATCH},
-    flow::Flow,
+    flow::{Flow, LINK_HELD_RECENTLY},
     lookup::{follow_hot_set, lose_index, resolve},
     store::Unacked,
+    window::StreamWindow,
 };
 use super::{
     compress::{Compression, LinkCompressor},
@@ -96,12 +101,16 @@ pub struct SourceConfig {
     /// Lookups in flight at once (each covers one read of up to 1 MiB from QEMU).
     pub lookup_window: usize,
     pub unacked_pages: usize,
-    /// Bytes of QEMU's stream allowed in flight ahead of the target's acknowledgement.
+    /// Bytes of QEMU's stream allowed in flight ahead of the target's acknowledgement, at
+    /// most: the window is sized by time below that (the `window` module).
     pub stream_window_bytes: u64,
     /// Bytes on the agent link allowed in flight ahead of the target's acknowledgement.
     pub link_window_bytes: u64,
     /// Rewrite pages (the product); `false` forwards QEMU's bytes verbatim (`--passthrough`).
     pub rewrite: bool,
+    /// Once the guest is paused, forward QEMU's pages as it sent them while the link keeps up
+    /// (see the module's doc); `false` deduplicates them always (`--dedup-paused`).
+    pub whole_when_paused: bool,
     /// Also write QEMU's exact stream to this file (for verification).
     pub record: Option<std::path::PathBuf>,
     pub dedup_capacity: usize,
@@ -129,6 +138,7 @@ impl SourceConfig {
             stream_window_bytes: 16 << 20,
             link_window_bytes: 2 << 20,
             rewrite: true,
+            whole_when_paused: true,
             record: None,
             dedup_capacity: super::dedup::DEFAULT_CAPACITY,
             link_cap: Arc::new(Cap::default()),
@@ -228,8 +238,10 @@ where
         vm: config.vm.clone(),
         exports: scope.clone(),
         nas: config.nas_nbd.clone(),
+        // The link bytes the target has read tell a slow link from a slow target: they steer
+        // compression and the final iteration's form.
         caps: if config.zstd == Compression::Never {
-            0
+            CAP_RECEIVED
         } else {
             CAP_ZSTD | CAP_RECEIVED
         },
@@ -262,11 +274,13 @@ where
         framed: AtomicU64::new(0),
         failed: OnceLock::new(),
         moved: Notify::new(),
-        stream_window_bytes: config.stream_window_bytes,
         link_window_bytes: config.link_window_bytes,
         received: (caps & CAP_RECEIVED != 0).then(|| AtomicU64::new(0)),
+        written_at_ack: AtomicU64::new(0),
         cap: config.link_cap.clone(),
         framed_moved: Notify::new(),
+        epoch: std::time::Instant::now(),
+        link_held_us: AtomicU64::new(0),
     });
     let writer = tokio::spawn(writer::write_loop(writer::Writer {
         link: link_wr,
@@ -307,6 +321,8 @@ where
         wire_sent: 0,
         wire_acked: 0,
         checkpoints: VecDeque::new(),
+        window: StreamWindow::new(config.stream_window_bytes, std::time::Instant::now()),
+        unpaced: false,
         counters: counters.clone(),
         tally: Tally::default(),
         export_ids: scope.iter().map(|(id, _)| *id).collect(),
@@ -396,6 +412,8 @@ where
                                 remote: false,
                                 map: None,
                                 claim: None,
+                                whole: false,
+                                whole_pages: 0,
                             };
                             parser.finish(&mut sink);
                             if !sink.items.is_empty() {
@@ -408,6 +426,12 @@ where
                     if let Some(file) = record.as_mut() {
                         file.write_all(&input).await.map_err(SourceError::Qemu)?;
                     }
+                    // The guest is paused: unless the link is what holds the stream up, pages go
+                    // out as QEMU sent them (hashing them and fetching MAPPED ones from the NAS
+                    // would only add to the pause).
+                    let whole = switched_over
+                        && config.whole_when_paused
+                        && !flow.link_held_within(LINK_HELD_RECENTLY);
                     let mut sink = Collector {
                         items: Vec::new(),
                         side: Vec::new(),
@@ -416,6 +440,8 @@ where
                         remote: index.is_some() && !parser.in_final_ram_section(),
                         map: page_map,
                         claim: None,
+                        whole,
+                        whole_pages: 0,
                     };
                     if config.rewrite {
                         parser.feed(&input, &mut sink);
