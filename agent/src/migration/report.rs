@@ -50,14 +50,14 @@ impl Counters {
         counter.fetch_add(n, Relaxed);
     }
 
-    /// Marks the switchover: what QEMU sends from here on, it sends with the guest paused.
-    /// Only the first call counts.
-    pub fn switched_over(&self) {
+    /// Marks the switchover, which lay `qemu_at` bytes into QEMU's stream: what QEMU sent from
+    /// there on, it sent with the guest paused. Only the first call counts.
+    pub fn switched_over(&self, qemu_at: u64) {
         let mut at = self
             .switchover
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        at.get_or_insert_with(|| (self.qemu_bytes.load(Relaxed), self.link_bytes.load(Relaxed)));
+        at.get_or_insert_with(|| (qemu_at, self.link_bytes.load(Relaxed)));
         self.marks.mark(Moment::Switchover);
     }
 
@@ -242,16 +242,21 @@ mod tests {
         Counters::add(&c.link_bytes, 300);
         let before = c.snapshot();
         assert_eq!((before.paused_qemu_bytes, before.paused_link_bytes), (0, 0));
-        c.switched_over();
+        c.switched_over(1000);
         Counters::add(&c.qemu_bytes, 50);
         Counters::add(&c.link_bytes, 20);
         // A later call (the parser says it every read from then on) moves nothing.
-        c.switched_over();
+        c.switched_over(1040);
         Counters::add(&c.qemu_bytes, 7);
         Counters::add(&c.link_bytes, 3);
         let after = c.snapshot();
         assert_eq!((after.qemu_bytes, after.link_bytes), (1057, 323));
         assert_eq!((after.paused_qemu_bytes, after.paused_link_bytes), (57, 23));
+        // A switchover inside the last read: QEMU's bytes count from where it lay.
+        let c = Counters::default();
+        Counters::add(&c.qemu_bytes, 1000);
+        c.switched_over(900);
+        assert_eq!(c.snapshot().paused_qemu_bytes, 100);
     }
 
     #[test]

@@ -445,9 +445,9 @@ where
                     };
                     if config.rewrite {
                         parser.feed(&input, &mut sink);
-                        if parser.switched_over() && !switched_over {
+                        if let Some(at) = parser.switchover_at().filter(|_| !switched_over) {
                             switched_over = true;
-                            counters.switched_over();
+                            counters.switched_over(at);
                             config.link_cap.lift();
                         }
                     } else {

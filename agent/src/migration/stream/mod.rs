@@ -136,8 +136,9 @@ pub struct StreamParser {
     subsection: String,
     stats: StreamStats,
     passthrough_reason: Option<String>,
-    /// A section END came: QEMU has paused the guest for the final iteration.
-    switched_over: bool,
+    /// Where the first section END's type byte lies in the stream: from there on, QEMU has
+    /// paused the guest for the final iteration.
+    switchover_at: Option<u64>,
 }
 
 impl Default for StreamParser {
@@ -165,7 +166,7 @@ impl StreamParser {
             subsection: String::new(),
             stats: StreamStats::default(),
             passthrough_reason: None,
-            switched_over: false,
+            switchover_at: None,
         }
     }
 
@@ -189,12 +190,20 @@ impl StreamParser {
     /// paused the guest, so everything from the first one on is the final iteration and the
     /// device state. Stays `false` when the parser stopped looking before that point.
     pub fn switched_over(&self) -> bool {
-        self.switched_over
+        self.switchover_at.is_some()
+    }
+
+    /// How many bytes of the stream came before the switchover (see
+    /// [`switched_over`](Self::switched_over)), so that what QEMU sent with the guest paused
+    /// counts from there and not from the end of the read that held it.
+    pub fn switchover_at(&self) -> Option<u64> {
+        self.switchover_at
     }
 
     /// Consumes `input`, calling `sink` for every verbatim run and page payload, in order.
     pub fn feed(&mut self, mut input: &[u8], sink: &mut impl Sink) {
         let total = input.len();
+        let base = self.stats.bytes;
         self.stats.bytes += total as u64;
         while !input.is_empty() {
             match self.state {
@@ -245,6 +254,13 @@ impl StreamParser {
                         sink.verbatim(&self.field);
                         self.state = self.on_field(step);
                         self.field.clear();
+                        if step == Step::SectionType
+                            && self.section_kind == SEC_END
+                            && self.switchover_at.is_none()
+                        {
+                            let consumed = (total - input.len()) as u64;
+                            self.switchover_at = Some(base + consumed - n as u64);
+                        }
                     }
                 }
             }
@@ -487,7 +503,6 @@ impl StreamParser {
 
     fn on_section_type(&mut self, kind: u8) -> State {
         self.section_kind = kind;
-        self.switched_over |= kind == SEC_END;
         match kind {
             SEC_START | SEC_FULL => self.next_field(Step::SectionId { full_header: true }),
             SEC_PART | SEC_END => self.next_field(Step::SectionId { full_header: false }),
@@ -681,6 +696,7 @@ mod tests {
         for (at, byte) in stream.iter().enumerate() {
             p.feed(&[*byte], &mut c);
             assert_eq!(p.switched_over(), at >= end, "after byte {at}");
+            assert_eq!(p.switchover_at(), (at >= end).then_some(end as u64));
         }
     }
 
