@@ -542,6 +542,9 @@ impl Pair {
         let dir = Scratch::new(tag);
         let disk = dir.path("disk.raw");
         std::fs::write(&disk, crate::pattern(21, 256 << 20)).unwrap();
+        // On the host disk before any guest boots: QEMU flushes its disk while the guest is
+        // stopped, and writing a fresh image back would otherwise count in the pause.
+        std::fs::File::open(&disk).unwrap().sync_all().unwrap();
         let server = NbdFixture::start_with(
             &[ExportConf {
                 name: "disk",

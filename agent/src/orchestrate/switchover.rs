@@ -22,25 +22,16 @@
 //! migration converges wherever it did before.
 use std::{collections::VecDeque, time::Instant};
 
-use crate::qmp::{Qmp, QmpError};
+use crate::{
+    plan::model::strictness,
+    qmp::{Qmp, QmpError},
+};
 
 const PARAMETER: &str = "avail-switchover-bandwidth";
 /// Link-rate samples averaged (one per progress tick).
 const SAMPLES: usize = 4;
 /// A new estimate replaces the one QEMU has only when it differs by more than this fraction.
 const CHANGE: f64 = 0.1;
-
-/// The divisor of the link's rate QEMU is told while it has synced its dirty bitmap `syncs`
-/// times (`dirty-sync-count`: 1 at the start, 2 after the first pass, ...): 8 through the
-/// second pass, then halved per pass, the full rate from the fifth sync on.
-pub fn strictness(syncs: u64) -> u64 {
-    match syncs {
-        0..=3 => 8,
-        4 => 4,
-        5 => 2,
-        _ => 1,
-    }
-}
 
 /// The link rate, averaged over the last few intervals.
 #[derive(Debug, Default)]
@@ -167,17 +158,6 @@ mod tests {
             last = rate.sample(at(250 * i), bytes);
         }
         assert_eq!(last, None);
-    }
-
-    #[test]
-    fn the_first_passes_are_judged_strictly_and_later_ones_at_the_full_rate() {
-        assert_eq!(strictness(0), 8);
-        assert_eq!(strictness(2), 8, "the first pass's tail");
-        assert_eq!(strictness(3), 8);
-        assert_eq!(strictness(4), 4);
-        assert_eq!(strictness(5), 2);
-        assert_eq!(strictness(6), 1);
-        assert_eq!(strictness(1000), 1);
     }
 
     #[test]

@@ -10,6 +10,8 @@
 //!   sampler saw the guest rewrite the same memory)
 //! QEMU syncs its dirty bitmap each time what is left falls under threshold = rate x limit:
 //!   left + dirtied since the last sync <= threshold -> switchover, else another pass
+//!   (rate: plain QEMU's own stream; through the agents, the link's, divided by
+//!   strictness(syncs) for the first passes)
 //! converges iff D < the rate dirty pages are re-sent at; else it never switches over
 //! ```
 use std::time::Duration;
@@ -36,6 +38,23 @@ const CHECK: f64 = 0.1;
 const MAX_PASSES: u32 = 200;
 /// Longest migration the model follows (seconds).
 const HORIZON: f64 = 3600.0;
+
+/// The divisor of the link's rate the agents tell QEMU for its switchover decision
+/// (`avail-switchover-bandwidth`) while QEMU has synced its dirty bitmap `syncs` times
+/// (`dirty-sync-count`: 1 at the start, 2 after the first pass, ...): 8 through the second
+/// pass, then halved per pass, the full rate from the sixth sync on. QEMU checks what is left
+/// only between send rounds, so at the full rate it stopped a guest that dirties little with
+/// the tail of its first pass still to send, inside the pause (docs/design/switchover.md); a
+/// guest that dirties too fast to converge under the strict rate gets the full one back
+/// within a few passes.
+pub fn strictness(syncs: u64) -> u64 {
+    match syncs {
+        0..=3 => 8,
+        4 => 4,
+        5 => 2,
+        _ => 1,
+    }
+}
 
 /// Which migration is predicted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -155,9 +174,17 @@ pub fn forecast(ram: &RamProfile, c: &Conditions, method: Method) -> Forecast {
     let again = dirty_page(ram, method);
     let r1 = pages_per_sec(first, c.bandwidth, ram, method);
     let r2 = pages_per_sec(again, c.bandwidth, ram, method);
-    // QEMU's threshold, in pages: what it measures it sends (its stream's bytes) per second,
-    // times the downtime limit, counted in whole pages as its dirty bitmap counts them.
-    let threshold = |r: f64, per: PerPage| r * per.qemu * limit / PAGE;
+    // QEMU's threshold at its `syncs`-th sync, in pages: the rate it judges by times the
+    // downtime limit, counted in whole pages as its dirty bitmap counts them. Plain QEMU
+    // measures its own stream; the agents tell it the link's bytes per second, strictly at
+    // first.
+    let threshold = |r: f64, per: PerPage, syncs: u32| {
+        let rate = match method {
+            Method::Plain => r * per.qemu,
+            Method::Agents { .. } => r * per.link / strictness(u64::from(syncs)) as f64,
+        };
+        rate * limit / PAGE
+    };
     let mut out = Forecast {
         dirty_ratio: dirty_pages / r2,
         qemu_rate: r1 * first.qemu,
@@ -169,8 +196,7 @@ pub fn forecast(ram: &RamProfile, c: &Conditions, method: Method) -> Forecast {
         out.link_bytes += n * per.link;
     };
     // Pass 1 drains until what is left of it reaches the threshold.
-    let th1 = threshold(r1, first);
-    let sent1 = (pages - th1).max(0.0);
+    let sent1 = (pages - threshold(r1, first, out.iterations)).max(0.0);
     let mut t = sent1 / r1;
     add(&mut out, sent1, first);
     let mut left_first = pages - sent1;
@@ -178,13 +204,16 @@ pub fn forecast(ram: &RamProfile, c: &Conditions, method: Method) -> Forecast {
     let cap = working_set(ram, c.dirty_bytes_per_sec).map_or(pages, |w| (w / PAGE).min(pages));
     let unique = |dt: f64| (dirty_pages * dt).min(cap);
     let mut dirtied = unique(t);
-    let th2 = threshold(r2, again);
     loop {
         out.iterations += 1;
         let pending = left_first + dirtied;
-        let th = if left_first > 0.0 { th1 } else { th2 };
+        let (rate, per) = if left_first > 0.0 {
+            (r1, first)
+        } else {
+            (r2, again)
+        };
+        let th = threshold(rate, per, out.iterations);
         // Within one check of the threshold: QEMU stops the guest and sends the rest.
-        let rate = if left_first > 0.0 { r1 } else { r2 };
         if pending <= th + rate * CHECK * (1.0 - out.dirty_ratio).max(0.0) {
             add(&mut out, left_first, first);
             add(&mut out, dirtied, again);
@@ -202,7 +231,7 @@ pub fn forecast(ram: &RamProfile, c: &Conditions, method: Method) -> Forecast {
             return out;
         }
         // Another cycle: send down to the threshold again while the guest dirties more.
-        let send = pending - th2.min(pending);
+        let send = pending - threshold(r2, again, out.iterations).min(pending);
         let from_first = send.min(left_first);
         let from_dirty = send - from_first;
         let dt = from_first / r1 + from_dirty / r2;

@@ -115,3 +115,36 @@ fn compression_makes_the_link_carry_dirty_pages_faster() {
     assert!(z.converges, "{z:?}");
     assert!(z.link_bytes < z.qemu_bytes / 3.0);
 }
+
+#[test]
+fn the_first_passes_are_judged_strictly_and_later_ones_at_the_full_rate() {
+    assert_eq!(strictness(0), 8);
+    assert_eq!(strictness(2), 8, "the first pass's tail");
+    assert_eq!(strictness(3), 8);
+    assert_eq!(strictness(4), 4);
+    assert_eq!(strictness(5), 2);
+    assert_eq!(strictness(6), 1);
+    assert_eq!(strictness(1000), 1);
+}
+
+#[test]
+fn through_the_agents_qemu_leaves_an_eighth_for_the_pause_and_still_converges_when_dirtying() {
+    let r = ram(0.5, 0.0);
+    let c = conditions(0.0, 128.0);
+    let plain = forecast(&r, &c, Method::Plain);
+    let agents = forecast(&r, &c, Method::Agents { compress: false });
+    // Told an eighth of the link's rate, QEMU ends pass 1 with an eighth of plain QEMU's tail.
+    let ratio = agents.downtime_ms.unwrap() / plain.downtime_ms.unwrap();
+    assert!((ratio - 0.125).abs() < 0.01, "{agents:?} against {plain:?}");
+    assert_eq!(agents.iterations, plain.iterations);
+    // A guest that converges plainly converges through the agents too (the full rate comes
+    // back after a few passes), and pauses no longer.
+    let c = conditions(30.0, 64.0);
+    let plain = forecast(&r, &c, Method::Plain);
+    let agents = forecast(&r, &c, Method::Agents { compress: false });
+    assert!(plain.converges && agents.converges, "{agents:?}");
+    assert!(
+        agents.downtime_ms.unwrap() <= plain.downtime_ms.unwrap(),
+        "{agents:?} against {plain:?}"
+    );
+}
