@@ -41,12 +41,12 @@ const HORIZON: f64 = 3600.0;
 
 /// The divisor of the link's rate the agents tell QEMU for its switchover decision
 /// (`avail-switchover-bandwidth`) while QEMU has synced its dirty bitmap `syncs` times
-/// (`dirty-sync-count`: 1 at the start, 2 after the first pass, ...): 8 through the second
-/// pass, then halved per pass, the full rate from the sixth sync on. QEMU checks what is left
-/// only between send rounds, so at the full rate it stopped a guest that dirties little with
-/// the tail of its first pass still to send, inside the pause (docs/design/switchover.md); a
-/// guest that dirties too fast to converge under the strict rate gets the full one back
-/// within a few passes.
+/// (`dirty-sync-count`: 1 at the start, 2 after the first pass, ...): 8 up to the third
+/// sync, 4 at the fourth, 2 at the fifth, the full rate from the sixth on. QEMU checks what
+/// is left only between send rounds, so at the full rate it stopped a guest that dirties
+/// little with the tail of its first pass still to send, inside the pause
+/// (docs/design/switchover.md); a guest that dirties too fast to converge under the strict
+/// rate gets the full one back within a few passes.
 pub fn strictness(syncs: u64) -> u64 {
     match syncs {
         0..=3 => 8,
