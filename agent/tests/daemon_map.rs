@@ -79,6 +79,7 @@ fn guest_writing(
             fill_gate: fill_mb > 0,
             dirty_mb: 0,
             native_aio: false,
+            fs_read: false,
         },
     )
 }

@@ -77,6 +77,7 @@ fn guest(dir: &Path, name: &str, uri: &str, w: Workload, incoming: bool) -> Gues
             fill_gate: false,
             dirty_mb: w.dirty_mb,
             native_aio: false,
+            fs_read: false,
         },
     )
 }

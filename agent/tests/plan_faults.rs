@@ -57,6 +57,7 @@ fn a_busy_or_vanished_monitor_shows_as_such_and_no_stale_figure_passes_for_fresh
             fill_gate: false,
             dirty_mb: 0,
             native_aio: false,
+            fs_read: false,
         },
     );
     let rt = tokio::runtime::Runtime::new().unwrap();

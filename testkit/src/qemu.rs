@@ -68,6 +68,9 @@ pub struct GuestSpec<'a> {
     /// Open a file disk with `aio=native,cache.direct=on` (io_submit on an O_DIRECT fd)
     /// instead of QEMU's thread pool.
     pub native_aio: bool,
+    /// Mount the disk as ext4 (read-only) and read its `file-*` files instead of `read_mb` of
+    /// the raw device (`xtask::lab::files_image` makes such a disk).
+    pub fs_read: bool,
 }
 
 /// The directory of the target agent's QMP sockets for guests started in `dir` (`--qmp-dir`):
@@ -165,12 +168,13 @@ impl Guest {
         .arg("-append")
         .arg(format!(
             "console=ttyS0 quiet panic=-1 readmb={} diskwrite={} fillmb={} fillgate={} \
-             dirtymb={}",
+             dirtymb={} fsread={}",
             spec.read_mb,
             u8::from(spec.disk_writes),
             spec.fill_mb,
             u8::from(spec.fill_gate),
-            spec.dirty_mb
+            spec.dirty_mb,
+            u8::from(spec.fs_read)
         ))
         .args(if spec.iothread {
             vec![
@@ -446,6 +450,7 @@ pub async fn record_stream(
             fill_gate: false,
             dirty_mb: 0,
             native_aio: false,
+            fs_read: false,
         },
     );
     guest.wait_line("QEVAL-READY", 0, Duration::from_secs(120));
@@ -570,6 +575,7 @@ impl Pair {
             fill_gate: false,
             dirty_mb: 0,
             native_aio: false,
+            fs_read: false,
         };
         let source = Guest::start(&dir.0, &spec("source", false, false));
         source.wait_line("QEVAL-READY", 0, Duration::from_secs(180));

@@ -79,6 +79,7 @@ fn measure(
             fill_gate: false,
             dirty_mb: 0,
             native_aio: via == Via::NativeAio,
+            fs_read: false,
         },
     );
     let _entered = rt.enter();

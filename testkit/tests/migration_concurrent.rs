@@ -60,6 +60,7 @@ fn spec<'a>(name: &'a str, uri: &'a str, incoming: bool) -> GuestSpec<'a> {
         fill_gate: false,
         dirty_mb: 0,
         native_aio: false,
+        fs_read: false,
     }
 }
 

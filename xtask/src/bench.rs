@@ -30,7 +30,7 @@ pub struct Args {
     #[arg(long)]
     repeat: Option<u32>,
     /// `downtime`: the cells to run, `SETTING:WORKLOAD[,...]` (settings cap, relay,
-    /// unlimited; workloads read, anon, writes), or `all`.
+    /// unlimited; workloads read, files, anon, writes), or `all`.
     #[arg(long, default_value = "all")]
     cells: String,
     /// Synthetic stream size in MiB (`pipeline`).

@@ -57,7 +57,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     eprintln!("demo: run 2/2: through the agents");
     let agents = {
         let pair = Pair::boot(&dir, "agents", &uri, args.mem_mb, args.read_mb, false)?;
-        let report = lab::agent_migrate(&pair, AGENT_PORT, &[])?;
+        let report = lab::agent_migrate(&pair, AGENT_PORT, "disk", &[])?;
         let verified = report["ok"] == true && pair.verify();
         let mut r = report.clone();
         r["guest_verified"] = json!(verified);

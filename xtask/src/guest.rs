@@ -6,6 +6,9 @@
 //! - loads virtio_ring, virtio, virtio_pci_modern_dev, virtio_pci_legacy_dev, virtio_pci,
 //!   virtio_blk (that order; there is no modprobe);
 //! - reads `readmb=` MiB of /dev/vda and keeps it open, so the page cache stays;
+//! - with `fsread=1` instead, loads ext4 (crc16, crc32c_generic, mbcache, jbd2, ext4),
+//!   mounts /dev/vda read-only and reads every `file-*` at its top: files in a filesystem's
+//!   page cache;
 //! - with `fillmb=N`, then drops its page cache and fills N MiB of memory with random data,
 //!   with `fillgate=1` only once a line arrives on its second serial port (`/dev/ttyS1`);
 //! - fills a 16 MiB RAM blob and prints its md5 (`QEVAL-BLOB`) with every 5th heartbeat;
@@ -21,13 +24,19 @@ use anyhow::{bail, Context};
 
 use crate::sh;
 
-const MODULES: [&str; 6] = [
-    "virtio/virtio_ring",
-    "virtio/virtio",
-    "virtio/virtio_pci_modern_dev",
-    "virtio/virtio_pci_legacy_dev",
-    "virtio/virtio_pci",
-    "block/virtio_blk",
+/// Under the kernel package's `lib/modules/VERSION/kernel`.
+const MODULES: [&str; 11] = [
+    "drivers/virtio/virtio_ring",
+    "drivers/virtio/virtio",
+    "drivers/virtio/virtio_pci_modern_dev",
+    "drivers/virtio/virtio_pci_legacy_dev",
+    "drivers/virtio/virtio_pci",
+    "drivers/block/virtio_blk",
+    "lib/crc16",
+    "crypto/crc32c_generic",
+    "fs/mbcache",
+    "fs/jbd2/jbd2",
+    "fs/ext4/ext4",
 ];
 
 const INIT: &str = r#"#!/bin/sh
@@ -38,15 +47,26 @@ mount -t devtmpfs devtmpfs /dev
 for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk; do
   insmod /mods/$m.ko || echo "QEVAL-ERROR insmod $m"
 done
-READMB=0; DISKWRITE=0; FILLMB=0; FILLGATE=0; DIRTYMB=0
+READMB=0; DISKWRITE=0; FILLMB=0; FILLGATE=0; DIRTYMB=0; FSREAD=0
 for a in $(cat /proc/cmdline); do
-  case "$a" in readmb=*) READMB="${a#readmb=}";; diskwrite=*) DISKWRITE="${a#diskwrite=}";; fillmb=*) FILLMB="${a#fillmb=}";; fillgate=*) FILLGATE="${a#fillgate=}";; dirtymb=*) DIRTYMB="${a#dirtymb=}";; esac
+  case "$a" in readmb=*) READMB="${a#readmb=}";; diskwrite=*) DISKWRITE="${a#diskwrite=}";; fillmb=*) FILLMB="${a#fillmb=}";; fillgate=*) FILLGATE="${a#fillgate=}";; dirtymb=*) DIRTYMB="${a#dirtymb=}";; fsread=*) FSREAD="${a#fsread=}";; esac
 done
 i=0; while [ ! -b /dev/vda ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
 if [ -b /dev/vda ]; then
   # Held open for ever: the kernel drops a block device's page cache on last close.
   exec 3< /dev/vda
-  if [ "$READMB" -gt 0 ]; then
+  if [ "$FSREAD" = 1 ]; then
+    for m in crc16 crc32c_generic mbcache jbd2 ext4; do
+      insmod /mods/$m.ko || echo "QEVAL-ERROR insmod $m"
+    done
+    # Mounted for ever, so the files' page cache stays.
+    if mount -t ext4 -o ro /dev/vda /mnt; then
+      cat /mnt/file-* > /dev/null
+      echo "QEVAL-FILES-READ $(ls /mnt | grep -c '^file-')"
+    else
+      echo "QEVAL-ERROR mount ext4"
+    fi
+  elif [ "$READMB" -gt 0 ]; then
     dd if=/dev/vda of=/dev/null bs=1M count=$READMB 2>/dev/null
   fi
   echo "QEVAL-READ-DONE $READMB"
@@ -142,12 +162,9 @@ pub fn build() -> anyhow::Result<()> {
     let version = package
         .strip_prefix("linux-image-")
         .context("unexpected kernel package name")?;
-    let modules = kroot
-        .join("lib/modules")
-        .join(version)
-        .join("kernel/drivers");
+    let modules = kroot.join("lib/modules").join(version).join("kernel");
     let root = work.join("initramfs");
-    for d in ["bin", "proc", "sys", "dev", "tmp", "mods"] {
+    for d in ["bin", "proc", "sys", "dev", "tmp", "mods", "mnt"] {
         fs::create_dir_all(root.join(d))?;
     }
     fs::copy("/bin/busybox", root.join("bin/busybox"))

@@ -34,12 +34,27 @@ pub fn release_bin(name: &str) -> PathBuf {
 
 /// The release nas-server exporting `disk` as `disk` on loopback, logging into `dir`.
 pub fn nas_server(dir: &Path, disk: &Path, nbd: u16, index: u16) -> anyhow::Result<Daemon> {
-    Ok(Daemon(
-        Command::new(release_bin("nas-server"))
-            .args(["--listen", &format!("127.0.0.1:{nbd}")])
-            .args(["--index-listen", &format!("127.0.0.1:{index}")])
+    nas_server_exports(dir, &[("disk", disk)], nbd, index)
+}
+
+/// The release nas-server exporting each image under its name.
+fn nas_server_exports(
+    dir: &Path,
+    exports: &[(&str, &Path)],
+    nbd: u16,
+    index: u16,
+) -> anyhow::Result<Daemon> {
+    let mut server = Command::new(release_bin("nas-server"));
+    server
+        .args(["--listen", &format!("127.0.0.1:{nbd}")])
+        .args(["--index-listen", &format!("127.0.0.1:{index}")]);
+    for (name, image) in exports {
+        server
             .arg("--export")
-            .arg(format!("disk={}", disk.display()))
+            .arg(format!("{name}={}", image.display()));
+    }
+    Ok(Daemon(
+        server
             .env("RUST_LOG", "warn")
             .stderr(std::fs::File::create(dir.join("nas-server.log"))?)
             .spawn()
@@ -47,7 +62,11 @@ pub fn nas_server(dir: &Path, disk: &Path, nbd: u16, index: u16) -> anyhow::Resu
     ))
 }
 
-/// nas-server serving a 256 MiB disk of pseudo-random data, and `agent serve`.
+/// The export holding [`files_image`], when the lab has it.
+pub const FILES_EXPORT: &str = "files";
+
+/// nas-server serving a 256 MiB disk of pseudo-random data (and with
+/// [`Lab::start_with_files`] an ext4 disk of files), and `agent serve`.
 pub struct Lab {
     nas: Daemon,
     agent: Daemon,
@@ -56,6 +75,11 @@ pub struct Lab {
 
 impl Lab {
     pub fn start(dir: &Path) -> anyhow::Result<Self> {
+        Self::start_with_files(dir, false)
+    }
+
+    /// With `files`, nas-server also exports [`files_image`] as [`FILES_EXPORT`].
+    pub fn start_with_files(dir: &Path, files: bool) -> anyhow::Result<Self> {
         let _ = std::fs::remove_dir_all(dir);
         std::fs::create_dir_all(dir)?;
         let disk = dir.join("disk.raw");
@@ -64,7 +88,13 @@ impl Lab {
         // host writing the fresh image back (QEMU flushes the disk while the guest is stopped,
         // and nas-server turns that into a sync), and whichever method runs first pays for it.
         std::fs::File::open(&disk)?.sync_all()?;
-        let nas = nas_server(dir, &disk, NBD_PORT, INDEX_PORT)?;
+        let files_disk = dir.join("files.raw");
+        let mut exports = vec![("disk", disk.as_path())];
+        if files {
+            files_image(dir, &files_disk)?;
+            exports.push((FILES_EXPORT, &files_disk));
+        }
+        let nas = nas_server_exports(dir, &exports, NBD_PORT, INDEX_PORT)?;
         let agent = Daemon(
             Command::new(release_bin("agent"))
                 // Plaintext, as plain QEMU's migration it is compared with (`bench pipeline`
@@ -95,9 +125,44 @@ impl Lab {
     }
 
     pub fn disk_uri(&self) -> String {
-        format!("nbd://127.0.0.1:{NBD_PORT}/disk")
+        export_uri("disk")
     }
 }
+
+/// The lab's NBD URI of `export`.
+pub fn export_uri(export: &str) -> String {
+    format!("nbd://127.0.0.1:{NBD_PORT}/{export}")
+}
+
+/// Files in the guest's disk: a 256 MiB ext4 image at `image` (`mkfs.ext4`'s defaults, 4 KiB
+/// blocks) holding 50 files of 4 MiB, each of its own pseudo-random content, synced before
+/// any guest boots. Made by `mkfs.ext4 -d` from a directory under `dir`, which is removed
+/// after.
+pub fn files_image(dir: &Path, image: &Path) -> anyhow::Result<()> {
+    let tree = dir.join("files-tree");
+    std::fs::create_dir_all(&tree)?;
+    for n in 0..FILES {
+        std::fs::write(
+            tree.join(format!("file-{n:02}")),
+            testkit::pattern(3000 + n, FILE_MIB << 20),
+        )?;
+    }
+    sh::run(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-b", "4096", "-d"])
+            .arg(&tree)
+            .arg(image)
+            .arg("256M"),
+    )
+    .context("mkfs.ext4 (e2fsprogs) could not make the files image: run `cargo xtask setup`")?;
+    std::fs::remove_dir_all(&tree)?;
+    std::fs::File::open(image)?.sync_all()?;
+    Ok(())
+}
+
+/// [`files_image`]'s files: 200 MiB, as much as the reference workload reads of its disk.
+const FILES: u64 = 50;
+const FILE_MIB: usize = 4;
 
 /// What the source guest does before and during its migration.
 #[derive(Clone, Copy, Debug, Default)]
@@ -110,6 +175,8 @@ pub struct Load {
     pub disk_writes: bool,
     /// MiB of memory dirtied each second, through the migration (at most 48).
     pub dirty_mb: u32,
+    /// Its disk is [`files_image`]: it mounts it and reads the files instead of `read_mb`.
+    pub fs_read: bool,
 }
 
 /// A source guest that has read its disk, and a target waiting for it.
@@ -160,10 +227,18 @@ impl Pair {
             fill_gate: false,
             dirty_mb: load.dirty_mb,
             native_aio: false,
+            fs_read: load.fs_read,
         };
         let (source_name, target_name) = (format!("{tag}-source"), format!("{tag}-target"));
         let source = Guest::start(dir, &spec(&source_name, false));
         source.wait_line("QEVAL-READY", 0, Duration::from_secs(300));
+        if load.fs_read {
+            let serial = source.serial();
+            anyhow::ensure!(
+                serial.contains(&format!("QEVAL-FILES-READ {FILES}")),
+                "{source_name}: the guest did not read the files of its ext4 disk:\n{serial}"
+            );
+        }
         let blob = source
             .blob_sums()
             .first()
@@ -236,8 +311,14 @@ pub async fn plain_migration(
 }
 
 /// `agent migrate` from `pair`'s source to its target, through the target agent at
-/// `127.0.0.1:target_port`, with the lab's NAS and `args` added; its JSON report.
-pub fn agent_migrate(pair: &Pair, target_port: u16, args: &[&str]) -> anyhow::Result<Value> {
+/// `127.0.0.1:target_port`, with the lab's NAS (the guest's disk on `export`) and `args`
+/// added; its JSON report.
+pub fn agent_migrate(
+    pair: &Pair,
+    target_port: u16,
+    export: &str,
+    args: &[&str],
+) -> anyhow::Result<Value> {
     let out = Command::new(release_bin("agent"))
         .arg("migrate")
         .args(args)
@@ -246,7 +327,7 @@ pub fn agent_migrate(pair: &Pair, target_port: u16, args: &[&str]) -> anyhow::Re
         .arg("--target-qmp")
         .arg(&pair.target.qmp_path)
         .args(["--target-agent", &format!("127.0.0.1:{target_port}")])
-        .args(["--export", "disk"])
+        .args(["--export", export])
         .args(["--nas-nbd", &format!("127.0.0.1:{NBD_PORT}")])
         .args(["--nas-index", &format!("127.0.0.1:{INDEX_PORT}")])
         .args(["--json", "--insecure"])

@@ -19,6 +19,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ),
     ("busybox-static", "the test guest's userland"),
     ("cpio", "packing the test guest's initramfs"),
+    (
+        "e2fsprogs",
+        "mkfs.ext4, the files-on-ext4 disk of bench downtime",
+    ),
     ("nbdkit", "the reference NBD server in benchmarks"),
     ("libnbd-bin", "nbdinfo and nbdcopy, NBD peers in tests"),
     ("python3-libnbd", "nbdsh, an NBD peer in tests"),

@@ -22,6 +22,8 @@ pub enum Setting {
 pub enum Workload {
     /// The reference: 200 MiB of its NAS disk read into its page cache.
     Read,
+    /// 200 MiB of files read from an ext4 filesystem on its NAS disk (`lab::files_image`).
+    Files,
     /// 300 MiB of random data in its tmpfs: anonymous memory no disk holds.
     Anon,
     /// 200 MiB read, then disk blocks rewritten every second through the migration.
@@ -40,8 +42,9 @@ const SETTINGS: [(&str, Setting); 3] = [
     ("relay", Setting::Relay),
     ("unlimited", Setting::Unlimited),
 ];
-const WORKLOADS: [(&str, Workload); 3] = [
+const WORKLOADS: [(&str, Workload); 4] = [
     ("read", Workload::Read),
+    ("files", Workload::Files),
     ("anon", Workload::Anon),
     ("writes", Workload::Writes),
 ];
@@ -73,7 +76,7 @@ impl Cell {
                     (Some(setting), Some(workload)) => Ok(Cell { setting, workload }),
                     _ => bail!(
                         "unknown cell {one:?}: SETTING:WORKLOAD with SETTING one of cap, \
-                         relay, unlimited and WORKLOAD one of read, anon, writes"
+                         relay, unlimited and WORKLOAD one of read, files, anon, writes"
                     ),
                 }
             })
@@ -86,6 +89,10 @@ impl Cell {
                 read_mb: 200,
                 ..Load::default()
             },
+            Workload::Files => Load {
+                fs_read: true,
+                ..Load::default()
+            },
             Workload::Anon => Load {
                 fill_mb: 300,
                 ..Load::default()
@@ -95,6 +102,14 @@ impl Cell {
                 disk_writes: true,
                 ..Load::default()
             },
+        }
+    }
+
+    /// The lab's export the guest's disk is on.
+    pub fn export(&self) -> &'static str {
+        match self.workload {
+            Workload::Files => crate::lab::FILES_EXPORT,
+            _ => "disk",
         }
     }
 
@@ -139,7 +154,10 @@ mod tests {
         let cells = Cell::parse_list("cap:read,unlimited:writes").unwrap();
         let names: Vec<String> = cells.iter().map(|c| c.to_string()).collect();
         assert_eq!(names, ["cap:read", "unlimited:writes"]);
-        assert_eq!(Cell::parse_list("all").unwrap().len(), 9);
+        assert_eq!(Cell::parse_list("all").unwrap().len(), 12);
+        let files = Cell::parse_list("relay:files").unwrap()[0];
+        assert_eq!(files.export(), crate::lab::FILES_EXPORT);
+        assert_eq!(cells[0].export(), "disk");
         assert!(Cell::parse_list("cap").is_err());
         assert!(Cell::parse_list("fast:read").is_err());
     }

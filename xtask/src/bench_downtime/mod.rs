@@ -57,8 +57,8 @@ pub fn run(cells: &str, pairs: u32) -> anyhow::Result<()> {
         "the benchmark runs QEMU guests and must run as root"
     );
     let dir = sh::workspace_root().join("target/xtask/bench-downtime");
-    let lab = Lab::start(&dir)?;
-    let uri = lab.disk_uri();
+    let files = cells.iter().any(|c| c.export() == lab::FILES_EXPORT);
+    let _lab = Lab::start_with_files(&dir, files)?;
     let rt = tokio::runtime::Runtime::new()?;
     let mut results = Vec::new();
     for cell in &cells {
@@ -66,9 +66,10 @@ pub fn run(cells: &str, pairs: u32) -> anyhow::Result<()> {
         for n in 1..=pairs.max(1) {
             let plain_first = n % 2 == 1;
             for agents_turn in [!plain_first, plain_first] {
+                let uri = lab::export_uri(cell.export());
                 let pair = Pair::boot_with(&dir, "downtime", &uri, MEM_MB, &cell.load(), false)?;
                 let run = if agents_turn {
-                    agents_run(&rt, &pair, cell.setting)?
+                    agents_run(&rt, &pair, cell)?
                 } else {
                     plain_run(&rt, &pair, cell.setting)?
                 };
@@ -126,7 +127,8 @@ fn plain_run(rt: &tokio::runtime::Runtime, pair: &Pair, setting: Setting) -> any
     })
 }
 
-fn agents_run(rt: &tokio::runtime::Runtime, pair: &Pair, setting: Setting) -> anyhow::Result<Run> {
+fn agents_run(rt: &tokio::runtime::Runtime, pair: &Pair, cell: &Cell) -> anyhow::Result<Run> {
+    let setting = cell.setting;
     let relay = match setting {
         Setting::Relay => Some(Relay::start(AGENT_PORT, LINK)?),
         _ => None,
@@ -139,7 +141,7 @@ fn agents_run(rt: &tokio::runtime::Runtime, pair: &Pair, setting: Setting) -> an
     };
     // A second monitor on the source sees the STOP event too (QMP events go to every monitor).
     let mut watch = rt.block_on(Qmp::connect(&pair.source.operator_qmp_path))?;
-    let report = lab::agent_migrate(pair, port, args)?;
+    let report = lab::agent_migrate(pair, port, cell.export(), args)?;
     anyhow::ensure!(report["ok"] == true, "agent migrate failed: {report}");
     let (events, info) = rt.block_on(async {
         watch.execute("query-status", None).await?;

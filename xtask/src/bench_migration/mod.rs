@@ -383,7 +383,7 @@ fn round(
             args.extend(["--max-bandwidth", "0"]);
         }
         let meter = CpuMeter::start(&pair, lab)?;
-        let this = lab::agent_migrate(&pair, target_port, &args)?;
+        let this = lab::agent_migrate(&pair, target_port, "disk", &args)?;
         let cpu = meter.stop()?;
         anyhow::ensure!(
             this["ok"] == true && pair.verify(),
