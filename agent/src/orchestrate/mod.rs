@@ -195,7 +195,10 @@ async fn begin(opts: &MigrateOptions, lifted: &OnceLock<u64>) -> Result<Begun, C
     // other end QEMU is handed: nothing listens, and QEMU's send buffer stays small.
     let inlet = match &opts.source_listen {
         Some(listen) => Inlet::Listener(listen_for_qemu(listen).await?),
-        None => Inlet::Pair(Some(qemu_socket_pair()?)),
+        None => {
+            let (ours, theirs) = qemu_socket_pair()?;
+            Inlet::Pair(ours, theirs)
+        }
     };
     let bandwidth = Bandwidth::take_over(&mut src, opts.max_bandwidth)
         .await

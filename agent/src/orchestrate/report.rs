@@ -59,8 +59,9 @@ impl MigrationReport {
         let mut s = format!(
             "migration {}\n  QEMU bytes   {:>10.1} MiB\n  link bytes   {:>10.1} MiB  \
              (saved {:.1}%)\n  NAS fetched  {:>10.1} MiB\n  pages        full {} zero {} \
-             mapped {} dup {} sent {} (of them verbatim in the pause {}) fallback {}\n  zstd         {:.1} MiB of frames sent as \
-             {:.1} MiB\n  total time   {} ms, downtime {} ms, \
+             mapped {} dup {} sent {} (of them verbatim in the pause {}) fallback {}\n  \
+             zstd         {:.1} MiB of frames sent as {:.1} MiB\n  total time   {} ms, \
+             downtime {} ms, \
              guest paused {}\n  pause stages {}\n  while paused {:.1} MiB of QEMU's stream, {:.1} MiB on the link\n  \
              hashing {:.0} ms, lookups in flight {:.0} ms, NAS fetches under way {:.0} ms\n  \
              source {}, target {}\n  \

@@ -156,7 +156,7 @@ pub enum Inlet {
     /// The operator's `--qemu-listen`: QEMU connects to it.
     Listener(Bound),
     /// This agent's end, and QEMU's end until it is handed over.
-    Pair(Option<(Box<dyn Stream>, OwnedFd)>),
+    Pair(Box<dyn Stream>, OwnedFd),
 }
 
 /// What QEMU calls the descriptor of an [`Inlet::Pair`].
@@ -177,8 +177,7 @@ impl Inlet {
                     .map_err(|_| ControlError::Refused("the source QEMU never connected".into()))
                     .and_then(|accepted| Ok(accepted?.0))
             }
-            Inlet::Pair(pair) => {
-                let (ours, theirs) = pair.expect("an inlet starts once");
+            Inlet::Pair(ours, theirs) => {
                 src.pass_fd(OUTGOING_FD, theirs.as_fd())
                     .await
                     .map_err(src_err)?;

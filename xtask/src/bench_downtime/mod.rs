@@ -62,11 +62,11 @@ pub fn run(cells: &str, pairs: u32) -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     let mut results = Vec::new();
     for cell in &cells {
+        let uri = lab::export_uri(cell.export());
         let (mut plain, mut agents) = (Vec::new(), Vec::new());
         for n in 1..=pairs.max(1) {
             let plain_first = n % 2 == 1;
             for agents_turn in [!plain_first, plain_first] {
-                let uri = lab::export_uri(cell.export());
                 let pair = Pair::boot_with(&dir, "downtime", &uri, MEM_MB, &cell.load(), false)?;
                 let run = if agents_turn {
                     agents_run(&rt, &pair, cell)?

@@ -59,7 +59,22 @@ pub(super) struct Collector<'a> {
     pub(super) whole_pages: u64,
 }
 
-impl Collector<'_> {
+impl<'a> Collector<'a> {
+    /// A collector that only frames: no replica, index, map or whole-page form.
+    pub(super) fn new(counters: &'a Counters) -> Self {
+        Self {
+            items: Vec::new(),
+            side: Vec::new(),
+            counters,
+            replica: None,
+            remote: false,
+            map: None,
+            claim: None,
+            whole: false,
+            whole_pages: 0,
+        }
+    }
+
     /// A page kept as QEMU sent it: a full page on the link, counted as one.
     fn whole_page(&mut self, payload: &[u8; PAGE_SIZE]) {
         self.claim = None;

@@ -58,6 +58,24 @@ pub(super) struct Flow {
 }
 
 impl Flow {
+    /// Nothing acknowledged, framed or held up yet; `received`: the target reports the link
+    /// bytes it has read ([`CAP_RECEIVED`]).
+    pub(super) fn new(link_window_bytes: u64, received: bool, cap: Arc<Cap>) -> Self {
+        Flow {
+            acked: AtomicU64::new(0),
+            framed: AtomicU64::new(0),
+            failed: OnceLock::new(),
+            moved: Notify::new(),
+            link_window_bytes,
+            received: received.then(|| AtomicU64::new(0)),
+            written_at_ack: AtomicU64::new(0),
+            cap,
+            framed_moved: Notify::new(),
+            epoch: Instant::now(),
+            link_held_us: AtomicU64::new(0),
+        }
+    }
+
     /// While the link is paced: the bytes that may wait ahead of the pacer, at each of the two
     /// places they wait (read and not yet framed; framed and not yet written). `None`: not
     /// paced, only the windows bound them.
@@ -99,19 +117,7 @@ mod tests {
     use super::*;
 
     fn capped(rate: u64) -> Flow {
-        Flow {
-            acked: AtomicU64::new(0),
-            framed: AtomicU64::new(0),
-            failed: OnceLock::new(),
-            moved: Notify::new(),
-            link_window_bytes: 2 << 20,
-            received: None,
-            written_at_ack: AtomicU64::new(0),
-            cap: Arc::new(Cap::new(Some(rate))),
-            framed_moved: Notify::new(),
-            epoch: Instant::now(),
-            link_held_us: AtomicU64::new(0),
-        }
+        Flow::new(2 << 20, false, Arc::new(Cap::new(Some(rate))))
     }
 
     #[test]

@@ -45,10 +45,7 @@ mod writer;
 
 use std::{
     collections::VecDeque,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc, Mutex, OnceLock,
-    },
+    sync::{atomic::Ordering, Arc, Mutex},
     time::Duration,
 };
 
@@ -57,7 +54,7 @@ use nas_client::tls::SharedTls;
 use nas_proto::Endpoint;
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
-    sync::{mpsc, Notify},
+    sync::mpsc,
 };
 
 pub use self::error::{BackError, LinkFailure, SourceError};
@@ -269,19 +266,11 @@ where
     let (data_tx, data_rx) = mpsc::channel::<Outgoing>(32);
     let (spent_tx, spent_rx) = mpsc::channel::<Outgoing>(32);
     let (urgent_tx, urgent_rx) = mpsc::channel::<Vec<u8>>(64);
-    let flow = Arc::new(Flow {
-        acked: AtomicU64::new(0),
-        framed: AtomicU64::new(0),
-        failed: OnceLock::new(),
-        moved: Notify::new(),
-        link_window_bytes: config.link_window_bytes,
-        received: (caps & CAP_RECEIVED != 0).then(|| AtomicU64::new(0)),
-        written_at_ack: AtomicU64::new(0),
-        cap: config.link_cap.clone(),
-        framed_moved: Notify::new(),
-        epoch: std::time::Instant::now(),
-        link_held_us: AtomicU64::new(0),
-    });
+    let flow = Arc::new(Flow::new(
+        config.link_window_bytes,
+        caps & CAP_RECEIVED != 0,
+        config.link_cap.clone(),
+    ));
     let writer = tokio::spawn(writer::write_loop(writer::Writer {
         link: link_wr,
         urgent: urgent_rx,
@@ -404,17 +393,7 @@ where
                         if config.rewrite {
                             // A stream QEMU ended mid-record: what the parser holds of it goes
                             // on too, so the target gets every byte QEMU sent.
-                            let mut sink = Collector {
-                                items: Vec::new(),
-                                side: Vec::new(),
-                                counters: &counters,
-                                replica: None,
-                                remote: false,
-                                map: None,
-                                claim: None,
-                                whole: false,
-                                whole_pages: 0,
-                            };
+                            let mut sink = Collector::new(&counters);
                             parser.finish(&mut sink);
                             if !sink.items.is_empty() {
                                 batches.push_back(sink.finish(Vec::new()));
@@ -433,15 +412,11 @@ where
                         && config.whole_when_paused
                         && !flow.link_held_within(LINK_HELD_RECENTLY);
                     let mut sink = Collector {
-                        items: Vec::new(),
-                        side: Vec::new(),
-                        counters: &counters,
                         replica: config.hot_replica.then_some(&*replica),
                         remote: index.is_some() && !parser.in_final_ram_section(),
                         map: page_map,
-                        claim: None,
                         whole,
-                        whole_pages: 0,
+                        ..Collector::new(&counters)
                     };
                     if config.rewrite {
                         parser.feed(&input, &mut sink);

@@ -186,16 +186,11 @@ impl StreamParser {
         self.section_kind == SEC_END && self.state != State::Passthrough
     }
 
-    /// Whether the stream has reached the switchover: QEMU sends a section END only once it has
-    /// paused the guest, so everything from the first one on is the final iteration and the
-    /// device state. Stays `false` when the parser stopped looking before that point.
-    pub fn switched_over(&self) -> bool {
-        self.switchover_at.is_some()
-    }
-
-    /// How many bytes of the stream came before the switchover (see
-    /// [`switched_over`](Self::switched_over)), so that what QEMU sent with the guest paused
-    /// counts from there and not from the end of the read that held it.
+    /// Where the stream reached the switchover, once it has: how many bytes came before it.
+    /// QEMU sends a section END only once it has paused the guest, so everything from the
+    /// first one on is the final iteration and the device state; what QEMU sent with the guest
+    /// paused counts from there, not from the end of the read that held it. Stays `None` when
+    /// the parser stopped looking before that point.
     pub fn switchover_at(&self) -> Option<u64> {
         self.switchover_at
     }
@@ -695,8 +690,11 @@ mod tests {
         let mut c = Collect::default();
         for (at, byte) in stream.iter().enumerate() {
             p.feed(&[*byte], &mut c);
-            assert_eq!(p.switched_over(), at >= end, "after byte {at}");
-            assert_eq!(p.switchover_at(), (at >= end).then_some(end as u64));
+            assert_eq!(
+                p.switchover_at(),
+                (at >= end).then_some(end as u64),
+                "after byte {at}"
+            );
         }
     }
 
